@@ -1,0 +1,114 @@
+"""Norms of pytrees and the scale that clips them, in safe arithmetic.
+
+Every clipx transform measures with these helpers, so the numerics are the
+same everywhere:
+
+* squares are summed in float32 at least (float64 for float64/complex128
+  leaves), so float16 and bfloat16 gradients never overflow while measuring;
+* the square root and the division are guarded, so zero gradients, zero
+  thresholds and empty trees give finite values *and* finite derivatives;
+* scaling is one multiply per leaf by a scalar cast to the leaf's dtype, which
+  XLA fuses into whatever consumes the update next.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+def accumulation_dtype(dtype: Any) -> jnp.dtype:
+    """The real dtype norms of ``dtype`` values are accumulated in.
+
+    float64 (or complex128) stays float64; everything else is float32.
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype in (jnp.dtype(jnp.float64), jnp.dtype(jnp.complex128)):
+        return jnp.dtype(jnp.float64)
+    return jnp.dtype(jnp.float32)
+
+
+def tree_accumulation_dtype(tree: PyTree) -> jnp.dtype:
+    """The widest accumulation dtype of the leaves of ``tree`` (float32 if empty)."""
+    dtypes = [accumulation_dtype(leaf.dtype) for leaf in jax.tree.leaves(tree)]
+    return jnp.dtype(jnp.float64) if jnp.dtype(jnp.float64) in dtypes else jnp.dtype(jnp.float32)
+
+
+def squared(x: jax.Array) -> jax.Array:
+    """``|x|²`` element-wise, in the accumulation dtype of ``x``."""
+    x = jnp.asarray(x)
+    acc = accumulation_dtype(x.dtype)
+    if jnp.iscomplexobj(x):
+        return jnp.square(x.real.astype(acc)) + jnp.square(x.imag.astype(acc))
+    return jnp.square(x.astype(acc))
+
+
+def sum_of_squares(
+    x: jax.Array, axis: int | tuple[int, ...] | None = None, keepdims: bool = False
+) -> jax.Array:
+    """``Σ |x|²`` over ``axis`` (all axes by default), accumulated in float32 or wider."""
+    return jnp.sum(squared(x), axis=axis, keepdims=keepdims)
+
+
+def safe_sqrt(x: jax.Array) -> jax.Array:
+    """``√x`` for ``x ≥ 0`` whose derivative is 0, not inf, at ``x = 0``."""
+    positive = x > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
+
+
+def tree_norm(tree: PyTree) -> jax.Array:
+    """Global L2 norm ``‖g‖ = √(Σ_leaves Σ |g|²)`` of a pytree.
+
+    ``None`` and ``optax.MaskedNode`` leaves contribute nothing; an empty tree
+    has norm 0. The result is float32 (float64 if any leaf is float64).
+    """
+    leaves = jax.tree.leaves(tree)
+    acc = tree_accumulation_dtype(tree)
+    total = sum((sum_of_squares(leaf).astype(acc) for leaf in leaves), jnp.zeros((), acc))
+    return safe_sqrt(total)
+
+
+def leaf_norms(tree: PyTree) -> PyTree:
+    """The L2 norm of each leaf, as a pytree of scalars shaped like ``tree``."""
+    return jax.tree.map(lambda leaf: safe_sqrt(sum_of_squares(leaf)), tree)
+
+
+def clip_scale(norm: jax.Array, threshold: jax.Array) -> jax.Array:
+    """``min(1, threshold / norm)`` with no NaN and finite derivatives.
+
+    Exactly 1 when ``norm ≤ threshold`` (so unclipped updates are bit-identical),
+    0 when the threshold is 0 and the norm positive, and 0 for an infinite norm.
+    NaN in ``norm`` propagates (it is the caller's guard that decides).
+    """
+    norm = jnp.asarray(norm)
+    threshold = jnp.asarray(threshold, norm.dtype)
+    above = norm > threshold
+    return jnp.where(above, threshold / jnp.where(above, norm, 1), jnp.ones_like(norm))
+
+
+def scale_leaf(leaf: jax.Array, scale: jax.Array) -> jax.Array:
+    """``leaf · scale``, computed in the accumulation dtype and cast back once.
+
+    ``scale`` is a real scalar or an array broadcastable to ``leaf``; the
+    product is rounded to ``leaf.dtype`` a single time, so a float16 or
+    bfloat16 leaf is not scaled by an already-rounded factor.
+    """
+    acc = accumulation_dtype(leaf.dtype)
+    if jnp.iscomplexobj(leaf):
+        acc = jnp.result_type(acc, jnp.complex64)
+    return (leaf.astype(acc) * scale).astype(leaf.dtype)
+
+
+def scale_tree(tree: PyTree, scale: jax.Array) -> PyTree:
+    """Multiplies every leaf of ``tree`` by the scalar ``scale`` (see `scale_leaf`)."""
+    return jax.tree.map(lambda leaf: scale_leaf(leaf, scale), tree)
+
+
+def tree_all_finite(tree: PyTree) -> jax.Array:
+    """Scalar bool: every entry of every leaf is finite (True for an empty tree)."""
+    leaves = jax.tree.leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves])) if leaves else jnp.array(True)

@@ -1,0 +1,131 @@
+"""What every clipx transform reports, and `stats` to collect it for logging.
+
+A transform's state is a ``NamedTuple`` with a ``stats`` field and a class
+attribute ``stats_name`` (``"global_norm"``, ``"zclip"``, ...). `stats` walks
+any optimizer state — through ``optax.chain``, ``named_chain``, ``masked``,
+``multi_transform``, ``inject_hyperparams``, ``MultiSteps`` and clipx's guards —
+and returns every such record as a flat ``{"name/field": array}`` dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class ClipStats(NamedTuple):
+    """What a clipping transform did at its last step (all scalars).
+
+    Attributes:
+      norm: the measured norm before clipping (float32 or wider). Global rules
+        report the global norm; per-tensor or per-unit rules report the largest
+        per-tensor (per-unit) quantity compared with the threshold.
+      threshold: the threshold used this step.
+      scale: the factor applied to the whole update (global rules) or the
+        fraction of tensors/units that were clipped (per-tensor/per-unit rules).
+      clipped: whether anything was clipped this step.
+    """
+
+    norm: jax.Array
+    threshold: jax.Array
+    scale: jax.Array
+    clipped: jax.Array
+
+
+class GuardStats(NamedTuple):
+    """What a step guard did (all scalars).
+
+    Attributes:
+      skipped: whether the last step was skipped.
+      consecutive: how many steps in a row have been skipped.
+      total: how many steps have been skipped since ``init``.
+    """
+
+    skipped: jax.Array
+    consecutive: jax.Array
+    total: jax.Array
+
+
+def empty_clip_stats() -> ClipStats:
+    """The `ClipStats` a transform holds before its first step."""
+    zero = jnp.zeros((), jnp.float32)
+    return ClipStats(norm=zero, threshold=zero, scale=jnp.ones((), jnp.float32), clipped=jnp.array(False))
+
+
+def empty_guard_stats() -> GuardStats:
+    """The `GuardStats` a guard holds before its first step."""
+    zero = jnp.zeros((), jnp.int32)
+    return GuardStats(skipped=jnp.array(False), consecutive=zero, total=zero)
+
+
+_STATS_TYPES = (ClipStats, GuardStats)
+
+
+def _is_namedtuple(node: Any) -> bool:
+    return isinstance(node, tuple) and hasattr(node, "_fields")
+
+
+def _collect(node: Any, path: tuple[tuple[str, bool], ...], found: list) -> None:
+    """Appends ``(path, name, stats)`` for every reporting state below ``node``.
+
+    ``path`` holds ``(segment, is_index)`` pairs: dict keys are named segments,
+    positions in a tuple or list are index segments, NamedTuple fields of
+    wrappers (``inner_state``, ``inner_opt_state``...) add nothing.
+    """
+    if _is_namedtuple(node):
+        name = getattr(type(node), "stats_name", None)
+        if name is not None and isinstance(getattr(node, "stats", None), _STATS_TYPES):
+            found.append((path, name, node.stats))
+            path = path + ((name, False),)
+        for field, child in zip(node._fields, node):
+            if not (name is not None and field == "stats"):
+                _collect(child, path, found)
+    elif isinstance(node, (tuple, list)):
+        for i, child in enumerate(node):
+            _collect(child, path + ((str(i), True),), found)
+    elif isinstance(node, Mapping):
+        for key, child in node.items():
+            _collect(child, path + ((str(key), False),), found)
+    elif node is not None and not isinstance(node, (jax.Array, int, float, bool)) and not hasattr(node, "shape"):
+        children = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)[0]
+        if len(children) != 1 or children[0] is not node:
+            for i, child in enumerate(children):
+                _collect(child, path + ((str(i), True),), found)
+
+
+def stats(opt_state: Any) -> dict[str, jax.Array]:
+    """Collects the statistics of every clipx transform inside ``opt_state``.
+
+    Keys are ``"<name>/<field>"``, prefixed by the names of enclosing
+    ``named_chain`` / ``multi_transform`` entries (``"clip/global_norm/norm"``).
+    Positions in an ``optax.chain`` are left out unless two transforms would
+    otherwise share a key (``"0/global_norm/norm"``, ``"2/global_norm/norm"``),
+    so keys stay stable and readable. Values are the JAX scalars held in the
+    state: no host transfer happens until the caller converts them.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, clipx
+      >>> tx = optax.chain(clipx.global_norm(1.0), optax.sgd(0.1))
+      >>> params = {"w": jnp.ones(4)}
+      >>> state = tx.init(params)
+      >>> _, state = tx.update({"w": jnp.full(4, 2.0)}, state, params)
+      >>> {k: float(v) for k, v in clipx.stats(state).items()}
+      {'global_norm/norm': 4.0, 'global_norm/threshold': 1.0, 'global_norm/scale': 0.25, 'global_norm/clipped': 1.0}
+    """
+    found: list = []
+    _collect(opt_state, (), found)
+
+    def key(path, name, keep_indices):
+        segments = [seg for seg, is_index in path if keep_indices or not is_index]
+        return "/".join(segments + [name])
+
+    short = [key(p, n, False) for p, n, _ in found]
+    prefixes = [s if short.count(s) == 1 else key(p, n, True) for s, (p, n, _) in zip(short, found)]
+    out: dict[str, jax.Array] = {}
+    for prefix, (_, _, record) in zip(prefixes, found):
+        for field, value in zip(record._fields, record):
+            out[f"{prefix}/{field}"] = value
+    return out

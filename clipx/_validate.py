@@ -1,0 +1,89 @@
+"""Construction-time checks of hyperparameters and tree structures.
+
+Python numbers are checked when a factory is called and a bad value raises
+``ValueError``/``TypeError`` naming the argument and the allowed range. JAX
+arrays (for ``optax.inject_hyperparams`` and schedules) are accepted as they
+are: nothing raises inside a traced function.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def _as_python_number(name: str, value: Any) -> float | None:
+    """``float(value)`` for Python/NumPy real numbers; None for JAX arrays and tracers."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number, got the bool {value!r}")
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, np.ndarray) and value.ndim == 0 and np.issubdtype(value.dtype, np.number):
+        return float(value)
+    if isinstance(value, (jax.Array, np.ndarray)):
+        if np.ndim(value) != 0:
+            raise ValueError(f"{name} must be a scalar, got an array of shape {np.shape(value)}")
+        return None
+    raise TypeError(f"{name} must be a real number or a scalar JAX array, got {type(value).__name__} {value!r}")
+
+
+def check_range(
+    name: str,
+    value: Any,
+    low: float = -math.inf,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Raises unless ``value`` lies in the interval ``low..high`` (bounds closed by default).
+
+    NaN is always rejected. Traced and JAX-array values are not checked.
+    """
+    number = _as_python_number(name, value)
+    if number is None:
+        return
+    above_low = number > low if low_open else number >= low
+    below_high = number < high if high_open else number <= high
+    if math.isnan(number) or not (above_low and below_high):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+    """``value ≥ 0`` (infinity allowed: it disables clipping)."""
+    check_range(name, value, 0.0)
+
+
+def check_positive(name: str, value: Any) -> None:
+    """``value > 0`` (infinity allowed)."""
+    check_range(name, value, 0.0, low_open=True)
+
+
+def check_int(name: str, value: Any, low: int = 0) -> None:
+    """A Python integer ``≥ low`` (not a bool, not a float)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    """``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_same_structure(expected: Any, actual: Any, what: str) -> None:
+    """Raises ``ValueError`` if two pytrees differ in structure (checked at trace time)."""
+    expected_def = jax.tree.structure(expected)
+    actual_def = jax.tree.structure(actual)
+    if expected_def != actual_def:
+        raise ValueError(
+            f"{what}: the tree structures differ.\n  expected: {expected_def}\n  got:      {actual_def}\n"
+            "Was this state created by init() for a different parameter tree?"
+        )
