@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 PyTree = Any
+AxisName = Any  # a hashable axis name, or a tuple of them, as jax.lax.psum takes
 
 
 def accumulation_dtype(dtype: Any) -> jnp.dtype:
@@ -60,16 +61,22 @@ def safe_sqrt(x: jax.Array) -> jax.Array:
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
 
 
-def tree_norm(tree: PyTree) -> jax.Array:
+def tree_sum_of_squares(tree: PyTree, axis_name: AxisName | None = None) -> jax.Array:
+    """``Σ_leaves Σ |g|²`` of a pytree, summed over the devices of ``axis_name`` if given."""
+    acc = tree_accumulation_dtype(tree)
+    total = sum((sum_of_squares(leaf).astype(acc) for leaf in jax.tree.leaves(tree)), jnp.zeros((), acc))
+    return total if axis_name is None else jax.lax.psum(total, axis_name)
+
+
+def tree_norm(tree: PyTree, axis_name: AxisName | None = None) -> jax.Array:
     """Global L2 norm ``‖g‖ = √(Σ_leaves Σ |g|²)`` of a pytree.
 
     ``None`` and ``optax.MaskedNode`` leaves contribute nothing; an empty tree
-    has norm 0. The result is float32 (float64 if any leaf is float64).
+    has norm 0. The result is float32 (float64 if any leaf is float64). Inside
+    ``shard_map``/``pmap``, ``axis_name`` names the mapped axis whose shards
+    together hold the tree: only the scalar sum of squares crosses devices.
     """
-    leaves = jax.tree.leaves(tree)
-    acc = tree_accumulation_dtype(tree)
-    total = sum((sum_of_squares(leaf).astype(acc) for leaf in leaves), jnp.zeros((), acc))
-    return safe_sqrt(total)
+    return safe_sqrt(tree_sum_of_squares(tree, axis_name))
 
 
 def leaf_norms(tree: PyTree) -> PyTree:

@@ -19,7 +19,9 @@ class GlobalNormState(NamedTuple):
     stats_name = "global_norm"
 
 
-def global_norm(max_norm: float | jax.Array) -> optax.GradientTransformation:
+def global_norm(
+    max_norm: float | jax.Array, *, axis_name: _numerics.AxisName | None = None
+) -> optax.GradientTransformation:
     r"""Clips the update to a maximum global L2 norm (Pascanu et al., 2013).
 
     .. math::
@@ -37,6 +39,10 @@ def global_norm(max_norm: float | jax.Array) -> optax.GradientTransformation:
     Args:
       max_norm: the threshold ``c ≥ 0`` (a number, or a scalar array for
         ``optax.inject_hyperparams``).
+      axis_name: inside ``shard_map``/``pmap`` where each device holds a shard
+        of every gradient, the mapped axis to sum squared norms over. Leave it
+        ``None`` under plain ``jax.jit`` with sharded arrays: XLA partitions
+        the reduction itself.
 
     Returns:
       An ``optax.GradientTransformation`` whose state reports `ClipStats`
@@ -62,7 +68,7 @@ def global_norm(max_norm: float | jax.Array) -> optax.GradientTransformation:
 
     def update_fn(updates, state, params=None):
         del params, state
-        norm = _numerics.tree_norm(updates)
+        norm = _numerics.tree_norm(updates, axis_name)
         scale = _numerics.clip_scale(norm, max_norm)
         stats = ClipStats(
             norm=norm,
