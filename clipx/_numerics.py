@@ -79,9 +79,18 @@ def tree_norm(tree: PyTree, axis_name: AxisName | None = None) -> jax.Array:
     return safe_sqrt(tree_sum_of_squares(tree, axis_name))
 
 
-def leaf_norms(tree: PyTree) -> PyTree:
-    """The L2 norm of each leaf, as a pytree of scalars shaped like ``tree``."""
-    return jax.tree.map(lambda leaf: safe_sqrt(sum_of_squares(leaf)), tree)
+def leaf_norms(tree: PyTree, axis_name: AxisName | None = None) -> PyTree:
+    """The L2 norm of each leaf, as a pytree of scalars shaped like ``tree``.
+
+    With ``axis_name`` (inside ``shard_map``/``pmap``) each leaf's sum of
+    squares is summed over that axis first.
+    """
+
+    def norm(leaf: jax.Array) -> jax.Array:
+        total = sum_of_squares(leaf)
+        return safe_sqrt(total if axis_name is None else jax.lax.psum(total, axis_name))
+
+    return jax.tree.map(norm, tree)
 
 
 def clip_scale(norm: jax.Array, threshold: jax.Array) -> jax.Array:
