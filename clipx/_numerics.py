@@ -93,6 +93,23 @@ def leaf_norms(tree: PyTree, axis_name: AxisName | None = None) -> PyTree:
     return jax.tree.map(norm, tree)
 
 
+def leaf_rms(tree: PyTree, axis_name: AxisName | None = None) -> PyTree:
+    """The root-mean-square ``√(Σ |g|² / n)`` of each leaf, as a pytree of scalars.
+
+    An empty leaf has RMS 0. With ``axis_name`` (inside ``shard_map``/``pmap``)
+    both the sum of squares and the entry count are summed over that axis.
+    """
+
+    def rms(leaf: jax.Array) -> jax.Array:
+        total = sum_of_squares(leaf)
+        count = jnp.asarray(leaf.size, total.dtype)
+        if axis_name is not None:
+            total, count = jax.lax.psum((total, count), axis_name)
+        return safe_sqrt(total / jnp.maximum(count, 1))
+
+    return jax.tree.map(rms, tree)
+
+
 def clip_scale(norm: jax.Array, threshold: jax.Array) -> jax.Array:
     """``min(1, threshold / norm)`` with no NaN and finite derivatives.
 

@@ -78,12 +78,20 @@ def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def check_same_structure(expected: Any, actual: Any, what: str) -> None:
-    """Raises ``ValueError`` if two pytrees differ in structure (checked at trace time)."""
+def check_same_structure(
+    expected: Any,
+    actual: Any,
+    what: str,
+    hint: str = "Was this state created by init() for a different parameter tree?",
+) -> None:
+    """Raises ``ValueError`` if two pytrees differ in structure (checked at trace time).
+
+    ``hint`` ends the message: what the caller should check or change.
+    """
     expected_def = jax.tree.structure(expected)
     actual_def = jax.tree.structure(actual)
     if expected_def != actual_def:
         raise ValueError(
             f"{what}: the tree structures differ.\n  expected: {expected_def}\n  got:      {actual_def}\n"
-            "Was this state created by init() for a different parameter tree?"
+            + hint
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -12,11 +14,104 @@ from clipx import _numerics, _validate
 from clipx._stats import ClipStats, empty_clip_stats
 
 
+class ValueState(NamedTuple):
+    """State of `value`: only what it reports."""
+
+    stats: ClipStats
+    stats_name = "value"  # type: ignore[misc]  # a class attribute, not a field
+
+
+def _real_parts(leaf: jax.Array) -> tuple[jax.Array, ...]:
+    """The real components of ``leaf``: itself, or its real and imaginary parts."""
+    return (leaf.real, leaf.imag) if jnp.iscomplexobj(leaf) else (leaf,)
+
+
+def value(
+    max_delta: float | jax.Array, *, axis_name: _numerics.AxisName | None = None
+) -> optax.GradientTransformation:
+    r"""Clips every entry of the update to ``[-c, c]``.
+
+    .. math::
+
+        g \leftarrow \max(\min(g, c), -c) \quad \text{element-wise}
+
+    The seed rule of gradient clipping, and ``optax.clip`` with the same
+    values. Each leaf keeps its dtype (``c`` is cast to it, so a float16 leaf
+    is clipped at the float16 value nearest ``c``). Complex leaves, which
+    ``optax.clip`` rejects, have their real and imaginary parts clipped
+    separately, so ``|Re g|, |Im g| ≤ c``. Below the threshold entries are
+    returned bit for bit; NaN entries stay NaN.
+
+    Args:
+      max_delta: the bound ``c ≥ 0`` (a number, or a scalar array for
+        ``optax.inject_hyperparams``).
+      axis_name: inside ``shard_map``/``pmap`` where each device holds a shard
+        of every gradient, the mapped axis the reported statistics are reduced
+        over (the clip itself is element-wise and needs no communication).
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state reports `ClipStats`:
+      ``norm`` is the largest ``|g|`` entry before clipping (for complex
+      leaves, the largest real or imaginary part), ``threshold`` is ``c``,
+      ``scale`` is the fraction of entries clipped, ``clipped`` whether any was.
+
+    Reference:
+      Mikolov, "Statistical Language Models Based on Neural Networks", PhD
+      thesis, Brno University of Technology, 2012 (clipping gradient values).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, clipx
+      >>> tx = optax.chain(clipx.value(1.0), optax.sgd(0.1))
+      >>> params = jnp.zeros(3)
+      >>> updates, state = tx.update(jnp.array([3.0, -0.5, -2.0]), tx.init(params))
+      >>> [round(float(u), 4) for u in updates]
+      [-0.1, 0.05, 0.1]
+      >>> round(float(clipx.stats(state)["value/scale"]), 4)
+      0.6667
+    """
+    _validate.check_nonnegative("max_delta", max_delta)
+
+    def init_fn(params):
+        del params
+        return ValueState(stats=empty_clip_stats()._replace(scale=jnp.zeros((), jnp.float32)))
+
+    def bound(x: jax.Array) -> jax.Array:
+        return jnp.asarray(max_delta).astype(x.dtype)
+
+    def clip_leaf(leaf: jax.Array) -> jax.Array:
+        parts = [jnp.maximum(jnp.minimum(x, bound(x)), -bound(x)) for x in _real_parts(leaf)]
+        return jax.lax.complex(*parts) if jnp.iscomplexobj(leaf) else parts[0]
+
+    def update_fn(updates, state, params=None):
+        del params, state
+        acc = _numerics.tree_accumulation_dtype(updates)
+        largest = jnp.zeros((), acc)
+        count = jnp.zeros((), jnp.int32)
+        for leaf in jax.tree.leaves(updates):
+            parts = _real_parts(leaf)
+            largest = jnp.maximum(largest, max(jnp.max(jnp.abs(x), initial=0).astype(acc) for x in parts))
+            above = functools.reduce(jnp.logical_or, [jnp.abs(x) > bound(x) for x in parts])
+            count = count + jnp.sum(above, dtype=jnp.int32)
+        total = jnp.asarray(sum(leaf.size for leaf in jax.tree.leaves(updates)), jnp.int32)
+        if axis_name is not None:
+            largest = jax.lax.pmax(largest, axis_name)
+            count, total = jax.lax.psum((count, total), axis_name)
+        stats = ClipStats(
+            norm=largest,
+            threshold=jnp.asarray(max_delta, acc),
+            scale=(count / jnp.maximum(total, 1)).astype(acc),
+            clipped=count > 0,
+        )
+        return jax.tree.map(clip_leaf, updates), ValueState(stats=stats)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 class GlobalNormState(NamedTuple):
     """State of `global_norm`: only what it reports."""
 
     stats: ClipStats
-    stats_name = "global_norm"
+    stats_name = "global_norm"  # type: ignore[misc]  # a class attribute, not a field
 
 
 def global_norm(
@@ -79,3 +174,131 @@ def global_norm(
         return _numerics.scale_tree(updates, scale), GlobalNormState(stats=stats)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+class TensorNormState(NamedTuple):
+    """State of `tensor_norm`: only what it reports."""
+
+    stats: ClipStats
+    stats_name = "tensor_norm"  # type: ignore[misc]  # a class attribute, not a field
+
+
+class BlockRMSState(NamedTuple):
+    """State of `block_rms`: only what it reports."""
+
+    stats: ClipStats
+    stats_name = "block_rms"  # type: ignore[misc]  # a class attribute, not a field
+
+
+def _per_leaf_clip(
+    measure: Callable[..., _numerics.PyTree],
+    threshold: float | jax.Array,
+    state_type: type[TensorNormState] | type[BlockRMSState],
+    axis_name: _numerics.AxisName | None,
+) -> optax.GradientTransformation:
+    """Scales each leaf by ``min(1, threshold / measure(leaf))``; reports the largest measure."""
+
+    def init_fn(params):
+        del params
+        return state_type(stats=empty_clip_stats()._replace(scale=jnp.zeros((), jnp.float32)))
+
+    def update_fn(updates, state, params=None):
+        del params, state
+        acc = _numerics.tree_accumulation_dtype(updates)
+        measured = measure(updates, axis_name)
+        scales = jax.tree.map(lambda m: _numerics.clip_scale(m, threshold), measured)
+        leaves = [m.astype(acc) for m in jax.tree.leaves(measured)]
+        clipped = [s < 1 for s in jax.tree.leaves(scales)]
+        stats = ClipStats(
+            norm=jnp.max(jnp.stack(leaves)) if leaves else jnp.zeros((), acc),
+            threshold=jnp.asarray(threshold, acc),
+            scale=jnp.mean(jnp.stack(clipped), dtype=acc) if clipped else jnp.zeros((), acc),
+            clipped=jnp.any(jnp.stack(clipped)) if clipped else jnp.array(False),
+        )
+        return jax.tree.map(_numerics.scale_leaf, updates, scales), state_type(stats=stats)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def tensor_norm(
+    max_norm: float | jax.Array, *, axis_name: _numerics.AxisName | None = None
+) -> optax.GradientTransformation:
+    r"""Clips each leaf of the update to a maximum L2 norm of its own.
+
+    .. math::
+
+        g_i \leftarrow g_i \cdot \min\left(1, \frac{c}{\lVert g_i \rVert_2}\right)
+        \quad \text{for every leaf } g_i
+
+    Keras' ``clipnorm`` and TensorFlow's ``tf.clip_by_norm`` applied tensor by
+    tensor. Norms are accumulated in float32 (float64 for float64 leaves); a
+    zero norm or a zero threshold gives no NaN; leaves below the threshold are
+    returned bit for bit.
+
+    Args:
+      max_norm: the per-leaf threshold ``c ≥ 0`` (a number, or a scalar array
+        for ``optax.inject_hyperparams``).
+      axis_name: inside ``shard_map``/``pmap`` where each device holds a shard
+        of every leaf, the mapped axis to sum each leaf's squares over.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state reports `ClipStats`:
+      ``norm`` is the largest per-leaf norm before clipping, ``threshold`` is
+      ``c``, ``scale`` the fraction of leaves clipped, ``clipped`` whether any was.
+
+    Reference:
+      Pascanu, Mikolov, Bengio, "On the difficulty of training recurrent neural
+      networks", ICML 2013 (the norm rule, here per tensor).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, clipx
+      >>> tx = clipx.tensor_norm(1.0)
+      >>> grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.3, 0.4])}
+      >>> updates, state = tx.update(grads, tx.init(grads))
+      >>> {k: [round(float(u), 4) for u in v] for k, v in updates.items()}
+      {'a': [0.6, 0.8], 'b': [0.3, 0.4]}
+      >>> round(float(clipx.stats(state)["tensor_norm/scale"]), 4)
+      0.5
+    """
+    _validate.check_nonnegative("max_norm", max_norm)
+    return _per_leaf_clip(_numerics.leaf_norms, max_norm, TensorNormState, axis_name)
+
+
+def block_rms(
+    threshold: float | jax.Array, *, axis_name: _numerics.AxisName | None = None
+) -> optax.GradientTransformation:
+    r"""Clips each leaf of the update to a maximum root-mean-square.
+
+    .. math::
+
+        g_i \leftarrow \frac{g_i}{\max\left(1, \operatorname{rms}(g_i) / c\right)},
+        \qquad \operatorname{rms}(g_i) = \sqrt{\tfrac{1}{n_i} \textstyle\sum |g_i|^2}
+
+    The rule of ``optax.clip_by_block_rms`` (a block is one leaf: a weight
+    vector, matrix or kernel), with the RMS accumulated in float32 (float64 for
+    float64 leaves) and no NaN for zero gradients, zero thresholds or empty
+    leaves. Unlike `tensor_norm` the threshold does not grow with the size of
+    the leaf.
+
+    Args:
+      threshold: the largest RMS ``c ≥ 0`` a leaf keeps (a number, or a scalar
+        array for ``optax.inject_hyperparams``).
+      axis_name: inside ``shard_map``/``pmap`` where each device holds a shard
+        of every leaf, the mapped axis to sum squares and entry counts over.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state reports `ClipStats`:
+      ``norm`` is the largest per-leaf RMS before clipping, ``threshold`` is
+      ``c``, ``scale`` the fraction of leaves clipped, ``clipped`` whether any was.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, clipx
+      >>> tx = clipx.block_rms(1.0)
+      >>> updates, state = tx.update(jnp.array([4.0, -4.0, 4.0, -4.0]), tx.init(None))
+      >>> updates.round(4)
+      Array([ 1., -1.,  1., -1.], dtype=float32)
+      >>> round(float(clipx.stats(state)["block_rms/norm"]), 4)
+      4.0
+    """
+    _validate.check_nonnegative("threshold", threshold)
+    return _per_leaf_clip(_numerics.leaf_rms, threshold, BlockRMSState, axis_name)

@@ -1,0 +1,231 @@
+"""Adaptive gradient clipping (AGC): each unit's update is bounded relative to its weights."""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from clipx import _numerics, _validate
+from clipx._stats import ClipStats, empty_clip_stats
+
+Axis = int | tuple[int, ...] | None
+
+
+class AGCState(NamedTuple):
+    """State of `agc`: only what it reports."""
+
+    stats: ClipStats
+    stats_name = "agc"  # type: ignore[misc]  # a class attribute, not a field
+
+
+def _check_axis(axis: Axis) -> None:
+    """``axis`` is None, an int, or a tuple of ints (checked at construction)."""
+
+    def is_int(a: object) -> bool:
+        return isinstance(a, (numbers.Integral, np.integer)) and not isinstance(a, bool)
+
+    if axis is None or is_int(axis) or (isinstance(axis, tuple) and all(is_int(a) for a in axis)):
+        return
+    raise TypeError(f"axis must be None, an int or a tuple of ints, got {type(axis).__name__} {axis!r}")
+
+
+def _unit_axes(shape: tuple[int, ...], axis: Axis) -> Axis:
+    """The axes one unit spans in an array of ``shape`` (None: the whole array)."""
+    if axis is not None:
+        return axis
+    if sum(d != 1 for d in shape) <= 1:  # a scalar or a vector, once size-1 axes are squeezed
+        return None
+    if len(shape) in (2, 3):  # dense (in, out) or multi-head (in, heads, out): one unit per output
+        return 0
+    if len(shape) == 4:  # conv HWIO: one unit per output channel
+        return (0, 1, 2)
+    if len(shape) == 5:  # conv3d DHWIO
+        return (0, 1, 2, 3)
+    raise ValueError(
+        f"unitwise_norm has no default units for a rank-{len(shape)} array of shape {shape}: "
+        "pass axis=, the axes one unit spans (e.g. axis=(0, 1, 2, 3, 4) to reduce all but the last)"
+    )
+
+
+def _unit_norms(x: jax.Array, axis: Axis) -> jax.Array:
+    """The L2 norm of each unit, with the reduced axes kept as size 1 (float32 or wider)."""
+    return _numerics.safe_sqrt(_numerics.sum_of_squares(x, axis=_unit_axes(x.shape, axis), keepdims=True))
+
+
+def unitwise_norm(x: jax.Array, axis: Axis = None) -> jax.Array:
+    r"""The L2 norm of each unit of ``x``, broadcast back to the shape of ``x``.
+
+    .. math::
+
+        \lVert x_i \rVert_2 = \sqrt{\textstyle\sum_{j \in \text{unit } i} |x_j|^2}
+
+    A unit is the slice of ``x`` spanned by the reduced axes. With
+    ``axis=None`` the units follow ``optax.unitwise_norm``: a scalar or a
+    vector (rank ≤ 1 once size-1 axes are squeezed) is one unit; rank 2 or 3
+    reduces axis 0 (one unit per output of a dense ``(in, out)`` or
+    multi-head ``(in, heads, out)`` kernel); rank 4 reduces axes ``(0, 1, 2)``
+    (HWIO convolutions); rank 5 reduces ``(0, 1, 2, 3)``; any other rank raises
+    ``ValueError`` asking for ``axis``. Squares are summed in float32 (float64
+    for float64/complex128 input), so the result is float32 or float64 and a
+    float16 input does not overflow.
+
+    Args:
+      x: an array (real or complex).
+      axis: the axis or axes one unit spans; ``None`` for the defaults above.
+
+    Returns:
+      An array of the shape of ``x`` holding each entry's unit norm.
+
+    Example:
+      >>> import jax.numpy as jnp, clipx
+      >>> clipx.unitwise_norm(jnp.array([[3.0, 1.0], [4.0, 0.0]]))
+      Array([[5., 1.],
+             [5., 1.]], dtype=float32)
+      >>> clipx.unitwise_norm(jnp.array([[3.0, 4.0], [0.0, 1.0]]), axis=-1)  # one unit per row
+      Array([[5., 5.],
+             [1., 1.]], dtype=float32)
+    """
+    _check_axis(axis)
+    x = jnp.asarray(x)
+    return jnp.broadcast_to(_unit_norms(x, axis), x.shape)
+
+
+def agc(clipping: float | jax.Array = 0.01, eps: float | jax.Array = 1e-3, axis: Axis = None) -> (
+    optax.GradientTransformation
+):
+    r"""Adaptive gradient clipping (Brock et al., 2021): updates bounded relative to weights, unit by unit.
+
+    For every unit :math:`i` (a row, column or filter, see `unitwise_norm`)
+    of the gradient :math:`G` and the parameters :math:`W`:
+
+    .. math::
+
+        G_i \leftarrow G_i \cdot \min\left(1,
+            \frac{\lambda \max(\lVert W_i \rVert, \epsilon)}{\lVert G_i \rVert}\right)
+
+    i.e. a unit whose ratio :math:`\lVert G_i\rVert / \max(\lVert W_i\rVert, \epsilon)`
+    exceeds :math:`\lambda` is rescaled to exactly that ratio. The same rule
+    as ``optax.adaptive_grad_clip``, with norms accumulated in float32 (float64
+    for float64 leaves) and a NaN-free scale: optax's division guard
+    ``max(‖G_i‖, 1e-6)`` is not needed, so a unit whose norm is below 1e-6 and
+    above its bound is scaled to the bound exactly rather than below it.
+
+    AGC needs the parameters: call ``tx.update(grads, state, params)``.
+
+    Which units to use. The defaults suit dense and convolutional kernels. An
+    embedding table ``(vocab, dim)`` gets one unit per embedding *column*
+    across the whole vocabulary, usually not what a language model wants; give
+    it per-row units with ``axis=-1`` for that leaf only, through
+    ``optax.multi_transform``. The paper does not clip the final classifier
+    layer; leave it out with ``optax.masked`` (or an ``optax.identity()``
+    branch of ``multi_transform``)::
+
+        labels = {"embed": "rows", "dense": "agc", "head": "none"}
+        tx = optax.chain(
+            optax.multi_transform(
+                {"rows": clipx.agc(0.01, axis=-1), "agc": clipx.agc(0.01), "none": optax.identity()},
+                labels,
+            ),
+            optax.adam(1e-3),
+        )
+        # or, to clip everything but the head with the defaults:
+        tx = optax.masked(clipx.agc(0.01), {"embed": True, "dense": True, "head": False})
+
+    Args:
+      clipping: the largest ratio :math:`\lambda \ge 0` of a unit's gradient
+        norm to its weight norm (default 0.01).
+      eps: :math:`\epsilon \ge 0`, the smallest weight norm used (default
+        1e-3), so zero-initialised weights can still move.
+      axis: the axis or axes one unit spans, the same for every leaf; ``None``
+        (default) for the per-rank defaults of `unitwise_norm`. Every leaf's
+        units are resolved by ``init``, so a leaf of rank 6 or more without
+        ``axis`` raises there.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state reports `ClipStats`:
+      ``norm`` is the largest ratio :math:`\lVert G_i\rVert/\max(\lVert W_i\rVert,\epsilon)`,
+      ``threshold`` is :math:`\lambda`, ``scale`` the fraction of units clipped,
+      ``clipped`` whether any was.
+
+    Under ``shard_map``/``pmap`` each device clips the units it holds; shard
+    parameters along a kept (output) axis so that units stay whole, or use
+    ``jax.jit`` with sharded arrays, where XLA partitions the reductions.
+
+    Reference:
+      Brock, De, Smith, Simonyan, "High-Performance Large-Scale Image
+      Recognition Without Normalization", ICML 2021.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, clipx
+      >>> params = {"embed": jnp.ones((3, 2)), "dense": jnp.ones((2, 2)), "head": jnp.ones((2, 1))}
+      >>> grads = {"embed": jnp.ones((3, 2)), "dense": jnp.ones((2, 2)), "head": jnp.ones((2, 1))}
+      >>> labels = {"embed": "rows", "dense": "agc", "head": "none"}
+      >>> tx = optax.multi_transform(
+      ...     {"rows": clipx.agc(0.1, axis=-1), "agc": clipx.agc(0.1), "none": optax.identity()}, labels)
+      >>> updates, state = tx.update(grads, tx.init(params), params)
+      >>> {k: round(float(v[0, 0]), 4) for k, v in updates.items()}
+      {'dense': 0.1, 'embed': 0.1, 'head': 1.0}
+      >>> sorted(k for k in clipx.stats(state) if k.endswith("/scale"))
+      ['agc/agc/scale', 'rows/agc/scale']
+    """
+    _validate.check_nonnegative("clipping", clipping)
+    _validate.check_nonnegative("eps", eps)
+    _check_axis(axis)
+
+    def init_fn(params):
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+            try:
+                _unit_axes(jnp.shape(leaf), axis)
+            except ValueError as error:
+                raise ValueError(f"agc: parameter {jax.tree_util.keystr(path)}: {error}") from None
+        return AGCState(stats=empty_clip_stats()._replace(scale=jnp.zeros((), jnp.float32)))
+
+    def update_fn(updates, state, params=None):
+        del state
+        if params is None:
+            raise ValueError(
+                "agc clips relative to the parameters: pass them as the third argument, "
+                "tx.update(grads, state, params)"
+            )
+        _validate.check_same_structure(
+            params,
+            updates,
+            "agc: params and updates",
+            hint="Pass the parameters the gradients were taken with: tx.update(grads, state, params).",
+        )
+        leaves, treedef = jax.tree.flatten(updates)
+        acc = _numerics.tree_accumulation_dtype(updates)
+        new_leaves = []
+        largest = jnp.zeros((), acc)
+        clipped = jnp.zeros((), jnp.int32)
+        units = 0
+        for g, w in zip(leaves, jax.tree.leaves(params), strict=True):
+            if jnp.shape(g) != jnp.shape(w):
+                raise ValueError(
+                    f"agc: a gradient of shape {jnp.shape(g)} for a parameter of shape {jnp.shape(w)}"
+                )
+            g_norm = _unit_norms(g, axis)
+            w_norm = _unit_norms(w, axis).astype(g_norm.dtype)
+            floor = jnp.maximum(w_norm, jnp.asarray(eps, g_norm.dtype))
+            scale = _numerics.clip_scale(g_norm, clipping * floor)
+            positive = floor > 0
+            zero_floor = jnp.where(g_norm > 0, jnp.inf, 0)
+            ratio = jnp.where(positive, g_norm / jnp.where(positive, floor, 1), zero_floor)
+            new_leaves.append(_numerics.scale_leaf(g, scale))
+            largest = jnp.maximum(largest, jnp.max(ratio, initial=0).astype(acc))
+            clipped = clipped + jnp.sum(scale < 1, dtype=jnp.int32)
+            units += scale.size
+        stats = ClipStats(
+            norm=largest,
+            threshold=jnp.asarray(clipping, acc),
+            scale=(clipped / max(units, 1)).astype(acc),
+            clipped=clipped > 0,
+        )
+        return treedef.unflatten(new_leaves), AGCState(stats=stats)
+
+    return optax.GradientTransformation(init_fn, update_fn)
