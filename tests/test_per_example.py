@@ -1,0 +1,218 @@
+"""Per-example (DP-SGD) clipping: parity with optax, noise, the adaptive quantile rule, chunking."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import optax.contrib
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import clipx
+
+
+def per_example_grads(seed=0, batch=6, scale=1.0):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return {
+        "w": scale * jax.random.normal(keys[0], (batch, 3, 4)),
+        "b": scale * jax.random.normal(keys[1], (batch, 4)),
+        "s": scale * jax.random.normal(keys[2], (batch,)),
+    }
+
+
+@jax.jit
+def _global_step(grads, clip):
+    tx = clipx.per_example_global_norm(clip)  # a traced threshold: one compilation for all examples
+    return tx.update(grads, tx.init(None))
+
+
+def run(tx, grads):
+    return jax.jit(tx.update)(grads, tx.init(None))
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    clip=st.sampled_from([0.0, 0.3, 1.0, 2.5, math.inf]),
+    scale=st.sampled_from([0.1, 1.0, 10.0]),
+)
+def test_global_matches_optax(seed, clip, scale):
+    grads = per_example_grads(seed, scale=scale)
+    summed, state = _global_step(grads, jnp.float32(clip))
+    expected, num_clipped = optax.per_example_global_norm_clip(grads, clip)
+    chex_close(summed, expected)
+    assert float(state.stats.scale) == pytest.approx(int(num_clipped) / 6)
+    norms = jax.vmap(optax.tree.norm)(grads)
+    assert float(state.stats.norm) == pytest.approx(float(jnp.max(norms)), rel=1e-6)
+    assert bool(state.stats.clipped) == (int(num_clipped) > 0)
+
+
+@pytest.mark.parametrize("uniform", [True, False])
+@pytest.mark.parametrize("clip", [0.0, 0.5, 2.0, math.inf])
+def test_layer_matches_optax(uniform, clip):
+    grads = per_example_grads(3)
+    summed, state = run(clipx.per_example_layer_norm(clip, uniform=uniform), grads)
+    expected, counts = optax.per_example_layer_norm_clip(grads, clip, uniform=uniform)
+    chex_close(summed, expected)
+    assert float(state.stats.scale) == pytest.approx(sum(int(c) for c in jax.tree.leaves(counts)) / 18)
+
+
+def test_layer_clipped_example_norm_at_most_threshold():
+    grads = per_example_grads(1, batch=1, scale=10.0)
+    for uniform in (True, False):
+        summed, _ = run(clipx.per_example_layer_norm(1.0, uniform=uniform), grads)
+        assert float(optax.tree.norm(summed)) <= 1.0 + 1e-5
+
+
+def test_nan_and_zero_examples_follow_optax():
+    grads = {"w": jnp.array([[0.0, 0.0], [3.0, 4.0], [jnp.nan, 1.0], [jnp.inf, 0.0]])}
+    summed, _ = run(clipx.per_example_global_norm(1.0), grads)
+    expected, _ = optax.per_example_global_norm_clip(grads, 1.0)
+    np.testing.assert_array_equal(np.isnan(summed["w"]), np.isnan(expected["w"]))
+    zero, _ = run(clipx.per_example_global_norm(0.0), {"w": jnp.zeros((3, 2))})
+    np.testing.assert_array_equal(zero["w"], 0.0)
+
+
+def test_mean_matches_differentially_private_aggregate():
+    grads = per_example_grads(5)
+    tx = optax.chain(clipx.per_example_global_norm(0.7), optax.scale(1 / 6))
+    ours, _ = jax.jit(tx.update)(grads, tx.init(None))
+    dp = optax.contrib.differentially_private_aggregate(0.7, 0.0, key=jax.random.key(0))
+    theirs, _ = dp.update(grads, dp.init(None))
+    chex_close(ours, theirs)
+
+
+def test_noise_std_reproducible_and_key_advances():
+    grads = {"w": jnp.zeros((4, 20000))}
+    tx = clipx.per_example_global_norm(0.5, noise_multiplier=2.0, seed=7)
+    state = tx.init(None)
+    first, state1 = jax.jit(tx.update)(grads, state)
+    again, _ = jax.jit(tx.update)(grads, state)
+    second, _ = jax.jit(tx.update)(grads, state1)
+    np.testing.assert_array_equal(first["w"], again["w"])
+    assert not np.array_equal(first["w"], second["w"])
+    assert float(jnp.std(first["w"])) == pytest.approx(1.0, rel=0.03)  # σ·C = 2·0.5
+    assert float(jnp.abs(jnp.mean(first["w"]))) < 0.05
+    assert state1.key.dtype == jnp.uint32 and state1.key.shape == (2,)
+
+
+def test_zero_noise_keeps_key():
+    tx = clipx.per_example_global_norm(1.0)
+    state = tx.init(None)
+    _, new = tx.update(per_example_grads(), state)
+    np.testing.assert_array_equal(new.key, state.key)
+
+
+def test_low_precision_gradients_accumulate_in_float32():
+    grads = {"w": jnp.full((512, 8), 0.01, jnp.bfloat16)}
+    summed, state = run(clipx.per_example_global_norm(1.0), grads)
+    assert summed["w"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(summed["w"], np.float32), 5.12, rtol=1e-2)
+    assert state.stats.norm.dtype == jnp.float32
+
+
+def test_adaptive_update_rule():
+    tx = clipx.per_example_adaptive(initial_clip=1.0, target_quantile=0.3, learning_rate=0.5)
+    state = tx.init(None)
+    grads = jnp.array([[0.5], [2.0], [3.0], [0.1]])  # 2 of 4 under C = 1
+    summed, new = jax.jit(tx.update)(grads, state)
+    assert float(new.threshold) == pytest.approx(math.exp(-0.5 * (0.5 - 0.3)), rel=1e-6)
+    assert float(new.stats.threshold) == 1.0
+    assert float(new.stats.scale) == 0.5
+    np.testing.assert_allclose(summed, [0.5 + 1 + 1 + 0.1], rtol=1e-6)
+
+
+def test_adaptive_tracks_the_target_quantile():
+    norms = jnp.exp(jax.random.normal(jax.random.key(0), (256,)))  # log-normal, median 1
+    grads = {"w": norms[:, None]}
+    tx = clipx.per_example_adaptive(initial_clip=0.01, target_quantile=0.5, learning_rate=0.2)
+    update = jax.jit(tx.update)
+    state = tx.init(None)
+    for _ in range(150):
+        _, state = update(grads, state)
+    assert float(state.threshold) == pytest.approx(float(jnp.median(norms)), rel=0.1)
+
+
+def test_adaptive_noise_is_seeded():
+    tx = clipx.per_example_adaptive(1.0, noise_multiplier=1.0, count_stddev=1.0, seed=3)
+    grads = per_example_grads()
+    a, sa = run(tx, grads)
+    b, sb = run(tx, grads)
+    chex_close(a, b, atol=0)
+    assert float(sa.threshold) == float(sb.threshold)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 5, 32])
+def test_clipped_grad_sum_matches_full_vmap(chunk_size):
+    params = {"w": jax.random.normal(jax.random.key(1), (3, 2)), "b": jnp.ones(2, jnp.float32)}
+    xs = jax.random.normal(jax.random.key(2), (20, 3))
+    ys = jax.random.normal(jax.random.key(3), (20, 2))
+
+    def loss(p, example):
+        x, y = example
+        return jnp.sum((x @ p["w"] + p["b"] - y) ** 2)
+
+    grads = jax.vmap(jax.grad(loss), in_axes=(None, 0))(params, (xs, ys))
+    expected, state = run(clipx.per_example_global_norm(1.5), grads)
+    total, norms = jax.jit(lambda p, b: clipx.clipped_grad_sum(loss, p, b, 1.5, chunk_size=chunk_size))(
+        params, (xs, ys)
+    )
+    chex_close(total, expected, atol=1e-5)
+    assert norms.shape == (20,)
+    assert float(jnp.max(norms)) == pytest.approx(float(state.stats.norm), rel=1e-6)
+
+
+def test_clipped_grad_sum_accepts_traced_threshold():
+    tx = clipx.per_example_adaptive(initial_clip=0.5)
+    state = tx.init(None)
+    total, _ = jax.jit(lambda c: clipx.clipped_grad_sum(lambda w, x: w * x, 1.0, jnp.arange(4.0), c))(
+        state.threshold
+    )
+    assert float(total) == pytest.approx(0.0 + 0.5 + 0.5 + 0.5)
+
+
+def test_stats_keys_in_chain():
+    tx = optax.chain(clipx.per_example_adaptive(), optax.sgd(0.1))
+    params = {"w": jnp.zeros(4)}
+    _, state = tx.update({"w": jnp.ones((3, 4))}, tx.init(params), params)
+    assert set(clipx.stats(state)) == {
+        f"per_example_adaptive/{f}" for f in ("norm", "threshold", "scale", "clipped")
+    }
+
+
+@pytest.mark.parametrize(
+    ("factory", "kwargs", "name"),
+    [
+        (clipx.per_example_global_norm, {"l2_norm_clip": -1.0}, "l2_norm_clip"),
+        (clipx.per_example_global_norm, {"l2_norm_clip": 1.0, "noise_multiplier": -1}, "noise_multiplier"),
+        (clipx.per_example_layer_norm, {"l2_norm_clip": float("nan")}, "l2_norm_clip"),
+        (clipx.per_example_adaptive, {"initial_clip": 0.0}, "initial_clip"),
+        (clipx.per_example_adaptive, {"target_quantile": 1.5}, "target_quantile"),
+        (clipx.per_example_adaptive, {"learning_rate": -0.1}, "learning_rate"),
+        (clipx.per_example_adaptive, {"count_stddev": -1.0}, "count_stddev"),
+    ],
+)
+def test_bad_hyperparameters_raise(factory, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        factory(**kwargs)
+
+
+def test_seed_and_chunk_size_must_be_ints():
+    with pytest.raises(TypeError, match="seed"):
+        clipx.per_example_global_norm(1.0, seed=0.5)
+    with pytest.raises(ValueError, match="chunk_size"):
+        clipx.clipped_grad_sum(lambda p, x: p * x, 1.0, jnp.ones(3), 1.0, chunk_size=0)
+
+
+def test_missing_batch_axis_raises():
+    tx = clipx.per_example_global_norm(1.0)
+    with pytest.raises(ValueError, match="leading batch axis"):
+        tx.update({"a": jnp.ones((2, 3)), "b": jnp.ones((3,))}, tx.init(None))
+    with pytest.raises(ValueError, match="leading batch axis"):
+        tx.update({"a": jnp.ones(())}, tx.init(None))
+
+
+def chex_close(actual, expected, atol=1e-6):
+    jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-5, atol=atol), actual, expected)
