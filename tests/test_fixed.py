@@ -1,0 +1,244 @@
+"""clipx.value, global_norm, tensor_norm, block_rms: parity with optax, stats, jit, properties."""
+
+import chex
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from absl.testing import parameterized
+
+import clipx
+from clipx import _numerics
+
+rng = np.random.default_rng(0)
+
+
+def random_tree(scale=3.0, dtype=np.float32):
+    return {
+        "w": jnp.asarray(scale * rng.standard_normal((3, 4)), dtype),
+        "b": jnp.asarray(scale * rng.standard_normal(4), dtype),
+        "s": jnp.asarray(scale * rng.standard_normal(()), dtype),
+    }
+
+
+def random_complex_tree(scale=3.0):
+    real, imag = random_tree(scale), random_tree(scale)
+    return jax.tree.map(lambda r, i: jax.lax.complex(r, i), real, imag)
+
+
+def apply(tx, updates, params=None):
+    return tx.update(updates, tx.init(updates if params is None else params), params)
+
+
+# --- parity with optax where optax's result is finite --------------------------------------------------
+
+PARITY = [
+    ("value", clipx.value, optax.clip, 0.5),
+    ("global_norm", clipx.global_norm, optax.clip_by_global_norm, 1.0),
+    ("block_rms", clipx.block_rms, optax.clip_by_block_rms, 0.5),
+]
+
+
+@pytest.mark.parametrize(("name", "ours", "theirs", "threshold"), PARITY, ids=[p[0] for p in PARITY])
+@pytest.mark.parametrize("scale", [0.01, 3.0])
+def test_parity_with_optax(name, ours, theirs, threshold, scale):
+    grads = random_tree(scale)
+    expected, _ = apply(theirs(threshold), grads)
+    actual, _ = apply(ours(threshold), grads)
+    chex.assert_trees_all_close(actual, expected, rtol=1e-6, atol=1e-7)
+    chex.assert_trees_all_equal_dtypes(actual, grads)
+
+
+@pytest.mark.parametrize(("name", "ours", "theirs", "threshold"), PARITY[1:], ids=[p[0] for p in PARITY[1:]])
+def test_parity_with_optax_complex(name, ours, theirs, threshold):
+    grads = random_complex_tree()
+    expected, _ = apply(theirs(threshold), grads)
+    actual, _ = apply(ours(threshold), grads)
+    chex.assert_trees_all_close(actual, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("name", "ours", "theirs", "threshold"), PARITY, ids=[p[0] for p in PARITY])
+def test_parity_with_none_and_masked_leaves(name, ours, theirs, threshold):
+    grads = {"a": jnp.array([3.0, -4.0]), "b": None, "c": jnp.array([[0.5, -2.0]]), "d": jnp.ones(3)}
+    mask = {"a": True, "b": None, "c": True, "d": False}
+    for wrap in (lambda tx: tx, lambda tx: optax.masked(tx, mask)):
+        expected, _ = apply(wrap(theirs(threshold)), grads)
+        actual, _ = apply(wrap(ours(threshold)), grads)
+        chex.assert_trees_all_close(actual, expected, rtol=1e-6)
+        assert actual["b"] is None
+
+
+def test_tensor_norm_matches_global_norm_clip_leaf_by_leaf():
+    grads = random_tree()
+    actual, _ = apply(clipx.tensor_norm(1.0), grads)
+    expected = {k: apply(optax.clip_by_global_norm(1.0), v)[0] for k, v in grads.items()}
+    chex.assert_trees_all_close(actual, expected, rtol=1e-6)
+    for leaf in actual.values():
+        assert float(jnp.linalg.norm(leaf)) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_value_complex_clips_real_and_imaginary_parts():
+    grads = jnp.array([3 + 4j, 0.5 - 2j, 0.1 + 0.1j], jnp.complex64)
+    updates, state = apply(clipx.value(1.0), grads)
+    np.testing.assert_array_equal(updates, jnp.array([1 + 1j, 0.5 - 1j, 0.1 + 0.1j], jnp.complex64))
+    assert updates.dtype == jnp.complex64
+    assert float(state.stats.norm) == 4.0
+    assert float(state.stats.scale) == pytest.approx(2 / 3)
+
+
+def test_value_keeps_float16_dtype():
+    grads = jnp.array([300.0, -0.25], jnp.float16)
+    updates, _ = apply(optax.inject_hyperparams(clipx.value)(max_delta=1.0), grads)
+    assert updates.dtype == jnp.float16
+    np.testing.assert_array_equal(updates, jnp.array([1.0, -0.25], jnp.float16))
+
+
+# --- stats ---------------------------------------------------------------------------------------------
+
+
+def test_value_stats():
+    grads = {"a": jnp.array([3.0, -0.5]), "b": jnp.array([-2.0, 0.1, 0.2])}
+    updates, state = apply(clipx.value(1.0), grads)
+    chex.assert_trees_all_close(updates, {"a": jnp.array([1.0, -0.5]), "b": jnp.array([-1.0, 0.1, 0.2])})
+    s = state.stats
+    assert (float(s.norm), float(s.threshold), bool(s.clipped)) == (3.0, 1.0, True)
+    assert float(s.scale) == pytest.approx(0.4)
+
+
+def test_global_norm_stats():
+    _, state = apply(clipx.global_norm(1.0), {"a": jnp.array([3.0]), "b": jnp.array([4.0])})
+    s = state.stats
+    assert (float(s.norm), float(s.threshold), bool(s.clipped)) == (5.0, 1.0, True)
+    assert float(s.scale) == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize(("factory", "fraction"), [(clipx.tensor_norm, 0.5), (clipx.block_rms, 0.25)])
+def test_per_leaf_stats(factory, fraction):
+    # norms 5, 0.5, 0, 6 and RMS 3.54, 0.35, 0, 6: at threshold 4, two leaves or one are clipped
+    grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.3, 0.4]), "c": jnp.zeros(2), "d": jnp.array([6.0])}
+    _, state = apply(factory(4.0), grads)
+    s = state.stats
+    assert (float(s.norm), float(s.threshold), bool(s.clipped)) == (6.0, 4.0, True)
+    assert float(s.scale) == pytest.approx(fraction)
+
+
+@pytest.mark.parametrize("factory", [clipx.value, clipx.global_norm, clipx.tensor_norm, clipx.block_rms])
+def test_init_stats_and_state_is_arrays_only(factory):
+    state = factory(1.0).init({"a": jnp.ones(2)})
+    assert type(state).stats_name
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(state))
+    assert not bool(state.stats.clipped)
+
+
+# --- jit and no jit --------------------------------------------------------------------------------------
+
+FACTORIES = {
+    "value": clipx.value,
+    "global_norm": clipx.global_norm,
+    "tensor_norm": clipx.tensor_norm,
+    "block_rms": clipx.block_rms,
+}
+
+
+class VariantsTest(parameterized.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(*FACTORIES.items())
+    def test_jit_matches_eager(self, factory):
+        grads = random_tree()
+        tx = factory(0.7)
+        state = tx.init(grads)
+        updates, new_state = self.variant(tx.update)(grads, state)
+        expected, expected_state = tx.update(grads, state)
+        chex.assert_trees_all_close(updates, expected, rtol=1e-6)
+        chex.assert_trees_all_close(new_state, expected_state, rtol=1e-6)
+        chex.assert_trees_all_equal_structs(new_state, state)
+        chex.assert_trees_all_equal_shapes_and_dtypes(updates, grads)
+        chex.assert_tree_all_finite(updates)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(*FACTORIES.items())
+    def test_array_threshold_for_inject_hyperparams(self, factory):
+        grads = random_tree()
+        tx = optax.inject_hyperparams(factory)(0.7)
+        updates, _ = self.variant(tx.update)(grads, tx.init(grads))
+        expected, _ = factory(0.7).update(grads, factory(0.7).init(grads))
+        chex.assert_trees_all_close(updates, expected, rtol=1e-6)
+
+
+# --- properties ------------------------------------------------------------------------------------------
+
+DTYPES = [jnp.float16, jnp.bfloat16, jnp.float32]
+shapes = st.lists(st.integers(1, 4), min_size=0, max_size=3).map(tuple)
+
+
+@st.composite
+def trees(draw, dtypes=DTYPES):
+    """A dict of 1-4 leaves of small random shapes and float dtypes, at a random magnitude."""
+    count = draw(st.integers(1, 4))
+    seed = draw(st.integers(0, 2**31 - 1))
+    magnitude = 10.0 ** draw(st.floats(-2, 2))
+    local = np.random.default_rng(seed)
+    return {
+        f"p{i}": jnp.asarray(magnitude * local.standard_normal(draw(shapes)), draw(st.sampled_from(dtypes)))
+        for i in range(count)
+    }
+
+
+def tolerance(tree):
+    return max(float(jnp.finfo(leaf.dtype).eps) for leaf in jax.tree.leaves(tree))
+
+
+def check_properties(name, grads, threshold):
+    tx = FACTORIES[name](threshold)
+    once, state = apply(tx, grads)
+    twice, _ = apply(tx, once)
+    tol = tolerance(grads)
+    chex.assert_trees_all_equal_shapes_and_dtypes(once, grads)
+    chex.assert_tree_all_finite(once)
+    g32, o32 = (jax.tree.map(lambda x: np.asarray(x, np.float64), t) for t in (grads, once))
+    if name == "value":
+        for g, o, leaf in zip(g32.values(), o32.values(), grads.values(), strict=True):
+            bound = float(jnp.asarray(threshold, leaf.dtype))
+            assert np.all(np.abs(o) <= bound)
+            np.testing.assert_array_equal(o[np.abs(g) <= bound], g[np.abs(g) <= bound])
+            assert np.all(o * g >= 0)  # no sign flips
+    else:
+        measure = {"global_norm": _numerics.tree_norm, "tensor_norm": _numerics.leaf_norms,
+                   "block_rms": _numerics.leaf_rms}[name]
+        before = measure(grads)
+        after = measure(once)
+        for b, a in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+            assert float(a) <= threshold * (1 + 2 * tol) + 1e-30
+            if float(b) <= threshold:
+                assert float(a) == float(b)
+        # direction preserved: every leaf is a non-negative multiple (at most 1) of itself
+        for g, o in zip(g32.values(), o32.values(), strict=True):
+            gn, on = np.linalg.norm(g), np.linalg.norm(o)
+            if gn > 0 and on > 0:
+                assert np.dot(g.ravel(), o.ravel()) / (gn * on) == pytest.approx(1.0, abs=4 * tol)
+            assert on <= gn * (1 + tol)
+    if not bool(state.stats.clipped):
+        chex.assert_trees_all_equal(once, grads)
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda x: x.astype(jnp.float32), twice),
+        jax.tree.map(lambda x: x.astype(jnp.float32), once),
+        rtol=4 * tol,
+        atol=1e-6,
+    )
+
+
+@hypothesis.given(name=st.sampled_from(sorted(FACTORIES)), grads=trees(), threshold=st.floats(0.0, 10.0))
+def test_properties(name, grads, threshold):
+    check_properties(name, grads, threshold)
+
+
+@hypothesis.settings(max_examples=10)
+@hypothesis.given(name=st.sampled_from(sorted(FACTORIES)), data=st.data(), threshold=st.floats(0.0, 10.0))
+def test_properties_float64(name, data, threshold):
+    with jax.enable_x64(True):
+        grads = data.draw(trees(dtypes=[jnp.float64]))
+        assert all(leaf.dtype == jnp.float64 for leaf in grads.values())
+        check_properties(name, grads, threshold)
