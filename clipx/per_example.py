@@ -294,9 +294,9 @@ def per_example_layer_norm(
 
 
 def per_example_adaptive(
-    initial_clip: float = 0.1,
     target_quantile: float | jax.Array = 0.5,
     learning_rate: float | jax.Array = 0.2,
+    initial_threshold: float = 0.1,
     noise_multiplier: float | jax.Array = 0.0,
     count_stddev: float | jax.Array = 0.0,
     seed: int = 0,
@@ -318,12 +318,14 @@ def per_example_adaptive(
     set ``count_stddev = σ_b > 0``; the paper then splits a total noise
     multiplier ``z`` as ``σ = (z^{-2} − (2σ_b)^{-2})^{-1/2}`` for the sum —
     pass that ``σ`` as ``noise_multiplier``. Defaults are the TFF defaults of
-    the paper: ``C₀ = 0.1``, ``γ = 0.5``, ``η = 0.2``.
+    the paper: ``C₀ = 0.1``, ``γ = 0.5``, ``η = 0.2``. The arguments are those
+    of `clipx.quantile_clip`, the same rule with one norm per step. A
+    non-finite per-example norm counts as above ``C``.
 
     Args:
-      initial_clip: ``C₀ > 0``, the clip norm of the first step.
       target_quantile: ``γ ∈ [0, 1]``, the fraction of examples meant to be unclipped.
       learning_rate: ``η ≥ 0`` of the geometric update.
+      initial_threshold: ``C₀ > 0``, the clip norm of the first step.
       noise_multiplier: ``σ ≥ 0``; noise of standard deviation ``σ·C`` on the sum.
       count_stddev: ``σ_b ≥ 0``, the standard deviation (in examples) of the
         noise added to the unclipped count.
@@ -340,14 +342,14 @@ def per_example_adaptive(
 
     Example:
       >>> import jax.numpy as jnp, clipx
-      >>> tx = clipx.per_example_adaptive(initial_clip=1.0, target_quantile=0.5, learning_rate=0.2)
+      >>> tx = clipx.per_example_adaptive(target_quantile=0.5, learning_rate=0.2, initial_threshold=1.0)
       >>> state = tx.init(None)
       >>> grads = jnp.array([[0.5], [0.5], [0.5], [4.0]])  # 3 of 4 examples fit under C = 1
       >>> _, state = tx.update(grads, state)
       >>> round(float(state.threshold), 4)  # exp(-0.2 * (0.75 - 0.5))
       0.9512
     """
-    _validate.check_positive("initial_clip", initial_clip)
+    _validate.check_positive("initial_threshold", initial_threshold)
     _validate.check_range("target_quantile", target_quantile, 0.0, 1.0)
     _validate.check_nonnegative("learning_rate", learning_rate)
     _validate.check_nonnegative("noise_multiplier", noise_multiplier)
@@ -357,7 +359,9 @@ def per_example_adaptive(
     def init_fn(params):
         del params
         return PerExampleAdaptiveState(
-            threshold=jnp.asarray(initial_clip, jnp.float32), key=_initial_key(seed), stats=empty_clip_stats()
+            threshold=jnp.asarray(initial_threshold, jnp.float32),
+            key=_initial_key(seed),
+            stats=empty_clip_stats(),
         )
 
     def update_fn(updates, state, params=None):

@@ -114,7 +114,7 @@ def test_low_precision_gradients_accumulate_in_float32():
 
 
 def test_adaptive_update_rule():
-    tx = clipx.per_example_adaptive(initial_clip=1.0, target_quantile=0.3, learning_rate=0.5)
+    tx = clipx.per_example_adaptive(target_quantile=0.3, learning_rate=0.5, initial_threshold=1.0)
     state = tx.init(None)
     grads = jnp.array([[0.5], [2.0], [3.0], [0.1]])  # 2 of 4 under C = 1
     summed, new = jax.jit(tx.update)(grads, state)
@@ -127,7 +127,7 @@ def test_adaptive_update_rule():
 def test_adaptive_tracks_the_target_quantile():
     norms = jnp.exp(jax.random.normal(jax.random.key(0), (256,)))  # log-normal, median 1
     grads = {"w": norms[:, None]}
-    tx = clipx.per_example_adaptive(initial_clip=0.01, target_quantile=0.5, learning_rate=0.2)
+    tx = clipx.per_example_adaptive(target_quantile=0.5, learning_rate=0.2, initial_threshold=0.01)
     update = jax.jit(tx.update)
     state = tx.init(None)
     for _ in range(150):
@@ -136,7 +136,7 @@ def test_adaptive_tracks_the_target_quantile():
 
 
 def test_adaptive_noise_is_seeded():
-    tx = clipx.per_example_adaptive(1.0, noise_multiplier=1.0, count_stddev=1.0, seed=3)
+    tx = clipx.per_example_adaptive(initial_threshold=1.0, noise_multiplier=1.0, count_stddev=1.0, seed=3)
     grads = per_example_grads()
     a, sa = run(tx, grads)
     b, sb = run(tx, grads)
@@ -165,7 +165,7 @@ def test_clipped_grad_sum_matches_full_vmap(chunk_size):
 
 
 def test_clipped_grad_sum_accepts_traced_threshold():
-    tx = clipx.per_example_adaptive(initial_clip=0.5)
+    tx = clipx.per_example_adaptive(initial_threshold=0.5)
     state = tx.init(None)
     total, _ = jax.jit(lambda c: clipx.clipped_grad_sum(lambda w, x: w * x, 1.0, jnp.arange(4.0), c))(
         state.threshold
@@ -188,7 +188,7 @@ def test_stats_keys_in_chain():
         (clipx.per_example_global_norm, {"l2_norm_clip": -1.0}, "l2_norm_clip"),
         (clipx.per_example_global_norm, {"l2_norm_clip": 1.0, "noise_multiplier": -1}, "noise_multiplier"),
         (clipx.per_example_layer_norm, {"l2_norm_clip": float("nan")}, "l2_norm_clip"),
-        (clipx.per_example_adaptive, {"initial_clip": 0.0}, "initial_clip"),
+        (clipx.per_example_adaptive, {"initial_threshold": 0.0}, "initial_threshold"),
         (clipx.per_example_adaptive, {"target_quantile": 1.5}, "target_quantile"),
         (clipx.per_example_adaptive, {"learning_rate": -0.1}, "learning_rate"),
         (clipx.per_example_adaptive, {"count_stddev": -1.0}, "count_stddev"),
