@@ -1,17 +1,26 @@
 """clipx: gradient clipping for JAX as composable Optax transformations."""
 
 from clipx._stats import ClipStats, GuardStats, stats
+from clipx.adaptive.adagc import adagc
+from clipx.adaptive.quantile import quantile_clip
+from clipx.adaptive.recommended import adaptive
 from clipx.agc import agc, unitwise_norm
 from clipx.fixed import block_rms, global_norm, tensor_norm, value
+from clipx.guards import skip_nonfinite, skip_spikes
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ClipStats",
     "GuardStats",
+    "adagc",
+    "adaptive",
     "agc",
     "block_rms",
     "global_norm",
+    "quantile_clip",
+    "skip_nonfinite",
+    "skip_spikes",
     "stats",
     "tensor_norm",
     "unitwise_norm",

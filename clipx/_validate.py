@@ -95,3 +95,16 @@ def check_same_structure(
             f"{what}: the tree structures differ.\n  expected: {expected_def}\n  got:      {actual_def}\n"
             + hint
         )
+
+
+def check_steps(name: str, value: Any, low: int = 0) -> None:
+    """A step count: a Python int ``≥ low`` (checked), or a scalar integer JAX array (passed through).
+
+    ``optax.inject_hyperparams`` turns every numeric argument, counts included,
+    into an array, so counts that are only compared inside traced code accept one.
+    """
+    if isinstance(value, jax.Array):
+        if value.ndim != 0 or not np.issubdtype(value.dtype, np.integer):
+            raise ValueError(f"{name} must be a scalar integer, got an array of dtype {value.dtype}")
+        return
+    check_int(name, value, low)

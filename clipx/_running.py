@@ -1,0 +1,52 @@
+"""Running mean and variance of a scalar series, for rules that adapt to the gradient norms."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Moments(NamedTuple):
+    """Running mean and variance of a scalar series and how many values entered them."""
+
+    mean: jax.Array
+    var: jax.Array
+    observations: jax.Array
+
+
+def init_moments(dtype: jnp.dtype) -> Moments:
+    """No observation yet: mean 0, variance 0, observations 0."""
+    zero = jnp.zeros((), dtype)
+    return Moments(mean=zero, var=zero, observations=jnp.zeros((), jnp.int32))
+
+
+def update_moments(moments: Moments, x: jax.Array, observe: jax.Array, decay: float | jax.Array) -> Moments:
+    r"""Adds ``x`` to the running mean and variance where ``observe`` is True.
+
+    With ``n`` the number of observations including this one, the weight of
+    the new value is ``α = max(1/n, 1 − decay)``:
+
+    .. math::
+
+        \delta = x - m, \qquad m \leftarrow m + \alpha\delta, \qquad
+        v \leftarrow (1 - \alpha)(v + \alpha\delta^2)
+
+    For the first ``1/(1 − decay)`` observations this is the exact mean and
+    population variance (Welford's update, so no bias correction is needed);
+    after that an exponential moving average with weight ``1 − decay``. Where
+    ``observe`` is False nothing changes, whatever ``x`` is (NaN and ±inf
+    included).
+    """
+    dtype = moments.mean.dtype
+    observations = moments.observations + 1
+    alpha = jnp.maximum(1 / observations.astype(dtype), 1 - jnp.asarray(decay, dtype))
+    delta = jnp.where(observe, jnp.asarray(x, dtype), moments.mean) - moments.mean
+    mean = moments.mean + alpha * delta
+    var = (1 - alpha) * (moments.var + alpha * jnp.square(delta))
+    return Moments(
+        mean=jnp.where(observe, mean, moments.mean),
+        var=jnp.where(observe, var, moments.var),
+        observations=jnp.where(observe, observations, moments.observations),
+    )

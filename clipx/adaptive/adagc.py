@@ -1,0 +1,153 @@
+"""`adagc`: per-tensor clipping at thresholds that follow each tensor's own clipped norm (AdaGC)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from clipx import _numerics, _validate
+from clipx._stats import ClipStats, empty_clip_stats
+
+
+class AdaGCState(NamedTuple):
+    """State of `adagc`.
+
+    Attributes:
+      finite_steps: how many steps with a finite norm have been seen (warm-up ends
+        when it reaches ``warmup_steps``).
+      gamma: ``γ_i`` for each tensor, a pytree of scalars shaped like the
+        parameters.
+      stats: the `ClipStats` of the last step.
+    """
+
+    finite_steps: jax.Array
+    gamma: _numerics.PyTree
+    stats: ClipStats
+    stats_name = "adagc"  # type: ignore[misc]  # a class attribute, not a field
+
+
+def adagc(
+    relative_threshold: float | jax.Array = 1.04,
+    decay: float | jax.Array = 0.99,
+    warmup_steps: int | jax.Array = 100,
+    warmup_max_norm: float | jax.Array = 1.0,
+    eps: float | jax.Array = 1e-6,
+    *,
+    axis_name: _numerics.AxisName | None = None,
+) -> optax.GradientTransformation:
+    r"""Clips each tensor at a multiple of the moving average of its clipped norms (AdaGC).
+
+    Each parameter tensor ``i`` keeps its own scale ``γ_i``. After warm-up,
+
+    .. math::
+
+        h_i = \min\left(1, \frac{\lambda_\text{rel}\,\gamma_i}{\lVert g_i\rVert + \epsilon}\right),
+        \qquad g_i \leftarrow h_i\,g_i, \qquad
+        \gamma_i \leftarrow \beta\,\gamma_i + (1 - \beta)\,h_i \lVert g_i \rVert
+
+    During the first ``warmup_steps`` steps the whole update is clipped to
+    the global norm ``warmup_max_norm`` (``g ← g·min(1, c/(‖g‖ + ε))``) and
+    ``γ_i`` is set to the smallest clipped norm of tensor ``i`` seen so far.
+    Because the clipped norm enters the average, ``γ_i`` can grow by at most
+    ``(1 − β)(λ_rel − 1)`` (0.04% with the defaults) per step: AdaGC holds
+    every tensor close to its recent scale.
+
+    Defaults are the authors': ``λ_rel = 1.04``, ``β = 0.99``, ``ε = 1e-6``,
+    100 warm-up steps at global norm 1.0.
+
+    A step whose global norm is not finite changes nothing in the state (not
+    ``γ``, not the warm-up count) and its update is non-finite; wrap the
+    optimizer in `clipx.skip_nonfinite` to drop such steps.
+
+    The state holds one scalar per parameter tensor and must be used with the
+    tree it was initialised for (a different tree raises ``ValueError``).
+
+    Reported `ClipStats` (name ``"adagc"``): ``norm`` the global norm before
+    clipping; ``threshold`` ``warmup_max_norm`` during warm-up, after it
+    ``√(Σ_i (λ_rel·γ_i)²)``, the global norm an update would have with every
+    tensor at its threshold; ``scale`` the fraction of tensors clipped;
+    ``clipped`` whether any tensor was clipped.
+
+    Args:
+      relative_threshold: ``λ_rel > 0``, the threshold in multiples of ``γ_i``.
+      decay: ``β`` in ``[0, 1)``.
+      warmup_steps: the number of finite steps of global-norm clipping that
+        initialise ``γ`` (``≥ 1``).
+      warmup_max_norm: the global-norm threshold during warm-up (``≥ 0``).
+      eps: ``ε ≥ 0``, added to the norms divided by.
+      axis_name: inside ``shard_map``/``pmap``, the mapped axis to sum squared
+        norms over (as in `clipx.global_norm`).
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    Reference:
+      Wang et al., "AdaGC: Improving Training Stability for Large Language
+      Model Pretraining", 2025 (arXiv:2502.11034).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, clipx
+      >>> tx = clipx.adagc(warmup_steps=1)
+      >>> grads = {"a": jnp.array([0.3, 0.4]), "b": jnp.array([1.0])}
+      >>> state = tx.init(grads)
+      >>> _, state = tx.update(grads, state)  # warm-up: γ = clipped norms
+      >>> updates, state = tx.update({"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.5])}, state)
+      >>> [round(float(u), 3) for u in updates["a"]]  # clipped to 1.04·γ_a = 0.465
+      [0.279, 0.372]
+      >>> float(clipx.stats(state)["adagc/scale"])  # one tensor of two clipped
+      0.5
+    """
+    _validate.check_positive("relative_threshold", relative_threshold)
+    _validate.check_range("decay", decay, 0.0, 1.0, high_open=True)
+    _validate.check_steps("warmup_steps", warmup_steps, low=1)
+    _validate.check_nonnegative("warmup_max_norm", warmup_max_norm)
+    _validate.check_nonnegative("eps", eps)
+
+    def init_fn(params):
+        dtype = _numerics.tree_accumulation_dtype(params)
+        return AdaGCState(
+            finite_steps=jnp.zeros((), jnp.int32),
+            gamma=jax.tree.map(lambda _: jnp.zeros((), dtype), params),
+            stats=empty_clip_stats(),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        _validate.check_same_structure(state.gamma, updates, "clipx.adagc")
+        norms = _numerics.leaf_norms(updates, axis_name)
+        norm = _numerics.tree_norm(norms)
+        finite = jnp.isfinite(norm)
+        warmup = state.finite_steps < warmup_steps
+        global_scale = _numerics.clip_scale(norm + eps, warmup_max_norm)
+
+        def leaf_scale(leaf_norm, gamma):
+            threshold = (relative_threshold * gamma).astype(leaf_norm.dtype)
+            return jnp.where(warmup, global_scale, _numerics.clip_scale(leaf_norm + eps, threshold))
+
+        scales = jax.tree.map(leaf_scale, norms, state.gamma)
+
+        def new_gamma(leaf_norm, scale, gamma):
+            clipped = (scale * leaf_norm).astype(gamma.dtype)
+            initial = jnp.where(state.finite_steps == 0, clipped, jnp.minimum(gamma, clipped))
+            average = decay * gamma + (1 - decay) * clipped
+            return jnp.where(finite, jnp.where(warmup, initial, average), gamma).astype(gamma.dtype)
+
+        gamma = jax.tree.map(new_gamma, norms, scales, state.gamma)
+        scale_leaves = jax.tree.leaves(scales)
+        num_clipped = sum((s < 1 for s in scale_leaves), jnp.zeros((), jnp.int32))
+        thresholds = jax.tree.map(lambda g: relative_threshold * g, state.gamma)
+        stats = ClipStats(
+            norm=norm.astype(jnp.float32),
+            threshold=jnp.where(warmup, warmup_max_norm, _numerics.tree_norm(thresholds)).astype(jnp.float32),
+            scale=(num_clipped / max(len(scale_leaves), 1)).astype(jnp.float32),
+            clipped=num_clipped > 0,
+        )
+        new_state = AdaGCState(
+            finite_steps=state.finite_steps + finite.astype(jnp.int32), gamma=gamma, stats=stats
+        )
+        return jax.tree.map(_numerics.scale_leaf, updates, scales), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,275 @@
+"""Wrappers that skip a step — a non-finite one, or a spike — and keep the inner state as it was."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from clipx import _numerics, _running, _validate
+from clipx._stats import ClipStats, GuardStats, empty_clip_stats, empty_guard_stats
+
+
+def _select(keep_new: jax.Array, new: Any, old: Any) -> Any:
+    """``new`` where ``keep_new`` else ``old``, leaf by leaf (bit-identical either way)."""
+    return jax.tree.map(lambda n, o: jnp.where(keep_new, n, o).astype(o.dtype), new, old)
+
+
+def _guard_stats(stats: GuardStats, skip: jax.Array) -> GuardStats:
+    """The `GuardStats` after a step that was (``skip``) or was not skipped."""
+    return GuardStats(
+        skipped=skip,
+        consecutive=jnp.where(skip, stats.consecutive + 1, 0).astype(jnp.int32),
+        total=(stats.total + skip).astype(jnp.int32),
+    )
+
+
+def _skip_decision(
+    reject: jax.Array, stats: GuardStats, max_consecutive: int | jax.Array | None
+) -> jax.Array:
+    """Skip a rejected step unless ``max_consecutive`` steps in a row were skipped already."""
+    if max_consecutive is None:
+        return reject
+    return reject & (stats.consecutive < max_consecutive)
+
+
+class SkipNonfiniteState(NamedTuple):
+    """State of `skip_nonfinite`: the inner state and what the guard did."""
+
+    inner_state: Any
+    stats: GuardStats
+    stats_name = "skip_nonfinite"  # type: ignore[misc]  # a class attribute, not a field
+
+
+def skip_nonfinite(
+    inner: optax.GradientTransformation, *, max_consecutive: int | jax.Array | None = None
+) -> optax.GradientTransformationExtraArgs:
+    """Skips every step whose gradients or updates contain NaN or ±inf.
+
+    On a skipped step the update is zero and the inner state stays exactly
+    as it was (bit for bit: moments, counts and schedules do not advance),
+    as if the step had not happened. The check covers the incoming gradients
+    and the updates ``inner`` produces from them.
+
+    With ``max_consecutive=None`` (the default) non-finite steps are always
+    skipped: training stalls visibly (``consecutive`` grows) instead of
+    writing NaN into the parameters. With an integer ``m``, after ``m``
+    skipped steps in a row the next non-finite step is applied as ``inner``
+    computed it, NaN included, and the count starts again — the behaviour of
+    ``optax.apply_if_finite(inner, max_consecutive_errors=m)``, for runs that
+    must fail loudly rather than stall.
+
+    Statistics (`GuardStats`, name ``"skip_nonfinite"``): ``skipped`` this
+    step, ``consecutive`` skipped steps in a row, ``total`` skipped steps.
+    Extra keyword arguments of ``update`` are passed on to ``inner``.
+
+    Args:
+      inner: the transformation to guard (usually the whole optimizer chain).
+      max_consecutive: ``None``, or how many non-finite steps in a row are
+        skipped before one is let through (``≥ 0``).
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Reference:
+      optax ``apply_if_finite``; the dynamic loss scaling of mixed-precision
+      training (Micikevicius et al., "Mixed Precision Training", ICLR 2018).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, clipx
+      >>> tx = clipx.skip_nonfinite(optax.adam(0.1))
+      >>> params = jnp.zeros(2)
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(jnp.array([1.0, jnp.nan]), state, params)
+      >>> updates
+      Array([0., 0.], dtype=float32)
+      >>> {k: int(v) for k, v in clipx.stats(state).items()}
+      {'skip_nonfinite/skipped': 1, 'skip_nonfinite/consecutive': 1, 'skip_nonfinite/total': 1}
+    """
+    if max_consecutive is not None:
+        _validate.check_steps("max_consecutive", max_consecutive)
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        return SkipNonfiniteState(inner_state=inner.init(params), stats=empty_guard_stats())
+
+    def update_fn(updates, state, params=None, **extra_args):
+        new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+        finite = _numerics.tree_all_finite(updates) & _numerics.tree_all_finite(new_updates)
+        skip = _skip_decision(~finite, state.stats, max_consecutive)
+        new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
+        inner_state = _select(~skip, new_inner, state.inner_state)
+        return new_updates, SkipNonfiniteState(inner_state=inner_state, stats=_guard_stats(state.stats, skip))
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class GradNormRecord(NamedTuple):
+    """What `skip_spikes` measured: the gradient norm against its spike threshold.
+
+    ``stats.norm`` is the global gradient norm, ``stats.threshold`` the norm
+    above which the step is a spike (``inf`` while too few steps were seen),
+    ``stats.scale`` 0 on a skipped step and 1 otherwise, ``stats.clipped``
+    whether the step was skipped.
+    """
+
+    stats: ClipStats
+    stats_name = "grad_norm"  # type: ignore[misc]  # a class attribute, not a field
+
+
+class SkipSpikesState(NamedTuple):
+    """State of `skip_spikes`.
+
+    Attributes:
+      inner_state: the state of the guarded transformation.
+      log_norm: running mean and variance of ``log‖g‖`` over accepted steps.
+      loss: running mean and variance of the loss over accepted steps (used
+        only when ``update`` receives ``loss=``).
+      grad_norm: the measured norm and its threshold (`GradNormRecord`).
+      stats: the `GuardStats` of the last step.
+    """
+
+    inner_state: Any
+    log_norm: _running.Moments
+    loss: _running.Moments
+    grad_norm: GradNormRecord
+    stats: GuardStats
+    stats_name = "skip_spikes"  # type: ignore[misc]  # a class attribute, not a field
+
+
+def skip_spikes(
+    inner: optax.GradientTransformation,
+    *,
+    num_stds: float | jax.Array = 6.0,
+    decay: float | jax.Array = 0.99,
+    min_observations: int | jax.Array = 64,
+    min_std: float | jax.Array = 0.1,
+    max_consecutive: int | jax.Array | None = 10,
+    axis_name: _numerics.AxisName | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Skips a step whose gradient norm (or loss) is an outlier of the recent ones.
+
+    Keeps the running mean ``μ`` and standard deviation ``σ`` of ``log‖g‖``
+    over accepted steps (weights ``max(1/n, 1 − decay)``: the exact mean and
+    variance of the first ``1/(1 − decay)`` steps, an exponential moving
+    average after) and skips the step when
+
+    .. math::
+
+        \log\lVert g\rVert > \mu + k\,\max(\sigma, \sigma_\text{min})
+
+    once ``min_observations`` steps were accepted. When ``update`` receives
+    ``loss=`` (a scalar), the loss is watched the same way in linear units
+    (it may be negative): the step is also skipped when
+    ``loss > μ_L + k·σ_L``. A non-finite norm or loss is always skipped.
+
+    On a skipped step the update is zero, the inner state stays bit for bit
+    as it was, and the skipped values do not enter the statistics. Because a
+    lasting jump of the norm would otherwise be skipped for ever, after
+    ``max_consecutive`` skipped steps in a row the next step is accepted
+    (and enters the statistics if finite); ``None`` never lets one through.
+
+    Defaults follow Levanter and OLMo (``k = 6``, a window of about 100
+    steps, 64 observations before the first skip), with the statistics of
+    ``log‖g‖`` as in Lingvo's ``GradNormTracker``, which makes the test
+    independent of the scale of the loss; ``min_std = 0.1`` means a step is
+    never skipped for a norm less than ``e^{0.6} ≈ 1.8`` times its typical
+    value. Skipping costs the same as the inner update plus one norm and a
+    select over the inner state.
+
+    Statistics: `GuardStats` under ``"skip_spikes"`` and, under
+    ``"skip_spikes/grad_norm"``, the norm and its threshold (`GradNormRecord`).
+
+    Args:
+      inner: the transformation to guard (usually the whole optimizer chain).
+      num_stds: ``k > 0``.
+      decay: the statistics' decay in ``[0, 1)``.
+      min_observations: accepted steps before any step is skipped for its size.
+      min_std: ``σ_min ≥ 0``, the floor of the standard deviation of ``log‖g‖``.
+      max_consecutive: ``None``, or how many steps in a row may be skipped
+        before one is accepted.
+      axis_name: inside ``shard_map``/``pmap``, the mapped axis to sum the
+        squared norm over.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``; its ``update`` takes an
+      optional ``loss=`` keyword and passes every extra keyword to ``inner``.
+
+    Reference:
+      Lingvo ``GradNormTracker``; Levanter ``SkipStepConfig``; OLMo-core's
+      skip-step optimizer; Chowdhery et al., "PaLM", 2022 (skipping batches
+      around loss spikes).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, clipx
+      >>> tx = clipx.skip_spikes(optax.sgd(0.1), min_observations=3)
+      >>> params = jnp.zeros(2)
+      >>> state = tx.init(params)
+      >>> for g in ([0.6, 0.8], [0.3, 0.4], [0.9, 1.2]):
+      ...     _, state = tx.update(jnp.array(g), state, params)
+      >>> updates, state = tx.update(jnp.array([60.0, 80.0]), state, params)
+      >>> updates
+      Array([0., 0.], dtype=float32)
+      >>> bool(clipx.stats(state)["skip_spikes/skipped"])
+      True
+    """
+    _validate.check_positive("num_stds", num_stds)
+    _validate.check_range("decay", decay, 0.0, 1.0, high_open=True)
+    _validate.check_steps("min_observations", min_observations)
+    _validate.check_nonnegative("min_std", min_std)
+    if max_consecutive is not None:
+        _validate.check_steps("max_consecutive", max_consecutive)
+    inner = optax.with_extra_args_support(inner)
+
+    def init_fn(params):
+        dtype = _numerics.tree_accumulation_dtype(params)
+        return SkipSpikesState(
+            inner_state=inner.init(params),
+            log_norm=_running.init_moments(dtype),
+            loss=_running.init_moments(dtype),
+            grad_norm=GradNormRecord(stats=empty_clip_stats()),
+            stats=empty_guard_stats(),
+        )
+
+    def update_fn(updates, state, params=None, *, loss=None, **extra_args):
+        if loss is not None:
+            extra_args["loss"] = loss
+        new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
+
+        moments = state.log_norm
+        dtype = moments.mean.dtype
+        ready = moments.observations >= min_observations
+        norm = _numerics.tree_norm(updates, axis_name)
+        std = jnp.maximum(jnp.sqrt(moments.var), jnp.asarray(min_std, dtype))
+        log_threshold = jnp.where(ready, moments.mean + num_stds * std, jnp.inf)
+        log_norm = jnp.log(norm.astype(dtype))
+        # ``not (x <= t)`` so that NaN counts as a spike.
+        reject = ~(log_norm <= log_threshold)
+        observe = jnp.isfinite(norm) & (norm > 0)
+        if loss is not None:
+            loss = jnp.asarray(loss, dtype)
+            loss_threshold = state.loss.mean + num_stds * jnp.sqrt(state.loss.var)
+            reject |= ~(loss <= jnp.where(ready, loss_threshold, jnp.inf))
+            observe &= jnp.isfinite(loss)
+        skip = _skip_decision(reject, state.stats, max_consecutive)
+        observe &= ~skip
+
+        new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
+        record = ClipStats(
+            norm=norm.astype(jnp.float32),
+            threshold=jnp.exp(log_threshold).astype(jnp.float32),
+            scale=jnp.where(skip, 0.0, 1.0).astype(jnp.float32),
+            clipped=skip,
+        )
+        new_state = SkipSpikesState(
+            inner_state=_select(~skip, new_inner, state.inner_state),
+            log_norm=_running.update_moments(moments, log_norm, observe, decay),
+            loss=state.loss if loss is None else _running.update_moments(state.loss, loss, observe, decay),
+            grad_norm=GradNormRecord(stats=record),
+            stats=_guard_stats(state.stats, skip),
+        )
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
