@@ -2,6 +2,7 @@
 
 from clipx._stats import ClipStats, GuardStats, stats
 from clipx.adaptive.adagc import adagc
+from clipx.adaptive.autoclip import autoclip
 from clipx.adaptive.quantile import quantile_clip
 from clipx.adaptive.recommended import adaptive
 from clipx.agc import agc, unitwise_norm
@@ -16,6 +17,7 @@ __all__ = [
     "adagc",
     "adaptive",
     "agc",
+    "autoclip",
     "block_rms",
     "global_norm",
     "quantile_clip",
