@@ -16,11 +16,13 @@ class QuantileClipState(NamedTuple):
     """State of `quantile_clip`.
 
     Attributes:
-      threshold: the threshold ``C`` the next step clips to.
+      log_threshold: ``log C``, the log of the threshold the next step clips
+        to (in logs the geometric steps are additions, which keeps float32
+        rounding from drifting over many steps).
       stats: the `ClipStats` of the last step.
     """
 
-    threshold: jax.Array
+    log_threshold: jax.Array
     stats: ClipStats
     stats_name = "quantile_clip"  # type: ignore[misc]  # a class attribute, not a field
 
@@ -83,7 +85,7 @@ def quantile_clip(
       >>> updates, state = tx.update(jnp.array([3.0, 4.0]), state)  # clipped to C = 1
       >>> updates.round(3)
       Array([0.6, 0.8], dtype=float32)
-      >>> round(float(state.threshold), 4)  # above C: C·e^{0.2·0.5}
+      >>> round(float(jnp.exp(state.log_threshold)), 4)  # above C: C·e^{0.2·0.5}
       1.1052
     """
     _validate.check_range("target_quantile", target_quantile, 0.0, 1.0)
@@ -92,22 +94,24 @@ def quantile_clip(
 
     def init_fn(params):
         dtype = _numerics.tree_accumulation_dtype(params)
-        return QuantileClipState(threshold=jnp.asarray(initial_threshold, dtype), stats=empty_clip_stats())
+        log_threshold = jnp.log(jnp.asarray(initial_threshold, dtype))
+        return QuantileClipState(log_threshold=log_threshold, stats=empty_clip_stats())
 
     def update_fn(updates, state, params=None):
         del params
-        threshold = state.threshold
+        threshold = jnp.exp(state.log_threshold)
         norm = _numerics.tree_norm(updates, axis_name)
         scale = _numerics.clip_scale(norm, threshold.astype(norm.dtype))
         below = (norm <= threshold).astype(threshold.dtype)
-        step = jnp.exp(-learning_rate * (below - target_quantile)).astype(threshold.dtype)
+        step = -learning_rate * (below - target_quantile)
         stats = ClipStats(
             norm=norm.astype(jnp.float32),
             threshold=threshold.astype(jnp.float32),
             scale=scale.astype(jnp.float32),
             clipped=scale < 1,
         )
-        new_threshold = jnp.where(jnp.isfinite(norm), threshold * step, threshold)
-        return _numerics.scale_tree(updates, scale), QuantileClipState(threshold=new_threshold, stats=stats)
+        log_threshold = jnp.where(jnp.isfinite(norm), state.log_threshold + step, state.log_threshold)
+        new_state = QuantileClipState(log_threshold=log_threshold.astype(threshold.dtype), stats=stats)
+        return _numerics.scale_tree(updates, scale), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
