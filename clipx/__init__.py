@@ -5,6 +5,7 @@ from clipx.adaptive.adagc import adagc
 from clipx.adaptive.autoclip import autoclip
 from clipx.adaptive.quantile import quantile_clip
 from clipx.adaptive.recommended import adaptive
+from clipx.adaptive.zclip import zclip
 from clipx.agc import agc, unitwise_norm
 from clipx.fixed import block_rms, global_norm, tensor_norm, value
 from clipx.guards import skip_nonfinite, skip_spikes
@@ -27,4 +28,5 @@ __all__ = [
     "tensor_norm",
     "unitwise_norm",
     "value",
+    "zclip",
 ]

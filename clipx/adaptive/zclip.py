@@ -1,0 +1,222 @@
+"""ZClip: clip gradient-norm spikes detected by a z-score against EMA statistics."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from clipx import _numerics, _validate
+from clipx._stats import ClipStats, empty_clip_stats
+
+_MODES = ("zscore", "percentile")
+_CLIP_OPTIONS = ("adaptive_scaling", "mean")
+
+
+class ZClipState(NamedTuple):
+    """State of `zclip` (scalars and one small warm-up buffer).
+
+    Attributes:
+      warmup_norms: the finite norms of the warm-up steps, shape ``(warmup_steps,)``.
+      warmup_count: int32, how many finite norms were seen, saturating at
+        ``warmup_steps`` (the statistics are ready once it gets there).
+      mean: the EMA mean ``μ`` of the norm (0 during warm-up).
+      var: the EMA variance ``σ²`` of the norm (0 during warm-up).
+      stats: what the last step did (float32 `ClipStats`).
+    """
+
+    warmup_norms: jax.Array
+    warmup_count: jax.Array
+    mean: jax.Array
+    var: jax.Array
+    stats: ClipStats
+    stats_name = "zclip"  # type: ignore[misc]  # a class attribute, not a field
+
+
+def zclip(
+    alpha: float | jax.Array = 0.97,
+    z_thresh: float | jax.Array = 2.5,
+    max_norm: float | jax.Array | None = 1.0,
+    warmup_steps: int = 25,
+    mode: str = "zscore",
+    clip_option: str = "adaptive_scaling",
+    clip_factor: float | jax.Array = 1.0,
+    skip_update_on_spike: bool = False,
+    eps: float | jax.Array = 1e-6,
+    *,
+    axis_name: _numerics.AxisName | None = None,
+) -> optax.GradientTransformation:
+    r"""Clips gradient-norm spikes found by a z-score test (ZClip, Kumar et al. 2025).
+
+    **Warm-up.** The first ``warmup_steps`` finite norms are stored and the
+    update is clipped at ``max_norm`` (if set). After the last of them,
+    :math:`\mu` is their mean and :math:`\sigma^2` their population variance.
+
+    **Then, each step** with :math:`z = (\lVert g\rVert - \mu)/(\sigma + \epsilon)`:
+
+    * ``mode="zscore"``: a spike is :math:`z > z_\text{thresh}`; its threshold is
+      :math:`T = \bigl(\mu + z_\text{thresh}\,\sigma / (z / z_\text{thresh})\bigr)\cdot
+      \text{clip\_factor}` with ``clip_option="adaptive_scaling"`` (the larger
+      the outlier, the tighter the clip), or :math:`T = \mu` with ``"mean"``;
+    * ``mode="percentile"``: :math:`T = \mu + z_\text{thresh}\,\sigma` and a spike
+      is :math:`\lVert g\rVert > T` (``clip_option`` is unused).
+
+    The update is clipped to :math:`\min(T, \text{max\_norm})` on a spike and to
+    ``max_norm`` otherwise (``max_norm=None`` disables the cap). Then, unless a
+    spike was found and ``skip_update_on_spike``, with :math:`x = T` on a spike
+    (before the cap) and :math:`x = \lVert g\rVert` otherwise,
+
+    .. math::
+
+        \mu \leftarrow \alpha\mu + (1-\alpha)\,x, \qquad
+        \sigma^2 \leftarrow \alpha\sigma^2 + (1-\alpha)\,(x - \mu_\text{new})^2 .
+
+    This reproduces the authors' ``zclip`` 1.0.0 step for step, except that
+    the clipping factor is exactly :math:`c/\lVert g\rVert` where the reference
+    uses :math:`c/(\lVert g\rVert + 10^{-6})` (a relative difference of
+    :math:`10^{-6}/\lVert g\rVert`; the statistics are unaffected). A norm that
+    is not finite never enters the statistics nor the warm-up count; the update
+    of such a step is scaled as its norm says (factor 0 above a finite
+    threshold, NaN passes through), so it stays non-finite: wrap the chain in
+    `clipx.skip_nonfinite` to drop such steps.
+
+    The reported ``threshold`` is the norm the update is clipped down to: the
+    update leaves with norm :math:`\min(\lVert g\rVert, \text{threshold})`. It is
+    ``max_norm`` (``inf`` if None) during warm-up, :math:`\min(T,
+    \text{max\_norm})` on a spike, and otherwise the norm at which this step
+    would have counted as a spike, capped at ``max_norm``:
+    :math:`\mu + z_\text{thresh}(\sigma + \epsilon)` in "zscore" mode,
+    :math:`\mu + z_\text{thresh}\sigma` in "percentile" mode.
+
+    Args:
+      alpha: EMA decay :math:`\alpha \in (0, 1)` (default 0.97).
+      z_thresh: the z-score (or number of standard deviations) above which a
+        norm is a spike, :math:`> 0` (default 2.5).
+      max_norm: the cap :math:`\ge 0` on every threshold, and the clip applied
+        during warm-up (default 1.0); None for no cap.
+      warmup_steps: how many finite norms to collect before the statistics
+        start, :math:`\ge 1` (default 25). It sets a buffer shape, so under
+        ``optax.inject_hyperparams`` name it in ``static_args``.
+      mode: ``"zscore"`` (default) or ``"percentile"``.
+      clip_option: ``"adaptive_scaling"`` (default) or ``"mean"``, for mode
+        "zscore".
+      clip_factor: multiplier :math:`> 0` of the adaptive-scaling threshold
+        (default 1.0; 0.5–0.9 clips harder).
+      skip_update_on_spike: leave the statistics unchanged on a spike (default
+        False).
+      eps: :math:`\epsilon \ge 0` added to :math:`\sigma` in the z-score
+        (default 1e-6).
+      axis_name: inside ``shard_map``/``pmap``, the mapped axis whose shards
+        together hold the gradients (squared norms are summed over it).
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state reports `ClipStats`
+      (``norm`` before clipping, ``threshold`` as above, ``scale`` applied,
+      ``clipped``).
+
+    Reference:
+      Kumar, Owen, Ashraf, Bhagwat, Agarwal, "ZClip: Adaptive Spike Mitigation
+      for LLM Pre-Training", 2025 (arXiv:2504.02507).
+
+    Example:
+      >>> import jax.numpy as jnp, optax, clipx
+      >>> tx = optax.chain(clipx.zclip(max_norm=None, warmup_steps=3), optax.sgd(1.0))
+      >>> state = tx.init(jnp.zeros(1))
+      >>> for g in (1.0, 2.0, 3.0, 10.0):  # warm-up gives μ = 2, σ² = 2/3; then a spike
+      ...     updates, state = tx.update(jnp.array([g]), state)
+      >>> round(float(clipx.stats(state)["zclip/threshold"]), 4)
+      2.5208
+      >>> updates.round(4)
+      Array([-2.5208], dtype=float32)
+    """
+    _validate.check_range("alpha", alpha, 0.0, 1.0, low_open=True, high_open=True)
+    _validate.check_positive("z_thresh", z_thresh)
+    if max_norm is not None:
+        _validate.check_nonnegative("max_norm", max_norm)
+    _validate.check_int("warmup_steps", warmup_steps, low=1)
+    _validate.check_choice("mode", mode, _MODES)
+    _validate.check_choice("clip_option", clip_option, _CLIP_OPTIONS)
+    _validate.check_positive("clip_factor", clip_factor)
+    if not isinstance(skip_update_on_spike, bool):
+        raise TypeError(
+            f"skip_update_on_spike must be a bool, got {type(skip_update_on_spike).__name__} "
+            f"{skip_update_on_spike!r}"
+        )
+    _validate.check_nonnegative("eps", eps)
+
+    def init_fn(params):
+        dtype = _numerics.tree_accumulation_dtype(params)
+        zero = jnp.zeros((), dtype)
+        cap = jnp.inf if max_norm is None else max_norm
+        return ZClipState(
+            warmup_norms=jnp.zeros((warmup_steps,), dtype),
+            warmup_count=jnp.zeros((), jnp.int32),
+            mean=zero,
+            var=zero,
+            stats=empty_clip_stats()._replace(threshold=jnp.asarray(cap, jnp.float32)),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        dtype = state.mean.dtype
+        norm = _numerics.tree_norm(updates, axis_name).astype(dtype)
+        finite = jnp.isfinite(norm)
+        ready = state.warmup_count >= warmup_steps
+        mean, var = state.mean, state.var
+        cap = jnp.asarray(jnp.inf if max_norm is None else max_norm, dtype)
+        z_thresh_ = jnp.asarray(z_thresh, dtype)
+        std = _numerics.safe_sqrt(var)
+
+        # The threshold T, whether this step is a spike, and the spike boundary.
+        if mode == "percentile":
+            spike_threshold = mean + z_thresh_ * std
+            is_spike = norm > spike_threshold
+            boundary = spike_threshold
+        else:
+            z = (norm - mean) / (std + eps)
+            is_spike = z > z_thresh_
+            boundary = mean + z_thresh_ * (std + eps)
+            if clip_option == "adaptive_scaling":
+                eta = jnp.where(is_spike, z, z_thresh_) / z_thresh_
+                spike_threshold = (mean + z_thresh_ * std / eta) * clip_factor
+            else:
+                spike_threshold = mean
+        spike = ready & is_spike
+
+        applied = jnp.where(spike, jnp.minimum(spike_threshold, cap), cap)
+        scale = _numerics.clip_scale(norm, applied)
+        reported = jnp.where(ready & ~spike, jnp.minimum(boundary, cap), applied)
+
+        # EMA statistics after warm-up (x = T on a spike, else the norm).
+        x = jnp.where(spike, spike_threshold, norm)
+        ema_mean = alpha * mean + (1 - alpha) * x
+        ema_var = alpha * var + (1 - alpha) * jnp.square(x - ema_mean)
+        update_ema = ready & finite
+        if skip_update_on_spike:
+            update_ema = update_ema & ~spike
+
+        # Warm-up: store finite norms; after the last one, start the statistics.
+        collect = ~ready & finite
+        slot = jnp.minimum(state.warmup_count, warmup_steps - 1)
+        warmup_norms = state.warmup_norms.at[slot].set(jnp.where(collect, norm, state.warmup_norms[slot]))
+        warmup_count = state.warmup_count + collect.astype(jnp.int32)
+        start = collect & (warmup_count == warmup_steps)
+        warmup_mean = jnp.mean(warmup_norms)
+        warmup_var = jnp.mean(jnp.square(warmup_norms - warmup_mean))
+
+        new_mean = jnp.where(start, warmup_mean, jnp.where(update_ema, ema_mean, mean)).astype(dtype)
+        new_var = jnp.where(start, warmup_var, jnp.where(update_ema, ema_var, var)).astype(dtype)
+        stats = ClipStats(
+            norm=norm.astype(jnp.float32),
+            threshold=reported.astype(jnp.float32),
+            scale=scale.astype(jnp.float32),
+            clipped=scale < 1,
+        )
+        new_state = ZClipState(
+            warmup_norms=warmup_norms, warmup_count=warmup_count, mean=new_mean, var=new_var, stats=stats
+        )
+        return _numerics.scale_tree(updates, scale), new_state
+
+    return optax.GradientTransformation(init_fn, update_fn)
