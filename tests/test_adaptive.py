@@ -1,0 +1,188 @@
+"""clipx.adaptive: properties of the threshold, robustness to NaN/inf, composition with optax."""
+
+import chex
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import clipx
+
+DIRECTION = {"w": jnp.full((2, 3), 0.5), "b": jnp.full((4,), 0.5)}  # global norm √(10·0.25)
+UNIT = DIRECTION["w"].size + DIRECTION["b"].size
+
+
+def grads_with_norm(norm):
+    return jax.tree.map(lambda d: d * norm / jnp.sqrt(UNIT * 0.25), DIRECTION)
+
+
+@jax.jit
+def run_norms(norms, num_stds, decay, min_std):
+    """Runs adaptive() (warmup_steps=5) over a sequence of global norms; returns per-step stats and state."""
+    tx = clipx.adaptive(num_stds, decay, 5, 4.0, min_std)
+
+    def step(state, norm):
+        updates, state = tx.update(grads_with_norm(norm), state)
+        return state, (clipx.stats(state), optax.tree.norm(updates))
+
+    return jax.lax.scan(step, tx.init(DIRECTION), norms)
+
+
+def lognormal_norms(seed, n, sigma=0.3):
+    return np.exp(np.random.default_rng(seed).normal(0.0, sigma, n)).astype(np.float32)
+
+
+@given(
+    seed=st.integers(0, 2**16),
+    num_stds=st.floats(0.5, 6.0),
+    decay=st.floats(0.5, 0.999),
+    min_std=st.floats(0.0, 0.5),
+    bad=st.lists(st.integers(1, 59), max_size=8),
+)
+def test_property_threshold_positive_finite_and_clip_holds(seed, num_stds, decay, min_std, bad):
+    norms = lognormal_norms(seed, 60) * np.float32(10.0 ** (seed % 7 - 3))
+    for i, t in enumerate(bad):
+        norms[t] = (np.nan, np.inf, 0.0, 1e15)[i % 4]
+    state, (stats, clipped_norm) = run_norms(norms, num_stds, decay, min_std)
+    threshold = np.asarray(stats["adaptive/threshold"])
+    assert np.isinf(threshold[0])  # nothing seen yet: the first step is measured, not clipped
+    assert np.all(np.isfinite(threshold[1:])) and np.all(threshold[1:] > 0)
+    finite = np.isfinite(norms)
+    assert np.all(np.asarray(clipped_norm)[finite] <= threshold[finite] * (1 + 1e-5))
+    assert np.all(np.isfinite(np.asarray(state.log_norm.mean))) and np.isfinite(float(state.log_norm.var))
+    assert int(state.log_norm.observations) == int(np.sum(finite & (norms > 0)))
+
+
+def test_spike_is_clipped_and_does_not_move_the_threshold_much():
+    norms = lognormal_norms(0, 200)
+    norms[150] *= 1000
+    _, (stats, clipped_norm) = run_norms(norms, 3.0, 0.99, 0.1)
+    threshold = np.asarray(stats["adaptive/threshold"])
+    assert bool(stats["adaptive/clipped"][150])
+    assert float(clipped_norm[150]) <= threshold[150] * (1 + 1e-6) < 5.0
+    assert threshold[151] < threshold[150] * 1.1
+
+
+def test_steady_norms_are_rarely_clipped():
+    norms = lognormal_norms(1, 1000)
+    _, (stats, clipped_norm) = run_norms(norms, 3.0, 0.99, 0.1)
+    assert np.mean(np.asarray(stats["adaptive/clipped"])) < 0.02
+    assert np.mean(np.asarray(clipped_norm) / norms) > 0.995
+
+
+def test_scale_free():
+    norms = lognormal_norms(2, 100)
+    _, (a, _) = run_norms(norms, 3.0, 0.99, 0.1)
+    _, (b, _) = run_norms(norms * np.float32(1024.0), 3.0, 0.99, 0.1)
+    np.testing.assert_allclose(
+        np.asarray(b["adaptive/threshold"])[1:] / 1024, a["adaptive/threshold"][1:], rtol=1e-4
+    )
+    np.testing.assert_array_equal(a["adaptive/clipped"], b["adaptive/clipped"])
+
+
+def test_follows_a_lasting_change_of_level():
+    norms = np.concatenate([lognormal_norms(3, 200), 5 * lognormal_norms(4, 300)])
+    _, (stats, _) = run_norms(norms, 3.0, 0.99, 0.1)
+    assert np.mean(np.asarray(stats["adaptive/clipped"])[-100:]) < 0.05
+
+
+class AdaptiveVariantsTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_nonfinite_steps_never_enter_statistics(self):
+        tx = clipx.adaptive(warmup_steps=2)
+        update = self.variant(tx.update)
+        state = tx.init(DIRECTION)
+        for norm in (1.0, 2.0, 1.5):
+            _, state = update(grads_with_norm(norm), state)
+        for bad in (jnp.nan, jnp.inf, 0.0):
+            _, after = update(grads_with_norm(bad), state)
+            chex.assert_trees_all_equal(after.log_norm, state.log_norm)
+        _, state = update(grads_with_norm(100.0), state)
+        assert bool(clipx.stats(state)["adaptive/clipped"])
+
+
+def test_bad_hyperparameters_raise():
+    for kwargs in (
+        {"num_stds": 0.0},
+        {"decay": 1.0},
+        {"warmup_steps": 0},
+        {"warmup_factor": 0.5},
+        {"min_std": -1},
+    ):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            clipx.adaptive(**kwargs)
+
+
+PARAMS = {"w": jnp.ones((2, 3)), "b": jnp.ones(4)}
+
+
+def grad_sequence(n, seed=0):
+    norms = lognormal_norms(seed, n)
+    norms[n // 2] = 1e4
+    return [grads_with_norm(x) for x in norms]
+
+
+@pytest.mark.parametrize(
+    "opt",
+    [
+        optax.sgd(0.1, momentum=0.9),
+        optax.rmsprop(1e-3),
+        optax.adam(1e-3),
+        optax.adamw(1e-3, weight_decay=0.1),
+    ],
+    ids=["sgd_momentum", "rmsprop", "adam", "adamw"],
+)
+def test_chains_with_optimizers_and_masked(opt):
+    mask = {"w": True, "b": False}
+    tx = optax.chain(optax.masked(clipx.adaptive(warmup_steps=3), mask), clipx.adaptive(warmup_steps=3), opt)
+    state = tx.init(PARAMS)
+    update = jax.jit(tx.update)
+    for g in grad_sequence(12):
+        updates, state = update(g, state, PARAMS)
+        assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+    keys = clipx.stats(state)
+    assert "0/adaptive/threshold" in keys and "1/adaptive/threshold" in keys
+
+
+def test_inject_hyperparams_with_traced_thresholds():
+    tx = optax.inject_hyperparams(clipx.adaptive)(num_stds=3.0, decay=0.99, warmup_steps=3, min_std=0.1)
+    reference = clipx.adaptive(3.0, 0.99, 3, 4.0, 0.1)
+    state, ref_state = tx.init(PARAMS), reference.init(PARAMS)
+    update = jax.jit(tx.update)
+    for g in grad_sequence(10):
+        updates, state = update(g, state)
+        ref_updates, ref_state = reference.update(g, ref_state)
+        chex.assert_trees_all_close(updates, ref_updates, rtol=1e-6)
+    state.hyperparams["num_stds"] = jnp.asarray(1.0)  # a schedule may move it; no retracing needed
+    updates, state = update(grads_with_norm(1.0), state)
+    assert "adaptive/threshold" in clipx.stats(state)
+
+
+def test_multisteps_advances_statistics_once_per_real_step():
+    tx = optax.MultiSteps(optax.chain(clipx.adaptive(warmup_steps=2), optax.adam(1e-3)), every_k_schedule=4)
+    state = tx.init(PARAMS)
+    update = jax.jit(tx.update)
+    for g in grad_sequence(12):
+        _, state = update(g, state, PARAMS)
+    assert int(state.inner_opt_state[0].log_norm.observations) == 3
+    assert "adaptive/norm" in clipx.stats(state)
+
+
+def test_serialization_round_trip_resumes_bit_identically():
+    tx = optax.chain(clipx.adaptive(warmup_steps=3), optax.adam(1e-3))
+    update = jax.jit(tx.update)
+    grads = grad_sequence(20, seed=5)
+    state = tx.init(PARAMS)
+    for g in grads[:10]:
+        _, state = update(g, state, PARAMS)
+    restored = flax.serialization.from_bytes(tx.init(PARAMS), flax.serialization.to_bytes(state))
+    a, b = state, restored
+    for g in grads[10:]:
+        ua, a = update(g, a, PARAMS)
+        ub, b = update(g, b, PARAMS)
+        chex.assert_trees_all_equal(ua, ub)
+    chex.assert_trees_all_equal(a, b)
