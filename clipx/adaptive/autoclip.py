@@ -145,8 +145,8 @@ def autoclip(
       ...     updates, state = tx.update(jnp.array(g), state)
       >>> float(clipx.stats(state)["autoclip/threshold"])  # the median of 5 and 1
       3.0
-      >>> updates.round(4)
-      Array([-1.8, -2.4], dtype=float32)
+      >>> [round(float(u), 4) for u in updates]  # scaled by 3/50
+      [-1.8, -2.4]
     """
     _validate.check_range("quantile", quantile, 0.0, 1.0)
     _validate.check_int("history", history, low=1)

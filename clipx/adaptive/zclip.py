@@ -128,8 +128,8 @@ def zclip(
       ...     updates, state = tx.update(jnp.array([g]), state)
       >>> round(float(clipx.stats(state)["zclip/threshold"]), 4)
       2.5208
-      >>> updates.round(4)
-      Array([-2.5208], dtype=float32)
+      >>> [round(float(u), 4) for u in updates]
+      [-2.5208]
     """
     _validate.check_range("alpha", alpha, 0.0, 1.0, low_open=True, high_open=True)
     _validate.check_positive("z_thresh", z_thresh)
