@@ -1,0 +1,223 @@
+"""clipx.agc and clipx.unitwise_norm: optax parity, unit conventions, stats, embeddings, properties."""
+
+import chex
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from absl.testing import parameterized
+from optax.transforms import unitwise_norm as optax_unitwise_norm
+
+import clipx
+
+rng = np.random.default_rng(1)
+
+SHAPES = [(), (5,), (1, 5), (4, 3), (2, 3, 4), (1, 1, 3, 4), (2, 2, 3, 4), (2, 2, 2, 3, 4)]
+
+
+def normal(shape, scale=1.0, dtype=np.float32):
+    return jnp.asarray(scale * rng.standard_normal(shape), dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_unitwise_norm_matches_optax(shape):
+    x = normal(shape)
+    chex.assert_trees_all_close(clipx.unitwise_norm(x), optax_unitwise_norm(x), rtol=1e-6)
+    z = jax.lax.complex(x, normal(shape))
+    chex.assert_trees_all_close(clipx.unitwise_norm(z), optax_unitwise_norm(z), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("shape", "axis"), [((4, 3), -1), ((4, 3), 1), ((2, 3, 4), (0, 2)), ((2,) * 6, (0, 1))]
+)
+def test_unitwise_norm_with_axis_matches_optax(shape, axis):
+    x = normal(shape)
+    chex.assert_trees_all_close(clipx.unitwise_norm(x, axis), optax_unitwise_norm(x, axis), rtol=1e-6)
+
+
+def test_unitwise_norm_units():
+    x = jnp.arange(24.0).reshape(2, 3, 4)
+    # rank 3: one unit per (heads, out) position, reduced over axis 0
+    np.testing.assert_allclose(clipx.unitwise_norm(x)[0], np.linalg.norm(np.asarray(x), axis=0), rtol=1e-6)
+    conv = jnp.arange(48.0).reshape(2, 2, 3, 4)
+    expected = np.linalg.norm(np.asarray(conv).reshape(-1, 4), axis=0)
+    np.testing.assert_allclose(clipx.unitwise_norm(conv)[0, 0, 0], expected, rtol=1e-6)
+
+
+def test_unitwise_norm_float16_accumulates_in_float32():
+    x = jnp.full((4, 2), 300.0, jnp.float16)
+    norm = clipx.unitwise_norm(x)
+    assert norm.dtype == jnp.float32
+    np.testing.assert_allclose(norm, 600.0)
+    assert not np.all(np.isfinite(optax_unitwise_norm(x)))
+
+
+def params_and_grads(scale=1.0):
+    params = {"dense": normal((4, 3)), "bias": normal(3), "conv": normal((2, 2, 3, 2)), "scalar": normal(())}
+    grads = jax.tree.map(lambda p: normal(p.shape, scale), params)
+    return params, grads
+
+
+@pytest.mark.parametrize("scale", [1e-4, 0.05, 10.0])
+@pytest.mark.parametrize(("clipping", "eps"), [(0.01, 1e-3), (0.5, 1e-3), (0.1, 0.0)])
+def test_agc_matches_optax(scale, clipping, eps):
+    params, grads = params_and_grads(scale)
+    params["zero"] = jnp.zeros((3, 2))
+    grads["zero"] = normal((3, 2), scale)
+    expected, _ = optax.adaptive_grad_clip(clipping, eps).update(grads, optax.EmptyState(), params)
+    tx = clipx.agc(clipping, eps)
+    actual, _ = tx.update(grads, tx.init(params), params)
+    chex.assert_trees_all_close(actual, expected, rtol=1e-5, atol=1e-7)
+    if eps == 0:  # zero weights and no floor: those units are clipped to 0
+        np.testing.assert_array_equal(actual["zero"], 0.0)
+
+
+def test_agc_matches_optax_complex_and_axis():
+    params, grads = params_and_grads(1.0)
+    del params["scalar"], grads["scalar"]  # axis=-1 needs rank >= 1
+    params = jax.tree.map(lambda p: jax.lax.complex(p, p[..., ::-1]), params)
+    grads = jax.tree.map(lambda g: jax.lax.complex(g, -g), grads)
+    for axis in (None, -1):
+        expected, _ = optax.adaptive_grad_clip(0.1, axis=axis).update(grads, optax.EmptyState(), params)
+        tx = clipx.agc(0.1, axis=axis)
+        actual, _ = tx.update(grads, tx.init(params), params)
+        chex.assert_trees_all_close(actual, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_agc_matches_optax_with_none_and_masked_leaves():
+    params, grads = params_and_grads(1.0)
+    params["none"], grads["none"] = None, None
+    mask = {"dense": True, "bias": False, "conv": True, "scalar": False, "none": None}
+    expected, _ = optax.masked(optax.adaptive_grad_clip(0.05), mask).update(
+        grads, optax.masked(optax.adaptive_grad_clip(0.05), mask).init(params), params
+    )
+    tx = optax.masked(clipx.agc(0.05), mask)
+    actual, _ = tx.update(grads, tx.init(params), params)
+    chex.assert_trees_all_close(actual, expected, rtol=1e-5)
+    np.testing.assert_array_equal(actual["bias"], grads["bias"])
+
+
+def test_agc_stats():
+    params = {"w": jnp.array([[3.0, 1.0], [4.0, 0.0]])}  # unit norms 5 and 0 (-> eps)
+    grads = {"w": jnp.array([[0.3, 0.0], [0.0, 0.0]])}  # unit norms 0.3 and 0
+    tx = clipx.agc(0.01, eps=1e-3)
+    updates, state = tx.update(grads, tx.init(params), params)
+    s = state.stats
+    assert float(s.norm) == pytest.approx(0.3 / 5.0)
+    assert float(s.threshold) == pytest.approx(0.01)
+    assert float(s.scale) == pytest.approx(0.5)
+    assert bool(s.clipped)
+    np.testing.assert_allclose(np.linalg.norm(updates["w"][:, 0]), 0.05, rtol=1e-6)
+    np.testing.assert_array_equal(updates["w"][:, 1], 0.0)
+
+
+def test_agc_zero_eps_zero_weights_gives_no_nan():
+    params = {"w": jnp.zeros((2, 2))}
+    grads = {"w": jnp.array([[1.0, 0.0], [0.0, 0.0]])}
+    tx = clipx.agc(0.01, eps=0.0)
+    updates, state = tx.update(grads, tx.init(params), params)
+    np.testing.assert_array_equal(updates["w"], 0.0)
+    assert float(state.stats.norm) == np.inf
+    assert float(state.stats.scale) == 0.5
+    chex.assert_tree_all_finite((state.stats.threshold, state.stats.scale))
+
+
+def test_embedding_rows_via_multi_transform_and_head_excluded():
+    params = {"embed": normal((6, 4)), "dense": normal((4, 3)), "head": normal((3, 2))}
+    grads = jax.tree.map(lambda p: normal(p.shape, 10.0), params)
+    labels = {"embed": "rows", "dense": "agc", "head": "none"}
+    tx = optax.multi_transform(
+        {"rows": clipx.agc(0.01, axis=-1), "agc": clipx.agc(0.01), "none": optax.identity()}, labels
+    )
+    updates, state = tx.update(grads, tx.init(params), params)
+    row_bound = 0.01 * np.maximum(np.linalg.norm(params["embed"], axis=1), 1e-3)
+    np.testing.assert_allclose(np.linalg.norm(updates["embed"], axis=1), row_bound, rtol=1e-5)
+    col_bound = 0.01 * np.maximum(np.linalg.norm(params["dense"], axis=0), 1e-3)
+    np.testing.assert_allclose(np.linalg.norm(updates["dense"], axis=0), col_bound, rtol=1e-5)
+    np.testing.assert_array_equal(updates["head"], grads["head"])
+    assert set(clipx.stats(state)) >= {"rows/agc/scale", "agc/agc/scale"}
+    masked = optax.masked(clipx.agc(0.01), {"embed": True, "dense": True, "head": False})
+    updates, _ = masked.update(grads, masked.init(params), params)
+    np.testing.assert_array_equal(updates["head"], grads["head"])
+
+
+class VariantsTest(parameterized.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_jit_matches_eager(self):
+        params, grads = params_and_grads(1.0)
+        tx = clipx.agc(0.02)
+        state = tx.init(params)
+        updates, new_state = self.variant(tx.update)(grads, state, params)
+        expected, expected_state = tx.update(grads, state, params)
+        chex.assert_trees_all_close(updates, expected, rtol=1e-6)
+        chex.assert_trees_all_close(new_state, expected_state, rtol=1e-6)
+        chex.assert_trees_all_equal_shapes_and_dtypes(updates, grads)
+        chex.assert_tree_all_finite(updates)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_inject_hyperparams(self):
+        params, grads = params_and_grads(1.0)
+        tx = optax.inject_hyperparams(clipx.agc)(clipping=0.02, eps=1e-3)
+        updates, _ = self.variant(tx.update)(grads, tx.init(params), params)
+        expected, _ = clipx.agc(0.02).update(grads, clipx.agc(0.02).init(params), params)
+        chex.assert_trees_all_close(updates, expected, rtol=1e-6)
+
+
+# few distinct shapes, so eager kernels compile once and the examples stay cheap
+PROPERTY_SHAPES = [(), (3,), (1, 4), (2, 3), (2, 2, 3)]
+
+
+@st.composite
+def agc_problems(draw, dtypes=(jnp.float16, jnp.bfloat16, jnp.float32)):
+    """1-4 (param, grad) leaves of small shapes with random dtypes and magnitudes."""
+    local = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    params, grads = {}, {}
+    for i in range(draw(st.integers(1, 4))):
+        shape = draw(st.sampled_from(PROPERTY_SHAPES))
+        dtype = draw(st.sampled_from(dtypes))
+        params[f"p{i}"] = jnp.asarray(local.standard_normal(shape) * 10.0 ** draw(st.floats(-4, 1)), dtype)
+        grads[f"p{i}"] = jnp.asarray(local.standard_normal(shape) * 10.0 ** draw(st.floats(-4, 1)), dtype)
+    return params, grads
+
+
+def check_agc_properties(params, grads, clipping):
+    tx = clipx.agc(clipping)
+    once, state = tx.update(grads, tx.init(params), params)
+    twice, _ = tx.update(once, tx.init(params), params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(once, grads)
+    chex.assert_tree_all_finite(once)
+    for name, g in grads.items():
+        tol = float(jnp.finfo(g.dtype).eps)
+        bound = clipping * np.maximum(np.asarray(clipx.unitwise_norm(params[name])), 1e-3)
+        after = np.asarray(clipx.unitwise_norm(once[name]))
+        before = np.asarray(clipx.unitwise_norm(g))
+        assert np.all(after <= bound * (1 + 2 * tol) + 1e-7)
+        keep = before <= bound
+        np.testing.assert_array_equal(np.asarray(once[name])[keep], np.asarray(g)[keep])
+        o, g64 = np.asarray(once[name], np.float64), np.asarray(g, np.float64)
+        assert np.all(o * g64 >= 0)  # direction kept entry by entry: a non-negative rescale
+    if not bool(state.stats.clipped):
+        chex.assert_trees_all_equal(once, grads)
+    tol = max(float(jnp.finfo(g.dtype).eps) for g in grads.values())
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda x: x.astype(jnp.float32), twice),
+        jax.tree.map(lambda x: x.astype(jnp.float32), once),
+        rtol=4 * tol,
+        atol=1e-6,
+    )
+
+
+@hypothesis.given(problem=agc_problems(), clipping=st.floats(0.0, 1.0))
+def test_agc_properties(problem, clipping):
+    check_agc_properties(*problem, clipping)
+
+
+@hypothesis.settings(max_examples=6)
+@hypothesis.given(data=st.data(), clipping=st.floats(0.0, 1.0))
+def test_agc_properties_float64(data, clipping):
+    with jax.enable_x64(True):
+        params, grads = data.draw(agc_problems(dtypes=(jnp.float64,)))
+        check_agc_properties(params, grads, clipping)
