@@ -1,0 +1,299 @@
+"""The ``clipx`` command: ``clipx demo``, ``clipx train`` and ``clipx sweep``.
+
+- ``clipx demo``: trains one small recurrent model on the embedded
+  temporal-order task with no clipping, value, global-norm and adaptive
+  clipping, at a learning rate where the unclipped run is unstable; prints a
+  table and writes loss curves and the adaptive clipper's norm-vs-threshold
+  plot to ``--out``.
+- ``clipx train``: one run with any clipx clipper (``--clip NAME --clip-arg
+  key=value ...``), any of the optimizers, on the embedded task or ``--data
+  DIR``; logs, checkpoints, ``--resume``.
+- ``clipx sweep``: the learning-rate robustness sweep of `clipx.workload.sweep`.
+
+Needs the ``workload`` extra (flax, matplotlib, rich).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import pathlib
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import rich.console
+import rich.table
+
+import clipx
+from clipx.workload import model as model_lib
+from clipx.workload import plots, sweep
+from clipx.workload.train import TrainConfig, available_clippers, parse_clip_args, read_log, train
+
+_console = rich.console.Console()
+
+# Model flags: (flag, ModelConfig field, type).
+_MODEL_FLAGS: tuple[tuple[str, str, Any], ...] = (
+    ("--cell", "cell", str),
+    ("--pooling", "pooling", str),
+    ("--head", "head", str),
+    ("--embed-dim", "embed_dim", int),
+    ("--hidden-size", "hidden_size", int),
+    ("--mlp-hidden", "mlp_hidden", int),
+    ("--dropout", "dropout", float),
+    ("--word-dropout", "word_dropout", float),
+)
+# Training flags: (flag, TrainConfig field, type).
+_TRAIN_FLAGS: tuple[tuple[str, str, Any], ...] = (
+    ("--data", "data", str),
+    ("--task-length", "task_length", int),
+    ("--task-train", "task_train", int),
+    ("--train-limit", "train_limit", int),
+    ("--dev-limit", "dev_limit", int),
+    ("--max-length", "max_length", int),
+    ("--min-count", "min_count", int),
+    ("--max-vocab", "max_vocab", int),
+    ("--optimizer", "optimizer", str),
+    ("--lr", "learning_rate", float),
+    ("--momentum", "momentum", float),
+    ("--weight-decay", "weight_decay", float),
+    ("--batch-size", "batch_size", int),
+    ("--epochs", "epochs", int),
+    ("--max-steps", "max_steps", int),
+    ("--seed", "seed", int),
+    ("--eval-every", "eval_every", int),
+    ("--checkpoint-every", "checkpoint_every", int),
+)
+
+
+def _add_train_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train the reference classifier with a clipx clipper")
+    p.add_argument("--preset", choices=sorted(model_lib.PRESETS), help="named model + training settings")
+    for flag, field, kind in _MODEL_FLAGS + _TRAIN_FLAGS:
+        p.add_argument(flag, dest=field, type=kind, default=None)
+    p.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--clip", default="none", help="a clipx factory name, or none (default)")
+    p.add_argument(
+        "--clip-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="argument of the clipper (repeatable)",
+    )
+    p.add_argument("--out", default="clipx-run", help="output folder (default: ./clipx-run)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out with its saved settings")
+    p.add_argument("--stop-after", type=int, help="stop with a checkpoint after this many steps")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    preset = model_lib.PRESETS[args.preset] if args.preset else {"model": {}, "train": {}}
+    model = dict(preset["model"])
+    model.update(
+        {field: getattr(args, field) for _, field, _ in _MODEL_FLAGS if getattr(args, field) is not None}
+    )
+    if args.bidirectional is not None:
+        model["bidirectional"] = args.bidirectional
+    settings = dict(preset["train"])
+    settings.update(
+        {field: getattr(args, field) for _, field, _ in _TRAIN_FLAGS if getattr(args, field) is not None}
+    )
+    return TrainConfig(model=model, clip=args.clip, clip_args=parse_clip_args(args.clip_arg), **settings)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    out = pathlib.Path(args.out)
+    if args.resume:
+        config = TrainConfig(**json.loads((out / "config.json").read_text()))
+    else:
+        config = _train_config(args)
+    summary = train(config, out, resume=args.resume, stop_after=args.stop_after, progress=not args.quiet)
+    table = rich.table.Table(title=f"clipx train → {out}")
+    table.add_column("key")
+    table.add_column("value")
+    for key, value in summary.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    _console.print(table)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# demo
+
+#: The demo model: a GRU reading the whole sentence and classifying from its last state.
+DEMO_MODEL = dict(cell="gru", embed_dim=32, hidden_size=64, pooling="last", head="linear")
+#: (label, clipx factory, value of its first argument or None for defaults).
+DEMO_CLIPPERS: tuple[tuple[str, str, float | None], ...] = (
+    ("no clipping", "none", None),
+    ("value 0.01", "value", 0.01),
+    ("global_norm 1.0", "global_norm", 1.0),
+    ("adaptive", "adaptive", None),
+)
+
+
+def _add_demo_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo", help="compare clippers on the embedded task at an unstable learning rate"
+    )
+    p.add_argument(
+        "--out", default="clipx-demo", help="folder for the plots and run logs (default: ./clipx-demo)"
+    )
+    p.add_argument("--steps", type=int, default=250, help="training steps per clipper (default: 250)")
+    p.add_argument("--lr", type=float, default=0.2, help="Adam learning rate (default: 0.2)")
+    p.add_argument("--task-length", type=int, default=50, help="words per sentence, 50-400 (default: 50)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    runs: dict[str, list[dict[str, Any]]] = {}
+    summaries: dict[str, dict[str, Any]] = {}
+    for label, name, value in DEMO_CLIPPERS:
+        if name != "none" and not hasattr(clipx, name):
+            _console.print(
+                f"[yellow]clipx.{name} is not available in this clipx; skipping {label!r}[/yellow]"
+            )
+            continue
+        clip_args = {}
+        if value is not None:
+            clip_args = {next(iter(inspect.signature(getattr(clipx, name)).parameters)): value}
+        config = TrainConfig(
+            task_length=args.task_length,
+            model=DEMO_MODEL,
+            optimizer="adam",
+            learning_rate=args.lr,
+            batch_size=32,
+            epochs=10**6,
+            max_steps=args.steps,
+            clip=name,
+            clip_args=clip_args,
+            seed=args.seed,
+            checkpoint_every=10**9,
+        )
+        run_dir = out / "runs" / name
+        summaries[label] = train(config, run_dir, progress=not args.quiet, description=f"{label:>16}")
+        runs[label] = read_log(run_dir)
+
+    table = rich.table.Table(title=f"clipx demo: GRU on the temporal-order task, Adam lr {args.lr:g}")
+    for column in (
+        "clipper",
+        "diverged",
+        "final train loss",
+        "dev accuracy",
+        "max grad norm",
+        "steps clipped",
+    ):
+        table.add_column(column, justify="right" if column != "clipper" else "left")
+    for label, summary in summaries.items():
+        records = [r for r in runs[label] if "loss" in r]
+        clipped_keys = [k for k in records[0] if k.endswith("/clipped")] if records else []
+        clipped = sum(r[clipped_keys[0]] for r in records) if clipped_keys else 0
+        accuracy = summary["dev_accuracy"]
+        table.add_row(
+            label,
+            "yes" if summary["diverged"] else "no",
+            f"{summary['train_loss']:.4f}",
+            "–" if accuracy is None else f"{100 * accuracy:.1f}%",
+            f"{max(r['grad_norm'] for r in records):.3g}",
+            f"{int(clipped)}/{len(records)}" if clipped_keys else "–",
+        )
+    _console.print(table)
+
+    plots.plot_losses(runs, out / "loss.png", f"Training loss, GRU on temporal order (Adam lr {args.lr:g})")
+    written = [out / "loss.png"]
+    if "adaptive" in runs:
+        prefix = next(k for k in runs["adaptive"][0] if k.endswith("/threshold"))[: -len("/threshold")]
+        plots.plot_threshold(
+            runs["adaptive"],
+            prefix,
+            out / "adaptive_threshold.png",
+            "clipx.adaptive: gradient norm and threshold",
+        )
+        written.append(out / "adaptive_threshold.png")
+    else:
+        _console.print("[yellow]clipx.adaptive is not available: no threshold plot[/yellow]")
+    _console.print(f"plots: {', '.join(map(str, written))}  ({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# sweep
+
+
+def _add_sweep_parser(subparsers) -> None:
+    defaults = sweep.SweepConfig()
+    p = subparsers.add_parser("sweep", help="learning-rate robustness sweep over clippers (resumable)")
+    p.add_argument("--out", default="clipx-sweep", help="folder for one JSON per run, table and plot")
+    p.add_argument("--data-root", default=defaults.data_root, help="folder holding imdb/")
+    p.add_argument("--datasets", default=",".join(defaults.datasets), help="comma-separated: imdb, task")
+    p.add_argument("--clippers", default=",".join(defaults.clippers), help="comma-separated labels")
+    p.add_argument(
+        "--lrs", default=",".join(f"{x:g}" for x in defaults.learning_rates), help="comma-separated"
+    )
+    p.add_argument("--seeds", type=int, default=defaults.seeds)
+    p.add_argument(
+        "--train-limit", type=int, default=defaults.train_limit, help="first N IMDB training examples"
+    )
+    p.add_argument("--dev-limit", type=int, default=defaults.dev_limit, help="first N IMDB test examples")
+    p.add_argument("--task-length", type=int, default=defaults.task_length)
+    p.add_argument("--task-train", type=int, default=defaults.task_train)
+    p.add_argument("--max-steps", type=int, default=None, help="cap on steps per run")
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    config = sweep.SweepConfig(
+        data_root=args.data_root,
+        datasets=tuple(args.datasets.split(",")),
+        clippers=tuple(args.clippers.split(",")),
+        learning_rates=tuple(float(x) for x in args.lrs.split(",")),
+        seeds=args.seeds,
+        train_limit=args.train_limit,
+        dev_limit=args.dev_limit,
+        task_length=args.task_length,
+        task_train=args.task_train,
+        max_steps=args.max_steps,
+    )
+
+    def report(name: str, result: dict[str, Any]) -> None:
+        accuracy = result["dev_accuracy"]
+        shown = "diverged" if result["diverged"] else f"{100 * accuracy:.1f}%"
+        _console.print(f"{name}: {shown} ({result['seconds']:.0f} s)")
+
+    sweep.run_sweep(config, args.out, on_run=report)
+    _console.print((pathlib.Path(args.out) / "results.md").read_text())
+    return 0
+
+
+# ---------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``clipx`` command."""
+    parser = argparse.ArgumentParser(prog="clipx", description="clipx reference workload: demo, train, sweep")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    _add_demo_parser(subparsers)
+    _add_train_parser(subparsers)
+    _add_sweep_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs ``clipx <command>``; returns the exit status (errors in settings give 2 and a message)."""
+    args = build_parser().parse_args(argv)
+    commands = {"demo": _cmd_demo, "train": _cmd_train, "sweep": _cmd_sweep}
+    try:
+        return commands[args.command](args)
+    except (ValueError, FileNotFoundError) as error:
+        _console.print(f"[red]clipx {args.command}: {error}[/red]")
+        if isinstance(error, ValueError) and "unknown clipper" in str(error):
+            _console.print(f"available clippers: {', '.join(available_clippers())}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

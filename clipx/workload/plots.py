@@ -1,0 +1,97 @@
+"""The figures of ``clipx demo`` and ``clipx sweep`` (PNG, via matplotlib's object API, no pyplot state)."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+
+def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+    if len(values) < window:
+        return values
+    kernel = np.ones(window) / window
+    return np.convolve(values, kernel, mode="valid")
+
+
+def plot_losses(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | pathlib.Path, title: str
+) -> None:
+    """Training loss per step for each run (raw, faint; moving average of 10 steps, solid)."""
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    for label, records in runs.items():
+        steps = np.array([r["step"] for r in records if "loss" in r])
+        losses = np.array([r["loss"] for r in records if "loss" in r], dtype=float)
+        (line,) = ax.plot(steps, losses, alpha=0.25, linewidth=0.8)
+        smooth = _smooth(losses, 10)
+        ax.plot(steps[len(steps) - len(smooth) :], smooth, color=line.get_color(), label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (log scale)")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_threshold(
+    records: Sequence[Mapping[str, Any]], prefix: str, path: str | pathlib.Path, title: str
+) -> None:
+    """The gradient norm before clipping and the clipper's threshold, per step; clipped steps marked.
+
+    ``prefix`` is the clipper's key in ``clipx.stats`` (``"adaptive"`` reads
+    ``"adaptive/norm"``, ``"adaptive/threshold"``, ``"adaptive/clipped"``).
+    """
+    rows = [r for r in records if f"{prefix}/norm" in r]
+    steps = np.array([r["step"] for r in rows])
+    norms = np.array([r[f"{prefix}/norm"] for r in rows], dtype=float)
+    thresholds = np.array([r[f"{prefix}/threshold"] for r in rows], dtype=float)
+    clipped = np.array([bool(r.get(f"{prefix}/clipped", 0.0)) for r in rows], dtype=bool)
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    ax.plot(steps, norms, linewidth=0.8, label="gradient norm (before clipping)")
+    ax.plot(steps, thresholds, linewidth=1.5, label="threshold")
+    ax.scatter(steps[clipped], norms[clipped], s=10, color="red", zorder=3, label="clipped step")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("global L2 norm (log scale)")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_sweep(
+    table: Mapping[str, Mapping[str, Mapping[float, Sequence[float]]]], path: str | pathlib.Path, title: str
+) -> None:
+    """Dev accuracy against learning rate, one panel per dataset, one line per clipper.
+
+    ``table[dataset][clipper][lr]`` lists the final accuracies of the seeds; the
+    line is their mean and the band spans their minimum and maximum.
+    """
+    fig = Figure(figsize=(6 * len(table), 4.5))
+    axes = np.atleast_1d(fig.subplots(1, len(table)))
+    for ax, (dataset, by_clipper) in zip(axes, table.items(), strict=True):
+        for clipper, by_lr in by_clipper.items():
+            lrs = sorted(by_lr)
+            values = [np.asarray(by_lr[lr], dtype=float) for lr in lrs]
+            means = [v.mean() for v in values]
+            (line,) = ax.plot(lrs, means, marker="o", markersize=3, label=clipper)
+            ax.fill_between(
+                lrs, [v.min() for v in values], [v.max() for v in values], color=line.get_color(), alpha=0.12
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate (log scale)")
+        ax.set_ylabel("final dev accuracy")
+        ax.set_title(dataset)
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize="small", loc="best")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

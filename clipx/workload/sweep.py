@@ -1,0 +1,211 @@
+"""Learning-rate robustness sweep: every clipper × learning rate × seed × dataset.
+
+Each run trains the sweep's model (LSTM(128), embedding 64, last hidden state,
+Adam, batch 32, one epoch) and writes one JSON file to the output folder with
+its settings and outcome; a restarted sweep skips the runs whose file exists.
+``settings.json`` records the grid, ``results.md`` the table (mean and spread of
+final dev accuracy over the seeds that did not diverge, and the number that
+diverged) and ``sweep.png`` the accuracy-vs-learning-rate plot.
+
+Clippers are named by their clipx factory and the value of its *first*
+argument (``global_norm`` at 1.0 is ``("global_norm", 1.0)``); factories not
+present in the installed clipx are skipped and listed in ``settings.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+import clipx
+from clipx.workload import plots
+from clipx.workload.train import TrainConfig, train
+
+#: (label, clipx factory, value of its first argument or None for defaults).
+CLIPPERS: tuple[tuple[str, str, float | None], ...] = (
+    ("none", "none", None),
+    ("global_norm 0.25", "global_norm", 0.25),
+    ("global_norm 1", "global_norm", 1.0),
+    ("global_norm 4", "global_norm", 4.0),
+    ("value 0.01", "value", 0.01),
+    ("agc", "agc", None),
+    ("autoclip", "autoclip", None),
+    ("zclip", "zclip", None),
+    ("adagc", "adagc", None),
+    ("adaptive", "adaptive", None),
+)
+
+LEARNING_RATES: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+
+MODEL = dict(embed_dim=64, hidden_size=128, cell="lstm", pooling="last", head="linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """The grid.
+
+    Attributes:
+      datasets: ``"imdb"`` (``data_root/imdb``, truncated to ``max_length``
+        tokens, the first ``train_limit`` training examples) and/or ``"task"``
+        (the embedded temporal-order task, ``task_length`` words).
+      clippers: labels from `CLIPPERS`.
+      learning_rates: Adam learning rates.
+      seeds: how many seeds (0, 1, ...).
+      max_steps: cap on steps per run (``None``: one full epoch).
+    """
+
+    data_root: str = "../shared/data"
+    datasets: tuple[str, ...] = ("imdb", "task")
+    clippers: tuple[str, ...] = tuple(label for label, _, _ in CLIPPERS)
+    learning_rates: tuple[float, ...] = LEARNING_RATES
+    seeds: int = 3
+    max_length: int = 256
+    train_limit: int | None = None
+    dev_limit: int | None = 2000
+    task_length: int = 100
+    task_train: int = 4000
+    max_steps: int | None = None
+
+    def __post_init__(self):
+        known = [label for label, _, _ in CLIPPERS]
+        for label in self.clippers:
+            if label not in known:
+                raise ValueError(f"unknown sweep clipper {label!r}; known: {', '.join(known)}")
+        for dataset in self.datasets:
+            if dataset not in ("imdb", "task"):
+                raise ValueError(f"unknown sweep dataset {dataset!r}; known: imdb, task")
+
+
+def _clip_args(name: str, value: float | None) -> dict[str, Any]:
+    if value is None:
+        return {}
+    first = next(iter(inspect.signature(getattr(clipx, name)).parameters))
+    return {first: value}
+
+
+def run_config(sweep: SweepConfig, dataset: str, clipper: str, lr: float, seed: int) -> TrainConfig:
+    """The `TrainConfig` of one run of the grid."""
+    _, name, value = next(c for c in CLIPPERS if c[0] == clipper)
+    common: dict[str, Any] = dict(
+        model=MODEL,
+        optimizer="adam",
+        learning_rate=lr,
+        batch_size=32,
+        epochs=1,
+        max_steps=sweep.max_steps,
+        clip=name,
+        clip_args=_clip_args(name, value),
+        seed=seed,
+        checkpoint_every=10**9,
+    )
+    if dataset == "imdb":
+        return TrainConfig(
+            data=str(pathlib.Path(sweep.data_root) / "imdb"),
+            max_length=sweep.max_length,
+            train_limit=sweep.train_limit,
+            dev_limit=sweep.dev_limit,
+            **common,
+        )
+    return TrainConfig(task_length=sweep.task_length, task_train=sweep.task_train, **common)
+
+
+def _run_name(dataset: str, clipper: str, lr: float, seed: int) -> str:
+    return f"{dataset}__{clipper.replace(' ', '_')}__lr{lr:g}__seed{seed}.json"
+
+
+def run_sweep(
+    sweep: SweepConfig,
+    out_dir: str | pathlib.Path,
+    *,
+    on_run: Callable[[str, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Runs every missing run of the grid, then writes the table and plot; returns the aggregate.
+
+    ``on_run(name, result)`` is called after each run (done or skipped).
+    """
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    missing = sorted({name for _, name, _ in CLIPPERS if name != "none" and not hasattr(clipx, name)})
+    labels = [c for c in sweep.clippers if next(x for x in CLIPPERS if x[0] == c)[1] not in missing]
+    settings = {"sweep": dataclasses.asdict(sweep), "model": MODEL, "skipped_clippers_not_in_clipx": missing}
+    (out / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    for dataset in sweep.datasets:
+        for lr in sweep.learning_rates:
+            for seed in range(sweep.seeds):
+                for clipper in labels:
+                    path = out / _run_name(dataset, clipper, lr, seed)
+                    if path.is_file():
+                        result = json.loads(path.read_text())
+                    else:
+                        config = run_config(sweep, dataset, clipper, lr, seed)
+                        summary = train(config)
+                        result = {
+                            "dataset": dataset,
+                            "clipper": clipper,
+                            "lr": lr,
+                            "seed": seed,
+                            "config": config.to_json(),
+                            **summary,
+                        }
+                        path.write_text(json.dumps(result, indent=2) + "\n")
+                    if on_run is not None:
+                        on_run(path.name, result)
+    return summarize(out)
+
+
+def summarize(out_dir: str | pathlib.Path) -> dict[str, Any]:
+    """Aggregates the run files in ``out_dir``; writes ``results.md``, ``results.json`` and ``sweep.png``."""
+    out = pathlib.Path(out_dir)
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("*__*.json"))]
+    table: dict[str, dict[str, dict[float, list[float]]]] = {}
+    rows = []
+    groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault((r["dataset"], r["clipper"], r["lr"]), []).append(r)
+    order = [label for label, _, _ in CLIPPERS]
+    for (dataset, clipper, lr), runs in sorted(
+        groups.items(), key=lambda g: (g[0][0], order.index(g[0][1]), g[0][2])
+    ):
+        accuracies = [r["dev_accuracy"] for r in runs if not r["diverged"]]
+        row = {
+            "dataset": dataset,
+            "clipper": clipper,
+            "lr": lr,
+            "runs": len(runs),
+            "diverged": sum(r["diverged"] for r in runs),
+            "mean": float(np.mean(accuracies)) if accuracies else None,
+            "min": float(np.min(accuracies)) if accuracies else None,
+            "max": float(np.max(accuracies)) if accuracies else None,
+        }
+        rows.append(row)
+        if accuracies:
+            table.setdefault(dataset, {}).setdefault(clipper, {})[lr] = accuracies
+    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "results.md").write_text(_markdown(rows))
+    if table:
+        plots.plot_sweep(
+            table, out / "sweep.png", "Final dev accuracy vs Adam learning rate (mean, min–max over seeds)"
+        )
+    return {"rows": rows}
+
+
+def _markdown(rows: Sequence[dict[str, Any]]) -> str:
+    def pct(x):
+        return "–" if x is None else f"{100 * x:.1f}"
+
+    lines = [
+        "| dataset | clipper | lr | runs | diverged | mean acc % | min % | max % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['dataset']} | {r['clipper']} | {r['lr']:g} | {r['runs']} | {r['diverged']} | "
+            f"{pct(r['mean'])} | {pct(r['min'])} | {pct(r['max'])} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,484 @@
+"""Training the reference classifier with any clipx clipper: logs, checkpoints, exact resumption.
+
+`train` runs a `TrainConfig`: it loads the data (the embedded temporal-order
+task, or ``train.tsv`` and ``dev.tsv``/``test.tsv`` from a folder), builds the
+model, chains the clipper before the optimizer with ``optax.chain``, and runs a
+jitted train step. With an output folder it writes
+
+- ``config.json``: the settings;
+- ``log.jsonl``: one record per step (``loss``, ``accuracy``, ``grad_norm`` before
+  clipping, and every entry of ``clipx.stats(opt_state)``) and one per evaluation
+  (``dev_accuracy``, ``dev_loss``);
+- ``checkpoint.msgpack``: params, optimizer state, step and rng
+  (``flax.serialization``), every ``checkpoint_every`` steps and at the end;
+- ``summary.json``: the outcome.
+
+Resuming loads the checkpoint and replays nothing: the batch order of every
+epoch and the dropout key of every step are pure functions of the seed, the
+epoch and the step, so a resumed run ends with exactly the parameters and log of
+an uninterrupted one. A non-finite loss marks the run diverged and stops it.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+import math
+import pathlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import clipx
+from clipx.workload import data as data_lib
+from clipx.workload.model import ModelConfig, TextClassifier
+
+OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "rmsprop", "adam")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run.
+
+    Attributes:
+      data: a folder with ``train.tsv`` and ``dev.tsv`` (or ``test.tsv``), or
+        ``None`` for the embedded temporal-order task.
+      task_length, task_train, task_dev: words per sentence and split sizes of
+        the embedded task.
+      train_limit, dev_limit: use only the first examples of each file.
+      max_length: truncate every example to this many tokens.
+      min_count, max_vocab: vocabulary built from the training split.
+      model: keyword arguments of `ModelConfig` (``vocab_size`` and
+        ``num_classes`` come from the data).
+      optimizer: ``sgd``, ``momentum`` (SGD with momentum), ``rmsprop`` or ``adam``.
+      learning_rate, momentum, weight_decay: optimizer settings (decoupled weight
+        decay via ``optax.add_decayed_weights`` after clipping).
+      batch_size, epochs: training length; ``max_steps`` caps the step count.
+      clip, clip_args: the name of a clipx factory (``"none"`` for no clipping)
+        and its keyword arguments.
+      seed: seeds initialisation, data order and dropout.
+      eval_every: evaluate on the dev split every this many steps (besides the
+        end of each epoch); ``None`` for epoch ends only.
+      checkpoint_every: write a checkpoint every this many steps.
+    """
+
+    data: str | None = None
+    task_length: int = 100
+    task_train: int = 2000
+    task_dev: int = 500
+    train_limit: int | None = None
+    dev_limit: int | None = None
+    max_length: int | None = None
+    min_count: int = 1
+    max_vocab: int | None = 30000
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    epochs: int = 1
+    max_steps: int | None = None
+    clip: str = "none"
+    clip_args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seed: int = 0
+    eval_every: int | None = None
+    checkpoint_every: int = 200
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
+        for name in ("batch_size", "epochs", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------
+# Clippers and optimizers
+
+
+def available_clippers() -> list[str]:
+    """Names of the clipx factories that return a gradient transformation, plus ``"none"``.
+
+    The per-example (DP-SGD) clippers are left out: they need per-example
+    gradients, which this workload does not compute.
+    """
+    names = []
+    for name in clipx.__all__:
+        obj = getattr(clipx, name, None)
+        if name.startswith("per_example"):
+            continue
+        if inspect.isfunction(obj) and "GradientTransformation" in str(
+            inspect.signature(obj).return_annotation
+        ):
+            names.append(name)
+    return ["none", *sorted(names)]
+
+
+def make_clipper(name: str, args: dict[str, Any] | None = None) -> optax.GradientTransformation | None:
+    """``clipx.<name>(**args)``, or ``None`` for ``"none"``.
+
+    Raises:
+      ValueError: ``name`` is not a clipx clipper (the message lists those that
+        exist), or the arguments do not fit its signature.
+    """
+    args = dict(args or {})
+    available = available_clippers()
+    if name not in available:
+        raise ValueError(f"unknown clipper {name!r}; available: {', '.join(available)}")
+    if name == "none":
+        if args:
+            raise ValueError(f"--clip none takes no arguments; got {sorted(args)}")
+        return None
+    factory = getattr(clipx, name)
+    signature = inspect.signature(factory)
+    try:
+        signature.bind(**args)
+    except TypeError as error:
+        raise ValueError(f"bad arguments for clipx.{name}{signature}: {error}") from None
+    return factory(**args)
+
+
+def parse_clip_args(items: list[str]) -> dict[str, Any]:
+    """Parses ``["max_norm=1.0", "mode=zscore"]`` into ``{"max_norm": 1.0, "mode": "zscore"}``.
+
+    Values are Python literals (numbers, ``True``, ``None``, tuples) when they
+    parse as such, otherwise strings.
+
+    >>> parse_clip_args(["max_norm=1", "mode=zscore", "max_grad_norm=None"])
+    {'max_norm': 1, 'mode': 'zscore', 'max_grad_norm': None}
+    """
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"clipper argument {item!r} is not of the form key=value")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        parsed[key.strip()] = value
+    return parsed
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """``optax.chain(clipper, add_decayed_weights, optimizer)`` for ``config``."""
+    lr = config.learning_rate
+    optimizer = {
+        "sgd": lambda: optax.sgd(lr),
+        "momentum": lambda: optax.sgd(lr, momentum=config.momentum),
+        "rmsprop": lambda: optax.rmsprop(lr),
+        "adam": lambda: optax.adam(lr),
+    }[config.optimizer]()
+    parts = [make_clipper(config.clip, config.clip_args)]
+    if config.weight_decay:
+        parts.append(optax.add_decayed_weights(config.weight_decay))
+    parts.append(optimizer)
+    return optax.chain(*[p for p in parts if p is not None])
+
+
+# ---------------------------------------------------------------------------
+# Data
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """Encoded training and dev splits with their vocabulary."""
+
+    train: data_lib.Encoded
+    dev: data_lib.Encoded
+    vocab: data_lib.Vocabulary
+    num_classes: int
+
+
+def _dev_file(folder: pathlib.Path) -> pathlib.Path:
+    for name in ("dev.tsv", "test.tsv"):
+        if (folder / name).is_file():
+            return folder / name
+    raise data_lib.DataError(f"{folder}: found neither dev.tsv nor test.tsv")
+
+
+def load_data(config: TrainConfig) -> Data:
+    """Reads (or generates) and encodes the data ``config`` names."""
+    if config.data is None:
+        train = data_lib.temporal_order(config.task_train, config.task_length, seed=10_000 + config.seed)
+        dev = data_lib.temporal_order(config.task_dev, config.task_length, seed=20_000 + config.seed)
+    else:
+        folder = pathlib.Path(config.data)
+        train = data_lib.read_tsv(folder / "train.tsv")
+        dev = data_lib.read_tsv(_dev_file(folder))
+    train = data_lib.Split(train.sentences[: config.train_limit], train.labels[: config.train_limit])
+    dev = data_lib.Split(dev.sentences[: config.dev_limit], dev.labels[: config.dev_limit])
+    vocab = data_lib.Vocabulary.build(
+        (data_lib.tokenize(s) for s in train.sentences), min_count=config.min_count, max_size=config.max_vocab
+    )
+    num_classes = int(max(train.labels.max(), dev.labels.max())) + 1
+    return Data(
+        data_lib.encode(train, vocab, max_length=config.max_length),
+        data_lib.encode(dev, vocab, max_length=config.max_length),
+        vocab,
+        max(num_classes, 2),
+    )
+
+
+def _epoch_batches(config: TrainConfig, train: data_lib.Encoded, epoch: int) -> Iterator[data_lib.Batch]:
+    rng = np.random.default_rng([config.seed, epoch])
+    return data_lib.batches(train, config.batch_size, rng=rng, drop_remainder=True)
+
+
+# ---------------------------------------------------------------------------
+# The loop
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What a checkpoint holds."""
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+    rng: jax.Array
+
+
+def _state_dict(state: TrainState) -> dict[str, Any]:
+    return {"params": state.params, "opt_state": state.opt_state, "step": state.step, "rng": state.rng}
+
+
+def save_checkpoint(path: pathlib.Path, state: TrainState) -> None:
+    """Writes ``state`` as msgpack (atomically: a temporary file, then a rename)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(flax.serialization.to_bytes(_state_dict(state)))
+    tmp.replace(path)
+
+
+def load_checkpoint(path: pathlib.Path, template: TrainState) -> TrainState:
+    """Reads a checkpoint written by `save_checkpoint` into the structure of ``template``."""
+    restored = flax.serialization.from_bytes(_state_dict(template), path.read_bytes())
+    return TrainState(**restored)
+
+
+def _to_python(metrics: dict[str, Any]) -> dict[str, float]:
+    return {key: float(value) for key, value in jax.device_get(metrics).items()}
+
+
+def _make_steps(model: TextClassifier, tx: optax.GradientTransformation) -> tuple[Callable, Callable]:
+    def loss_fn(params, batch, key):
+        logits = model.apply(
+            {"params": params}, batch.tokens, batch.lengths, train=True, rngs={"dropout": key}
+        )
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels)
+        total = jnp.maximum(batch.weights.sum(), 1.0)
+        correct = (jnp.argmax(logits, -1) == batch.labels) * batch.weights
+        return (losses * batch.weights).sum() / total, correct.sum() / total
+
+    @jax.jit
+    def train_step(params, opt_state, batch, key):
+        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
+        return params, opt_state, {**metrics, **clipx.stats(opt_state)}
+
+    @jax.jit
+    def eval_step(params, batch):
+        logits = model.apply({"params": params}, batch.tokens, batch.lengths)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels)
+        correct = (jnp.argmax(logits, -1) == batch.labels) * batch.weights
+        return (losses * batch.weights).sum(), correct.sum(), batch.weights.sum()
+
+    return train_step, eval_step
+
+
+def evaluate(eval_step: Callable, params: Any, dev: data_lib.Encoded, batch_size: int) -> dict[str, float]:
+    """Dev-set ``dev_accuracy`` and ``dev_loss`` (mean over examples)."""
+    totals = np.zeros(3)
+    for batch in data_lib.batches(dev, batch_size):
+        totals += np.asarray(jax.device_get(eval_step(params, batch)), np.float64)
+    loss, correct, count = totals
+    return {"dev_accuracy": correct / count, "dev_loss": loss / count}
+
+
+class _Progress:
+    """A rich progress bar, or nothing when ``enabled`` is false."""
+
+    def __init__(self, enabled: bool, total: int, completed: int, description: str):
+        self._bar = None
+        if enabled:
+            import rich.progress
+
+            self._bar = rich.progress.Progress(
+                rich.progress.TextColumn("{task.description}"),
+                rich.progress.BarColumn(),
+                rich.progress.MofNCompleteColumn(),
+                rich.progress.TimeRemainingColumn(),
+                rich.progress.TextColumn("{task.fields[info]}"),
+            )
+            self._task = self._bar.add_task(description, total=total, completed=completed, info="")
+
+    def __enter__(self):
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.stop()
+
+    def update(self, info: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, advance=1, info=info)
+
+
+def _read_log(path: pathlib.Path, up_to_step: int) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r["step"] <= up_to_step]
+
+
+def train(
+    config: TrainConfig,
+    out_dir: str | pathlib.Path | None = None,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+    progress: bool = False,
+    description: str = "train",
+) -> dict[str, Any]:
+    """Trains ``config``; returns the summary (also written to ``out_dir/summary.json``).
+
+    Args:
+      config: the run.
+      out_dir: where config, log, checkpoint and summary go (``None``: nowhere).
+      resume: continue from ``out_dir/checkpoint.msgpack``; ``config`` must equal
+        the saved ``config.json``.
+      stop_after: stop (with a checkpoint) once this many steps are done, as if
+        interrupted; a later ``resume`` finishes the run.
+      progress: show a rich progress bar.
+      description: the progress bar's label.
+
+    Returns:
+      ``{"steps", "diverged", "dev_accuracy", "dev_loss", "train_loss", "seconds", "finished"}``:
+      ``dev_*`` from the final evaluation (``None`` when the run diverged),
+      ``train_loss`` the mean loss of the last 20 steps, ``finished`` whether the
+      run completed its steps.
+    """
+    out = pathlib.Path(out_dir) if out_dir is not None else None
+    if resume:
+        if out is None or not (out / "checkpoint.msgpack").is_file():
+            raise FileNotFoundError(f"nothing to resume: no checkpoint.msgpack in {out}")
+        saved = json.loads((out / "config.json").read_text())
+        if saved != json.loads(json.dumps(config.to_json())):
+            raise ValueError(
+                f"{out / 'config.json'} differs from the requested settings; resume with the same ones"
+            )
+
+    data = load_data(config)
+    model = TextClassifier(
+        ModelConfig(vocab_size=len(data.vocab), num_classes=data.num_classes, **config.model)
+    )
+    tx = make_optimizer(config)
+    train_step, eval_step = _make_steps(model, tx)
+
+    init_key, dropout_key = jax.random.split(jax.random.PRNGKey(config.seed))
+    example = next(data_lib.batches(data.train, config.batch_size))
+    params = model.init(init_key, example.tokens, example.lengths)["params"]
+    state = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), dropout_key)
+
+    steps_per_epoch = len(data.train) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {config.batch_size} exceeds the {len(data.train)} training examples")
+    total = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    end = total if stop_after is None else min(total, stop_after)
+
+    log_records: list[dict[str, Any]] = []
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            state = load_checkpoint(out / "checkpoint.msgpack", state)
+            log_records = _read_log(out / "log.jsonl", int(state.step))
+        else:
+            (out / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
+        (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_records))
+        log_file = (out / "log.jsonl").open("a")
+
+    def log(record: dict[str, Any]) -> None:
+        log_records.append(record)
+        if out is not None:
+            log_file.write(json.dumps(record) + "\n")
+
+    def checkpoint() -> None:
+        if out is not None:
+            log_file.flush()
+            save_checkpoint(out / "checkpoint.msgpack", state)
+
+    step = int(state.step)
+    diverged = any(not math.isfinite(r.get("loss", 0.0)) for r in log_records)
+    started = time.perf_counter()
+    params, opt_state = state.params, state.opt_state
+    with _Progress(progress, total, step, description) as bar:
+        while step < end and not diverged:
+            epoch, skip = divmod(step, steps_per_epoch)
+            for batch in _epoch_batches(config, data.train, epoch):
+                if skip:
+                    skip -= 1
+                    continue
+                key = jax.random.fold_in(state.rng, step)
+                params, opt_state, metrics = train_step(params, opt_state, batch, key)
+                step += 1
+                record = {"step": step, "epoch": epoch, **_to_python(metrics)}
+                log(record)
+                diverged = not math.isfinite(record["loss"])
+                bar.update(f"loss {record['loss']:.4f}  acc {record['accuracy']:.3f}")
+                epoch_end = step % steps_per_epoch == 0
+                if not diverged and (epoch_end or (config.eval_every and step % config.eval_every == 0)):
+                    log(
+                        {
+                            "step": step,
+                            "epoch": epoch,
+                            **evaluate(eval_step, params, data.dev, config.batch_size),
+                        }
+                    )
+                state = TrainState(params, opt_state, jnp.asarray(step, jnp.int32), state.rng)
+                if diverged or step >= end:
+                    break
+                if step % config.checkpoint_every == 0:
+                    checkpoint()
+    checkpoint()
+    if out is not None:
+        log_file.close()
+
+    finished = diverged or step >= total
+    final = None if diverged else evaluate(eval_step, params, data.dev, config.batch_size)
+    losses = [r["loss"] for r in log_records if "loss" in r][-20:]
+    summary = {
+        "steps": step,
+        "diverged": diverged,
+        "dev_accuracy": None if final is None else float(final["dev_accuracy"]),
+        "dev_loss": None if final is None else float(final["dev_loss"]),
+        "train_loss": float(np.mean(losses)) if losses else None,
+        "seconds": time.perf_counter() - started,
+        "finished": finished,
+    }
+    if out is not None and finished:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def read_log(out_dir: str | pathlib.Path) -> list[dict[str, Any]]:
+    """The records of ``out_dir/log.jsonl``."""
+    return _read_log(pathlib.Path(out_dir) / "log.jsonl", up_to_step=2**62)

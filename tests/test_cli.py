@@ -1,0 +1,69 @@
+"""The clipx command: train, demo and sweep on tiny settings, and its errors."""
+
+import json
+import subprocess
+import sys
+
+from clipx import cli
+
+TINY_TRAIN = [
+    "--task-length", "50", "--task-train", "48", "--cell", "simple", "--embed-dim", "8",
+    "--hidden-size", "8", "--batch-size", "16", "--epochs", "1", "--quiet",
+]  # fmt: skip
+
+
+def test_train_runs_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", *TINY_TRAIN, "--clip", "global_norm", "--clip-arg", "max_norm=0.5", "--out", str(out)]
+    assert cli.main([*argv, "--stop-after", "1"]) == 0
+    assert cli.main(["train", "--resume", "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and summary["finished"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["clip_args"] == {"max_norm": 0.5} and config["model"]["cell"] == "simple"
+
+
+def test_train_preset_sets_defaults_and_flags_override():
+    args = cli.build_parser().parse_args(["train", "--preset", "flax-sst2", "--lr", "0.3", "--epochs", "1"])
+    config = cli._train_config(args)
+    assert config.learning_rate == 0.3 and config.epochs == 1 and config.momentum == 0.9
+    assert config.model["hidden_size"] == 256 and config.model["bidirectional"]
+
+
+def test_unknown_clipper_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["train", *TINY_TRAIN, "--clip", "nope", "--out", str(tmp_path)]) == 2
+    printed = capsys.readouterr().out
+    assert "unknown clipper 'nope'" in printed and "global_norm" in printed
+
+
+TINY_MODEL = dict(cell="simple", embed_dim=4, hidden_size=4, pooling="last", head="linear")
+
+
+def test_demo_writes_plots(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "DEMO_MODEL", TINY_MODEL)
+    monkeypatch.setattr(cli, "DEMO_CLIPPERS", (cli.DEMO_CLIPPERS[0], cli.DEMO_CLIPPERS[-1]))
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--steps", "3", "--out", str(out), "--quiet"]) == 0
+    assert (out / "loss.png").stat().st_size > 0
+    assert (out / "adaptive_threshold.png").exists() == hasattr(cli.clipx, "adaptive")
+
+
+def test_sweep_is_resumable(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli.sweep, "MODEL", TINY_MODEL)
+    argv = [
+        "sweep", "--out", str(tmp_path), "--datasets", "task", "--clippers", "none,global_norm 1",
+        "--lrs", "0.01", "--seeds", "1", "--task-length", "50", "--task-train", "64", "--max-steps", "2",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    runs = sorted(p.name for p in tmp_path.glob("task__*.json"))
+    assert len(runs) == 2
+    assert (tmp_path / "sweep.png").exists() and "global_norm 1" in (tmp_path / "results.md").read_text()
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("task__*.json")}
+    assert cli.main(argv) == 0
+    assert before == {p: p.stat().st_mtime_ns for p in tmp_path.glob("task__*.json")}
+
+
+def test_import_clipx_does_not_import_the_workload_dependencies():
+    code = "import sys, clipx; print(sorted(m for m in ('flax', 'matplotlib', 'rich') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

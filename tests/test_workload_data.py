@@ -1,0 +1,83 @@
+"""Data loading: every malformed file names file and line; tokenizer, vocabulary, batches, synthetic task."""
+
+import numpy as np
+import pytest
+
+from clipx.workload import data
+
+
+def _write(tmp_path, text, name="train.tsv"):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_reads_a_good_file(tmp_path):
+    split = data.read_tsv(_write(tmp_path, "sentence\tlabel\ngood film\t1\nbad one\t0\n"))
+    assert split.sentences == ["good film", "bad one"]
+    assert split.labels.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "message"),
+    [
+        ("", ":1:", "file is empty"),
+        ("text\tlabel\nx\t1\n", ":1:", "header is 'text\\\\tlabel'"),
+        ("sentence\tlabel\n", ":2:", "no examples"),
+        ("sentence\tlabel\nfine\t1\nbad\tone\n", ":3:", "label 'one' is not an integer"),
+        ("sentence\tlabel\nfine\t1\nno label here\n", ":3:", "expected 2 tab-separated fields .* found 1"),
+        ("sentence\tlabel\na\tb\t1\n", ":2:", "found 3"),
+        ("sentence\tlabel\na\t-1\n", ":2:", "negative"),
+    ],
+)
+def test_bad_files_name_file_and_line(tmp_path, text, where, message):
+    path = _write(tmp_path, text)
+    with pytest.raises(data.DataError, match=message) as error:
+        data.read_tsv(path)
+    assert str(error.value).startswith(f"{path}{where}")
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(data.DataError, match="file not found") as error:
+        data.read_tsv(tmp_path / "nope.tsv")
+    assert str(tmp_path / "nope.tsv") in str(error.value)
+
+
+def test_vocabulary_limits_and_unknowns():
+    tokenized = [data.tokenize("b a a c"), data.tokenize("A B d")]
+    vocab = data.Vocabulary.build(tokenized, max_size=4)
+    assert vocab.tokens == ["<pad>", "<unk>", "a", "b"]
+    assert vocab.encode(["a", "zzz"]) == [2, 1]
+
+
+def test_batches_pad_bucket_and_weight():
+    split = data.Split(["a b c", "a", "b c", "c c c c c"], np.array([0, 1, 0, 1], np.int32))
+    vocab = data.Vocabulary.build(data.tokenize(s) for s in split.sentences)
+    encoded = data.encode(split, vocab, max_length=4)
+    assert [len(x) for x in encoded.ids] == [3, 1, 2, 4]
+    batches = list(data.batches(encoded, 3, pad_multiple=4))
+    assert [b.tokens.shape for b in batches] == [(3, 4), (3, 4)]
+    assert batches[1].weights.tolist() == [1.0, 0.0, 0.0]
+    first = batches[0]
+    assert first.lengths.tolist() == [3, 1, 2]
+    assert (first.tokens[1, 1:] == 0).all()
+    shuffled = list(data.batches(encoded, 2, rng=np.random.default_rng(0), drop_remainder=True))
+    seen = sorted(int(label) for b in shuffled for label in b.labels)
+    assert len(shuffled) == 2 and seen == [0, 0, 1, 1]
+
+
+def test_temporal_order_task_is_deterministic_and_correct():
+    split = data.temporal_order(64, 120, seed=3)
+    again = data.temporal_order(64, 120, seed=3)
+    assert split.sentences == again.sentences
+    for sentence, label in zip(split.sentences, split.labels, strict=True):
+        words = sentence.split()
+        assert len(words) == 120
+        assert words.index("x") < words.index("y") if label == 0 else words.index("y") < words.index("x")
+    with pytest.raises(ValueError, match=r"50\.\.400"):
+        data.temporal_order(4, 20)
+
+
+def test_reads_the_shared_data(data_dir):
+    split = data.read_tsv(data_dir / "sst2" / "dev.tsv")
+    assert len(split) == 872 and set(split.labels.tolist()) == {0, 1}

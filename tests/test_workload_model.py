@@ -1,0 +1,75 @@
+"""The reference classifier: shapes, every cell and pooling, padding invariance, the preset."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clipx.workload.model import CELLS, POOLINGS, PRESETS, ModelConfig, TextClassifier
+
+
+def _model(**overrides):
+    settings = dict(vocab_size=30, embed_dim=8, hidden_size=8, mlp_hidden=8, num_classes=3)
+    return TextClassifier(ModelConfig(**{**settings, **overrides}))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("pooling", POOLINGS)
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_padding_never_changes_the_logits(cell, pooling, bidirectional):
+    model = _model(cell=cell, pooling=pooling, bidirectional=bidirectional, head="mlp")
+    sentences = np.array([[5, 6, 7, 8, 9], [3, 4, 0, 0, 0]])
+    lengths = jnp.array([5, 2])
+    params = model.init(jax.random.PRNGKey(0), sentences, lengths)
+    logits = model.apply(params, sentences, lengths)
+    assert logits.shape == (2, 3)
+    for width in (7, 16):
+        padded = np.zeros((2, width), np.int32)
+        padded[:, :5] = sentences
+        np.testing.assert_allclose(model.apply(params, padded, lengths), logits, atol=1e-6)
+    # Alone in its batch and without padding, the short sentence gives the same logits.
+    alone = model.apply(params, sentences[1:, :2], lengths[1:])
+    np.testing.assert_allclose(alone, logits[1:], atol=1e-6)
+
+
+def test_dropout_only_in_training():
+    model = _model(dropout=0.5, word_dropout=0.5, head="mlp")
+    tokens, lengths = jnp.ones((4, 6), jnp.int32) * 7, jnp.full((4,), 6)
+    params = model.init(jax.random.PRNGKey(0), tokens, lengths)
+    np.testing.assert_array_equal(model.apply(params, tokens, lengths), model.apply(params, tokens, lengths))
+    a = model.apply(params, tokens, lengths, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+    b = model.apply(params, tokens, lengths, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
+    assert not np.allclose(a, b)
+
+
+def test_flax_sst2_preset_matches_the_flax_example():
+    preset = PRESETS["flax-sst2"]
+    config = ModelConfig(vocab_size=100, **preset["model"])
+    assert (config.embed_dim, config.hidden_size, config.cell, config.bidirectional) == (
+        300,
+        256,
+        "lstm",
+        True,
+    )
+    assert (config.pooling, config.head, config.dropout, config.word_dropout) == (
+        "attention",
+        "mlp",
+        0.5,
+        0.1,
+    )
+    assert preset["train"] == dict(
+        optimizer="momentum", learning_rate=0.1, momentum=0.9, weight_decay=3e-6, batch_size=64, epochs=10
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("cell", "lstmx", "cell must be one of"),
+        ("pooling", "max", "pooling must be"),
+        ("dropout", 1.0, "dropout"),
+    ],
+)
+def test_bad_settings_name_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(vocab_size=10, **{field: value})

@@ -1,0 +1,89 @@
+"""The training loop: clipper lookup, logging, divergence, checkpoints and exact resumption."""
+
+import json
+
+import flax.serialization
+import numpy as np
+import pytest
+
+import clipx
+from clipx.workload.train import TrainConfig, make_clipper, read_log, train
+
+TINY = dict(
+    task_length=50,
+    task_train=64,
+    task_dev=32,
+    model=dict(cell="simple", embed_dim=8, hidden_size=8),
+    batch_size=16,
+    epochs=2,
+    checkpoint_every=3,
+)
+
+
+def test_unknown_clipper_lists_the_available_ones():
+    with pytest.raises(ValueError, match=r"unknown clipper 'nope'; available: none, .*global_norm"):
+        make_clipper("nope")
+
+
+def test_clipper_arguments_are_checked_against_the_signature():
+    with pytest.raises(ValueError, match=r"bad arguments for clipx\.global_norm"):
+        make_clipper("global_norm", {"threshold_typo": 1.0})
+    assert make_clipper("none") is None
+
+
+@pytest.mark.parametrize("name", ["agc", "zclip", "adaptive"])
+def test_adaptive_and_relative_clippers_train(name):
+    if not hasattr(clipx, name):
+        pytest.skip(f"clipx.{name} is not available yet")
+    summary = train(TrainConfig(**{**TINY, "max_steps": 2}, clip=name))
+    assert summary["steps"] == 2
+
+
+def test_logs_stats_every_step_and_evaluates(tmp_path):
+    config = TrainConfig(**TINY, clip="global_norm", clip_args={"max_norm": 0.5})
+    summary = train(config, tmp_path)
+    records = read_log(tmp_path)
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 9))
+    assert all(r["global_norm/threshold"] == 0.5 for r in steps)
+    assert [r["step"] for r in records if "dev_accuracy" in r] == [4, 8]
+    assert summary["finished"] and not summary["diverged"] and 0.0 <= summary["dev_accuracy"] <= 1.0
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 8
+
+
+def test_resume_gives_exactly_the_uninterrupted_run(tmp_path):
+    config = TrainConfig(**TINY, optimizer="momentum", clip="global_norm", clip_args={"max_norm": 1.0})
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train(config, whole)
+    stopped = train(config, parts, stop_after=5)
+    assert stopped["steps"] == 5 and not stopped["finished"]
+    assert not (parts / "summary.json").exists()
+    train(config, parts, resume=True)
+    assert read_log(parts) == read_log(whole)
+    a = flax.serialization.msgpack_restore((whole / "checkpoint.msgpack").read_bytes())
+    b = flax.serialization.msgpack_restore((parts / "checkpoint.msgpack").read_bytes())
+    for x, y in zip(
+        flax.traverse_util.flatten_dict(a).values(), flax.traverse_util.flatten_dict(b).values(), strict=True
+    ):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    train(TrainConfig(**TINY), tmp_path, stop_after=2)
+    with pytest.raises(ValueError, match="differs from the requested settings"):
+        train(TrainConfig(**{**TINY, "seed": 1}), tmp_path, resume=True)
+
+
+def test_non_finite_loss_marks_the_run_diverged(tmp_path):
+    config = TrainConfig(**{**TINY, "optimizer": "sgd", "learning_rate": 1e30})
+    summary = train(config, tmp_path)
+    assert summary["diverged"] and summary["dev_accuracy"] is None
+    assert summary["steps"] < 8
+
+
+def test_reads_a_data_folder(tmp_path):
+    for name in ("train.tsv", "dev.tsv"):
+        rows = "".join(f"{'good' if i % 2 else 'bad'} film {i}\t{i % 2}\n" for i in range(20))
+        (tmp_path / name).write_text("sentence\tlabel\n" + rows)
+    summary = train(TrainConfig(**{**TINY, "data": str(tmp_path), "batch_size": 8}))
+    assert summary["steps"] == 4
