@@ -56,9 +56,9 @@ def sum_of_squares(
 
 
 def safe_sqrt(x: jax.Array) -> jax.Array:
-    """``√x`` for ``x ≥ 0`` whose derivative is 0, not inf, at ``x = 0``."""
+    """``√x`` for ``x ≥ 0`` whose derivative is 0, not inf, at ``x = 0``; NaN stays NaN."""
     positive = x > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), 0)
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1)), jnp.where(jnp.isnan(x), x, 0))
 
 
 def tree_sum_of_squares(tree: PyTree, axis_name: AxisName | None = None) -> jax.Array:
