@@ -245,13 +245,12 @@ def skip_spikes(
         std = jnp.maximum(jnp.sqrt(moments.var), jnp.asarray(min_std, dtype))
         log_threshold = jnp.where(ready, moments.mean + num_stds * std, jnp.inf)
         log_norm = jnp.log(norm.astype(dtype))
-        # ``not (x <= t)`` so that NaN counts as a spike.
-        reject = ~(log_norm <= log_threshold)
+        reject = ~jnp.isfinite(norm) | (log_norm > log_threshold)
         observe = jnp.isfinite(norm) & (norm > 0)
         if loss is not None:
             loss = jnp.asarray(loss, dtype)
             loss_threshold = state.loss.mean + num_stds * jnp.sqrt(state.loss.var)
-            reject |= ~(loss <= jnp.where(ready, loss_threshold, jnp.inf))
+            reject |= ~jnp.isfinite(loss) | (ready & (loss > loss_threshold))
             observe &= jnp.isfinite(loss)
         skip = _skip_decision(reject, state.stats, max_consecutive)
         observe &= ~skip

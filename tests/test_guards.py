@@ -1,0 +1,207 @@
+"""clipx.skip_nonfinite and clipx.skip_spikes: skipped steps leave the inner state bit-identical."""
+
+import chex
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import clipx
+
+PARAMS = {"w": jnp.ones((2, 3)), "b": jnp.ones(4)}
+
+
+def grads(scale, seed=0):
+    key = jax.random.PRNGKey(seed)
+    return jax.tree.map(lambda p: scale * jax.random.normal(key, p.shape), PARAMS)
+
+
+def nan_grads():
+    g = grads(1.0)
+    return {"w": g["w"].at[0, 0].set(jnp.nan), "b": g["b"]}
+
+
+INNERS = {
+    "global_norm_adam": lambda: optax.chain(clipx.global_norm(1.0), optax.adam(1e-3)),
+    "adaptive_adam": lambda: optax.chain(clipx.adaptive(warmup_steps=2), optax.adam(1e-3)),
+}
+
+
+def warm(tx, n=5):
+    state = tx.init(PARAMS)
+    for i in range(n):
+        _, state = tx.update(grads(1.0 + 0.1 * i, seed=i), state, PARAMS)
+    return state
+
+
+class SkipNonfiniteTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_skipped_step_keeps_inner_state_bit_identical(self):
+        for make in INNERS.values():
+            tx = clipx.skip_nonfinite(make())
+            update = self.variant(tx.update)
+            state = warm(tx)
+            for bad in (nan_grads(), jax.tree.map(lambda g: g * jnp.inf, grads(1.0))):
+                updates, after = update(bad, state, PARAMS)
+                chex.assert_trees_all_equal(after.inner_state, state.inner_state)
+                chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, PARAMS))
+                assert bool(after.stats.skipped)
+            _, after = update(grads(1.0), state, PARAMS)
+            assert not bool(after.stats.skipped)
+
+
+def test_counts_and_max_consecutive():
+    tx = clipx.skip_nonfinite(optax.sgd(0.1), max_consecutive=2)
+    update = jax.jit(tx.update)
+    state = tx.init(PARAMS)
+    skipped = []
+    for g in (nan_grads(), nan_grads(), nan_grads(), grads(1.0), nan_grads()):
+        _updates, state = update(g, state, PARAMS)
+        skipped.append(bool(state.stats.skipped))
+    assert skipped == [True, True, False, False, True]
+    assert int(state.stats.total) == 3 and int(state.stats.consecutive) == 1
+    s = clipx.stats(state)
+    assert set(s) == {"skip_nonfinite/skipped", "skip_nonfinite/consecutive", "skip_nonfinite/total"}
+
+
+def test_never_lets_through_by_default():
+    tx = clipx.skip_nonfinite(optax.sgd(0.1))
+    update = jax.jit(tx.update)
+    state = tx.init(PARAMS)
+    for _ in range(20):
+        updates, state = update(nan_grads(), state, PARAMS)
+    assert int(state.stats.consecutive) == 20
+    chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, PARAMS))
+
+
+def test_checks_the_updates_inner_produces():
+    # Finite gradients that the inner transformation turns into NaN are skipped too.
+    tx = clipx.skip_nonfinite(optax.scale_by_adam(eps=0.0, eps_root=0.0))
+    state = tx.init(PARAMS)
+    zeros = jax.tree.map(jnp.zeros_like, PARAMS)
+    _, state = tx.update(zeros, state, PARAMS)
+    assert bool(state.stats.skipped)
+
+
+def test_stats_see_inner_clippers_and_extra_args_pass_through():
+    tx = clipx.skip_nonfinite(optax.chain(clipx.adaptive(), optax.sgd(0.1)))
+    state = tx.init(PARAMS)
+    _, state = tx.update(grads(1.0), state, PARAMS, unused_extra=1)
+    assert "skip_nonfinite/adaptive/threshold" in clipx.stats(state)
+
+
+def spike_run(tx, scales, losses=None):
+    update = jax.jit(tx.update)
+    state = tx.init(PARAMS)
+    out = []
+    for i, scale in enumerate(scales):
+        kwargs = {} if losses is None else {"loss": jnp.float32(losses[i])}
+        old = state
+        updates, state = update(grads(scale, seed=i), state, PARAMS, **kwargs)
+        out.append((old, updates, state))
+    return out
+
+
+@pytest.mark.parametrize("inner", list(INNERS))
+def test_skip_spikes_skips_outliers_and_keeps_inner_state(inner):
+    scales = list(np.exp(np.random.default_rng(0).normal(0, 0.2, 40)))
+    scales[30] = 100.0
+    tx = clipx.skip_spikes(INNERS[inner](), min_observations=10)
+    results = spike_run(tx, scales)
+    skipped = [bool(s.stats.skipped) for _, _, s in results]
+    assert skipped[30] and sum(skipped) == 1
+    old, updates, after = results[30]
+    chex.assert_trees_all_equal(after.inner_state, old.inner_state)
+    chex.assert_trees_all_equal(after.log_norm, old.log_norm)  # the spike enters no statistic
+    chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, PARAMS))
+    s = clipx.stats(after)
+    assert bool(s["skip_spikes/grad_norm/clipped"]) and float(s["skip_spikes/grad_norm/threshold"]) < 100
+    assert f"skip_spikes/{'global_norm' if inner == 'global_norm_adam' else 'adaptive'}/norm" in s
+
+
+def test_skip_spikes_watches_the_loss():
+    scales = [1.0] * 30
+    losses = list(2.0 + 0.01 * np.random.default_rng(1).normal(size=30))
+    losses[25] = 50.0
+    results = spike_run(clipx.skip_spikes(optax.adam(1e-3), min_observations=10), scales, losses)
+    skipped = [bool(s.stats.skipped) for _, _, s in results]
+    assert skipped[25] and sum(skipped) == 1
+    assert int(results[-1][2].loss.observations) == 29
+
+
+def test_skip_spikes_skips_nonfinite_and_lets_one_through_after_max_consecutive():
+    scales = [1.0] * 12 + [1000.0] * 4 + [float("nan")]
+    results = spike_run(clipx.skip_spikes(optax.sgd(0.1), min_observations=5, max_consecutive=2), scales)
+    skipped = [bool(s.stats.skipped) for _, _, s in results]
+    assert skipped[12:15] == [True, True, False] and skipped[-1]
+    # The step let through enters the statistics.
+    assert int(results[14][2].log_norm.observations) == int(results[14][0].log_norm.observations) + 1
+
+
+@given(seed=st.integers(0, 2**16), bad=st.lists(st.integers(0, 29), max_size=6))
+def test_property_statistics_stay_finite(seed, bad):
+    scales = list(np.exp(np.random.default_rng(seed).normal(0, 0.5, 30)))
+    for i, t in enumerate(bad):
+        scales[t] = (float("nan"), float("inf"), 0.0, 1e6)[i % 4]
+    state = _spike_scan(jnp.asarray(scales, jnp.float32))
+    assert np.isfinite(float(state.log_norm.mean)) and np.isfinite(float(state.log_norm.var))
+    chex.assert_tree_all_finite(state.inner_state)
+
+
+@jax.jit
+def _spike_scan(scales):
+    tx = clipx.skip_spikes(optax.chain(clipx.global_norm(1.0), optax.adam(1e-3)), min_observations=5)
+
+    def step(state, scale):
+        _, state = tx.update(jax.tree.map(lambda p: scale * p, PARAMS), state, PARAMS)
+        return state, None
+
+    return jax.lax.scan(step, tx.init(PARAMS), scales)[0]
+
+
+def test_bad_hyperparameters_raise():
+    with pytest.raises(ValueError, match="num_stds"):
+        clipx.skip_spikes(optax.sgd(0.1), num_stds=0.0)
+    with pytest.raises(ValueError, match="max_consecutive"):
+        clipx.skip_nonfinite(optax.sgd(0.1), max_consecutive=-1)
+
+
+def run_resumed(tx, sequence, split):
+    """Runs ``sequence``, and again from a flax-serialized copy of the state after ``split`` steps."""
+    update = jax.jit(tx.update)
+    state = tx.init(PARAMS)
+    for g in sequence[:split]:
+        _, state = update(g, state, PARAMS)
+    restored = flax.serialization.from_bytes(tx.init(PARAMS), flax.serialization.to_bytes(state))
+    a, b = state, restored
+    for g in sequence[split:]:
+        ua, a = update(g, a, PARAMS)
+        ub, b = update(g, b, PARAMS)
+        chex.assert_trees_all_equal(ua, ub)
+    chex.assert_trees_all_equal(a, b)
+    return a
+
+
+@pytest.mark.parametrize("guard", [clipx.skip_nonfinite, clipx.skip_spikes])
+def test_inside_multisteps_and_serialization_round_trip(guard):
+    inner = optax.chain(clipx.adaptive(warmup_steps=2), optax.sgd(0.1, momentum=0.9))
+    tx = optax.MultiSteps(guard(inner), every_k_schedule=2)
+    state = run_resumed(tx, [grads(1.0 + 0.1 * i, seed=i) for i in range(12)], split=5)
+    # Statistics advance once per real step: 12 mini-steps of 2.
+    assert int(state.inner_opt_state.inner_state[0].log_norm.observations) == 6
+
+
+def test_skip_nonfinite_around_multisteps_drops_only_the_bad_mini_step():
+    # Outside MultiSteps the guard keeps a NaN out of the gradient accumulator.
+    inner = optax.MultiSteps(
+        optax.chain(clipx.adaptive(warmup_steps=2), optax.adam(1e-3)), every_k_schedule=2
+    )
+    sequence = [grads(1.0 + 0.1 * i, seed=i) for i in range(13)]
+    sequence[7] = nan_grads()
+    state = run_resumed(clipx.skip_nonfinite(inner), sequence, split=5)
+    assert int(state.stats.total) == 1
+    assert int(state.inner_state.inner_opt_state[0].log_norm.observations) == 6
