@@ -1,0 +1,94 @@
+"""Shardings for optimizer states, derived from the shardings of the parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+PyTree = Any
+
+
+def _replicated_like(example: Any) -> Any:
+    if isinstance(example, NamedSharding):
+        return NamedSharding(example.mesh, PartitionSpec())
+    if isinstance(example, PartitionSpec):
+        return PartitionSpec()
+    raise TypeError(
+        "state_shardings: pass replicated= explicitly; it can be derived only from NamedSharding or "
+        f"PartitionSpec leaves, got {type(example).__name__}"
+    )
+
+
+def state_shardings(
+    tx: Any,
+    params: PyTree,
+    param_shardings: PyTree,
+    *,
+    replicated: Any = None,
+) -> PyTree:
+    """The sharding of every leaf of ``tx.init(params)``: like its parameter, or replicated.
+
+    A leaf of the optimizer state that *mirrors* a parameter — it sits in a
+    subtree with the structure of ``params`` and has that parameter's shape,
+    as Adam's moments do — gets that parameter's sharding. Every other leaf
+    (clipx's statistics: global scalars, per-tensor scalars, norm histories,
+    step counters, PRNG keys) is replicated: they are small, and every device
+    needs them to scale its own shard. Nothing is computed: the state's
+    shapes come from ``jax.eval_shape``.
+
+    Works for ``jax.jit`` (``NamedSharding`` leaves; ``replicated`` defaults to
+    ``NamedSharding(mesh, PartitionSpec())`` on the first leaf's mesh) and for
+    ``jax.shard_map`` specs (``PartitionSpec`` leaves; ``replicated`` defaults
+    to ``PartitionSpec()``).
+
+    Args:
+      tx: an optax transformation (anything with ``init``) or an init function.
+      params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
+      param_shardings: a tree like ``params`` of shardings or partition specs.
+      replicated: what non-mirroring leaves get; derived from
+        ``param_shardings`` when ``None``.
+
+    Returns:
+      A tree with the structure of ``tx.init(params)``, ready for
+      ``jax.jit(..., in_shardings=..., out_shardings=...)`` or
+      ``jax.device_put(state, ...)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, clipx
+      >>> from jax.sharding import PartitionSpec as P
+      >>> tx = optax.chain(clipx.global_norm(1.0), optax.adam(1e-3))
+      >>> params = {"w": jnp.zeros((8, 4))}
+      >>> specs = clipx.state_shardings(tx, params, {"w": P("data", None)})
+      >>> specs[1][0].mu, specs[0].stats.norm
+      ({'w': PartitionSpec('data', None)}, PartitionSpec())
+    """
+    init: Callable[[PyTree], PyTree] = getattr(tx, "init", tx)
+    state = jax.eval_shape(init, params)
+    param_leaves, params_def = jax.tree.flatten(params)
+    sharding_leaves = params_def.flatten_up_to(param_shardings)
+    if replicated is None:
+        if not sharding_leaves:
+            raise ValueError("state_shardings: params is empty; pass replicated= explicitly")
+        replicated = _replicated_like(sharding_leaves[0])
+
+    def mirrors_params(node: Any) -> bool:
+        try:
+            return jax.tree.structure(node) == params_def and bool(param_leaves)
+        except Exception:  # a node jax cannot flatten is no parameter tree
+            return False
+
+    def assign(node: Any) -> Any:
+        if not mirrors_params(node):
+            return replicated
+        leaves = params_def.flatten_up_to(node)
+        return params_def.unflatten(
+            [
+                sharding if getattr(leaf, "shape", None) == getattr(param, "shape", ()) else replicated
+                for leaf, param, sharding in zip(leaves, param_leaves, sharding_leaves, strict=True)
+            ]
+        )
+
+    return jax.tree.map(assign, state, is_leaf=mirrors_params)

@@ -1,0 +1,348 @@
+"""Every clipx transform under jax.jit with sharded parameters (8 host devices, see conftest.py).
+
+For each transform (chained before Adam, so the state also holds tensors that
+mirror the parameters) and each layout — FSDP (each leaf split along its
+largest axis over 8 devices), fully replicated, and a 2-D ``data × model`` mesh
+— the sharded step must give the single-device result, with the state sharded
+by `clipx.state_shardings`, and the compiled program must move no more between
+devices than the same step without clipping, apart from small all-reduces:
+scalars for norm rules, unit-norm vectors for AGC.
+
+``TRANSFORMS`` is the table of every public clipx transform; `test_table_covers_every_transform`
+fails when a new one is exported without an entry here.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import inspect
+import math
+import re
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import clipx
+
+
+class Case(NamedTuple):
+    make: Callable[[], optax.GradientTransformation]
+    # The most elements one transfer the transform adds may carry: 1 (a scalar) for
+    # norm rules, a vector of unit norms for AGC, per-example scalars for DP rules.
+    max_elements: int = 1
+
+
+# Hyperparameters small enough that 4 steps reach every code path (warm-up, clipping).
+TRANSFORMS: dict[str, Case] = {
+    "value": Case(lambda: clipx.value(0.5)),
+    "global_norm": Case(lambda: clipx.global_norm(1.0)),
+    "tensor_norm": Case(lambda: clipx.tensor_norm(0.5)),
+    "block_rms": Case(lambda: clipx.block_rms(0.5)),
+    "agc": Case(lambda: clipx.agc(0.01), max_elements=64),  # the longest unit-norm vector
+    "adaptive": Case(lambda: clipx.adaptive(warmup_steps=2)),
+    "autoclip": Case(lambda: clipx.autoclip(0.5, history=3)),
+    "autoclip_per_tensor": Case(lambda: clipx.autoclip(0.5, history=3, per_tensor=True)),
+    "zclip": Case(lambda: clipx.zclip(warmup_steps=2, max_norm=5.0)),
+    "adagc": Case(lambda: clipx.adagc(warmup_steps=2)),
+    "quantile_clip": Case(lambda: clipx.quantile_clip(initial_threshold=1.0)),
+    "skip_nonfinite": Case(lambda: clipx.skip_nonfinite(clipx.global_norm(1.0))),
+    "skip_spikes": Case(lambda: clipx.skip_spikes(clipx.global_norm(1.0), min_observations=2)),
+}
+
+# Transforms that take per-example gradients (a leading batch axis of BATCH examples).
+BATCH = 16
+PER_EXAMPLE: dict[str, Case] = {
+    "per_example_global_norm": Case(lambda: clipx.per_example_global_norm(1.0, noise_multiplier=0.5), BATCH),
+    "per_example_layer_norm": Case(lambda: clipx.per_example_layer_norm(1.0, uniform=False), BATCH),
+    "per_example_adaptive": Case(lambda: clipx.per_example_adaptive(initial_threshold=1.0), BATCH),
+}
+
+# Public functions that are not transformations.
+NOT_TRANSFORMS = {"clipped_grad_sum", "state_shardings", "stats", "unitwise_norm"}
+
+
+def factory_name(name: str) -> str:
+    return name.removesuffix("_per_tensor")
+
+
+def test_table_covers_every_transform():
+    public = {
+        name
+        for name in clipx.__all__
+        if inspect.isfunction(getattr(clipx, name)) and name not in NOT_TRANSFORMS
+    }
+    covered = {factory_name(n) for n in TRANSFORMS} | set(PER_EXAMPLE)
+    assert public - covered == set(), "add these transforms to TRANSFORMS in tests/test_sharding.py"
+    assert covered - public == set(), "these table entries are no longer exported by clipx"
+
+
+PARAM_SHAPES = {
+    "embed": (64, 16),
+    "lstm": {"kernel": (16, 64), "bias": (64,)},
+    "scale": (),
+    "odd": (3, 5),  # divides by no mesh axis: replicated
+}
+
+
+def tree_of_shapes(f):
+    return jax.tree.map(f, PARAM_SHAPES, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def make_params():
+    rng = np.random.default_rng(0)
+    return tree_of_shapes(lambda s: rng.standard_normal(s).astype(np.float32))
+
+
+def make_grads(step: int, batch: int | None = None):
+    """Random gradients (NumPy, so no device work); step 3 is a spike (×30) so every adaptive rule clips."""
+    rng = np.random.default_rng(100 + step)
+    size = 3.0 if step == 3 else 0.1
+    lead = () if batch is None else (batch,)
+    return tree_of_shapes(lambda s: (size * rng.standard_normal(lead + s)).astype(np.float32))
+
+
+def spec_for(shape: tuple[int, ...], axes: tuple[tuple[str, int], ...]) -> P:
+    """Splits the largest dimensions over the mesh axes (largest axis first) where they divide."""
+    spec: list[str | None] = [None] * len(shape)
+    order = sorted(range(len(shape)), key=lambda d: -shape[d])
+    for name, size in axes:
+        for d in order:
+            if spec[d] is None and shape[d] % size == 0:
+                spec[d] = name
+                break
+    return P(*spec)
+
+
+def make_mesh(layout: str) -> tuple[Mesh, tuple[tuple[str, int], ...]]:
+    devices = np.array(jax.devices()[:8])
+    if layout == "fsdp":
+        return Mesh(devices, ("fsdp",)), (("fsdp", 8),)
+    if layout == "replicated":
+        return Mesh(devices, ("data",)), ()
+    return Mesh(devices.reshape(2, 4), ("data", "model")), (("model", 4), ("data", 2))
+
+
+LAYOUTS = ["fsdp", "replicated", "data2_model4"]
+BATCH_AXIS = {"fsdp": "fsdp", "replicated": "data", "data2_model4": "data"}  # where per-example batches go
+
+COLLECTIVE = re.compile(
+    r"=\s*(?P<shape>[^=]*?)\s(?P<op>all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)"
+    r"(?:-start)?\("
+)
+
+
+def collectives(hlo: str) -> collections.Counter:
+    """``(op, elements)`` of every cross-device transfer in compiled HLO text (tuples split)."""
+    found: collections.Counter = collections.Counter()
+    for match in COLLECTIVE.finditer(hlo):
+        for dims in re.findall(r"\[([\d,]*)\]", match["shape"]):
+            found[(match["op"], math.prod(int(d) for d in dims.split(",") if d))] += 1
+    return found
+
+
+def assert_tree_close(actual, expected):
+    def close(a, e):
+        a, e = np.asarray(a), np.asarray(e)
+        if np.issubdtype(e.dtype, np.floating):
+            np.testing.assert_allclose(a, e, rtol=2e-5, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(a, e)
+
+    jax.tree.map(close, actual, expected)
+
+
+@functools.cache
+def single_device_result(name: str, per_example: bool):
+    """The reference: the transform (before Adam) on one device, over 4 (3 per-example) steps."""
+    case = (PER_EXAMPLE if per_example else TRANSFORMS)[name]
+    tx = optax.chain(case.make(), optax.adam(1e-2))
+    grads_per_step = [
+        make_grads(step, BATCH if per_example else None) for step in range(3 if per_example else 4)
+    ]
+    return run_single_device(tx, grads_per_step, make_params())
+
+
+@functools.cache
+def baseline_hlo(layout: str, per_example: bool) -> str:
+    """The same step without clipping: Adam alone, after a plain sum over the batch for per-example input."""
+    tx = optax.adam(1e-2)
+    if per_example:
+        tx = optax.chain(optax.GradientTransformation(optax.identity().init, sum_over_batch), tx)
+    mesh, axes = make_mesh(layout)
+    param_sh = shardings_for(mesh, axes)
+    grad_sh = shardings_for(mesh, axes, batch_axis=BATCH_AXIS[layout]) if per_example else param_sh
+    grads = [make_grads(0, BATCH if per_example else None)]
+    return run_sharded(tx, grads, make_params(), grad_sh, param_sh)[2]
+
+
+def run_single_device(tx, grads_per_step, params):
+    update = jax.jit(tx.update)
+    state, outputs = tx.init(params), []
+    for grads in grads_per_step:
+        updates, state = update(grads, state, params)
+        outputs.append(updates)
+    return outputs, state
+
+
+def run_sharded(tx, grads_per_step, params, grad_shardings, param_shardings):
+    state_sh = clipx.state_shardings(tx, params, param_shardings)
+    params = jax.device_put(params, param_shardings)
+    state = jax.device_put(tx.init(params), state_sh)
+    step = jax.jit(
+        tx.update,
+        in_shardings=(grad_shardings, state_sh, param_shardings),
+        out_shardings=(param_shardings, state_sh),
+    )
+    compiled = step.lower(grads_per_step[0], state, params).compile()
+    outputs = []
+    for grads in grads_per_step:
+        updates, state = compiled(jax.device_put(grads, grad_shardings), state, params)
+        outputs.append(updates)
+    jax.tree.map(
+        lambda x, s: x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(f"{x.sharding} != {s}"),
+        state,
+        state_sh,
+    )
+    return outputs, state, compiled.as_text()
+
+
+def large_extra_collectives(hlo: str, baseline_hlo: str, max_elements: int) -> list:
+    """Transfers of more than ``max_elements`` the clipped step adds to the baseline step."""
+    extra = collectives(hlo) - collectives(baseline_hlo)
+    return [(op, n) for (op, n) in extra if n > max_elements]
+
+
+def shardings_for(mesh, axes, batch_axis: str | None = None):
+    def sharding(shape):
+        spec = spec_for(shape, axes)
+        if batch_axis is not None:
+            used = set(spec)
+            spec = P(batch_axis if batch_axis not in used else None, *spec)
+        return NamedSharding(mesh, spec)
+
+    return tree_of_shapes(sharding)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_sharded_matches_single_device(name, layout):
+    case = TRANSFORMS[name]
+    tx = optax.chain(case.make(), optax.adam(1e-2))
+    expected_updates, expected_state = single_device_result(name, per_example=False)
+
+    mesh, axes = make_mesh(layout)
+    param_sh = shardings_for(mesh, axes)
+    updates, state, hlo = run_sharded(
+        tx, [make_grads(step) for step in range(4)], make_params(), param_sh, param_sh
+    )
+    assert_tree_close(updates, expected_updates)
+    assert_tree_close(state, expected_state)
+
+    baseline = baseline_hlo(layout, per_example=False)
+    assert large_extra_collectives(hlo, baseline, case.max_elements) == []
+    if case.max_elements == 1:  # norm rules add nothing but scalar all-reduces
+        assert {op for op, _ in collectives(hlo) - collectives(baseline)} <= {"all-reduce"}
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "data2_model4"])
+@pytest.mark.parametrize("name", sorted(PER_EXAMPLE))
+def test_per_example_sharded_matches_single_device(name, layout):
+    case = PER_EXAMPLE[name]
+    tx = optax.chain(case.make(), optax.adam(1e-2))
+    params = make_params()
+    grads_per_step = [make_grads(step, batch=BATCH) for step in range(3)]
+    expected_updates, expected_state = run_single_device(tx, grads_per_step, params)
+
+    mesh, axes = make_mesh(layout)
+    param_sh = shardings_for(mesh, axes)
+    batch_axis = "data" if layout == "data2_model4" else "fsdp"
+    grad_sh = shardings_for(mesh, axes, batch_axis=batch_axis)
+    updates, state, hlo = run_sharded(tx, grads_per_step, params, grad_sh, param_sh)
+    assert_tree_close(updates, expected_updates)
+    assert_tree_close(state, expected_state)
+
+    # The baseline sums the per-example gradients without clipping: the same data-parallel reduction.
+    summed = optax.chain(
+        optax.GradientTransformation(optax.identity().init, sum_over_batch), optax.adam(1e-2)
+    )
+    *_, baseline_hlo = run_sharded(summed, grads_per_step[:1], params, grad_sh, param_sh)
+    assert large_extra_collectives(hlo, baseline_hlo, case.max_elements) == []
+
+
+def sum_over_batch(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda g: jnp.sum(g, axis=0), updates), state
+
+
+def test_training_step_adds_only_scalar_all_reduces():
+    """A whole FSDP + data-parallel step: clipping adds scalar all-reduces to what the step already moves."""
+    mesh, axes = make_mesh("fsdp")
+    params = {"w1": jnp.ones((32, 64)) * 0.01, "w2": jnp.ones((64, 8)) * 0.01}
+    param_sh = jax.tree.map(lambda p: NamedSharding(mesh, spec_for(p.shape, axes)), params)
+    batch_sh = NamedSharding(mesh, P("fsdp", None))
+    x, y = jnp.ones((64, 32)), jnp.ones((64, 8))
+
+    def loss(p, x, y):
+        return jnp.mean((jnp.tanh(x @ p["w1"]) @ p["w2"] - y) ** 2)
+
+    def hlo_of(tx):
+        state_sh = clipx.state_shardings(tx, params, param_sh)
+
+        def step(p, s, x, y):
+            grads = jax.grad(loss)(p, x, y)
+            updates, s = tx.update(grads, s, p)
+            return optax.apply_updates(p, updates), s
+
+        jitted = jax.jit(
+            step, in_shardings=(param_sh, state_sh, batch_sh, batch_sh), out_shardings=(param_sh, state_sh)
+        )
+        return jitted.lower(params, tx.init(params), x, y).compile().as_text()
+
+    baseline = hlo_of(optax.adam(1e-3))
+    for clip in (clipx.global_norm(1.0), clipx.adaptive(), clipx.zclip(), clipx.adagc()):
+        extra = collectives(hlo_of(optax.chain(clip, optax.adam(1e-3)))) - collectives(baseline)
+        assert all(op == "all-reduce" and n == 1 for op, n in extra), extra
+
+
+def test_state_shardings_mirror_parameters_and_replicate_statistics():
+    mesh, axes = make_mesh("fsdp")
+    params = make_params()
+    param_sh = shardings_for(mesh, axes)
+    tx = optax.chain(clipx.adagc(), optax.adam(1e-3))
+    shardings = clipx.state_shardings(tx, params, param_sh)
+    adagc_state, (adam_state, _) = shardings
+    assert adam_state.mu == param_sh and adam_state.nu == param_sh
+    replicated = NamedSharding(mesh, P())
+    for leaf in [*jax.tree.leaves(adagc_state), adam_state.count]:
+        assert leaf == replicated
+    specs = clipx.state_shardings(tx, params, jax.tree.map(lambda s: s.spec, param_sh))
+    assert specs[1][0].mu == jax.tree.map(lambda s: s.spec, param_sh)
+    assert all(s == P() for s in jax.tree.leaves(specs[0]))
+
+
+def test_reducing_transforms_take_keyword_axis_name():
+    """Rules that reduce over the tree take ``axis_name`` for shard_map/pmap (see tests/test_shard_map.py)."""
+    lacking = {}
+    for name in {factory_name(n) for n in TRANSFORMS} | set(PER_EXAMPLE):
+        parameter = inspect.signature(getattr(clipx, name)).parameters.get("axis_name")
+        if parameter is None or parameter.kind is not inspect.Parameter.KEYWORD_ONLY:
+            lacking[name] = parameter
+    assert set(lacking) == AXIS_NAME_NOT_NEEDED.keys(), lacking
+
+
+# Transforms without ``axis_name``, and why that is (or is not yet) fine.
+AXIS_NAME_NOT_NEEDED = {
+    "agc": "per-unit norms: under shard_map split leaves along their unit (kept) axes, not the reduced ones",
+    "skip_nonfinite": "decides from the local shard only; see the strict xfail in tests/test_shard_map.py",
+    "per_example_global_norm": "per-example gradients are data-parallel: reduce the batch with jit sharding",
+    "per_example_layer_norm": "as per_example_global_norm",
+    "per_example_adaptive": "as per_example_global_norm",
+}
