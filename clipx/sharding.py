@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
@@ -63,11 +63,12 @@ def state_shardings(
       >>> params = {"w": jnp.zeros((8, 4))}
       >>> specs = clipx.state_shardings(tx, params, {"w": P("data", None)})
       >>> specs[1][0].mu, specs[0].stats.norm
-      ({'w': PartitionSpec('data', None)}, PartitionSpec())
+      ({'w': P('data', None)}, P())
     """
     init: Callable[[PyTree], PyTree] = getattr(tx, "init", tx)
     state = jax.eval_shape(init, params)
     param_leaves, params_def = jax.tree.flatten(params)
+    params_def = cast(Any, params_def)  # jax's PyTreeDef stubs lack flatten_up_to
     sharding_leaves = params_def.flatten_up_to(param_shardings)
     if replicated is None:
         if not sharding_leaves:
