@@ -28,7 +28,9 @@ def _as_python_number(name: str, value: Any) -> float | None:
         if np.ndim(value) != 0:
             raise ValueError(f"{name} must be a scalar, got an array of shape {np.shape(value)}")
         return None
-    raise TypeError(f"{name} must be a real number or a scalar JAX array, got {type(value).__name__} {value!r}")
+    raise TypeError(
+        f"{name} must be a real number or a scalar JAX array, got {type(value).__name__} {value!r}"
+    )
 
 
 def check_range(
@@ -88,8 +90,8 @@ def check_same_structure(
 
     ``hint`` ends the message: what the caller should check or change.
     """
-    expected_def = jax.tree.structure(expected)
-    actual_def = jax.tree.structure(actual)
+    expected_def: Any = jax.tree.structure(expected)
+    actual_def: Any = jax.tree.structure(actual)
     if expected_def != actual_def:
         raise ValueError(
             f"{what}: the tree structures differ.\n  expected: {expected_def}\n  got:      {actual_def}\n"
