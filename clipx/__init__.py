@@ -1,11 +1,11 @@
 """clipx: gradient clipping for JAX as composable Optax transformations."""
 
 from clipx._stats import ClipStats, GuardStats, stats
-from clipx.adaptive.adagc import adagc
-from clipx.adaptive.autoclip import autoclip
-from clipx.adaptive.quantile import quantile_clip
-from clipx.adaptive.recommended import adaptive
-from clipx.adaptive.zclip import zclip
+from clipx.adaptive_rules.adagc import adagc
+from clipx.adaptive_rules.autoclip import autoclip
+from clipx.adaptive_rules.quantile import quantile_clip
+from clipx.adaptive_rules.recommended import adaptive
+from clipx.adaptive_rules.zclip import zclip
 from clipx.agc import agc, unitwise_norm
 from clipx.fixed import block_rms, global_norm, tensor_norm, value
 from clipx.guards import skip_nonfinite, skip_spikes

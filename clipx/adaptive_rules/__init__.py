@@ -1,5 +1,8 @@
 """Clippers whose threshold adapts to running statistics of the gradients.
 
+The package is named ``adaptive_rules`` so that ``clipx.adaptive`` is always
+the recommended clipper function, never a module.
+
 One module per rule:
 
 * `adaptive` (``recommended.py``): the recommended default, a global-norm
@@ -12,10 +15,10 @@ One module per rule:
 Every rule keeps non-finite norms out of its statistics.
 """
 
-from clipx.adaptive.adagc import adagc
-from clipx.adaptive.autoclip import autoclip
-from clipx.adaptive.quantile import quantile_clip
-from clipx.adaptive.recommended import adaptive
-from clipx.adaptive.zclip import zclip
+from clipx.adaptive_rules.adagc import adagc
+from clipx.adaptive_rules.autoclip import autoclip
+from clipx.adaptive_rules.quantile import quantile_clip
+from clipx.adaptive_rules.recommended import adaptive
+from clipx.adaptive_rules.zclip import zclip
 
 __all__ = ["adagc", "adaptive", "autoclip", "quantile_clip", "zclip"]
