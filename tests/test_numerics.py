@@ -1,0 +1,168 @@
+"""Safe numerics: float16/bfloat16 norms, zeros, empty trees, meta-gradients, float64, the helpers."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import clipx
+from clipx import _numerics
+
+FACTORIES = {
+    "value": clipx.value,
+    "global_norm": clipx.global_norm,
+    "tensor_norm": clipx.tensor_norm,
+    "block_rms": clipx.block_rms,
+    "agc": clipx.agc,
+}
+
+
+def apply(name, threshold, grads, params=None):
+    """One update of the named transform (AGC gets parameters of ones shaped like ``grads``)."""
+    tx = FACTORIES[name](threshold)
+    if params is None:
+        params = jax.tree.map(jnp.ones_like, grads)
+    return tx.update(grads, tx.init(params), params)
+
+
+def test_float16_norm_overflows_in_optax_not_in_clipx():
+    grads = {"w": jnp.full((64,), 300.0, jnp.float16)}  # Σ g² = 5.76e6 > float16 max 65504
+    assert not np.isfinite(float(optax.tree.norm(grads)))
+    assert float(_numerics.tree_norm(grads)) == pytest.approx(2400.0, rel=1e-6)
+    updates, state = apply("global_norm", 1.0, grads)
+    assert float(state.stats.norm) == pytest.approx(2400.0, rel=1e-6)
+    assert updates["w"].dtype == jnp.float16
+    np.testing.assert_allclose(np.asarray(updates["w"], np.float32), 1 / 8, rtol=1e-3)
+    tensor, _ = apply("tensor_norm", 1.0, grads)
+    chex.assert_trees_all_equal(tensor, updates)
+    rms, state = apply("block_rms", 1.0, grads)
+    assert float(state.stats.norm) == pytest.approx(300.0)
+    np.testing.assert_allclose(np.asarray(rms["w"], np.float32), 1.0)
+
+
+def test_float16_overflow_in_optax_agc_and_block_rms():
+    grads = {"w": jnp.full((8, 8), 300.0, jnp.float16)}
+    params = {"w": jnp.full((8, 8), 1.0, jnp.float16)}
+    ours, _ = apply("agc", 0.01, grads, params)
+    chex.assert_tree_all_finite(ours)
+    column_norms = np.linalg.norm(np.asarray(ours["w"], np.float32), axis=0)
+    np.testing.assert_allclose(column_norms, 0.01 * np.sqrt(8), rtol=2e-3)
+    theirs, _ = optax.clip_by_block_rms(1.0).update(grads, optax.EmptyState())
+    assert not np.allclose(np.asarray(theirs["w"], np.float32), 1.0)  # rms(g) overflowed: g / inf = 0
+
+
+def test_bfloat16_norm_is_accurate():
+    values = np.random.default_rng(0).uniform(100, 500, 4096).astype(np.float32)
+    grads = {"w": jnp.asarray(values, jnp.bfloat16)}
+    exact = np.linalg.norm(np.asarray(grads["w"], np.float64))
+    assert float(_numerics.tree_norm(grads)) == pytest.approx(exact, rel=1e-6)
+    updates, _ = apply("global_norm", 1.0, grads)
+    assert updates["w"].dtype == jnp.bfloat16
+    assert float(_numerics.tree_norm(updates)) == pytest.approx(1.0, rel=1e-2)
+
+
+ZERO_CASES = {
+    "zero": {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))},
+    "zero_leaf": {"a": jnp.zeros(3), "b": jnp.ones((2, 2))},
+    "empty_dict": {},
+    "none_leaves": {"a": None, "b": jnp.zeros(2)},
+    "only_none": {"a": None},
+    "size_zero_leaf": {"a": jnp.zeros((0,)), "b": jnp.ones(2)},
+}
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0])
+@pytest.mark.parametrize("case", sorted(ZERO_CASES))
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_zeros_and_empty_trees_never_nan(name, case, threshold):
+    grads = ZERO_CASES[case]
+    updates, state = apply(name, threshold, grads)
+    chex.assert_trees_all_equal_structs(updates, grads)
+    chex.assert_tree_all_finite(updates)
+    chex.assert_tree_all_finite(state)
+    if threshold == 0.0:
+        chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, grads))
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+@pytest.mark.parametrize("scale", [0.0, 0.5, 50.0])
+def test_meta_gradients_are_finite(name, scale):
+    grads = {"a": jnp.array([3.0, -4.0]) * scale, "b": jnp.array([[1.0, 2.0]]) * scale}
+    params = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([[0.5, -0.5]])}
+
+    def outcome(g, threshold):
+        tx = FACTORIES[name](threshold)
+        updates, state = tx.update(g, tx.init(params), params)
+        return sum(jnp.sum(u**2) for u in jax.tree.leaves(updates)) + state.stats.norm
+
+    d_grads, d_threshold = jax.grad(outcome, argnums=(0, 1))(grads, jnp.float32(1.0))
+    chex.assert_tree_all_finite((d_grads, d_threshold))
+    d_zero = jax.grad(outcome, argnums=1)(grads, jnp.float32(0.0))
+    chex.assert_tree_all_finite(d_zero)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_below_threshold_is_bit_identical(name, dtype):
+    grads = {"a": jnp.array([0.1, -0.2, 0.3], dtype), "b": jnp.array([[1e-3, 0.0]], dtype)}
+    params = jax.tree.map(lambda g: jnp.full(g.shape, 100.0, dtype), grads)
+    updates, state = apply(name, 10.0, grads, params)
+    assert not bool(state.stats.clipped)
+    chex.assert_trees_all_equal(updates, grads)
+    chex.assert_trees_all_equal_dtypes(updates, grads)
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_float64_under_x64(name):
+    with jax.enable_x64(True):
+        grads = {"a": jnp.array([3.0, 4.0e-9], jnp.float64), "b": jnp.array([[12.0]], jnp.float64)}
+        updates, state = apply(name, 1e-3, grads)
+        assert updates["a"].dtype == jnp.float64
+        assert state.stats.norm.dtype == jnp.float64
+        assert state.stats.threshold.dtype == jnp.float64
+        chex.assert_tree_all_finite(updates)
+        if name == "global_norm":
+            norm = np.sqrt(9.0 + 16e-18 + 144.0)
+            expected = {k: np.asarray(v) * (1e-3 / norm) for k, v in grads.items()}
+            chex.assert_trees_all_close(updates, expected, rtol=1e-14)
+            assert float(state.stats.norm) == pytest.approx(norm, rel=1e-15)
+    assert jnp.ones(()).dtype == jnp.float32  # x64 is off again
+
+
+def test_helpers():
+    tree = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([[2.0, 2.0], [2.0, 2.0]]), "c": None}
+    assert float(_numerics.tree_norm(tree)) == pytest.approx(np.sqrt(41.0))
+    chex.assert_trees_all_close(_numerics.leaf_norms(tree), {"a": 5.0, "b": 4.0, "c": None})
+    chex.assert_trees_all_close(_numerics.leaf_rms(tree), {"a": np.sqrt(12.5), "b": 2.0, "c": None})
+    assert float(_numerics.tree_norm({})) == 0.0
+    assert float(_numerics.clip_scale(jnp.float32(0.0), 0.0)) == 1.0
+    assert float(_numerics.clip_scale(jnp.float32(2.0), 0.0)) == 0.0
+    assert float(_numerics.clip_scale(jnp.float32(np.inf), 1.0)) == 0.0
+    assert float(_numerics.clip_scale(jnp.float32(4.0), 1.0)) == 0.25
+    assert float(jax.grad(_numerics.safe_sqrt)(0.0)) == 0.0
+    assert _numerics.scale_leaf(jnp.ones(2, jnp.bfloat16), jnp.float32(0.5)).dtype == jnp.bfloat16
+
+
+def test_axis_name_reduces_over_devices():
+    devices = jax.devices()[:4]
+    if len(devices) < 4:
+        pytest.skip("needs 4 devices")
+    mesh = jax.sharding.Mesh(np.array(devices), ("d",))
+    grads = {"a": jnp.arange(8.0) - 3.5, "b": jnp.arange(4.0)}
+    spec = jax.sharding.PartitionSpec("d")
+
+    for name in ("value", "block_rms"):  # pmax, and psum of entry counts
+        tx = FACTORIES[name](1.0, axis_name="d")
+        state = tx.init(grads)
+        sharded = jax.shard_map(
+            lambda g, tx=tx, state=state: tx.update(g, state),
+            mesh=mesh,
+            in_specs=(spec,),
+            out_specs=(spec, jax.sharding.PartitionSpec()),
+        )
+        updates, new_state = sharded(grads)
+        expected, expected_state = FACTORIES[name](1.0).update(grads, state)
+        chex.assert_trees_all_close(updates, expected, rtol=1e-6)
+        chex.assert_trees_all_close(new_state, expected_state, rtol=1e-6)
