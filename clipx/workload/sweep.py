@@ -66,8 +66,8 @@ class SweepConfig:
     learning_rates: tuple[float, ...] = LEARNING_RATES
     seeds: int = 3
     max_length: int = 256
-    train_limit: int | None = None
-    dev_limit: int | None = 2000
+    train_limit: int | None = 2000
+    dev_limit: int | None = 1000
     task_length: int = 100
     task_train: int = 4000
     max_steps: int | None = None
@@ -108,6 +108,7 @@ def run_config(sweep: SweepConfig, dataset: str, clipper: str, lr: float, seed: 
         return TrainConfig(
             data=str(pathlib.Path(sweep.data_root) / "imdb"),
             max_length=sweep.max_length,
+            pad_multiple=64,
             train_limit=sweep.train_limit,
             dev_limit=sweep.dev_limit,
             **common,
@@ -135,9 +136,10 @@ def run_sweep(
     labels = [c for c in sweep.clippers if next(x for x in CLIPPERS if x[0] == c)[1] not in missing]
     settings = {"sweep": dataclasses.asdict(sweep), "model": MODEL, "skipped_clippers_not_in_clipx": missing}
     (out / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
-    for dataset in sweep.datasets:
-        for lr in sweep.learning_rates:
-            for seed in range(sweep.seeds):
+    # Seeds outermost: a sweep stopped early has every cell for its first seeds.
+    for seed in range(sweep.seeds):
+        for dataset in sweep.datasets:
+            for lr in sweep.learning_rates:
                 for clipper in labels:
                     path = out / _run_name(dataset, clipper, lr, seed)
                     if path.is_file():

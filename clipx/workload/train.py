@@ -55,6 +55,8 @@ class TrainConfig:
         the embedded task.
       train_limit, dev_limit: use only the first examples of each file.
       max_length: truncate every example to this many tokens.
+      pad_multiple: batches are padded to a multiple of this many tokens (each
+        distinct width costs one jit compilation).
       min_count, max_vocab: vocabulary built from the training split.
       model: keyword arguments of `ModelConfig` (``vocab_size`` and
         ``num_classes`` come from the data).
@@ -77,6 +79,7 @@ class TrainConfig:
     train_limit: int | None = None
     dev_limit: int | None = None
     max_length: int | None = None
+    pad_multiple: int = 16
     min_count: int = 1
     max_vocab: int | None = 30000
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -235,7 +238,9 @@ def load_data(config: TrainConfig) -> Data:
 
 def _epoch_batches(config: TrainConfig, train: data_lib.Encoded, epoch: int) -> Iterator[data_lib.Batch]:
     rng = np.random.default_rng([config.seed, epoch])
-    return data_lib.batches(train, config.batch_size, rng=rng, drop_remainder=True)
+    return data_lib.batches(
+        train, config.batch_size, rng=rng, drop_remainder=True, pad_multiple=config.pad_multiple
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -301,10 +306,12 @@ def _make_steps(model: TextClassifier, tx: optax.GradientTransformation) -> tupl
     return train_step, eval_step
 
 
-def evaluate(eval_step: Callable, params: Any, dev: data_lib.Encoded, batch_size: int) -> dict[str, float]:
+def evaluate(
+    eval_step: Callable, params: Any, dev: data_lib.Encoded, batch_size: int, pad_multiple: int
+) -> dict[str, float]:
     """Dev-set ``dev_accuracy`` and ``dev_loss`` (mean over examples)."""
     totals = np.zeros(3)
-    for batch in data_lib.batches(dev, batch_size):
+    for batch in data_lib.batches(dev, batch_size, pad_multiple=pad_multiple):
         totals += np.asarray(jax.device_get(eval_step(params, batch)), np.float64)
     loss, correct, count = totals
     return {"dev_accuracy": correct / count, "dev_loss": loss / count}
@@ -450,7 +457,7 @@ def train(
                         {
                             "step": step,
                             "epoch": epoch,
-                            **evaluate(eval_step, params, data.dev, config.batch_size),
+                            **evaluate(eval_step, params, data.dev, config.batch_size, config.pad_multiple),
                         }
                     )
                 state = TrainState(params, opt_state, jnp.asarray(step, jnp.int32), state.rng)
@@ -463,7 +470,9 @@ def train(
         log_file.close()
 
     finished = diverged or step >= total
-    final = None if diverged else evaluate(eval_step, params, data.dev, config.batch_size)
+    final = (
+        None if diverged else evaluate(eval_step, params, data.dev, config.batch_size, config.pad_multiple)
+    )
     losses = [r["loss"] for r in log_records if "loss" in r][-20:]
     summary = {
         "steps": step,
