@@ -133,12 +133,26 @@ def _maybe_noise(
     return _add_noise(tree, key, noise_multiplier * threshold)
 
 
+def _across(x: jax.Array, axis_name: _numerics.AxisName | None, reduce=jax.lax.psum) -> jax.Array:
+    """``reduce(x, axis_name)`` when the batch is split over a mapped axis, else ``x``."""
+    return x if axis_name is None else reduce(x, axis_name)
+
+
+def _fraction(count: jax.Array, total: int, axis_name: _numerics.AxisName | None) -> jax.Array:
+    """``count / total`` over the whole (possibly device-split) batch; 0 for an empty batch."""
+    count = _across(count.astype(jnp.float32), axis_name)
+    total_all = _across(jnp.asarray(total, jnp.float32), axis_name)
+    return count / jnp.maximum(total_all, 1)
+
+
 def _initial_key(seed: int) -> jax.Array:
     return jax.random.key_data(jax.random.key(seed))
 
 
-def _stats(norms: jax.Array, threshold: jax.Array, clipped_fraction: jax.Array) -> ClipStats:
-    max_norm = jnp.max(norms, initial=0.0)
+def _stats(
+    norms: jax.Array, threshold: jax.Array, clipped_fraction: jax.Array, axis_name: _numerics.AxisName | None
+) -> ClipStats:
+    max_norm = _across(jnp.max(norms, initial=0.0), axis_name, jax.lax.pmax)
     return ClipStats(
         norm=max_norm,
         threshold=jnp.asarray(threshold, max_norm.dtype),
@@ -148,7 +162,11 @@ def _stats(norms: jax.Array, threshold: jax.Array, clipped_fraction: jax.Array) 
 
 
 def per_example_global_norm(
-    l2_norm_clip: float | jax.Array, noise_multiplier: float | jax.Array = 0.0, seed: int = 0
+    l2_norm_clip: float | jax.Array,
+    noise_multiplier: float | jax.Array = 0.0,
+    seed: int = 0,
+    *,
+    axis_name: _numerics.AxisName | None = None,
 ) -> optax.GradientTransformation:
     r"""Clips each example's gradient to a global L2 norm, sums, adds Gaussian noise (DP-SGD).
 
@@ -170,6 +188,10 @@ def per_example_global_norm(
       noise_multiplier: ``σ ≥ 0``; the noise standard deviation is ``σ·C``.
         The Python number 0 adds no noise and draws no random numbers.
       seed: an int seeding the PRNG key held in the state.
+      axis_name: inside ``shard_map``/``pmap`` where each device holds a slice
+        of the *batch*, the mapped axis: the clipped sums, counts and largest
+        norm are reduced over it, and the noise is added once, to the total
+        (every device draws the same noise from the same key).
 
     Returns:
       An ``optax.GradientTransformation``; its `ClipStats` report the largest
@@ -198,11 +220,12 @@ def per_example_global_norm(
 
     def update_fn(updates, state, params=None):
         del params
-        _check_batched(updates, "per_example_global_norm")
+        batch = _check_batched(updates, "per_example_global_norm")
         total, norms, multipliers = _clipped_sum(updates, l2_norm_clip)
+        total = jax.tree.map(lambda t: _across(t, axis_name), total)
         total, key = _maybe_noise(total, state.key, noise_multiplier, jnp.asarray(l2_norm_clip))
-        fraction = jnp.mean(multipliers < 1) if norms.size else jnp.zeros(())
-        return total, PerExampleState(key=key, stats=_stats(norms, l2_norm_clip, fraction))
+        fraction = _fraction(jnp.sum(multipliers < 1), batch, axis_name)
+        return total, PerExampleState(key=key, stats=_stats(norms, l2_norm_clip, fraction, axis_name))
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -223,6 +246,7 @@ def per_example_layer_norm(
     seed: int = 0,
     *,
     uniform: bool = True,
+    axis_name: _numerics.AxisName | None = None,
 ) -> optax.GradientTransformation:
     r"""Clips each example's gradient layer by layer, sums, adds Gaussian noise (McMahan et al.).
 
@@ -249,6 +273,8 @@ def per_example_layer_norm(
       noise_multiplier: ``σ ≥ 0``; noise standard deviation ``σ·C`` on every leaf.
       seed: an int seeding the PRNG key held in the state.
       uniform: ``C/√K`` for every layer (True) or ``C·√(D_k/D)`` (False).
+      axis_name: the mapped axis the batch is split over inside
+        ``shard_map``/``pmap`` (see `per_example_global_norm`).
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -283,12 +309,12 @@ def per_example_layer_norm(
             leaf_sum, _, multipliers = _clipped_sum(leaf, threshold)
             summed.append(leaf_sum)
             clipped_counts.append(jnp.sum(multipliers < 1))
-        total = jax.tree.unflatten(treedef, summed)
+        total = jax.tree.map(lambda t: _across(t, axis_name), jax.tree.unflatten(treedef, summed))
         total, key = _maybe_noise(total, state.key, noise_multiplier, jnp.asarray(l2_norm_clip))
         pairs = sum(leaf.shape[0] for leaf in leaves)
-        fraction = sum(clipped_counts) / pairs if pairs else jnp.zeros(())
+        fraction = _fraction(sum(clipped_counts, jnp.zeros((), jnp.int32)), pairs, axis_name)
         norms = _per_example_norms(updates) if leaves else jnp.zeros((0,))
-        return total, PerExampleState(key=key, stats=_stats(norms, l2_norm_clip, jnp.asarray(fraction)))
+        return total, PerExampleState(key=key, stats=_stats(norms, l2_norm_clip, fraction, axis_name))
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -300,6 +326,8 @@ def per_example_adaptive(
     noise_multiplier: float | jax.Array = 0.0,
     count_stddev: float | jax.Array = 0.0,
     seed: int = 0,
+    *,
+    axis_name: _numerics.AxisName | None = None,
 ) -> optax.GradientTransformation:
     r"""Per-example clipping whose norm ``C`` tracks a quantile of the per-example norms.
 
@@ -330,6 +358,9 @@ def per_example_adaptive(
       count_stddev: ``σ_b ≥ 0``, the standard deviation (in examples) of the
         noise added to the unclipped count.
       seed: an int seeding the PRNG key held in the state.
+      axis_name: the mapped axis the batch is split over inside
+        ``shard_map``/``pmap``: counts are summed over it, so every device
+        moves ``C`` identically (see `per_example_global_norm`).
 
     Returns:
       An ``optax.GradientTransformation``; ``clipx.stats`` reports the largest
@@ -369,15 +400,19 @@ def per_example_adaptive(
         batch = _check_batched(updates, "per_example_adaptive")
         threshold = state.threshold
         total, norms, multipliers = _clipped_sum(updates, threshold)
+        total = jax.tree.map(lambda t: _across(t, axis_name), total)
         key, count_key = jax.random.split(state.key)
         total, key = _maybe_noise(total, key, noise_multiplier, threshold)
-        unclipped = jnp.sum(norms <= threshold).astype(jnp.float32)
+        examples = _across(jnp.asarray(batch, jnp.float32), axis_name)
+        unclipped = _across(jnp.sum(norms <= threshold).astype(jnp.float32), axis_name)
         unclipped = unclipped + count_stddev * jax.random.normal(count_key, (), jnp.float32)
-        below = unclipped / max(batch, 1)
+        below = unclipped / jnp.maximum(examples, 1)
         new_threshold = threshold * jnp.exp(-learning_rate * (below - target_quantile))
-        fraction = jnp.mean(multipliers < 1) if norms.size else jnp.zeros(())
+        fraction = _fraction(jnp.sum(multipliers < 1), batch, axis_name)
         new_state = PerExampleAdaptiveState(
-            threshold=new_threshold.astype(jnp.float32), key=key, stats=_stats(norms, threshold, fraction)
+            threshold=new_threshold.astype(jnp.float32),
+            key=key,
+            stats=_stats(norms, threshold, fraction, axis_name),
         )
         return total, new_state
 

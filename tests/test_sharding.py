@@ -340,9 +340,7 @@ def test_reducing_transforms_take_keyword_axis_name():
 
 # Transforms without ``axis_name``, and why that is (or is not yet) fine.
 AXIS_NAME_NOT_NEEDED = {
-    "agc": "per-unit norms: under shard_map split leaves along their unit (kept) axes, not the reduced ones",
+    "agc": "updates are per unit (split leaves along kept axes), but its ClipStats are not reduced "
+    "across devices: see the strict xfail in tests/test_shard_map.py",
     "skip_nonfinite": "decides from the local shard only; see the strict xfail in tests/test_shard_map.py",
-    "per_example_global_norm": "per-example gradients are data-parallel: reduce the batch with jit sharding",
-    "per_example_layer_norm": "as per_example_global_norm",
-    "per_example_adaptive": "as per_example_global_norm",
 }
