@@ -433,7 +433,11 @@ def clipped_grad_sum(
     ``jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))(params, batch)``, but the
     batch is walked in chunks of ``chunk_size`` examples with ``jax.lax.scan``:
     only one chunk's per-example gradients exist at a time, and each chunk's
-    clipped sum is added to a float32 (or wider) accumulator.
+    clipped sum is added to a float32 (or wider) accumulator. Chunks are
+    strided (chunk ``j`` holds examples ``j, j + n, j + 2n, …``), so with a
+    batch sharded over devices (and ``chunk_size`` a multiple of their
+    number) every chunk takes the same share from each device and no example
+    moves between devices.
 
     Memory: about ``chunk_size × |params|`` for the chunk's per-example
     gradients plus ``|params|`` for the accumulator (plus the chunk's
@@ -493,11 +497,14 @@ def clipped_grad_sum(
     chunks, rest = divmod(size, chunk_size)
     all_norms = []
     if chunks:
+        # Chunk j holds examples j, j + chunks, j + 2·chunks, ...: with the batch sharded over
+        # devices, every chunk draws evenly from every device's slice and the scan stays local.
         body = jax.tree.map(
-            lambda x: x[: chunks * chunk_size].reshape(chunks, chunk_size, *x.shape[1:]), batch
+            lambda x: jnp.swapaxes(x[: chunks * chunk_size].reshape(chunk_size, chunks, *x.shape[1:]), 0, 1),
+            batch,
         )
         total, norms = jax.lax.scan(add_chunk, total, body)
-        all_norms.append(norms.reshape(-1))
+        all_norms.append(norms.T.reshape(-1))
     if rest:
         total, norms = add_chunk(total, jax.tree.map(lambda x: x[chunks * chunk_size :], batch))
         all_norms.append(norms)

@@ -148,26 +148,56 @@ def collectives(hlo: str) -> collections.Counter:
     return found
 
 
-def assert_tree_close(actual, expected):
-    def close(a, e):
+def assert_tree_close(actual, expected, what=""):
+    def close(path, a, e):
         a, e = np.asarray(a), np.asarray(e)
+        message = f"{what}{jax.tree_util.keystr(path)}"
         if np.issubdtype(e.dtype, np.floating):
-            np.testing.assert_allclose(a, e, rtol=2e-5, atol=1e-6)
+            np.testing.assert_allclose(a, e, rtol=2e-5, atol=1e-6, err_msg=message)
         else:
-            np.testing.assert_array_equal(a, e)
+            np.testing.assert_array_equal(a, e, err_msg=message)
 
-    jax.tree.map(close, actual, expected)
+    jax.tree_util.tree_map_with_path(close, actual, expected)
+
+
+def side_by_side(transforms: dict[str, optax.GradientTransformation]) -> optax.GradientTransformation:
+    """Applies every transform to the same input; updates and states are dicts keyed by name.
+
+    One compiled program for a whole group of transforms keeps the tests fast.
+    """
+
+    def init_fn(params):
+        return {name: tx.init(params) for name, tx in transforms.items()}
+
+    def update_fn(updates, state, params=None):
+        results = {name: tx.update(updates, state[name], params) for name, tx in transforms.items()}
+        return {n: r[0] for n, r in results.items()}, {n: r[1] for n, r in results.items()}
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+# Groups compiled together: the norm rules (scalar all-reduces only), AGC, the per-example rules.
+GROUPS = {
+    "norm_rules": sorted(n for n, c in TRANSFORMS.items() if c.max_elements == 1),
+    "agc": ["agc"],
+    "per_example": sorted(PER_EXAMPLE),
+}
+
+
+def group_transform(group: str) -> optax.GradientTransformation:
+    table = PER_EXAMPLE if group == "per_example" else TRANSFORMS
+    return side_by_side({name: optax.chain(table[name].make(), optax.adam(1e-2)) for name in GROUPS[group]})
+
+
+def group_grads(group: str) -> list:
+    """4 steps of gradients (per-example ones carry a leading batch axis)."""
+    return [make_grads(step, BATCH if group == "per_example" else None) for step in range(4)]
 
 
 @functools.cache
-def single_device_result(name: str, per_example: bool):
-    """The reference: the transform (before Adam) on one device, over 4 (3 per-example) steps."""
-    case = (PER_EXAMPLE if per_example else TRANSFORMS)[name]
-    tx = optax.chain(case.make(), optax.adam(1e-2))
-    grads_per_step = [
-        make_grads(step, BATCH if per_example else None) for step in range(3 if per_example else 4)
-    ]
-    return run_single_device(tx, grads_per_step, make_params())
+def single_device_result(group: str):
+    """The reference: every transform of the group (before Adam) on one device."""
+    return run_single_device(group_transform(group), group_grads(group), make_params())
 
 
 @functools.cache
@@ -194,12 +224,15 @@ def run_single_device(tx, grads_per_step, params):
 
 def run_sharded(tx, grads_per_step, params, grad_shardings, param_shardings):
     state_sh = clipx.state_shardings(tx, params, param_shardings)
+    out_sh = (
+        param_shardings if not isinstance(state_sh, dict) else {name: param_shardings for name in state_sh}
+    )
     params = jax.device_put(params, param_shardings)
     state = jax.device_put(tx.init(params), state_sh)
     step = jax.jit(
         tx.update,
         in_shardings=(grad_shardings, state_sh, param_shardings),
-        out_shardings=(param_shardings, state_sh),
+        out_shardings=(out_sh, state_sh),
     )
     compiled = step.lower(grads_per_step[0], state, params).compile()
     outputs = []
@@ -232,49 +265,28 @@ def shardings_for(mesh, axes, batch_axis: str | None = None):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("name", sorted(TRANSFORMS))
-def test_sharded_matches_single_device(name, layout):
-    case = TRANSFORMS[name]
-    tx = optax.chain(case.make(), optax.adam(1e-2))
-    expected_updates, expected_state = single_device_result(name, per_example=False)
-
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_sharded_matches_single_device(group, layout):
+    """Updates and states equal one device's; the program adds only small all-reduces to the baseline."""
+    per_example = group == "per_example"
+    expected_updates, expected_state = single_device_result(group)
     mesh, axes = make_mesh(layout)
     param_sh = shardings_for(mesh, axes)
-    updates, state, hlo = run_sharded(
-        tx, [make_grads(step) for step in range(4)], make_params(), param_sh, param_sh
-    )
-    assert_tree_close(updates, expected_updates)
-    assert_tree_close(state, expected_state)
+    grad_sh = shardings_for(mesh, axes, batch_axis=BATCH_AXIS[layout]) if per_example else param_sh
+    tx = group_transform(group)
+    updates, state, hlo = run_sharded(tx, group_grads(group), make_params(), grad_sh, param_sh)
+    for name in GROUPS[group]:
+        for step, (got, want) in enumerate(zip(updates, expected_updates, strict=True)):
+            assert_tree_close(got[name], want[name], f"{name} ({layout}) update at step {step}: ")
+        assert_tree_close(state[name], expected_state[name], f"{name} ({layout}) state: ")
 
-    baseline = baseline_hlo(layout, per_example=False)
-    assert large_extra_collectives(hlo, baseline, case.max_elements) == []
-    if case.max_elements == 1:  # norm rules add nothing but scalar all-reduces
+    baseline = baseline_hlo(layout, per_example)
+    max_elements = max((PER_EXAMPLE | TRANSFORMS)[name].max_elements for name in GROUPS[group])
+    assert large_extra_collectives(hlo, baseline, max_elements) == []
+    if group == "norm_rules":  # nothing but scalar all-reduces
         assert {op for op, _ in collectives(hlo) - collectives(baseline)} <= {"all-reduce"}
-
-
-@pytest.mark.parametrize("layout", ["fsdp", "data2_model4"])
-@pytest.mark.parametrize("name", sorted(PER_EXAMPLE))
-def test_per_example_sharded_matches_single_device(name, layout):
-    case = PER_EXAMPLE[name]
-    tx = optax.chain(case.make(), optax.adam(1e-2))
-    params = make_params()
-    grads_per_step = [make_grads(step, batch=BATCH) for step in range(3)]
-    expected_updates, expected_state = run_single_device(tx, grads_per_step, params)
-
-    mesh, axes = make_mesh(layout)
-    param_sh = shardings_for(mesh, axes)
-    batch_axis = "data" if layout == "data2_model4" else "fsdp"
-    grad_sh = shardings_for(mesh, axes, batch_axis=batch_axis)
-    updates, state, hlo = run_sharded(tx, grads_per_step, params, grad_sh, param_sh)
-    assert_tree_close(updates, expected_updates)
-    assert_tree_close(state, expected_state)
-
-    # The baseline sums the per-example gradients without clipping: the same data-parallel reduction.
-    summed = optax.chain(
-        optax.GradientTransformation(optax.identity().init, sum_over_batch), optax.adam(1e-2)
-    )
-    *_, baseline_hlo = run_sharded(summed, grads_per_step[:1], params, grad_sh, param_sh)
-    assert large_extra_collectives(hlo, baseline_hlo, case.max_elements) == []
+    if layout == "replicated" and not per_example:  # everything is local
+        assert collectives(hlo) == collections.Counter()
 
 
 def sum_over_batch(updates, state, params=None):
@@ -344,3 +356,28 @@ AXIS_NAME_NOT_NEEDED = {
     "across devices: see the strict xfail in tests/test_shard_map.py",
     "skip_nonfinite": "decides from the local shard only; see the strict xfail in tests/test_shard_map.py",
 }
+
+
+def test_clipped_grad_sum_keeps_a_sharded_batch_on_its_devices():
+    """Strided chunks: with the batch split over 8 devices, no example moves; only the sums are reduced."""
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    params = {"w": jnp.ones((16, 8)) * 0.1, "b": jnp.zeros(8)}
+    rng = np.random.default_rng(0)
+    xs = jax.device_put(rng.standard_normal((64, 16)).astype(np.float32), NamedSharding(mesh, P("data")))
+
+    def loss(p, x):
+        return jnp.sum(jnp.tanh(x @ p["w"] + p["b"]) ** 2)
+
+    def chunked(p, x):
+        return clipx.clipped_grad_sum(loss, p, x, 0.5, chunk_size=16)
+
+    jitted = jax.jit(chunked, out_shardings=NamedSharding(mesh, P()))
+    found = collectives(jitted.lower(params, xs).compile().as_text())
+    # All-reduces of the sums, and at most a gather of the 64 per-example norms: no example moves.
+    assert all(op == "all-reduce" or n <= 64 for op, n in found), found
+    total, _ = jitted(params, xs)
+    expected, _ = clipx.per_example_global_norm(0.5).update(
+        jax.vmap(jax.grad(loss), in_axes=(None, 0))(params, np.asarray(xs)),
+        clipx.per_example_global_norm(0.5).init(None),
+    )
+    assert_tree_close(total, expected)
