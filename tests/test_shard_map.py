@@ -18,7 +18,7 @@ import optax
 import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
-from test_sharding import PER_EXAMPLE, TRANSFORMS, assert_tree_close, factory_name
+from test_sharding import PER_EXAMPLE, TRANSFORMS, assert_tree_close, factory_name, side_by_side
 
 import clipx
 
@@ -88,12 +88,13 @@ def run(tx, params, grads_per_step, mapped=None, check_vma=True):
     else:
         param_specs, grad_specs = mapped
         state_specs = clipx.state_shardings(tx, params, param_specs)
+        update_specs = {n: param_specs for n in state_specs} if isinstance(state_specs, dict) else param_specs
         step = jax.jit(
             jax.shard_map(
                 tx.update,
                 mesh=MESH,
                 in_specs=(grad_specs, state_specs, param_specs),
-                out_specs=(param_specs, state_specs),
+                out_specs=(update_specs, state_specs),
                 check_vma=check_vma,
             )
         )
@@ -104,30 +105,44 @@ def run(tx, params, grads_per_step, mapped=None, check_vma=True):
     return outputs, state
 
 
-SKIP_NONFINITE_XFAIL = pytest.mark.xfail(
+# Every transform with axis_name except the guard, whose inner clipper gets it (see below).
+WITH_AXIS_NAME = sorted(n for n in TRANSFORMS if n not in ("agc", "skip_nonfinite"))
+
+
+def group(names, **axis):
+    return side_by_side({n: optax.chain(with_axis_name(n, **axis), optax.adam(1e-2)) for n in names})
+
+
+def assert_same(actual, expected, names):
+    (updates, state), (want_updates, want_state) = actual, expected
+    for name in names:
+        for step, (got, want) in enumerate(zip(updates, want_updates, strict=True)):
+            assert_tree_close(got[name], want[name], f"{name} update at step {step}: ")
+        assert_tree_close(state[name], want_state[name], f"{name} state: ")
+
+
+def test_sharded_leaves_with_axis_name_match_unsharded():
+    params, grads = data()
+    specs = tree_of_shapes(largest_axis_spec)
+    mapped = run(group(WITH_AXIS_NAME, axis_name=AXIS), params, grads, (specs, specs))
+    assert_same(mapped, run(group(WITH_AXIS_NAME), params, grads), WITH_AXIS_NAME)
+
+
+@pytest.mark.xfail(
     strict=True,
+    raises=ValueError,
     reason="skip_nonfinite has no axis_name: each device checks only its own shard, so its skip "
     "decision (and GuardStats) can differ between devices; check_vma rejects the replicated out_spec",
 )
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=SKIP_NONFINITE_XFAIL) if n == "skip_nonfinite" else n
-        for n in sorted(TRANSFORMS)
-        if n != "agc"
-    ],
-)
-def test_sharded_leaves_with_axis_name_match_unsharded(name):
+def test_skip_nonfinite_under_shard_map():
     params, grads = data()
-    expected = run(optax.chain(with_axis_name(name), optax.adam(1e-2)), params, grads)
-    if name == "skip_nonfinite":  # the guard has no axis_name; its inner clipper gets one
-        tx = optax.chain(clipx.skip_nonfinite(clipx.global_norm(1.0, axis_name=AXIS)), optax.adam(1e-2))
-    else:
-        tx = optax.chain(with_axis_name(name, axis_name=AXIS), optax.adam(1e-2))
+    tx = optax.chain(clipx.skip_nonfinite(clipx.global_norm(1.0, axis_name=AXIS)), optax.adam(1e-2))
     specs = tree_of_shapes(largest_axis_spec)
-    assert_tree_close(run(tx, params, grads, (specs, specs)), expected)
+    mapped = run(tx, params, grads, (specs, specs))
+    assert_tree_close(
+        mapped,
+        run(optax.chain(clipx.skip_nonfinite(clipx.global_norm(1.0)), optax.adam(1e-2)), params, grads),
+    )
 
 
 def test_agc_updates_need_no_axis_name_when_units_stay_whole():
@@ -140,6 +155,7 @@ def test_agc_updates_need_no_axis_name_when_units_stay_whole():
 
 @pytest.mark.xfail(
     strict=True,
+    raises=ValueError,
     reason="agc has no axis_name: its ClipStats (largest ratio, fraction of units clipped) reduce over "
     "the local shard only, so they differ between devices",
 )
@@ -147,17 +163,17 @@ def test_agc_statistics_replicated_under_shard_map():
     params, grads = data()
     tx = clipx.agc(0.01)
     specs = tree_of_shapes(unit_axis_spec)
-    assert_tree_close(run(tx, params, grads, (specs, specs)), run(tx, params, grads))
+    mapped = run(tx, params, grads, (specs, specs))
+    assert_tree_close(mapped, run(tx, params, grads))
 
 
-@pytest.mark.parametrize("name", sorted(PER_EXAMPLE))
-def test_per_example_batch_split_over_devices_matches_unsharded(name):
+def test_per_example_batch_split_over_devices_matches_unsharded():
+    names = sorted(PER_EXAMPLE)
     params, grads = data(batch=16)
-    expected = run(optax.chain(with_axis_name(name), optax.adam(1e-2)), params, grads)
-    tx = optax.chain(with_axis_name(name, axis_name=AXIS), optax.adam(1e-2))
     param_specs = tree_of_shapes(lambda s: P())
     grad_specs = tree_of_shapes(lambda s: P(AXIS))
-    assert_tree_close(run(tx, params, grads, (param_specs, grad_specs)), expected)
+    mapped = run(group(names, axis_name=AXIS), params, grads, (param_specs, grad_specs))
+    assert_same(mapped, run(group(names), params, grads), names)
 
 
 def test_pmap_global_norm_matches_unsharded():
