@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -121,14 +122,18 @@ def make_step(tx: optax.GradientTransformation):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def compile_seconds(tx_factory: Callable[[], optax.GradientTransformation], params, grads) -> float:
-    """Wall time to trace, lower and compile one step of ``chain(tx, adam)`` from a fresh transform."""
-    tx = tx_factory()
-    opt_state = jax.eval_shape(tx.init, params)
+def _cpu_seconds() -> float:
+    """CPU time of this process, all threads (less sensitive than wall time to other processes)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def compile_step(tx: optax.GradientTransformation, params, opt_state, grads):
+    """Traces, lowers and compiles one step; returns ``(executable, wall seconds, CPU seconds)``."""
     spec = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)  # noqa: E731
-    start = time.perf_counter()
-    make_step(tx).lower(spec(params), opt_state, spec(grads)).compile()
-    return time.perf_counter() - start
+    wall, cpu = time.perf_counter(), _cpu_seconds()
+    compiled = make_step(tx).lower(spec(params), spec(opt_state), spec(grads)).compile()
+    return compiled, time.perf_counter() - wall, _cpu_seconds() - cpu
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -136,24 +141,52 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return float(q[0]), float(q[1]), float(q[2])
 
 
-def time_size(cands: list[Candidate], total: int, leaves: int, repeats: int, log) -> dict[str, dict]:
-    """Round-robin step timing of plain Adam and every ``chain(candidate, adam)``."""
-    adam = lambda: optax.adam(1e-3)  # noqa: E731
-    entries = [("optax.adam (baseline)", adam)] + [
-        (c.label, lambda c=c: optax.chain(c.make(), adam())) for c in cands
+def _ratios(times: dict[str, list[float]], base_label: str) -> dict[str, tuple[float, float, float]]:
+    base = times[base_label]
+    return {label: quartiles([t / b for t, b in zip(ts, base, strict=True)]) for label, ts in times.items()}
+
+
+BASELINE = "optax.adam (baseline)"
+
+
+def time_size(
+    cands: list[Candidate], total: int, leaves: int, repeats: int, compile_repeats: int, log
+) -> dict[str, dict]:
+    """Compile and step timing of plain Adam and every ``chain(candidate, adam)`` on one problem size.
+
+    Each candidate is compiled ahead of time (that compile is the first compile-time
+    sample), ``compile_repeats - 1`` further compile rounds run round-robin, then
+    ``repeats`` round-robin rounds of one step each.
+    """
+    entries = [(BASELINE, lambda: optax.adam(1e-3))] + [
+        (c.label, lambda c=c: optax.chain(c.make(), optax.adam(1e-3))) for c in cands
     ]
     grads = jax.tree.map(lambda p: 50.0 * p, make_params(total, leaves, seed=1))  # global norm well above 1
+    compile_wall: dict[str, list[float]] = {label: [] for label, _ in entries}
+    compile_cpu: dict[str, list[float]] = {label: [] for label, _ in entries}
     runners = []
     for label, factory in entries:
         tx = factory()
         params = make_params(total, leaves)
-        opt_state = tx.init(params)
-        step = make_step(tx)
-        params, opt_state = step(params, opt_state, grads)  # compile and warm up
-        params, opt_state = step(params, opt_state, grads)
+        # A fresh buffer per leaf: init may hand the same array to two fields, which
+        # an ahead-of-time compiled step refuses to donate twice.
+        opt_state = jax.tree.map(jnp.copy, tx.init(params))
+        step, wall, cpu = compile_step(tx, params, opt_state, grads)
+        compile_wall[label].append(wall)
+        compile_cpu[label].append(cpu)
+        for _ in range(2):  # warm up
+            params, opt_state = step(params, opt_state, grads)
         jax.block_until_ready((params, opt_state))
         runners.append([label, step, params, opt_state])
-        log(f"  warmed up {label}")
+        log(f"  compiled ({wall:.1f} s) and warmed up {label}")
+    for r in range(1, compile_repeats):
+        for label, factory in entries:
+            tx = factory()
+            state_shape = jax.eval_shape(tx.init, grads)
+            _, wall, cpu = compile_step(tx, grads, state_shape, grads)
+            compile_wall[label].append(wall)
+            compile_cpu[label].append(cpu)
+        log(f"  compile round {r + 1}/{compile_repeats} done")
     times: dict[str, list[float]] = {label: [] for label, _ in entries}
     for _ in range(repeats):
         for runner in runners:
@@ -163,31 +196,19 @@ def time_size(cands: list[Candidate], total: int, leaves: int, repeats: int, log
             jax.block_until_ready((params, opt_state))
             times[label].append(time.perf_counter() - start)
             runner[2], runner[3] = params, opt_state
-    base = times[entries[0][0]]
-    result = {}
-    for label, ts in times.items():
-        ratios = [t / b for t, b in zip(ts, base, strict=True)]
-        result[label] = {"ms": 1e3 * statistics.median(ts), "ratio": quartiles(ratios)}
     del runners
-    return result
-
-
-def time_compile(cands: list[Candidate], total: int, leaves: int, repeats: int, log) -> dict[str, tuple]:
-    """Round-robin compile timing; each ratio is against plain Adam's compile in the same round."""
-    params = make_params(total, leaves)
-    grads = params
-    entries = [("optax.adam (baseline)", lambda: optax.adam(1e-3))] + [
-        (c.label, lambda c=c: optax.chain(c.make(), optax.adam(1e-3))) for c in cands
-    ]
-    times: dict[str, list[float]] = {label: [] for label, _ in entries}
-    for r in range(repeats):
-        for label, factory in entries:
-            times[label].append(compile_seconds(factory, params, grads))
-        log(f"  compile round {r + 1}/{repeats} done")
-    base = times[entries[0][0]]
+    step_ratio = _ratios(times, BASELINE)
+    wall_ratio = _ratios(compile_wall, BASELINE)
+    cpu_ratio = _ratios(compile_cpu, BASELINE)
     return {
-        label: (statistics.median(ts), quartiles([t / b for t, b in zip(ts, base, strict=True)]))
-        for label, ts in times.items()
+        label: {
+            "ms": 1e3 * statistics.median(times[label]),
+            "ratio": step_ratio[label],
+            "compile_s": statistics.median(compile_wall[label]),
+            "compile_wall_ratio": wall_ratio[label],
+            "compile_cpu_ratio": cpu_ratio[label],
+        }
+        for label, _ in entries
     }
 
 
@@ -217,16 +238,16 @@ def fmt_ratio(q: tuple[float, float, float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--sizes", default="a,b", help="comma-separated sizes: a (20M/50 leaves), b (4M/1000 leaves)"
+        "--sizes", default="a,b", help="comma-separated sizes: a (20M/50 leaves), b (4M/1000)"
     )
-    parser.add_argument("--repeats", type=int, default=40, help="round-robin rounds of step timing per size")
+    parser.add_argument("--repeats", type=int, default=30, help="round-robin rounds of step timing per size")
     parser.add_argument(
-        "--compile-repeats", type=int, default=3, help="rounds of compile timing (0 skips it)"
+        "--compile-repeats",
+        type=int,
+        default=1,
+        help="compile-time samples per candidate (the first is the compile the step timing uses)",
     )
-    parser.add_argument("--compile-size", default="b", help="the size whose compile time is measured")
-    parser.add_argument(
-        "--only", default="", help="comma-separated substrings: keep matching candidates only"
-    )
+    parser.add_argument("--only", default="", help="comma-separated words: keep the candidates matching one")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply parameter counts (quick runs)")
     args = parser.parse_args(argv)
 
@@ -236,43 +257,40 @@ def main(argv: list[str] | None = None) -> int:
         cands = [c for c in cands if any(k in c.label or k == c.family for k in keys)]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    step_results = {}
+    header_machine = machine()
+    results = {}
     for s in sizes:
         total, leaves = SIZES[s]
         total = int(total * args.scale)
         log(f"size {s}: {total:,} parameters in {leaves} leaves")
-        step_results[s] = ((total, leaves), time_size(cands, total, leaves, args.repeats, log))
-    compile_result = None
-    if args.compile_repeats > 0:
-        total, leaves = SIZES[args.compile_size]
-        total = int(total * args.scale)
-        log(f"compile time: {total:,} parameters in {leaves} leaves")
-        compile_result = ((total, leaves), time_compile(cands, total, leaves, args.compile_repeats, log))
+        results[s] = (
+            (total, leaves),
+            time_size(cands, total, leaves, args.repeats, args.compile_repeats, log),
+        )
 
-    print(f"\n{machine()}\n")
-    labels = ["optax.adam (baseline)"] + [c.label for c in cands]
-    header = "| transform C in chain(C, adam) |"
-    rule = "|---|"
+    print(f"\n{header_machine}\n")
+    labels = [BASELINE] + [c.label for c in cands]
     for s in sizes:
-        (total, leaves), _ = step_results[s]
-        header += f" step ({s}) {total / 1e6:g}M/{leaves} leaves: ms | ratio to adam (IQR) |"
-        rule += "---:|---:|"
-    if compile_result:
-        (total, leaves), _ = compile_result
-        header += f" compile {total / 1e6:g}M/{leaves} leaves: s | ratio to adam (IQR) |"
-        rule += "---:|---:|"
-    print(header)
-    print(rule)
-    for label in labels:
-        row = f"| {label} |"
-        for s in sizes:
-            r = step_results[s][1][label]
-            row += f" {r['ms']:.1f} | {fmt_ratio(r['ratio'])} |"
-        if compile_result:
-            sec, q = compile_result[1][label]
-            row += f" {sec:.2f} | {fmt_ratio(q)} |"
-        print(row)
-    print(f"\nstep: median over {args.repeats} round-robin rounds; compile: {args.compile_repeats} rounds.")
+        (total, leaves), res = results[s]
+        print(f"Size ({s}): {total / 1e6:g}M float32 parameters in {leaves} leaves\n")
+        print(
+            "| C in chain(C, adam) | step ms | step ratio (IQR) | compile s | compile ratio, wall (IQR) "
+            "| compile ratio, CPU time (IQR) |"
+        )
+        print("|---|---:|---:|---:|---:|---:|")
+        for label in labels:
+            r = res[label]
+            print(
+                f"| {label} | {r['ms']:.1f} | {fmt_ratio(r['ratio'])} | {r['compile_s']:.2f} | "
+                f"{fmt_ratio(r['compile_wall_ratio'])} | {fmt_ratio(r['compile_cpu_ratio'])} |"
+            )
+        print()
+    print(
+        f"Step: median of {args.repeats} round-robin rounds, ratio formed within each round. "
+        f"Compile (trace + lower + compile): {args.compile_repeats} sample(s) per candidate; "
+        "CPU time counts all threads of this process. Load average at the end: "
+        f"{os.getloadavg()[0]:.2f}."
+    )
     return 0
 
 
