@@ -18,7 +18,14 @@ import optax
 import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
-from test_sharding import PER_EXAMPLE, TRANSFORMS, assert_tree_close, factory_name, side_by_side
+from test_sharding import (
+    FAST_COMPILE,
+    PER_EXAMPLE,
+    TRANSFORMS,
+    assert_tree_close,
+    factory_name,
+    side_by_side,
+)
 
 import clipx
 
@@ -84,7 +91,7 @@ def run(tx, params, grads_per_step, mapped=None, check_vma=True):
     """``STEPS`` updates, on one device or (with ``(param_specs, grad_specs)``) inside shard_map."""
     state = tx.init(params)
     if mapped is None:
-        step = jax.jit(tx.update)
+        step = jax.jit(tx.update, compiler_options=FAST_COMPILE)
     else:
         param_specs, grad_specs = mapped
         state_specs = clipx.state_shardings(tx, params, param_specs)
@@ -96,7 +103,8 @@ def run(tx, params, grads_per_step, mapped=None, check_vma=True):
                 in_specs=(grad_specs, state_specs, param_specs),
                 out_specs=(update_specs, state_specs),
                 check_vma=check_vma,
-            )
+            ),
+            compiler_options=FAST_COMPILE,
         )
     outputs = []
     for grads in grads_per_step:
@@ -110,7 +118,7 @@ WITH_AXIS_NAME = sorted(n for n in TRANSFORMS if n not in ("agc", "skip_nonfinit
 
 
 def group(names, **axis):
-    return side_by_side({n: optax.chain(with_axis_name(n, **axis), optax.adam(1e-2)) for n in names})
+    return side_by_side({n: with_axis_name(n, **axis) for n in names})
 
 
 def assert_same(actual, expected, names):

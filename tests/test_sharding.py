@@ -1,12 +1,15 @@
 """Every clipx transform under jax.jit with sharded parameters (8 host devices, see conftest.py).
 
-For each transform (chained before Adam, so the state also holds tensors that
-mirror the parameters) and each layout — FSDP (each leaf split along its
-largest axis over 8 devices), fully replicated, and a 2-D ``data × model`` mesh
-— the sharded step must give the single-device result, with the state sharded
-by `clipx.state_shardings`, and the compiled program must move no more between
-devices than the same step without clipping, apart from small all-reduces:
-scalars for norm rules, unit-norm vectors for AGC.
+For each transform and each layout — FSDP (each leaf split along its largest
+axis over 8 devices), fully replicated, and a 2-D ``data × model`` mesh — the
+sharded step must give the single-device result over 4 steps, with the state
+sharded by `clipx.state_shardings`, and the compiled program must move no more
+between devices than the same step without clipping, apart from small
+all-reduces: scalars for norm rules, unit-norm vectors for AGC, per-example
+scalars for the DP rules. Transforms are compiled in groups (one program per
+group and layout) to keep the tests fast; failures name the transform. A whole
+training step with Adam (whose moments `clipx.state_shardings` shards like the
+parameters) checks the same property end to end.
 
 ``TRANSFORMS`` is the table of every public clipx transform; `test_table_covers_every_transform`
 fails when a new one is exported without an entry here.
@@ -186,7 +189,7 @@ GROUPS = {
 
 def group_transform(group: str) -> optax.GradientTransformation:
     table = PER_EXAMPLE if group == "per_example" else TRANSFORMS
-    return side_by_side({name: optax.chain(table[name].make(), optax.adam(1e-2)) for name in GROUPS[group]})
+    return side_by_side({name: table[name].make() for name in GROUPS[group]})
 
 
 def group_grads(group: str) -> list:
@@ -196,16 +199,18 @@ def group_grads(group: str) -> list:
 
 @functools.cache
 def single_device_result(group: str):
-    """The reference: every transform of the group (before Adam) on one device."""
+    """The reference: every transform of the group on one device."""
     return run_single_device(group_transform(group), group_grads(group), make_params())
 
 
 @functools.cache
 def baseline_hlo(layout: str, per_example: bool) -> str:
-    """The same step without clipping: Adam alone, after a plain sum over the batch for per-example input."""
-    tx = optax.adam(1e-2)
-    if per_example:
-        tx = optax.chain(optax.GradientTransformation(optax.identity().init, sum_over_batch), tx)
+    """The same step without clipping: the identity, or a plain sum over the batch for per-example input."""
+    tx = (
+        optax.GradientTransformation(optax.identity().init, sum_over_batch)
+        if per_example
+        else optax.identity()
+    )
     mesh, axes = make_mesh(layout)
     param_sh = shardings_for(mesh, axes)
     grad_sh = shardings_for(mesh, axes, batch_axis=BATCH_AXIS[layout]) if per_example else param_sh
@@ -213,8 +218,12 @@ def baseline_hlo(layout: str, per_example: bool) -> str:
     return run_sharded(tx, grads, make_params(), grad_sh, param_sh)[2]
 
 
+# These tests compare results and read the partitioned HLO; LLVM's optimisations only cost time.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
 def run_single_device(tx, grads_per_step, params):
-    update = jax.jit(tx.update)
+    update = jax.jit(tx.update, compiler_options=FAST_COMPILE)
     state, outputs = tx.init(params), []
     for grads in grads_per_step:
         updates, state = update(grads, state, params)
@@ -234,7 +243,7 @@ def run_sharded(tx, grads_per_step, params, grad_shardings, param_shardings):
         in_shardings=(grad_shardings, state_sh, param_shardings),
         out_shardings=(out_sh, state_sh),
     )
-    compiled = step.lower(grads_per_step[0], state, params).compile()
+    compiled = step.lower(grads_per_step[0], state, params).compile(compiler_options=FAST_COMPILE)
     outputs = []
     for grads in grads_per_step:
         updates, state = compiled(jax.device_put(grads, grad_shardings), state, params)
@@ -295,7 +304,7 @@ def sum_over_batch(updates, state, params=None):
 
 
 def test_training_step_adds_only_scalar_all_reduces():
-    """A whole FSDP + data-parallel step: clipping adds scalar all-reduces to what the step already moves."""
+    """A whole FSDP + data-parallel step with Adam: clipping adds only scalar all-reduces to it."""
     mesh, axes = make_mesh("fsdp")
     params = {"w1": jnp.ones((32, 64)) * 0.01, "w2": jnp.ones((64, 8)) * 0.01}
     param_sh = jax.tree.map(lambda p: NamedSharding(mesh, spec_for(p.shape, axes)), params)
@@ -316,10 +325,10 @@ def test_training_step_adds_only_scalar_all_reduces():
         jitted = jax.jit(
             step, in_shardings=(param_sh, state_sh, batch_sh, batch_sh), out_shardings=(param_sh, state_sh)
         )
-        return jitted.lower(params, tx.init(params), x, y).compile().as_text()
+        return jitted.lower(params, tx.init(params), x, y).compile(compiler_options=FAST_COMPILE).as_text()
 
     baseline = hlo_of(optax.adam(1e-3))
-    for clip in (clipx.global_norm(1.0), clipx.adaptive(), clipx.zclip(), clipx.adagc()):
+    for clip in (clipx.global_norm(1.0), clipx.adaptive()):
         extra = collectives(hlo_of(optax.chain(clip, optax.adam(1e-3)))) - collectives(baseline)
         assert all(op == "all-reduce" and n == 1 for op, n in extra), extra
 
