@@ -347,8 +347,9 @@ def per_example_adaptive(
     multiplier ``z`` as ``σ = (z^{-2} − (2σ_b)^{-2})^{-1/2}`` for the sum —
     pass that ``σ`` as ``noise_multiplier``. Defaults are the TFF defaults of
     the paper: ``C₀ = 0.1``, ``γ = 0.5``, ``η = 0.2``. The arguments are those
-    of `clipx.quantile_clip`, the same rule with one norm per step. A
-    non-finite per-example norm counts as above ``C``.
+    of `clipx.quantile_clip`, the same rule with one norm per step.
+    Examples with a non-finite norm are left out of ``b`` (numerator and
+    denominator): they never move ``C``.
 
     Args:
       target_quantile: ``γ ∈ [0, 1]``, the fraction of examples meant to be unclipped.
@@ -403,11 +404,13 @@ def per_example_adaptive(
         total = jax.tree.map(lambda t: _across(t, axis_name), total)
         key, count_key = jax.random.split(state.key)
         total, key = _maybe_noise(total, key, noise_multiplier, threshold)
-        examples = _across(jnp.asarray(batch, jnp.float32), axis_name)
+        # Non-finite per-example norms stay out of the count (and C stays put if none is finite).
+        examples = _across(jnp.sum(jnp.isfinite(norms)).astype(jnp.float32), axis_name)
         unclipped = _across(jnp.sum(norms <= threshold).astype(jnp.float32), axis_name)
         unclipped = unclipped + count_stddev * jax.random.normal(count_key, (), jnp.float32)
         below = unclipped / jnp.maximum(examples, 1)
-        new_threshold = threshold * jnp.exp(-learning_rate * (below - target_quantile))
+        moved = threshold * jnp.exp(-learning_rate * (below - target_quantile))
+        new_threshold = jnp.where(examples > 0, moved, threshold)
         fraction = _fraction(jnp.sum(multipliers < 1), batch, axis_name)
         new_state = PerExampleAdaptiveState(
             threshold=new_threshold.astype(jnp.float32),

@@ -124,6 +124,15 @@ def test_adaptive_update_rule():
     np.testing.assert_allclose(summed, [0.5 + 1 + 1 + 0.1], rtol=1e-6)
 
 
+def test_adaptive_ignores_non_finite_examples():
+    tx = clipx.per_example_adaptive(target_quantile=0.3, learning_rate=0.5, initial_threshold=1.0)
+    step = jax.jit(tx.update)
+    _, with_nan = step(jnp.array([[0.5], [2.0], [3.0], [0.1], [jnp.nan], [jnp.inf]]), tx.init(None))
+    assert float(with_nan.threshold) == pytest.approx(math.exp(-0.5 * (0.5 - 0.3)), rel=1e-6)
+    _, all_nan = step(jnp.full((3, 1), jnp.nan), tx.init(None))
+    assert float(all_nan.threshold) == 1.0
+
+
 def test_adaptive_tracks_the_target_quantile():
     norms = jnp.exp(jax.random.normal(jax.random.key(0), (256,)))  # log-normal, median 1
     grads = {"w": norms[:, None]}
