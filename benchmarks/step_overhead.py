@@ -257,21 +257,13 @@ def main(argv: list[str] | None = None) -> int:
         cands = [c for c in cands if any(k in c.label or k == c.family for k in keys)]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    header_machine = machine()
-    results = {}
+    print(f"{machine()}\n", flush=True)
+    labels = [BASELINE] + [c.label for c in cands]
     for s in sizes:
         total, leaves = SIZES[s]
         total = int(total * args.scale)
         log(f"size {s}: {total:,} parameters in {leaves} leaves")
-        results[s] = (
-            (total, leaves),
-            time_size(cands, total, leaves, args.repeats, args.compile_repeats, log),
-        )
-
-    print(f"\n{header_machine}\n")
-    labels = [BASELINE] + [c.label for c in cands]
-    for s in sizes:
-        (total, leaves), res = results[s]
+        res = time_size(cands, total, leaves, args.repeats, args.compile_repeats, log)
         print(f"Size ({s}): {total / 1e6:g}M float32 parameters in {leaves} leaves\n")
         print(
             "| C in chain(C, adam) | step ms | step ratio (IQR) | compile s | compile ratio, wall (IQR) "
@@ -284,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {label} | {r['ms']:.1f} | {fmt_ratio(r['ratio'])} | {r['compile_s']:.2f} | "
                 f"{fmt_ratio(r['compile_wall_ratio'])} | {fmt_ratio(r['compile_cpu_ratio'])} |"
             )
-        print()
+        print(flush=True)
     print(
         f"Step: median of {args.repeats} round-robin rounds, ratio formed within each round. "
         f"Compile (trace + lower + compile): {args.compile_repeats} sample(s) per candidate; "
