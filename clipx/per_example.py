@@ -450,8 +450,8 @@ def clipped_grad_sum(
     batch of 256:
 
     * full ``vmap`` + ``optax.per_example_global_norm_clip``: 1541.5 MiB;
-    * ``chunk_size=128``: 771.3 MiB (0.50×); ``32``: 192.8 MiB (0.13×);
-      ``8``: 48.2 MiB (0.03×); ``1``: 2.5 MiB;
+    * ``chunk_size=128``: 771.8 MiB (0.50×); ``32``: 193.3 MiB (0.13×);
+      ``8``: 48.7 MiB (0.03×); ``1``: 2.5 MiB;
 
     about ``1.5 × chunk_size × |params|``. Smaller chunks trade memory for
     less parallel work per scan step; ``benchmarks/sharded_step.py --memory``
