@@ -97,9 +97,13 @@ def unitwise_norm(x: jax.Array, axis: Axis = None) -> jax.Array:
     return jnp.broadcast_to(_unit_norms(x, axis), x.shape)
 
 
-def agc(clipping: float | jax.Array = 0.01, eps: float | jax.Array = 1e-3, axis: Axis = None) -> (
-    optax.GradientTransformation
-):
+def agc(
+    clipping: float | jax.Array = 0.01,
+    eps: float | jax.Array = 1e-3,
+    axis: Axis = None,
+    *,
+    axis_name: _numerics.AxisName | None = None,
+) -> optax.GradientTransformation:
     r"""Adaptive gradient clipping (Brock et al., 2021): updates bounded relative to weights, unit by unit.
 
     For every unit :math:`i` (a row, column or filter, see `unitwise_norm`)
@@ -147,6 +151,11 @@ def agc(clipping: float | jax.Array = 0.01, eps: float | jax.Array = 1e-3, axis:
         (default) for the per-rank defaults of `unitwise_norm`. Every leaf's
         units are resolved by ``init``, so a leaf of rank 6 or more without
         ``axis`` raises there.
+      axis_name: inside ``shard_map``/``pmap``, the mapped axis over which
+        the statistics (largest ratio, fraction of units clipped) are
+        combined, so every device reports the same values. Each device clips
+        the units it holds: shard parameters along a kept (output) axis so
+        that units stay whole.
 
     Returns:
       An ``optax.GradientTransformation`` whose state reports `ClipStats`:
@@ -154,9 +163,8 @@ def agc(clipping: float | jax.Array = 0.01, eps: float | jax.Array = 1e-3, axis:
       ``threshold`` is :math:`\lambda`, ``scale`` the fraction of units clipped,
       ``clipped`` whether any was.
 
-    Under ``shard_map``/``pmap`` each device clips the units it holds; shard
-    parameters along a kept (output) axis so that units stay whole, or use
-    ``jax.jit`` with sharded arrays, where XLA partitions the reductions.
+    Under ``jax.jit`` with sharded arrays XLA partitions the unit norms
+    itself; under ``shard_map``/``pmap`` pass ``axis_name`` (see above).
 
     Reference:
       Brock, De, Smith, Simonyan, "High-Performance Large-Scale Image
@@ -222,10 +230,14 @@ def agc(clipping: float | jax.Array = 0.01, eps: float | jax.Array = 1e-3, axis:
             largest = jnp.maximum(largest, jnp.max(ratio, initial=0).astype(acc))
             clipped = clipped + jnp.sum(scale < 1, dtype=jnp.int32)
             units += scale.size
+        if axis_name is not None:
+            largest = jax.lax.pmax(largest, axis_name)
+            clipped = jax.lax.psum(clipped, axis_name)
+            units = jax.lax.psum(units, axis_name)
         stats = ClipStats(
             norm=largest,
             threshold=jnp.asarray(clipping, acc),
-            scale=(clipped / max(units, 1)).astype(acc),
+            scale=(clipped / jnp.maximum(units, 1)).astype(acc),
             clipped=clipped > 0,
         )
         return treedef.unflatten(new_leaves), AGCState(stats=stats)

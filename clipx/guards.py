@@ -44,7 +44,10 @@ class SkipNonfiniteState(NamedTuple):
 
 
 def skip_nonfinite(
-    inner: optax.GradientTransformation, *, max_consecutive: int | jax.Array | None = None
+    inner: optax.GradientTransformation,
+    *,
+    max_consecutive: int | jax.Array | None = None,
+    axis_name: _numerics.AxisName | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Skips every step whose gradients or updates contain NaN or ±inf.
 
@@ -69,6 +72,9 @@ def skip_nonfinite(
       inner: the transformation to guard (usually the whole optimizer chain).
       max_consecutive: ``None``, or how many non-finite steps in a row are
         skipped before one is let through (``≥ 0``).
+      axis_name: inside ``shard_map``/``pmap``, the mapped axis whose devices
+        decide together: a step is skipped on every device when any device
+        holds a non-finite value, so the replicas never drift apart.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.
@@ -98,6 +104,8 @@ def skip_nonfinite(
     def update_fn(updates, state, params=None, **extra_args):
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
         finite = _numerics.tree_all_finite(updates) & _numerics.tree_all_finite(new_updates)
+        if axis_name is not None:
+            finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name) > 0
         skip = _skip_decision(~finite, state.stats, max_consecutive)
         new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
         inner_state = _select(~skip, new_inner, state.inner_state)

@@ -356,15 +356,7 @@ def test_reducing_transforms_take_keyword_axis_name():
         parameter = inspect.signature(getattr(clipx, name)).parameters.get("axis_name")
         if parameter is None or parameter.kind is not inspect.Parameter.KEYWORD_ONLY:
             lacking[name] = parameter
-    assert set(lacking) == AXIS_NAME_NOT_NEEDED.keys(), lacking
-
-
-# Transforms without ``axis_name``, and why that is (or is not yet) fine.
-AXIS_NAME_NOT_NEEDED = {
-    "agc": "updates are per unit (split leaves along kept axes), but its ClipStats are not reduced "
-    "across devices: see the strict xfail in tests/test_shard_map.py",
-    "skip_nonfinite": "decides from the local shard only; see the strict xfail in tests/test_shard_map.py",
-}
+    assert not lacking, lacking
 
 
 def test_clipped_grad_sum_keeps_a_sharded_batch_on_its_devices():
