@@ -240,6 +240,9 @@ def _add_sweep_parser(subparsers) -> None:
         "--train-limit", type=int, default=defaults.train_limit, help="first N IMDB training examples"
     )
     p.add_argument("--dev-limit", type=int, default=defaults.dev_limit, help="first N IMDB test examples")
+    p.add_argument(
+        "--max-length", type=int, default=defaults.max_length, help="truncate IMDB reviews to N tokens"
+    )
     p.add_argument("--task-length", type=int, default=defaults.task_length)
     p.add_argument("--task-train", type=int, default=defaults.task_train)
     p.add_argument("--max-steps", type=int, default=None, help="cap on steps per run")
@@ -254,6 +257,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         train_limit=args.train_limit,
         dev_limit=args.dev_limit,
+        max_length=args.max_length,
         task_length=args.task_length,
         task_train=args.task_train,
         max_steps=args.max_steps,

@@ -90,6 +90,55 @@ def test_follows_a_lasting_change_of_level():
     assert np.mean(np.asarray(stats["adaptive/clipped"])[-100:]) < 0.05
 
 
+@jax.jit
+def run_defaults(norms):
+    """Runs clipx.adaptive() with its defaults over a sequence of global norms."""
+    tx = clipx.adaptive()
+
+    def step(state, norm):
+        updates, state = tx.update(grads_with_norm(norm), state)
+        return state, (clipx.stats(state), optax.tree.norm(updates))
+
+    return jax.lax.scan(step, tx.init(DIRECTION), norms)
+
+
+@pytest.mark.parametrize("sigma", [0.3, 1.0])
+def test_defaults_clip_the_upper_tail_of_steady_norms_whatever_their_spread(sigma):
+    # k = 1 on censored statistics: the threshold settles near the 72nd percentile of the norms,
+    # so about 28% of steps are clipped, for narrow and wide log-norm spreads alike.
+    norms = lognormal_norms(1, 3000, sigma)
+    _, (stats, clipped_norm) = run_defaults(norms)
+    clipped = np.asarray(stats["adaptive/clipped"])[500:]
+    threshold = np.asarray(stats["adaptive/threshold"])[500:]
+    assert 0.2 < np.mean(clipped) < 0.36
+    assert 0.64 < np.mean(norms[500:] <= np.median(threshold)) < 0.8
+    np.testing.assert_allclose(np.asarray(clipped_norm)[500:], np.minimum(norms[500:], threshold), rtol=1e-5)
+
+
+def test_defaults_bound_a_spike_to_the_typical_norm():
+    norms = lognormal_norms(0, 200, 1.0)
+    norms[150] *= 1000
+    _, (stats, clipped_norm) = run_defaults(norms)
+    threshold = np.asarray(stats["adaptive/threshold"])
+    assert bool(stats["adaptive/clipped"][150])
+    assert float(clipped_norm[150]) <= threshold[150] * (1 + 1e-6) < 3 * np.median(norms)
+    assert threshold[151] < threshold[150] * 1.05
+
+
+def test_defaults_follow_a_rise_of_the_norm_level_slowly_and_a_fall_quickly():
+    rise = np.concatenate([lognormal_norms(3, 200), 5 * lognormal_norms(4, 600)])
+    _, (stats, _) = run_defaults(rise)
+    threshold = np.asarray(stats["adaptive/threshold"])
+    # Only clipped values enter: μ climbs by about (1 − decay)·σ per step, so a 5× rise is
+    # clipped for a few hundred steps, with a threshold that never stops climbing meanwhile.
+    assert np.all(np.diff(np.log(threshold[200:500])) > 0)
+    assert threshold[799] > 3.5 and np.mean(np.asarray(stats["adaptive/clipped"])[-100:]) < 0.85
+    fall = np.concatenate([lognormal_norms(3, 200), 0.2 * lognormal_norms(4, 300)])
+    _, (stats, _) = run_defaults(fall)
+    assert np.mean(np.asarray(stats["adaptive/clipped"])[200:]) < 0.1  # a fall is never clipped meanwhile
+    assert np.asarray(stats["adaptive/threshold"])[-1] < 0.5
+
+
 class AdaptiveVariantsTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_nonfinite_steps_never_enter_statistics(self):
