@@ -79,21 +79,22 @@ def _collect(node: Any, path: tuple[tuple[str, bool], ...], found: list) -> None
         name = getattr(type(node), "stats_name", None)
         if name is not None and isinstance(getattr(node, "stats", None), _STATS_TYPES):
             found.append((path, name, node.stats))
-            path = path + ((name, False),)
-        for field, child in zip(node._fields, node):
+            path = (*path, (name, False))
+        for field, child in zip(node._fields, node, strict=True):
             if not (name is not None and field == "stats"):
                 _collect(child, path, found)
     elif isinstance(node, (tuple, list)):
         for i, child in enumerate(node):
-            _collect(child, path + ((str(i), True),), found)
+            _collect(child, (*path, (str(i), True)), found)
     elif isinstance(node, Mapping):
         for key, child in node.items():
-            _collect(child, path + ((str(key), False),), found)
-    elif node is not None and not isinstance(node, (jax.Array, int, float, bool)) and not hasattr(node, "shape"):
+            _collect(child, (*path, (str(key), False)), found)
+    elif node is not None and not isinstance(node, (int, float, bool)) and not hasattr(node, "shape"):
+        # Any other pytree node (a registered dataclass, say): walk its children.
         children = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)[0]
         if len(children) != 1 or children[0] is not node:
             for i, child in enumerate(children):
-                _collect(child, path + ((str(i), True),), found)
+                _collect(child, (*path, (str(i), True)), found)
 
 
 def stats(opt_state: Any) -> dict[str, jax.Array]:
@@ -112,20 +113,26 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
       >>> params = {"w": jnp.ones(4)}
       >>> state = tx.init(params)
       >>> _, state = tx.update({"w": jnp.full(4, 2.0)}, state, params)
-      >>> {k: float(v) for k, v in clipx.stats(state).items()}
-      {'global_norm/norm': 4.0, 'global_norm/threshold': 1.0, 'global_norm/scale': 0.25, 'global_norm/clipped': 1.0}
+      >>> for key, value in clipx.stats(state).items():
+      ...     print(key, float(value))
+      global_norm/norm 4.0
+      global_norm/threshold 1.0
+      global_norm/scale 0.25
+      global_norm/clipped 1.0
     """
     found: list = []
     _collect(opt_state, (), found)
 
     def key(path, name, keep_indices):
         segments = [seg for seg, is_index in path if keep_indices or not is_index]
-        return "/".join(segments + [name])
+        return "/".join([*segments, name])
 
     short = [key(p, n, False) for p, n, _ in found]
-    prefixes = [s if short.count(s) == 1 else key(p, n, True) for s, (p, n, _) in zip(short, found)]
+    prefixes = [
+        s if short.count(s) == 1 else key(p, n, True) for s, (p, n, _) in zip(short, found, strict=True)
+    ]
     out: dict[str, jax.Array] = {}
-    for prefix, (_, _, record) in zip(prefixes, found):
-        for field, value in zip(record._fields, record):
+    for prefix, (_, _, record) in zip(prefixes, found, strict=True):
+        for field, value in zip(record._fields, record, strict=True):
             out[f"{prefix}/{field}"] = value
     return out
