@@ -17,9 +17,8 @@ class Moments(NamedTuple):
 
 
 def init_moments(dtype: jnp.dtype) -> Moments:
-    """No observation yet: mean 0, variance 0, observations 0."""
-    zero = jnp.zeros((), dtype)
-    return Moments(mean=zero, var=zero, observations=jnp.zeros((), jnp.int32))
+    """No observation yet: mean 0, variance 0, observations 0 (each its own buffer)."""
+    return Moments(mean=jnp.zeros((), dtype), var=jnp.zeros((), dtype), observations=jnp.zeros((), jnp.int32))
 
 
 def update_moments(moments: Moments, x: jax.Array, observe: jax.Array, decay: float | jax.Array) -> Moments:

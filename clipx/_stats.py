@@ -49,16 +49,26 @@ class GuardStats(NamedTuple):
     total: jax.Array
 
 
-def empty_clip_stats() -> ClipStats:
-    """The `ClipStats` a transform holds before its first step."""
-    zero = jnp.zeros((), jnp.float32)
-    return ClipStats(norm=zero, threshold=zero, scale=jnp.ones((), jnp.float32), clipped=jnp.array(False))
+def empty_clip_stats(scale: float = 1.0) -> ClipStats:
+    """The `ClipStats` a transform holds before its first step.
+
+    ``scale`` is 1 for rules that report a factor and 0 for rules that report
+    a fraction of units clipped. Every field is its own buffer, so the state
+    can be donated to a jitted step.
+    """
+    return ClipStats(
+        norm=jnp.zeros((), jnp.float32),
+        threshold=jnp.zeros((), jnp.float32),
+        scale=jnp.full((), scale, jnp.float32),
+        clipped=jnp.array(False),
+    )
 
 
 def empty_guard_stats() -> GuardStats:
     """The `GuardStats` a guard holds before its first step."""
-    zero = jnp.zeros((), jnp.int32)
-    return GuardStats(skipped=jnp.array(False), consecutive=zero, total=zero)
+    return GuardStats(
+        skipped=jnp.array(False), consecutive=jnp.zeros((), jnp.int32), total=jnp.zeros((), jnp.int32)
+    )
 
 
 _STATS_TYPES = (ClipStats, GuardStats)

@@ -193,7 +193,7 @@ def agc(
                 _unit_axes(jnp.shape(leaf), axis)
             except ValueError as error:
                 raise ValueError(f"agc: parameter {jax.tree_util.keystr(path)}: {error}") from None
-        return AGCState(stats=empty_clip_stats()._replace(scale=jnp.zeros((), jnp.float32)))
+        return AGCState(stats=empty_clip_stats(scale=0.0))
 
     def update_fn(updates, state, params=None):
         del state

@@ -73,7 +73,7 @@ def value(
 
     def init_fn(params):
         del params
-        return ValueState(stats=empty_clip_stats()._replace(scale=jnp.zeros((), jnp.float32)))
+        return ValueState(stats=empty_clip_stats(scale=0.0))
 
     def bound(x: jax.Array) -> jax.Array:
         return jnp.asarray(max_delta).astype(x.dtype)
@@ -200,7 +200,7 @@ def _per_leaf_clip(
 
     def init_fn(params):
         del params
-        return state_type(stats=empty_clip_stats()._replace(scale=jnp.zeros((), jnp.float32)))
+        return state_type(stats=empty_clip_stats(scale=0.0))
 
     def update_fn(updates, state, params=None):
         del params, state

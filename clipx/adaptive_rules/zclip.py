@@ -148,13 +148,12 @@ def zclip(
 
     def init_fn(params):
         dtype = _numerics.tree_accumulation_dtype(params)
-        zero = jnp.zeros((), dtype)
         cap = jnp.inf if max_norm is None else max_norm
         return ZClipState(
             warmup_norms=jnp.zeros((warmup_steps,), dtype),
             warmup_count=jnp.zeros((), jnp.int32),
-            mean=zero,
-            var=zero,
+            mean=jnp.zeros((), dtype),
+            var=jnp.zeros((), dtype),
             stats=empty_clip_stats()._replace(threshold=jnp.asarray(cap, jnp.float32)),
         )
 
