@@ -43,7 +43,9 @@ def test_clipping_in_a_chain(clipper, optimizer):
     plain, _ = train(OPTIMIZERS[optimizer]())
     chex.assert_tree_all_finite(clipped)
     assert bool(clipx.stats(state)[f"{clipper}/clipped"])
-    difference = max(float(jnp.max(jnp.abs(c - p))) for c, p in zip(jax.tree.leaves(clipped),
-                                                                    jax.tree.leaves(plain), strict=True))
+    difference = max(
+        float(jnp.max(jnp.abs(c - p)))
+        for c, p in zip(jax.tree.leaves(clipped), jax.tree.leaves(plain), strict=True)
+    )
     # adam nearly undoes a uniform rescale of every step (only the change of scale between steps shows)
     assert difference > (1e-4 if optimizer == "adam" else 1e-3)

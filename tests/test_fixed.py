@@ -211,8 +211,11 @@ def check_properties(name, grads, threshold):
             np.testing.assert_array_equal(o[np.abs(g) <= bound], g[np.abs(g) <= bound])
             assert np.all(o * g >= 0)  # no sign flips
     else:
-        measure = {"global_norm": _numerics.tree_norm, "tensor_norm": _numerics.leaf_norms,
-                   "block_rms": _numerics.leaf_rms}[name]
+        measure = {
+            "global_norm": _numerics.tree_norm,
+            "tensor_norm": _numerics.leaf_norms,
+            "block_rms": _numerics.leaf_rms,
+        }[name]
         before = measure(grads)
         after = measure(once)
         for b, a in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):

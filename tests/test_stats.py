@@ -46,8 +46,12 @@ def test_named_chain():
 
 def test_masked():
     out = step(optax.masked(clipx.tensor_norm(4.0), {"a": True, "b": False}))
-    assert out == {"tensor_norm/norm": pytest.approx(12**0.5), "tensor_norm/threshold": 4.0,
-                   "tensor_norm/scale": 0.0, "tensor_norm/clipped": 0.0}
+    assert out == {
+        "tensor_norm/norm": pytest.approx(12**0.5),
+        "tensor_norm/threshold": 4.0,
+        "tensor_norm/scale": 0.0,
+        "tensor_norm/clipped": 0.0,
+    }
 
 
 def test_multi_transform():
@@ -75,6 +79,8 @@ def test_multi_steps():
 
 def test_nested_named_chain_in_multi_transform_in_chain():
     inner = optax.named_chain(("clip", clipx.value(1.0)), ("opt", optax.sgd(0.1)))
-    tx = optax.chain(clipx.global_norm(10.0), optax.multi_transform({"x": inner, "y": optax.sgd(0.1)},
-                                                                    {"a": "x", "b": "y"}))
+    tx = optax.chain(
+        clipx.global_norm(10.0),
+        optax.multi_transform({"x": inner, "y": optax.sgd(0.1)}, {"a": "x", "b": "y"}),
+    )
     assert set(step(tx)) == {f"{p}/{f}" for p in ("global_norm", "x/clip/value") for f in FIELDS}
