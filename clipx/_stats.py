@@ -64,6 +64,16 @@ def empty_clip_stats(scale: float = 1.0) -> ClipStats:
     )
 
 
+def global_clip_stats(norm: jax.Array, threshold: jax.Array, scale: jax.Array) -> ClipStats:
+    """The `ClipStats` of a rule that scales the whole update by ``scale`` (reported in float32)."""
+    return ClipStats(
+        norm=jnp.asarray(norm, jnp.float32),
+        threshold=jnp.asarray(threshold, jnp.float32),
+        scale=jnp.asarray(scale, jnp.float32),
+        clipped=scale < 1,
+    )
+
+
 def empty_guard_stats() -> GuardStats:
     """The `GuardStats` a guard holds before its first step."""
     return GuardStats(

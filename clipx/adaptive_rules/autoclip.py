@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from clipx import _numerics, _validate
-from clipx._stats import ClipStats, empty_clip_stats
+from clipx._stats import ClipStats, empty_clip_stats, global_clip_stats
 
 
 class AutoClipState(NamedTuple):
@@ -170,12 +170,7 @@ def autoclip(
         norm = _numerics.tree_norm(updates, axis_name)
         threshold = _history_quantile(state.norms, state.count, quantile)
         scale = _numerics.clip_scale(norm, threshold)
-        stats = ClipStats(
-            norm=norm.astype(jnp.float32),
-            threshold=threshold.astype(jnp.float32),
-            scale=scale.astype(jnp.float32),
-            clipped=scale < 1,
-        )
+        stats = global_clip_stats(norm, threshold, scale)
         new_state = AutoClipState(
             norms=_record(state.norms, state.count, norm),
             count=_advance(state.count, norm, history),

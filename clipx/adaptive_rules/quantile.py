@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from clipx import _numerics, _validate
-from clipx._stats import ClipStats, empty_clip_stats
+from clipx._stats import ClipStats, empty_clip_stats, global_clip_stats
 
 
 class QuantileClipState(NamedTuple):
@@ -104,12 +104,7 @@ def quantile_clip(
         scale = _numerics.clip_scale(norm, threshold.astype(norm.dtype))
         below = (norm <= threshold).astype(threshold.dtype)
         step = -learning_rate * (below - target_quantile)
-        stats = ClipStats(
-            norm=norm.astype(jnp.float32),
-            threshold=threshold.astype(jnp.float32),
-            scale=scale.astype(jnp.float32),
-            clipped=scale < 1,
-        )
+        stats = global_clip_stats(norm, threshold, scale)
         log_threshold = jnp.where(jnp.isfinite(norm), state.log_threshold + step, state.log_threshold)
         new_state = QuantileClipState(log_threshold=log_threshold.astype(threshold.dtype), stats=stats)
         return _numerics.scale_tree(updates, scale), new_state

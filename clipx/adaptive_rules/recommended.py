@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from clipx import _numerics, _running, _validate
-from clipx._stats import ClipStats, empty_clip_stats
+from clipx._stats import ClipStats, empty_clip_stats, global_clip_stats
 
 
 class AdaptiveState(NamedTuple):
@@ -181,12 +181,7 @@ def adaptive(
         log_norm = jnp.log(jnp.where(norm > 0, norm, 1).astype(dtype))
         observe = jnp.isfinite(norm) & (norm > 0)
         moments = _running.update_moments(moments, jnp.minimum(log_norm, log_threshold), observe, decay)
-        stats = ClipStats(
-            norm=norm.astype(jnp.float32),
-            threshold=threshold.astype(jnp.float32),
-            scale=scale.astype(jnp.float32),
-            clipped=scale < 1,
-        )
+        stats = global_clip_stats(norm, threshold, scale)
         return _numerics.scale_tree(updates, scale), AdaptiveState(log_norm=moments, stats=stats)
 
     return optax.GradientTransformation(init_fn, update_fn)

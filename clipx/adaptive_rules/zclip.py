@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from clipx import _numerics, _validate
-from clipx._stats import ClipStats, empty_clip_stats
+from clipx._stats import ClipStats, empty_clip_stats, global_clip_stats
 
 _MODES = ("zscore", "percentile")
 _CLIP_OPTIONS = ("adaptive_scaling", "mean")
@@ -207,12 +207,7 @@ def zclip(
 
         new_mean = jnp.where(start, warmup_mean, jnp.where(update_ema, ema_mean, mean)).astype(dtype)
         new_var = jnp.where(start, warmup_var, jnp.where(update_ema, ema_var, var)).astype(dtype)
-        stats = ClipStats(
-            norm=norm.astype(jnp.float32),
-            threshold=reported.astype(jnp.float32),
-            scale=scale.astype(jnp.float32),
-            clipped=scale < 1,
-        )
+        stats = global_clip_stats(norm, reported, scale)
         new_state = ZClipState(
             warmup_norms=warmup_norms, warmup_count=warmup_count, mean=new_mean, var=new_var, stats=stats
         )
