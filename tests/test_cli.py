@@ -44,8 +44,25 @@ def test_demo_writes_plots(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "DEMO_CLIPPERS", (cli.DEMO_CLIPPERS[0], cli.DEMO_CLIPPERS[-1]))
     out = tmp_path / "demo"
     assert cli.main(["demo", "--steps", "3", "--out", str(out), "--quiet"]) == 0
-    assert (out / "loss.png").stat().st_size > 0
+    assert (out / "loss.png").stat().st_size > 0 and (out / "grad_norm.png").stat().st_size > 0
     assert (out / "adaptive_threshold.png").exists() == hasattr(cli.clipx, "adaptive")
+
+
+def test_demo_flags_reach_the_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "DEMO_MODEL", TINY_MODEL)
+    monkeypatch.setattr(cli, "DEMO_CLIPPERS", cli.DEMO_CLIPPERS[:1])
+    out = tmp_path / "demo"
+    argv = ["demo", "--steps", "2", "--optimizer", "momentum", "--lr", "0.3", "--task-length", "60"]
+    assert cli.main([*argv, "--seed", "1", "--out", str(out), "--quiet"]) == 0
+    config = json.loads((out / "runs" / "none" / "config.json").read_text())
+    assert (config["optimizer"], config["learning_rate"], config["task_length"]) == ("momentum", 0.3, 60)
+    assert config["seed"] == 1 and config["max_steps"] == 2
+
+
+def test_demo_defaults():
+    args = cli.build_parser().parse_args(["demo"])
+    assert (args.optimizer, args.lr, args.steps, args.task_length) == ("sgd", 0.05, 400, 50)
+    assert cli.DEMO_MODEL["cell"] == "simple"
 
 
 def test_sweep_is_resumable(tmp_path, monkeypatch):

@@ -30,13 +30,34 @@ def plot_losses(
         smooth = _smooth(losses, 10)
         ax.plot(steps[len(steps) - len(smooth) :], smooth, color=line.get_color(), label=label)
     ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (log scale)")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("training loss (cross-entropy, nats; log scale)")
+    ax.set_title(title)
+    ax.legend(title="faint: per step; solid: 10-step mean", title_fontsize="small")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def plot_grad_norms(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | pathlib.Path, title: str
+) -> None:
+    """The global gradient norm before clipping per step for each run (log scale)."""
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    for label, records in runs.items():
+        rows = [r for r in records if "grad_norm" in r]
+        steps = np.array([r["step"] for r in rows])
+        norms = np.array([r["grad_norm"] for r in rows], dtype=float)
+        ax.plot(steps, norms, linewidth=0.8, alpha=0.8, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("global L2 norm of the gradient\nbefore clipping (log scale)")
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
 
 
 def plot_threshold(
@@ -58,13 +79,13 @@ def plot_threshold(
     ax.plot(steps, thresholds, linewidth=1.5, label="threshold")
     ax.scatter(steps[clipped], norms[clipped], s=10, color="red", zorder=3, label="clipped step")
     ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("global L2 norm (log scale)")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("global L2 norm of the gradient (log scale)")
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=100)
 
 
 def plot_sweep(
