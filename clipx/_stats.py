@@ -64,14 +64,24 @@ def empty_clip_stats(scale: float = 1.0) -> ClipStats:
     )
 
 
-def global_clip_stats(norm: jax.Array, threshold: jax.Array, scale: jax.Array) -> ClipStats:
-    """The `ClipStats` of a rule that scales the whole update by ``scale`` (reported in float32)."""
+def clip_stats(norm: Any, threshold: Any, scale: Any, clipped: Any) -> ClipStats:
+    """A `ClipStats` in the types every transform reports: float32 scalars and a bool.
+
+    The same types at ``init`` and after every step, with or without x64, so
+    states keep one structure under ``lax.cond``/``scan`` (``MultiSteps``,
+    the guards) and loggers see one dtype.
+    """
     return ClipStats(
         norm=jnp.asarray(norm, jnp.float32),
         threshold=jnp.asarray(threshold, jnp.float32),
         scale=jnp.asarray(scale, jnp.float32),
-        clipped=scale < 1,
+        clipped=jnp.asarray(clipped, bool),
     )
+
+
+def global_clip_stats(norm: Any, threshold: Any, scale: jax.Array) -> ClipStats:
+    """The `ClipStats` of a rule that scales the whole update by ``scale``."""
+    return clip_stats(norm, threshold, scale, scale < 1)
 
 
 def empty_guard_stats() -> GuardStats:

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from clipx import _numerics, _validate
-from clipx._stats import ClipStats, empty_clip_stats
+from clipx._stats import ClipStats, clip_stats, empty_clip_stats
 
 Axis = int | tuple[int, ...] | None
 
@@ -234,7 +234,7 @@ def agc(
             largest = jax.lax.pmax(largest, axis_name)
             clipped = jax.lax.psum(clipped, axis_name)
             units = jax.lax.psum(units, axis_name)
-        stats = ClipStats(
+        stats = clip_stats(
             norm=largest,
             threshold=jnp.asarray(clipping, acc),
             scale=(clipped / jnp.maximum(units, 1)).astype(acc),

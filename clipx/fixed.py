@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from clipx import _numerics, _validate
-from clipx._stats import ClipStats, empty_clip_stats
+from clipx._stats import ClipStats, clip_stats, empty_clip_stats, global_clip_stats
 
 
 class ValueState(NamedTuple):
@@ -96,7 +96,7 @@ def value(
         if axis_name is not None:
             largest = jax.lax.pmax(largest, axis_name)
             count, total = jax.lax.psum((count, total), axis_name)
-        stats = ClipStats(
+        stats = clip_stats(
             norm=largest,
             threshold=jnp.asarray(max_delta, acc),
             scale=(count / jnp.maximum(total, 1)).astype(acc),
@@ -165,12 +165,7 @@ def global_norm(
         del params, state
         norm = _numerics.tree_norm(updates, axis_name)
         scale = _numerics.clip_scale(norm, max_norm)
-        stats = ClipStats(
-            norm=norm,
-            threshold=jnp.asarray(max_norm, norm.dtype),
-            scale=scale,
-            clipped=scale < 1,
-        )
+        stats = global_clip_stats(norm, max_norm, scale)
         return _numerics.scale_tree(updates, scale), GlobalNormState(stats=stats)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -209,7 +204,7 @@ def _per_leaf_clip(
         scales = jax.tree.map(lambda m: _numerics.clip_scale(m, threshold), measured)
         leaves = [m.astype(acc) for m in jax.tree.leaves(measured)]
         clipped = [s < 1 for s in jax.tree.leaves(scales)]
-        stats = ClipStats(
+        stats = clip_stats(
             norm=jnp.max(jnp.stack(leaves)) if leaves else jnp.zeros((), acc),
             threshold=jnp.asarray(threshold, acc),
             scale=jnp.mean(jnp.stack(clipped), dtype=acc) if clipped else jnp.zeros((), acc),

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from clipx import _numerics, _running, _validate
-from clipx._stats import ClipStats, GuardStats, empty_clip_stats, empty_guard_stats
+from clipx._stats import ClipStats, GuardStats, clip_stats, empty_clip_stats, empty_guard_stats
 
 
 def _select(keep_new: jax.Array, new: Any, old: Any) -> Any:
@@ -264,7 +264,7 @@ def skip_spikes(
         observe &= ~skip
 
         new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
-        record = ClipStats(
+        record = clip_stats(
             norm=norm.astype(jnp.float32),
             threshold=jnp.exp(log_threshold).astype(jnp.float32),
             scale=jnp.where(skip, 0.0, 1.0).astype(jnp.float32),

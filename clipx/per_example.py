@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import optax
 
 from clipx import _numerics, _validate
-from clipx._stats import ClipStats, empty_clip_stats
+from clipx._stats import ClipStats, clip_stats, empty_clip_stats
 
 PyTree = Any
 
@@ -153,7 +153,7 @@ def _stats(
     norms: jax.Array, threshold: jax.Array, clipped_fraction: jax.Array, axis_name: _numerics.AxisName | None
 ) -> ClipStats:
     max_norm = _across(jnp.max(norms, initial=0.0), axis_name, jax.lax.pmax)
-    return ClipStats(
+    return clip_stats(
         norm=max_norm,
         threshold=jnp.asarray(threshold, max_norm.dtype),
         scale=clipped_fraction.astype(jnp.float32),

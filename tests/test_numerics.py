@@ -120,14 +120,17 @@ def test_float64_under_x64(name):
         grads = {"a": jnp.array([3.0, 4.0e-9], jnp.float64), "b": jnp.array([[12.0]], jnp.float64)}
         updates, state = apply(name, 1e-3, grads)
         assert updates["a"].dtype == jnp.float64
-        assert state.stats.norm.dtype == jnp.float64
-        assert state.stats.threshold.dtype == jnp.float64
+        # Statistics are reported in float32 whatever the gradients: the state keeps the types
+        # init gave it, as lax.cond and scan (MultiSteps, the guards) require.
+        init_state = FACTORIES[name](1e-3).init(jax.tree.map(jnp.ones_like, grads))
+        chex.assert_trees_all_equal_dtypes(state, init_state)
+        assert state.stats.norm.dtype == jnp.float32
         chex.assert_tree_all_finite(updates)
         if name == "global_norm":
             norm = np.sqrt(9.0 + 16e-18 + 144.0)
             expected = {k: np.asarray(v) * (1e-3 / norm) for k, v in grads.items()}
             chex.assert_trees_all_close(updates, expected, rtol=1e-14)
-            assert float(state.stats.norm) == pytest.approx(norm, rel=1e-15)
+            assert float(state.stats.norm) == pytest.approx(norm, rel=1e-7)
     assert jnp.ones(()).dtype == jnp.float32  # x64 is off again
 
 

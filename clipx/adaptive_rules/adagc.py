@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from clipx import _numerics, _validate
-from clipx._stats import ClipStats, empty_clip_stats
+from clipx._stats import ClipStats, clip_stats, empty_clip_stats
 
 
 class AdaGCState(NamedTuple):
@@ -139,7 +139,7 @@ def adagc(
         scale_leaves = jax.tree.leaves(scales)
         num_clipped = sum((s < 1 for s in scale_leaves), jnp.zeros((), jnp.int32))
         thresholds = jax.tree.map(lambda g: relative_threshold * g, state.gamma)
-        stats = ClipStats(
+        stats = clip_stats(
             norm=norm.astype(jnp.float32),
             threshold=jnp.where(warmup, warmup_max_norm, _numerics.tree_norm(thresholds)).astype(jnp.float32),
             scale=(num_clipped / max(len(scale_leaves), 1)).astype(jnp.float32),

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from clipx import _numerics, _validate
-from clipx._stats import ClipStats, empty_clip_stats, global_clip_stats
+from clipx._stats import ClipStats, clip_stats, empty_clip_stats, global_clip_stats
 
 
 class AutoClipState(NamedTuple):
@@ -75,7 +75,7 @@ def _per_tensor_stats(norms: list, thresholds: list, scales: list) -> ClipStats:
     positive = threshold > 0
     ratio = jnp.where(positive, norm / jnp.where(positive, threshold, 1), jnp.where(norm > 0, jnp.inf, 0))
     worst = jnp.argmax(ratio)
-    return ClipStats(
+    return clip_stats(
         norm=norm[worst],
         threshold=threshold[worst],
         scale=jnp.mean(clipped.astype(jnp.float32)),
