@@ -149,6 +149,19 @@ def _initial_key(seed: int) -> jax.Array:
     return jax.random.key_data(jax.random.key(seed))
 
 
+def _fixed_threshold_init(l2_norm_clip: Any, noise_multiplier: Any, seed: int) -> optax.TransformInitFn:
+    """Validates the shared arguments of the fixed-threshold rules and returns their ``init``."""
+    _validate.check_nonnegative("l2_norm_clip", l2_norm_clip)
+    _validate.check_nonnegative("noise_multiplier", noise_multiplier)
+    _validate.check_int("seed", seed)
+
+    def init_fn(params):
+        del params
+        return PerExampleState(key=_initial_key(seed), stats=empty_clip_stats())
+
+    return init_fn
+
+
 def _stats(
     norms: jax.Array, threshold: jax.Array, clipped_fraction: jax.Array, axis_name: _numerics.AxisName | None
 ) -> ClipStats:
@@ -210,13 +223,7 @@ def per_example_global_norm(
       >>> float(clipx.stats(state)["per_example/scale"])  # half the examples were clipped
       0.5
     """
-    _validate.check_nonnegative("l2_norm_clip", l2_norm_clip)
-    _validate.check_nonnegative("noise_multiplier", noise_multiplier)
-    _validate.check_int("seed", seed)
-
-    def init_fn(params):
-        del params
-        return PerExampleState(key=_initial_key(seed), stats=empty_clip_stats())
+    init_fn = _fixed_threshold_init(l2_norm_clip, noise_multiplier, seed)
 
     def update_fn(updates, state, params=None):
         del params
@@ -291,13 +298,7 @@ def per_example_layer_norm(
       >>> [round(float(x), 4) for x in jnp.concatenate([summed["a"], summed["b"]])]
       [0.6, 0.8, 0.1]
     """
-    _validate.check_nonnegative("l2_norm_clip", l2_norm_clip)
-    _validate.check_nonnegative("noise_multiplier", noise_multiplier)
-    _validate.check_int("seed", seed)
-
-    def init_fn(params):
-        del params
-        return PerExampleState(key=_initial_key(seed), stats=empty_clip_stats())
+    init_fn = _fixed_threshold_init(l2_norm_clip, noise_multiplier, seed)
 
     def update_fn(updates, state, params=None):
         del params
