@@ -17,6 +17,20 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(values, kernel, mode="valid")
 
 
+def _finish_step_plot(
+    fig: Figure, ax: Any, ylabel: str, title: str, path: str | pathlib.Path, legend_title: str | None = None
+) -> None:
+    """Log-scale y against training steps, labels, title, legend and grid; writes the PNG."""
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(title=legend_title, title_fontsize="small")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def plot_losses(
     runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | pathlib.Path, title: str
 ) -> None:
@@ -29,14 +43,9 @@ def plot_losses(
         (line,) = ax.plot(steps, losses, alpha=0.25, linewidth=0.8)
         smooth = _smooth(losses, 10)
         ax.plot(steps[len(steps) - len(smooth) :], smooth, color=line.get_color(), label=label)
-    ax.set_yscale("log")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("training loss (cross-entropy, nats; log scale)")
-    ax.set_title(title)
-    ax.legend(title="faint: per step; solid: 10-step mean", title_fontsize="small")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    ylabel = "training loss (cross-entropy, nats; log scale)"
+    legend_title = "faint: per step; solid: 10-step mean"
+    _finish_step_plot(fig, ax, ylabel, title, path, legend_title=legend_title)
 
 
 def plot_grad_norms(
@@ -50,14 +59,7 @@ def plot_grad_norms(
         steps = np.array([r["step"] for r in rows])
         norms = np.array([r["grad_norm"] for r in rows], dtype=float)
         ax.plot(steps, norms, linewidth=0.8, alpha=0.8, label=label)
-    ax.set_yscale("log")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("global L2 norm of the gradient\nbefore clipping (log scale)")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _finish_step_plot(fig, ax, "global L2 norm of the gradient\nbefore clipping (log scale)", title, path)
 
 
 def plot_threshold(
@@ -78,14 +80,7 @@ def plot_threshold(
     ax.plot(steps, norms, linewidth=0.8, label="gradient norm (before clipping)")
     ax.plot(steps, thresholds, linewidth=1.5, label="threshold")
     ax.scatter(steps[clipped], norms[clipped], s=10, color="red", zorder=3, label="clipped step")
-    ax.set_yscale("log")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("global L2 norm of the gradient (log scale)")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _finish_step_plot(fig, ax, "global L2 norm of the gradient (log scale)", title, path)
 
 
 def plot_sweep(
