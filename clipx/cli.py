@@ -54,6 +54,7 @@ _TRAIN_FLAGS: tuple[tuple[str, str, Any], ...] = (
     ("--train-limit", "train_limit", int),
     ("--dev-limit", "dev_limit", int),
     ("--max-length", "max_length", int),
+    ("--tokenizer", "tokenizer", str),
     ("--min-count", "min_count", int),
     ("--max-vocab", "max_vocab", int),
     ("--optimizer", "optimizer", str),

@@ -50,6 +50,17 @@ def test_vocabulary_limits_and_unknowns():
     assert vocab.encode(["a", "zzz"]) == [2, 1]
 
 
+def test_tokenizer_styles():
+    text = "It 's not a GREAT film -- 10/10 !"
+    assert data.tokenize(text) == ["it", "s", "not", "a", "great", "film", "10", "10"]
+    assert data.tokenize(text, "whitespace") == ["it", "'s", "not", "a", "great", "film", "--", "10/10", "!"]
+    split = data.Split(["a !", "b ?"], np.array([0, 1], np.int32))
+    vocab = data.Vocabulary.build(data.tokenize(s, "whitespace") for s in split.sentences)
+    assert [x.tolist() for x in data.encode(split, vocab, tokenizer="whitespace").ids] == [[4, 2], [5, 3]]
+    with pytest.raises(ValueError, match="tokenizer style must be one of words, whitespace; got 'bpe'"):
+        data.tokenize(text, "bpe")
+
+
 def test_batches_pad_bucket_and_weight():
     split = data.Split(["a b c", "a", "b c", "c c c c c"], np.array([0, 1, 0, 1], np.int32))
     vocab = data.Vocabulary.build(data.tokenize(s) for s in split.sentences)

@@ -58,7 +58,14 @@ def test_flax_sst2_preset_matches_the_flax_example():
         0.1,
     )
     assert preset["train"] == dict(
-        optimizer="momentum", learning_rate=0.1, momentum=0.9, weight_decay=3e-6, batch_size=64, epochs=10
+        optimizer="momentum",
+        learning_rate=0.1,
+        momentum=0.9,
+        weight_decay=3e-6,
+        batch_size=64,
+        epochs=10,
+        tokenizer="whitespace",
+        pad_multiple=8,
     )
 
 

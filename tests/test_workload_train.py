@@ -30,6 +30,11 @@ def test_clipper_arguments_are_checked_against_the_signature():
     assert make_clipper("none") is None
 
 
+def test_config_rejects_unknown_tokenizer():
+    with pytest.raises(ValueError, match="tokenizer must be one of words, whitespace; got 'chars'"):
+        TrainConfig(tokenizer="chars")
+
+
 @pytest.mark.parametrize("name", ["agc", "zclip", "adaptive"])
 def test_adaptive_and_relative_clippers_train(name):
     summary = train(TrainConfig(**{**TINY, "max_steps": 2}, clip=name))

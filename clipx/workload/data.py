@@ -4,8 +4,11 @@
 one example per line (integer labels from 0). Every problem raises `DataError`
 naming the file and, where there is one, the line: ``train.tsv:17: ...``.
 
-**Tokens.** `tokenize` lowercases and keeps maximal runs of letters and digits
-(Unicode-aware; everything else separates tokens). `Vocabulary` maps tokens to
+**Tokens.** `tokenize` lowercases and, in its default ``"words"`` style, keeps
+maximal runs of letters and digits (Unicode-aware; everything else separates
+tokens); the ``"whitespace"`` style splits on whitespace only, for text that is
+already tokenized (SST-2 writes ``it 's`` and ``does n't``), and keeps
+punctuation tokens such as ``!`` and ``?``. `Vocabulary` maps tokens to
 ids with ``<pad>`` = 0 and ``<unk>`` = 1, keeping tokens seen at least
 ``min_count`` times, most frequent first (ties alphabetical), at most
 ``max_size`` ids in all.
@@ -39,6 +42,7 @@ import numpy as np
 PAD, UNK = "<pad>", "<unk>"
 HEADER = ("sentence", "label")
 _TOKEN = re.compile(r"[^\W_]+")
+TOKENIZERS: tuple[str, ...] = ("words", "whitespace")
 
 
 class DataError(ValueError):
@@ -96,13 +100,19 @@ def read_tsv(path: str | pathlib.Path) -> Split:
     return Split(sentences, np.asarray(labels, np.int32))
 
 
-def tokenize(text: str) -> list[str]:
-    """Lowercases ``text`` and splits it on everything that is not a letter or digit.
+def tokenize(text: str, style: str = "words") -> list[str]:
+    """Lowercases ``text`` and splits it into tokens (see the module docstring).
 
     >>> tokenize("It's a GREAT film -- 10/10!")
     ['it', 's', 'a', 'great', 'film', '10', '10']
+    >>> tokenize("it 's a great film !", "whitespace")
+    ['it', "'s", 'a', 'great', 'film', '!']
     """
-    return _TOKEN.findall(text.lower())
+    if style == "words":
+        return _TOKEN.findall(text.lower())
+    if style == "whitespace":
+        return text.lower().split()
+    raise ValueError(f"tokenizer style must be one of {', '.join(TOKENIZERS)}; got {style!r}")
 
 
 class Vocabulary:
@@ -155,8 +165,10 @@ class Encoded:
         return len(self.ids)
 
 
-def encode(split: Split, vocab: Vocabulary, *, max_length: int | None = None) -> Encoded:
-    """Tokenizes and encodes ``split``; keeps the first ``max_length`` tokens when given.
+def encode(
+    split: Split, vocab: Vocabulary, *, max_length: int | None = None, tokenizer: str = "words"
+) -> Encoded:
+    """Tokenizes (`tokenize` style ``tokenizer``) and encodes ``split``; keeps the first ``max_length`` tokens.
 
     An empty sentence becomes a single ``<unk>`` so every example has length ≥ 1.
     """
@@ -164,7 +176,7 @@ def encode(split: Split, vocab: Vocabulary, *, max_length: int | None = None) ->
         raise ValueError(f"max_length must be at least 1; got {max_length}")
     ids = []
     for sentence in split.sentences:
-        row = vocab.encode(tokenize(sentence))[:max_length] or [1]
+        row = vocab.encode(tokenize(sentence, tokenizer))[:max_length] or [1]
         ids.append(np.asarray(row, np.int32))
     return Encoded(ids, split.labels)
 

@@ -4,8 +4,8 @@ The model reads a batch of padded token ids ``[batch, time]`` with the true
 ``lengths`` of each row and returns class logits ``[batch, num_classes]``:
 
     word dropout → embedding → dropout → recurrent layer (lstm | gru | simple,
-    optionally bidirectional) → masked pooling (last | mean | attention)
-    → dropout → head (mlp | linear)
+    optionally bidirectional) → masked pooling (last; or dropout → mean |
+    attention) → dropout → head (mlp | linear)
 
 Padding never changes a result: the recurrent layer receives ``seq_lengths``
 (so the backward direction starts at each row's last real token and the "last"
@@ -56,7 +56,8 @@ class ModelConfig:
         (an MLP scores each position, masked softmax, weighted sum).
       head: ``"mlp"`` (Dense → tanh → dropout → Dense) or ``"linear"``.
       mlp_hidden: width of the MLP head and of the attention scorer.
-      dropout: dropout rate on embeddings and on the pooled vector.
+      dropout: dropout rate on embeddings, on the recurrent outputs before mean
+        or attention pooling, on the pooled vector and in the MLP head.
       word_dropout: probability of replacing a token by ``<unk>`` in training.
     """
 
@@ -111,7 +112,16 @@ PRESETS: dict[str, dict[str, dict]] = {
             word_dropout=0.1,
         ),
         "train": dict(
-            optimizer="momentum", learning_rate=0.1, momentum=0.9, weight_decay=3e-6, batch_size=64, epochs=10
+            optimizer="momentum",
+            learning_rate=0.1,
+            momentum=0.9,
+            weight_decay=3e-6,
+            batch_size=64,
+            epochs=10,
+            # Flax's pipeline splits the pre-tokenized sentences on whitespace
+            # and buckets lengths in steps of 8.
+            tokenizer="whitespace",
+            pad_multiple=8,
         ),
     },
 }
@@ -131,13 +141,13 @@ def _masked_mean(values: jax.Array, mask: jax.Array, lengths: jax.Array) -> jax.
 
 
 class AttentionPooling(nn.Module):
-    """Masked additive attention pooling: ``softmax(v·tanh(W h_t))`` over real tokens."""
+    """Masked additive attention pooling: ``softmax(v·tanh(W h_t))`` over real tokens (no biases)."""
 
     hidden: int
 
     @nn.compact
     def __call__(self, values: jax.Array, mask: jax.Array) -> jax.Array:
-        scores = nn.Dense(1, use_bias=False)(jnp.tanh(nn.Dense(self.hidden)(values)))[..., 0]
+        scores = nn.Dense(1, use_bias=False)(jnp.tanh(nn.Dense(self.hidden, use_bias=False)(values)))[..., 0]
         # exp(-1e9 - max) is exactly 0 in float32: padding gets no weight.
         weights = jax.nn.softmax(jnp.where(mask, scores, -1e9), axis=-1)
         return jnp.einsum("bt,btd->bd", weights, values)
@@ -184,7 +194,7 @@ class TextClassifier(nn.Module):
             # The backward direction ends at the first token.
             pooled = jnp.concatenate([last, backward[:, 0]], -1) if cfg.bidirectional else last
         else:
-            sequence = jnp.concatenate(outputs, axis=-1)
+            sequence = nn.Dropout(cfg.dropout, deterministic=not train)(jnp.concatenate(outputs, axis=-1))
             if cfg.pooling == "mean":
                 pooled = _masked_mean(sequence, mask, lengths)
             else:

@@ -55,6 +55,8 @@ class TrainConfig:
         the embedded task.
       train_limit, dev_limit: use only the first examples of each file.
       max_length: truncate every example to this many tokens.
+      tokenizer: the `clipx.workload.data.tokenize` style, ``"words"`` or
+        ``"whitespace"`` (for pre-tokenized text such as SST-2).
       pad_multiple: batches are padded to a multiple of this many tokens (each
         distinct width costs one jit compilation).
       min_count, max_vocab: vocabulary built from the training split.
@@ -79,6 +81,7 @@ class TrainConfig:
     train_limit: int | None = None
     dev_limit: int | None = None
     max_length: int | None = None
+    tokenizer: str = "words"
     pad_multiple: int = 16
     min_count: int = 1
     max_vocab: int | None = 30000
@@ -99,6 +102,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
+        if self.tokenizer not in data_lib.TOKENIZERS:
+            raise ValueError(f"tokenizer must be one of {', '.join(data_lib.TOKENIZERS)}; got {self.tokenizer!r}")
         for name in ("batch_size", "epochs", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
@@ -225,12 +230,12 @@ def load_data(config: TrainConfig) -> Data:
     train = data_lib.Split(train.sentences[: config.train_limit], train.labels[: config.train_limit])
     dev = data_lib.Split(dev.sentences[: config.dev_limit], dev.labels[: config.dev_limit])
     vocab = data_lib.Vocabulary.build(
-        (data_lib.tokenize(s) for s in train.sentences), min_count=config.min_count, max_size=config.max_vocab
+        (data_lib.tokenize(s, config.tokenizer) for s in train.sentences), min_count=config.min_count, max_size=config.max_vocab
     )
     num_classes = int(max(train.labels.max(), dev.labels.max())) + 1
     return Data(
-        data_lib.encode(train, vocab, max_length=config.max_length),
-        data_lib.encode(dev, vocab, max_length=config.max_length),
+        data_lib.encode(train, vocab, max_length=config.max_length, tokenizer=config.tokenizer),
+        data_lib.encode(dev, vocab, max_length=config.max_length, tokenizer=config.tokenizer),
         vocab,
         max(num_classes, 2),
     )
