@@ -168,7 +168,7 @@ class Encoded:
 def encode(
     split: Split, vocab: Vocabulary, *, max_length: int | None = None, tokenizer: str = "words"
 ) -> Encoded:
-    """Tokenizes (`tokenize` style ``tokenizer``) and encodes ``split``; keeps the first ``max_length`` tokens.
+    """Tokenizes (`tokenize` style ``tokenizer``) and encodes ``split``, cut to ``max_length`` tokens.
 
     An empty sentence becomes a single ``<unk>`` so every example has length ≥ 1.
     """

@@ -103,7 +103,8 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
         if self.tokenizer not in data_lib.TOKENIZERS:
-            raise ValueError(f"tokenizer must be one of {', '.join(data_lib.TOKENIZERS)}; got {self.tokenizer!r}")
+            allowed = ", ".join(data_lib.TOKENIZERS)
+            raise ValueError(f"tokenizer must be one of {allowed}; got {self.tokenizer!r}")
         for name in ("batch_size", "epochs", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
@@ -230,7 +231,9 @@ def load_data(config: TrainConfig) -> Data:
     train = data_lib.Split(train.sentences[: config.train_limit], train.labels[: config.train_limit])
     dev = data_lib.Split(dev.sentences[: config.dev_limit], dev.labels[: config.dev_limit])
     vocab = data_lib.Vocabulary.build(
-        (data_lib.tokenize(s, config.tokenizer) for s in train.sentences), min_count=config.min_count, max_size=config.max_vocab
+        (data_lib.tokenize(s, config.tokenizer) for s in train.sentences),
+        min_count=config.min_count,
+        max_size=config.max_vocab,
     )
     num_classes = int(max(train.labels.max(), dev.labels.max())) + 1
     return Data(
