@@ -45,6 +45,7 @@ _MODEL_FLAGS: tuple[tuple[str, str, Any], ...] = (
     ("--mlp-hidden", "mlp_hidden", int),
     ("--dropout", "dropout", float),
     ("--word-dropout", "word_dropout", float),
+    ("--embed-init-std", "embed_init_std", float),
 )
 # Training flags: (flag, TrainConfig field, type).
 _TRAIN_FLAGS: tuple[tuple[str, str, Any], ...] = (

@@ -65,8 +65,10 @@ def test_flax_sst2_preset_matches_the_flax_example():
         batch_size=64,
         epochs=10,
         tokenizer="whitespace",
+        min_count=3,
         pad_multiple=8,
     )
+    assert config.embed_init_std == 0.1
 
 
 @pytest.mark.parametrize(
@@ -75,6 +77,7 @@ def test_flax_sst2_preset_matches_the_flax_example():
         ("cell", "lstmx", "cell must be one of"),
         ("pooling", "max", "pooling must be"),
         ("dropout", 1.0, "dropout"),
+        ("embed_init_std", 0.0, "embed_init_std must be positive"),
     ],
 )
 def test_bad_settings_name_the_field(field, value, message):

@@ -59,6 +59,8 @@ class ModelConfig:
       dropout: dropout rate on embeddings, on the recurrent outputs before mean
         or attention pooling, on the pooled vector and in the MLP head.
       word_dropout: probability of replacing a token by ``<unk>`` in training.
+      embed_init_std: initialise the embedding from ``N(0, embed_init_std²)``;
+        ``None`` for ``nn.Embed``'s default (variance ``1 / embed_dim``).
     """
 
     vocab_size: int
@@ -72,6 +74,7 @@ class ModelConfig:
     mlp_hidden: int = 128
     dropout: float = 0.0
     word_dropout: float = 0.0
+    embed_init_std: float | None = None
 
     def __post_init__(self):
         for name, value, allowed in (
@@ -90,6 +93,8 @@ class ModelConfig:
         ):
             if size < 1:
                 raise ValueError(f"{name} must be a positive integer; got {size}")
+        if self.embed_init_std is not None and not self.embed_init_std > 0:
+            raise ValueError(f"embed_init_std must be positive or None; got {self.embed_init_std}")
         for name, rate in (("dropout", self.dropout), ("word_dropout", self.word_dropout)):
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"{name} must lie in [0, 1); got {rate}")
@@ -110,6 +115,7 @@ PRESETS: dict[str, dict[str, dict]] = {
             mlp_hidden=256,
             dropout=0.5,
             word_dropout=0.1,
+            embed_init_std=0.1,
         ),
         "train": dict(
             optimizer="momentum",
@@ -118,9 +124,10 @@ PRESETS: dict[str, dict[str, dict]] = {
             weight_decay=3e-6,
             batch_size=64,
             epochs=10,
-            # Flax's pipeline splits the pre-tokenized sentences on whitespace
-            # and buckets lengths in steps of 8.
+            # Flax's pipeline splits the pre-tokenized sentences on whitespace,
+            # keeps words seen at least 3 times, and buckets lengths in steps of 8.
             tokenizer="whitespace",
+            min_count=3,
             pad_multiple=8,
         ),
     },
@@ -172,7 +179,12 @@ class TextClassifier(nn.Module):
         if train and cfg.word_dropout > 0:
             drop = jax.random.bernoulli(self.make_rng("dropout"), cfg.word_dropout, tokens.shape)
             tokens = jnp.where(drop & mask, UNK_ID, tokens)
-        x = nn.Embed(cfg.vocab_size, cfg.embed_dim)(tokens)
+        init = (
+            {}
+            if cfg.embed_init_std is None
+            else {"embedding_init": nn.initializers.normal(cfg.embed_init_std)}
+        )
+        x = nn.Embed(cfg.vocab_size, cfg.embed_dim, **init)(tokens)
         x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
 
         # nn.RNN returns only the outputs [batch, time, hidden] here (return_carry is False).
