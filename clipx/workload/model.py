@@ -179,12 +179,12 @@ class TextClassifier(nn.Module):
         if train and cfg.word_dropout > 0:
             drop = jax.random.bernoulli(self.make_rng("dropout"), cfg.word_dropout, tokens.shape)
             tokens = jnp.where(drop & mask, UNK_ID, tokens)
-        init = (
-            {}
+        embed_init = (
+            nn.linear.default_embed_init
             if cfg.embed_init_std is None
-            else {"embedding_init": nn.initializers.normal(cfg.embed_init_std)}
+            else nn.initializers.normal(cfg.embed_init_std)
         )
-        x = nn.Embed(cfg.vocab_size, cfg.embed_dim, **init)(tokens)
+        x = nn.Embed(cfg.vocab_size, cfg.embed_dim, embedding_init=embed_init)(tokens)
         x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
 
         # nn.RNN returns only the outputs [batch, time, hidden] here (return_carry is False).
