@@ -13,7 +13,8 @@ same everywhere:
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,42 +68,96 @@ _SMALL_LEAF = 1 << 14
 _LEAVES_PER_REDUCTION = 16
 
 
-def _add_tuples(a: tuple, b: tuple) -> tuple:
-    return tuple(x + y for x, y in zip(a, b, strict=True))
+class Reduction(NamedTuple):
+    """An associative, commutative reduction: its binary step, its full ``jnp`` form, its identity."""
+
+    combine: Callable[[jax.Array, jax.Array], jax.Array]
+    full: Callable[[jax.Array], jax.Array]
+    identity: Any
+
+
+SUM = Reduction(jnp.add, jnp.sum, 0)
+MAX_NONNEGATIVE = Reduction(jnp.maximum, jnp.max, 0)  # the maximum of values known to be ≥ 0
+
+
+def _fused_reduce(operands: tuple[jax.Array, ...], reductions: tuple[Reduction, ...]) -> tuple:
+    """``tuple(r.full(x) for r, x in zip(reductions, operands))`` as one variadic ``lax.reduce``.
+
+    Its derivative is that of the separate reductions (JAX cannot differentiate
+    a variadic reduce whose operands include a non-differentiable one).
+    """
+
+    @jax.custom_jvp
+    def run(*ops: jax.Array) -> tuple:
+        inits = tuple(jnp.asarray(r.identity, x.dtype) for r, x in zip(reductions, ops, strict=True))
+
+        def combine(acc: tuple, x: tuple) -> tuple:
+            return tuple(r.combine(a, b) for r, a, b in zip(reductions, acc, x, strict=True))
+
+        return tuple(jax.lax.reduce(ops, inits, combine, tuple(range(ops[0].ndim))))
+
+    @run.defjvp
+    def run_jvp(primals: tuple, tangents: tuple) -> tuple:
+        separate = lambda *ops: tuple(r.full(x) for r, x in zip(reductions, ops, strict=True))  # noqa: E731
+        return run(*primals), jax.jvp(separate, primals, tangents)[1]
+
+    return run(*operands)
+
+
+def leaf_reductions(
+    leaves: list[jax.Array],
+    elementwise: Callable[[jax.Array], tuple[jax.Array, ...]],
+    reductions: tuple[Reduction, ...],
+    large: Callable[[tuple[jax.Array, ...]], tuple[jax.Array, ...]] | None = None,
+) -> list[tuple[jax.Array, ...]]:
+    """Full reductions of each leaf, in as few kernels as XLA compiles cheaply.
+
+    ``elementwise(x)`` maps a leaf to a tuple of ``k`` arrays of its shape; the
+    ``j``-th is reduced over all axes by ``reductions[j]``. Returns one
+    ``k``-tuple of scalars per leaf, in order.
+
+    Leaves below ``_SMALL_LEAF`` entries are grouped by shape and dtypes, and
+    each group of up to ``_LEAVES_PER_REDUCTION`` is reduced by one variadic
+    ``lax.reduce``: XLA's CPU backend compiles every small full reduction as
+    three kernels (map, partial reduce-window, final reduce) that each cost
+    milliseconds to compile, so a 1000-leaf model paid more to compile its
+    gradient norm than its whole Adam update. A larger leaf is reduced by
+    ``large`` if given (``jnp.sum`` is more accurate and runs on all cores),
+    else by one variadic ``lax.reduce`` of its ``k`` arrays: one read of the
+    leaf, where ``k`` separate reductions of maps sharing a subexpression have
+    that map written out in full first. Every leaf is reduced where it lives:
+    no concatenation, so sharded leaves never move between devices.
+    """
+    out: list[Any] = [None] * len(leaves)
+    groups: dict[tuple, list[tuple[int, tuple[jax.Array, ...]]]] = {}
+    for i, leaf in enumerate(leaves):
+        values = tuple(elementwise(leaf))
+        if jnp.size(leaf) < _SMALL_LEAF:
+            groups.setdefault((jnp.shape(leaf), tuple(v.dtype for v in values)), []).append((i, values))
+        elif large is not None:
+            out[i] = tuple(large(values))
+        else:
+            groups[("large", i)] = [(i, values)]
+    k = len(reductions)
+    for members in groups.values():
+        for start in range(0, len(members), _LEAVES_PER_REDUCTION):
+            chunk = members[start : start + _LEAVES_PER_REDUCTION]
+            results = _fused_reduce(tuple(v for _, values in chunk for v in values), reductions * len(chunk))
+            for n, (i, _) in enumerate(chunk):
+                out[i] = tuple(results[n * k : (n + 1) * k])
+    return out
 
 
 def leaf_sums_of_squares(leaves: list[jax.Array]) -> list[jax.Array]:
     """``Σ |x|²`` of each array in ``leaves`` (accumulation dtype), as a list in the same order.
 
-    Equal to ``[sum_of_squares(x) for x in leaves]``, but cheaper to compile for
-    trees of many small leaves: XLA's CPU backend turns every small full
-    reduction into three kernels (square, partial reduce-window, final reduce)
-    that each cost milliseconds of compile time, so a 1000-leaf model paid more
-    to compile its gradient norm than its whole Adam update. Here leaves below
-    ``_SMALL_LEAF`` entries are grouped by shape and dtype, and each group of up
-    to ``_LEAVES_PER_REDUCTION`` is summed by one variadic ``lax.reduce`` (one
-    fused kernel that reads each leaf once). Large leaves keep ``jnp.sum``,
-    whose tree-shaped reduction is more accurate and runs on all cores. Every
-    leaf is still reduced where it lives: no concatenation, so sharded leaves
-    never move between devices.
+    Equal to ``[sum_of_squares(x) for x in leaves]``, but cheaper to compile
+    for trees of many small leaves (see `leaf_reductions`). Large leaves keep
+    ``jnp.sum``, whose tree-shaped reduction is more accurate, runs on all
+    cores and fuses the square.
     """
-    sums: list[Any] = [None] * len(leaves)
-    groups: dict[tuple, list[tuple[int, jax.Array]]] = {}
-    for i, leaf in enumerate(leaves):
-        sq = squared(leaf)
-        if sq.size >= _SMALL_LEAF:
-            sums[i] = jnp.sum(sq)
-        else:
-            groups.setdefault((sq.shape, sq.dtype), []).append((i, sq))
-    for (shape, dtype), members in groups.items():
-        for start in range(0, len(members), _LEAVES_PER_REDUCTION):
-            chunk = members[start : start + _LEAVES_PER_REDUCTION]
-            operands = tuple(sq for _, sq in chunk)
-            zeros = tuple(jnp.zeros((), dtype) for _ in chunk)
-            results = jax.lax.reduce(operands, zeros, _add_tuples, tuple(range(len(shape))))
-            for (i, _), total in zip(chunk, results, strict=True):
-                sums[i] = total
-    return sums
+    sums = leaf_reductions(leaves, lambda x: (squared(x),), (SUM,), large=lambda v: (jnp.sum(v[0]),))
+    return [s for (s,) in sums]
 
 
 def tree_sum_of_squares(tree: PyTree, axis_name: AxisName | None = None) -> jax.Array:
@@ -124,34 +179,29 @@ def tree_norm(tree: PyTree, axis_name: AxisName | None = None) -> jax.Array:
     return safe_sqrt(tree_sum_of_squares(tree, axis_name))
 
 
-def leaf_norms(tree: PyTree, axis_name: AxisName | None = None) -> PyTree:
-    """The L2 norm of each leaf, as a pytree of scalars shaped like ``tree``.
-
-    With ``axis_name`` (inside ``shard_map``/``pmap``) each leaf's sum of
-    squares is summed over that axis first.
-    """
-
-    leaves, treedef = jax.tree.flatten(tree)
+def leaf_squared_norms(leaves: list[jax.Array], axis_name: AxisName | None = None) -> list[jax.Array]:
+    """``‖x‖² = Σ |x|²`` of each array in ``leaves`` (summed over ``axis_name`` if given), as scalars."""
     totals = leaf_sums_of_squares(leaves)
-    if axis_name is not None:
-        totals = jax.lax.psum(totals, axis_name)
-    return jax.tree.unflatten(treedef, [safe_sqrt(total) for total in totals])
+    return totals if axis_name is None else jax.lax.psum(totals, axis_name)
 
 
-def leaf_rms(tree: PyTree, axis_name: AxisName | None = None) -> PyTree:
-    """The root-mean-square ``√(Σ |g|² / n)`` of each leaf, as a pytree of scalars.
+def leaf_mean_squares(leaves: list[jax.Array], axis_name: AxisName | None = None) -> list[jax.Array]:
+    """``Σ |x|² / n`` of each array in ``leaves`` (0 for an empty one), as scalars.
 
-    An empty leaf has RMS 0. With ``axis_name`` (inside ``shard_map``/``pmap``)
-    both the sum of squares and the entry count are summed over that axis.
+    With ``axis_name`` both the sums of squares and the entry counts are
+    summed over that axis.
     """
-
-    leaves, treedef = jax.tree.flatten(tree)
     totals = leaf_sums_of_squares(leaves)
     counts = [jnp.asarray(leaf.size, total.dtype) for leaf, total in zip(leaves, totals, strict=True)]
     if axis_name is not None:
         totals, counts = jax.lax.psum((totals, counts), axis_name)
-    rms = [safe_sqrt(total / jnp.maximum(count, 1)) for total, count in zip(totals, counts, strict=True)]
-    return jax.tree.unflatten(treedef, rms)
+    return [total / jnp.maximum(count, 1) for total, count in zip(totals, counts, strict=True)]
+
+
+def leaf_norms(tree: PyTree, axis_name: AxisName | None = None) -> PyTree:
+    """The L2 norm of each leaf, as a pytree of scalars shaped like ``tree``."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return jax.tree.unflatten(treedef, [safe_sqrt(q) for q in leaf_squared_norms(leaves, axis_name)])
 
 
 def clip_scale(norm: jax.Array, threshold: jax.Array) -> jax.Array:
@@ -165,6 +215,22 @@ def clip_scale(norm: jax.Array, threshold: jax.Array) -> jax.Array:
     threshold = jnp.asarray(threshold, norm.dtype)
     above = norm > threshold
     return jnp.where(above, threshold / jnp.where(above, norm, 1), jnp.ones_like(norm))
+
+
+def clip_scale_of_square(squared: jax.Array, threshold: jax.Array) -> jax.Array:
+    """`clip_scale` ``min(1, threshold / m)`` of a measure ``m`` given as ``squared = m²``.
+
+    ``threshold · rsqrt(m²)`` needs no square root of its own: per-leaf rules
+    compute each leaf's scale this way, a few scalar operations that XLA fuses
+    into the kernel scaling that leaf (a separate square root per leaf cost as
+    much compile time as the leaf's whole Adam update). The same edge cases as
+    `clip_scale`: 1 when ``m ≤ threshold`` (``m² ≤ threshold²``), 0 for a zero
+    threshold and a positive measure, 0 for an infinite one.
+    """
+    squared = jnp.asarray(squared)
+    threshold = jnp.asarray(threshold, squared.dtype)
+    above = squared > threshold * threshold
+    return jnp.where(above, threshold * jax.lax.rsqrt(jnp.where(above, squared, 1)), jnp.ones_like(squared))
 
 
 def scale_leaf(leaf: jax.Array, scale: jax.Array) -> jax.Array:

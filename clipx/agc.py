@@ -210,26 +210,27 @@ def agc(
         )
         leaves, treedef = jax.tree.flatten(updates)
         acc = _numerics.tree_accumulation_dtype(updates)
-        new_leaves = []
-        largest = jnp.zeros((), acc)
-        clipped = jnp.zeros((), jnp.int32)
-        units = 0
+        new_leaves, ratios_squared = [], []
         for g, w in zip(leaves, jax.tree.leaves(params), strict=True):
             if jnp.shape(g) != jnp.shape(w):
                 raise ValueError(
                     f"agc: a gradient of shape {jnp.shape(g)} for a parameter of shape {jnp.shape(w)}"
                 )
-            g_norm = _unit_norms(g, axis)
-            w_norm = _unit_norms(w, axis).astype(g_norm.dtype)
-            floor = jnp.maximum(w_norm, jnp.asarray(eps, g_norm.dtype))
-            scale = _numerics.clip_scale(g_norm, clipping * floor)
-            positive = floor > 0
-            zero_floor = jnp.where(g_norm > 0, jnp.inf, 0)
-            ratio = jnp.where(positive, g_norm / jnp.where(positive, floor, 1), zero_floor)
-            new_leaves.append(_numerics.scale_leaf(g, scale))
-            largest = jnp.maximum(largest, jnp.max(ratio, initial=0).astype(acc))
-            clipped = clipped + jnp.sum(scale < 1, dtype=jnp.int32)
-            units += scale.size
+            # Squared unit norms of the gradient: its scale and statistics need no square root.
+            g_squared = _numerics.sum_of_squares(g, axis=_unit_axes(g.shape, axis), keepdims=True)
+            w_norm = _unit_norms(w, axis).astype(g_squared.dtype)
+            floor = jnp.maximum(w_norm, jnp.asarray(eps, g_squared.dtype))
+            bound = clipping * floor
+            new_leaves.append(_numerics.scale_leaf(g, _numerics.clip_scale_of_square(g_squared, bound)))
+            # ‖G_i‖² / floor², with 0/0 = 0 (a zero floor needs eps = 0 and zero weights).
+            ratio_squared = jnp.where(g_squared > 0, g_squared / (floor * floor), 0)
+            ratios_squared.append(ratio_squared.astype(acc).ravel())
+        # The statistics over all units at once: two reductions, not two per leaf. A unit
+        # is clipped where its ratio exceeds the threshold (‖G_i‖² > (λ·floor)²).
+        ratio_squared = jnp.concatenate(ratios_squared) if ratios_squared else jnp.zeros((0,), acc)
+        largest = _numerics.safe_sqrt(jnp.max(ratio_squared, initial=0))
+        clipped = jnp.sum(ratio_squared > jnp.square(jnp.asarray(clipping, acc)), dtype=jnp.int32)
+        units = ratio_squared.size
         if axis_name is not None:
             largest = jax.lax.pmax(largest, axis_name)
             clipped = jax.lax.psum(clipped, axis_name)

@@ -85,13 +85,19 @@ def value(
     def update_fn(updates, state, params=None):
         del params, state
         acc = _numerics.tree_accumulation_dtype(updates)
-        largest = jnp.zeros((), acc)
-        count = jnp.zeros((), jnp.int32)
-        for leaf in jax.tree.leaves(updates):
+
+        def largest_and_above(leaf: jax.Array) -> tuple[jax.Array, jax.Array]:
             parts = _real_parts(leaf)
-            largest = jnp.maximum(largest, max(jnp.max(jnp.abs(x), initial=0).astype(acc) for x in parts))
+            largest = functools.reduce(jnp.maximum, [jnp.abs(x).astype(acc) for x in parts])
             above = functools.reduce(jnp.logical_or, [jnp.abs(x) > bound(x) for x in parts])
-            count = count + jnp.sum(above, dtype=jnp.int32)
+            return largest, above.astype(jnp.int32)
+
+        # One pass per leaf (and one kernel per group of small leaves) for both statistics.
+        per_leaf = _numerics.leaf_reductions(
+            jax.tree.leaves(updates), largest_and_above, (_numerics.MAX_NONNEGATIVE, _numerics.SUM)
+        )
+        largest = functools.reduce(jnp.maximum, [m for m, _ in per_leaf], jnp.zeros((), acc))
+        count = sum((n for _, n in per_leaf), jnp.zeros((), jnp.int32))
         total = jnp.asarray(sum(leaf.size for leaf in jax.tree.leaves(updates)), jnp.int32)
         if axis_name is not None:
             largest = jax.lax.pmax(largest, axis_name)
@@ -186,12 +192,12 @@ class BlockRMSState(NamedTuple):
 
 
 def _per_leaf_clip(
-    measure: Callable[..., _numerics.PyTree],
+    measure_squared: Callable[[list[jax.Array], _numerics.AxisName | None], list[jax.Array]],
     threshold: float | jax.Array,
     state_type: type[TensorNormState] | type[BlockRMSState],
     axis_name: _numerics.AxisName | None,
 ) -> optax.GradientTransformation:
-    """Scales each leaf by ``min(1, threshold / measure(leaf))``; reports the largest measure."""
+    """Scales each leaf by ``min(1, threshold / m)``, ``m²`` its entry of ``measure_squared(leaves)``."""
 
     def init_fn(params):
         del params
@@ -199,18 +205,25 @@ def _per_leaf_clip(
 
     def update_fn(updates, state, params=None):
         del params, state
+        leaves, treedef = jax.tree.flatten(updates)
+        squares = measure_squared(leaves, axis_name)
+        scaled = [
+            _numerics.scale_leaf(leaf, _numerics.clip_scale_of_square(q, threshold))
+            for leaf, q in zip(leaves, squares, strict=True)
+        ]
+        # Statistics from the stacked squared measures: one kernel for all leaves.
         acc = _numerics.tree_accumulation_dtype(updates)
-        measured = measure(updates, axis_name)
-        scales = jax.tree.map(lambda m: _numerics.clip_scale(m, threshold), measured)
-        leaves = [m.astype(acc) for m in jax.tree.leaves(measured)]
-        clipped = [s < 1 for s in jax.tree.leaves(scales)]
-        stats = clip_stats(
-            norm=jnp.max(jnp.stack(leaves)) if leaves else jnp.zeros((), acc),
-            threshold=jnp.asarray(threshold, acc),
-            scale=jnp.mean(jnp.stack(clipped), dtype=acc) if clipped else jnp.zeros((), acc),
-            clipped=jnp.any(jnp.stack(clipped)) if clipped else jnp.array(False),
+        measures = _numerics.safe_sqrt(
+            jnp.stack([q.astype(acc) for q in squares]) if leaves else jnp.zeros((0,), acc)
         )
-        return jax.tree.map(_numerics.scale_leaf, updates, scales), state_type(stats=stats)
+        clipped = measures > jnp.asarray(threshold, acc)
+        stats = clip_stats(
+            norm=jnp.max(measures, initial=0),
+            threshold=jnp.asarray(threshold, acc),
+            scale=jnp.mean(clipped, dtype=acc) if leaves else jnp.zeros((), acc),
+            clipped=jnp.any(clipped),
+        )
+        return jax.tree.unflatten(treedef, scaled), state_type(stats=stats)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -256,7 +269,7 @@ def tensor_norm(
       0.5
     """
     _validate.check_nonnegative("max_norm", max_norm)
-    return _per_leaf_clip(_numerics.leaf_norms, max_norm, TensorNormState, axis_name)
+    return _per_leaf_clip(_numerics.leaf_squared_norms, max_norm, TensorNormState, axis_name)
 
 
 def block_rms(
@@ -296,4 +309,4 @@ def block_rms(
       4.0
     """
     _validate.check_nonnegative("threshold", threshold)
-    return _per_leaf_clip(_numerics.leaf_rms, threshold, BlockRMSState, axis_name)
+    return _per_leaf_clip(_numerics.leaf_mean_squares, threshold, BlockRMSState, axis_name)

@@ -138,7 +138,17 @@ def test_helpers():
     tree = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([[2.0, 2.0], [2.0, 2.0]]), "c": None}
     assert float(_numerics.tree_norm(tree)) == pytest.approx(np.sqrt(41.0))
     chex.assert_trees_all_close(_numerics.leaf_norms(tree), {"a": 5.0, "b": 4.0, "c": None})
-    chex.assert_trees_all_close(_numerics.leaf_rms(tree), {"a": np.sqrt(12.5), "b": 2.0, "c": None})
+    leaves = jax.tree.leaves(tree)
+    np.testing.assert_allclose(_numerics.leaf_squared_norms(leaves), [25.0, 16.0], rtol=1e-7)
+    np.testing.assert_allclose(_numerics.leaf_mean_squares(leaves), [12.5, 4.0], rtol=1e-7)
+    assert _numerics.leaf_squared_norms([]) == _numerics.leaf_mean_squares([]) == []
+    for threshold in (0.0, 1.0, 3.0, np.inf):
+        for norm in (0.0, 0.5, 1.0, 2.0, 1e15, np.inf):
+            expected = float(_numerics.clip_scale(jnp.float32(norm), threshold))
+            squared = jnp.float32(norm) ** 2
+            assert float(_numerics.clip_scale_of_square(squared, threshold)) == pytest.approx(
+                expected, rel=1e-6
+            )
     assert float(_numerics.tree_norm({})) == 0.0
     assert float(_numerics.clip_scale(jnp.float32(0.0), 0.0)) == 1.0
     assert float(_numerics.clip_scale(jnp.float32(2.0), 0.0)) == 0.0

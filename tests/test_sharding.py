@@ -39,13 +39,16 @@ import clipx
 class Case(NamedTuple):
     make: Callable[[], optax.GradientTransformation]
     # The most elements one transfer the transform adds may carry: 1 (a scalar) for
-    # norm rules, a vector of unit norms for AGC, per-example scalars for DP rules.
+    # norm rules, one scalar per device where a fused reduction gathers per-device
+    # partials, a vector of unit norms for AGC, per-example scalars for DP rules.
     max_elements: int = 1
 
 
 # Hyperparameters small enough that 4 steps reach every code path (warm-up, clipping).
 TRANSFORMS: dict[str, Case] = {
-    "value": Case(lambda: clipx.value(0.5)),
+    # One variadic reduction (largest |g|, count clipped) per leaf: the partitioner
+    # gathers the 8 per-device partial pairs instead of all-reducing them.
+    "value": Case(lambda: clipx.value(0.5), max_elements=8),
     "global_norm": Case(lambda: clipx.global_norm(1.0)),
     "tensor_norm": Case(lambda: clipx.tensor_norm(0.5)),
     "block_rms": Case(lambda: clipx.block_rms(0.5)),
@@ -179,9 +182,10 @@ def side_by_side(transforms: dict[str, optax.GradientTransformation]) -> optax.G
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-# Groups compiled together: the norm rules (scalar all-reduces only), AGC, the per-example rules.
+# Groups compiled together: the norm rules (scalar all-reduces only), value, AGC, the per-example rules.
 GROUPS = {
     "norm_rules": sorted(n for n, c in TRANSFORMS.items() if c.max_elements == 1),
+    "value": ["value"],
     "agc": ["agc"],
     "per_example": sorted(PER_EXAMPLE),
 }
