@@ -43,7 +43,9 @@ CLIPPERS: tuple[tuple[str, str, float | None], ...] = (
 
 #: Three Adam learning rates spanning 100×; with the defaults below the full grid
 #: (10 clippers × 3 rates × 3 seeds × 2 datasets = 180 runs) measured 25 s (IMDB)
-#: and 20 s (task) of CPU time per run on a 2-core CPU: about 68 minutes in all.
+#: and 12 s (task, 50 words) of CPU time per run on a 2-core CPU: about 56 minutes.
+#: The task is 50 words long because at 100 words this model learnt it at no
+#: learning rate in one epoch; at 50 words, unclipped Adam at 1e-3 reaches 99.8%.
 LEARNING_RATES: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
 
 MODEL = dict(embed_dim=64, hidden_size=128, cell="lstm", pooling="last", head="linear")
@@ -71,7 +73,7 @@ class SweepConfig:
     max_length: int = 128
     train_limit: int | None = 5000
     dev_limit: int | None = 1000
-    task_length: int = 100
+    task_length: int = 50
     task_train: int = 6000
     max_steps: int | None = None
 
