@@ -126,7 +126,9 @@ def leaf_reductions(
     else by one variadic ``lax.reduce`` of its ``k`` arrays: one read of the
     leaf, where ``k`` separate reductions of maps sharing a subexpression have
     that map written out in full first. Every leaf is reduced where it lives:
-    no concatenation, so sharded leaves never move between devices.
+    no concatenation, so sharded leaves never move between devices (for a
+    variadic reduction XLA's SPMD partitioner gathers the per-device partial
+    results, one scalar per device and output, instead of all-reducing them).
     """
     out: list[Any] = [None] * len(leaves)
     groups: dict[tuple, list[tuple[int, tuple[jax.Array, ...]]]] = {}
