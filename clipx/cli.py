@@ -77,6 +77,8 @@ def _add_train_parser(subparsers) -> None:
     for flag, field, kind in _MODEL_FLAGS + _TRAIN_FLAGS:
         p.add_argument(flag, dest=field, type=kind, default=None)
     p.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--single-logit", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--boundaries", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--clip", default="none", help="a clipx factory name, or none (default)")
     p.add_argument(
         "--clip-arg",
@@ -97,12 +99,15 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     model.update(
         {field: getattr(args, field) for _, field, _ in _MODEL_FLAGS if getattr(args, field) is not None}
     )
-    if args.bidirectional is not None:
-        model["bidirectional"] = args.bidirectional
+    for field in ("bidirectional", "single_logit"):
+        if getattr(args, field) is not None:
+            model[field] = getattr(args, field)
     settings = dict(preset["train"])
     settings.update(
         {field: getattr(args, field) for _, field, _ in _TRAIN_FLAGS if getattr(args, field) is not None}
     )
+    if args.boundaries is not None:
+        settings["boundaries"] = args.boundaries
     return TrainConfig(model=model, clip=args.clip, clip_args=parse_clip_args(args.clip_arg), **settings)
 
 

@@ -28,6 +28,12 @@ def test_train_preset_sets_defaults_and_flags_override():
     config = cli._train_config(args)
     assert config.learning_rate == 0.3 and config.epochs == 1 and config.momentum == 0.9
     assert config.model["hidden_size"] == 256 and config.model["bidirectional"]
+    assert config.model["single_logit"] and config.boundaries
+    args = cli.build_parser().parse_args(
+        ["train", "--preset", "flax-sst2", "--no-single-logit", "--no-boundaries"]
+    )
+    config = cli._train_config(args)
+    assert not config.model["single_logit"] and not config.boundaries
 
 
 def test_unknown_clipper_is_a_clear_error(tmp_path, capsys):

@@ -50,6 +50,20 @@ def test_vocabulary_limits_and_unknowns():
     assert vocab.encode(["a", "zzz"]) == [2, 1]
 
 
+def test_boundaries_wrap_every_example():
+    split = data.Split(["a b", "", "b c a"], np.array([0, 1, 0], np.int32))
+    tokenized = [data.tokenize(s) for s in split.sentences]
+    vocab = data.Vocabulary.build([*tokenized, ["<s>", "</s>"]], boundaries=True)
+    # Specials are never added twice, even when the text holds them.
+    assert vocab.tokens == ["<pad>", "<unk>", "<s>", "</s>", "a", "b", "c"]
+    encoded = data.encode(split, vocab, boundaries=True, max_length=2)
+    assert [x.tolist() for x in encoded.ids] == [[2, 4, 5, 3], [2, 3], [2, 5, 6, 3]]
+    with pytest.raises(ValueError, match="needs a vocabulary built with boundaries=True"):
+        data.encode(split, data.Vocabulary.build(tokenized), boundaries=True)
+    with pytest.raises(ValueError, match="max_size must be at least 4"):
+        data.Vocabulary.build(tokenized, boundaries=True, max_size=3)
+
+
 def test_tokenizer_styles():
     text = "It 's not a GREAT film -- 10/10 !"
     assert data.tokenize(text) == ["it", "s", "not", "a", "great", "film", "10", "10"]

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from clipx.workload.model import CELLS, POOLINGS, PRESETS, ModelConfig, TextClassifier
@@ -65,10 +66,28 @@ def test_flax_sst2_preset_matches_the_flax_example():
         batch_size=64,
         epochs=10,
         tokenizer="whitespace",
+        boundaries=True,
         min_count=3,
         pad_multiple=8,
     )
     assert config.embed_init_std == 0.1
+    assert config.single_logit
+
+
+def test_single_logit_is_sigmoid_cross_entropy():
+    model = _model(num_classes=2, single_logit=True, head="mlp")
+    tokens, lengths = jnp.array([[5, 6, 7], [8, 9, 0]]), jnp.array([3, 2])
+    params = model.init(jax.random.PRNGKey(0), tokens, lengths)
+    # The last layer is one bias-free output.
+    assert jax.tree.map(jnp.shape, params["params"]["logit"]) == {"kernel": (8, 1)}
+    logits = model.apply(params, tokens, lengths)
+    np.testing.assert_array_equal(logits[:, 0], 0.0)
+    labels = jnp.array([1, 0])
+    softmax_ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    sigmoid_ce = optax.sigmoid_binary_cross_entropy(logits[:, 1], labels.astype(jnp.float32))
+    np.testing.assert_allclose(softmax_ce, sigmoid_ce, rtol=1e-6)
+    with pytest.raises(ValueError, match="single_logit needs num_classes == 2; got 3"):
+        ModelConfig(vocab_size=10, num_classes=3, single_logit=True)
 
 
 @pytest.mark.parametrize(

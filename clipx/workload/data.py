@@ -9,9 +9,12 @@ maximal runs of letters and digits (Unicode-aware; everything else separates
 tokens); the ``"whitespace"`` style splits on whitespace only, for text that is
 already tokenized (SST-2 writes ``it 's`` and ``does n't``), and keeps
 punctuation tokens such as ``!`` and ``?``. `Vocabulary` maps tokens to
-ids with ``<pad>`` = 0 and ``<unk>`` = 1, keeping tokens seen at least
+ids with ``<pad>`` = 0 and ``<unk>`` = 1 (then ``<s>`` = 2 and ``</s>`` = 3
+when built with ``boundaries=True``), keeping tokens seen at least
 ``min_count`` times, most frequent first (ties alphabetical), at most
-``max_size`` ids in all.
+``max_size`` ids in all. `encode` with ``boundaries=True`` wraps every
+example in ``<s> … </s>``, as Flax's SST-2 pipeline does: the recurrent
+layers then start and end every sentence on the same learnt inputs.
 
 **Batches.** `batches` shuffles, groups examples of similar length (bucketing),
 pads each batch with ``<pad>`` to a multiple of ``pad_multiple`` (few distinct
@@ -40,6 +43,7 @@ from typing import NamedTuple
 import numpy as np
 
 PAD, UNK = "<pad>", "<unk>"
+BOS, EOS = "<s>", "</s>"
 HEADER = ("sentence", "label")
 _TOKEN = re.compile(r"[^\W_]+")
 TOKENIZERS: tuple[str, ...] = ("words", "whitespace")
@@ -123,6 +127,8 @@ class Vocabulary:
     >>> vocab = Vocabulary.build([["a", "b", "a"], ["c", "a", "b"]], min_count=2)
     >>> vocab.tokens, vocab.encode(["a", "c", "b"])
     (['<pad>', '<unk>', 'a', 'b'], [2, 1, 3])
+    >>> Vocabulary.build([["a"]], boundaries=True).tokens
+    ['<pad>', '<unk>', '<s>', '</s>', 'a']
     """
 
     def __init__(self, tokens: Sequence[str]):
@@ -133,18 +139,32 @@ class Vocabulary:
 
     @classmethod
     def build(
-        cls, tokenized: Iterable[Sequence[str]], *, min_count: int = 1, max_size: int | None = None
+        cls,
+        tokenized: Iterable[Sequence[str]],
+        *,
+        min_count: int = 1,
+        max_size: int | None = None,
+        boundaries: bool = False,
     ) -> Vocabulary:
-        """The vocabulary of tokens seen at least ``min_count`` times, at most ``max_size`` ids."""
+        """The vocabulary of tokens seen at least ``min_count`` times, at most ``max_size`` ids.
+
+        With ``boundaries``, ``<s>`` and ``</s>`` follow ``<unk>`` (see `encode`).
+        """
+        specials = [PAD, UNK, BOS, EOS] if boundaries else [PAD, UNK]
         if min_count < 1:
             raise ValueError(f"min_count must be at least 1; got {min_count}")
-        if max_size is not None and max_size < 2:
-            raise ValueError(f"max_size must be at least 2 (for {PAD} and {UNK}); got {max_size}")
+        if max_size is not None and max_size < len(specials):
+            raise ValueError(
+                f"max_size must be at least {len(specials)} (for {', '.join(specials)}); got {max_size}"
+            )
         counts = collections.Counter(token for tokens in tokenized for token in tokens)
-        kept = sorted((t for t, c in counts.items() if c >= min_count), key=lambda t: (-counts[t], t))
+        kept = sorted(
+            (t for t, c in counts.items() if c >= min_count and t not in specials),
+            key=lambda t: (-counts[t], t),
+        )
         if max_size is not None:
-            kept = kept[: max_size - 2]
-        return cls([PAD, UNK, *kept])
+            kept = kept[: max_size - len(specials)]
+        return cls([*specials, *kept])
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -166,17 +186,30 @@ class Encoded:
 
 
 def encode(
-    split: Split, vocab: Vocabulary, *, max_length: int | None = None, tokenizer: str = "words"
+    split: Split,
+    vocab: Vocabulary,
+    *,
+    max_length: int | None = None,
+    tokenizer: str = "words",
+    boundaries: bool = False,
 ) -> Encoded:
     """Tokenizes (`tokenize` style ``tokenizer``) and encodes ``split``, cut to ``max_length`` tokens.
 
-    An empty sentence becomes a single ``<unk>`` so every example has length ≥ 1.
+    With ``boundaries``, each example becomes ``<s>`` + its tokens + ``</s>``
+    (``max_length`` counts the tokens, not the two markers; ``vocab`` must have
+    been built with ``boundaries=True``). Otherwise an empty sentence becomes a
+    single ``<unk>``, so every example has length ≥ 1.
     """
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length must be at least 1; got {max_length}")
+    if boundaries and vocab.tokens[2:4] != [BOS, EOS]:
+        raise ValueError(
+            f"boundaries=True needs a vocabulary built with boundaries=True (ids 2, 3 = {BOS}, {EOS})"
+        )
     ids = []
     for sentence in split.sentences:
-        row = vocab.encode(tokenize(sentence, tokenizer))[:max_length] or [1]
+        row = vocab.encode(tokenize(sentence, tokenizer))[:max_length]
+        row = [2, *row, 3] if boundaries else row or [1]
         ids.append(np.asarray(row, np.int32))
     return Encoded(ids, split.labels)
 

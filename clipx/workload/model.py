@@ -61,6 +61,10 @@ class ModelConfig:
       word_dropout: probability of replacing a token by ``<unk>`` in training.
       embed_init_std: initialise the embedding from ``N(0, embed_init_std²)``;
         ``None`` for ``nn.Embed``'s default (variance ``1 / embed_dim``).
+      single_logit: two classes from one logit ``z`` of a bias-free last layer
+        (Flax's SST-2 head, trained with sigmoid cross-entropy). The model
+        returns ``[0, z]``: its softmax cross-entropy is exactly the sigmoid
+        cross-entropy of ``z``, so training and evaluation need no other change.
     """
 
     vocab_size: int
@@ -75,6 +79,7 @@ class ModelConfig:
     dropout: float = 0.0
     word_dropout: float = 0.0
     embed_init_std: float | None = None
+    single_logit: bool = False
 
     def __post_init__(self):
         for name, value, allowed in (
@@ -93,6 +98,8 @@ class ModelConfig:
         ):
             if size < 1:
                 raise ValueError(f"{name} must be a positive integer; got {size}")
+        if self.single_logit and self.num_classes != 2:
+            raise ValueError(f"single_logit needs num_classes == 2; got {self.num_classes}")
         if self.embed_init_std is not None and not self.embed_init_std > 0:
             raise ValueError(f"embed_init_std must be positive or None; got {self.embed_init_std}")
         for name, rate in (("dropout", self.dropout), ("word_dropout", self.word_dropout)):
@@ -116,6 +123,7 @@ PRESETS: dict[str, dict[str, dict]] = {
             dropout=0.5,
             word_dropout=0.1,
             embed_init_std=0.1,
+            single_logit=True,
         ),
         "train": dict(
             optimizer="momentum",
@@ -125,8 +133,10 @@ PRESETS: dict[str, dict[str, dict]] = {
             batch_size=64,
             epochs=10,
             # Flax's pipeline splits the pre-tokenized sentences on whitespace,
-            # keeps words seen at least 3 times, and buckets lengths in steps of 8.
+            # wraps them in <s> … </s>, keeps words seen at least 3 times, and
+            # buckets lengths in steps of 8.
             tokenizer="whitespace",
+            boundaries=True,
             min_count=3,
             pad_multiple=8,
         ),
@@ -216,4 +226,7 @@ class TextClassifier(nn.Module):
         if cfg.head == "mlp":
             pooled = jnp.tanh(nn.Dense(cfg.mlp_hidden)(pooled))
             pooled = nn.Dropout(cfg.dropout, deterministic=not train)(pooled)
+        if cfg.single_logit:
+            z = nn.Dense(1, use_bias=False, name="logit")(pooled)
+            return jnp.concatenate([jnp.zeros_like(z), z], axis=-1)
         return nn.Dense(cfg.num_classes)(pooled)

@@ -57,6 +57,8 @@ class TrainConfig:
       max_length: truncate every example to this many tokens.
       tokenizer: the `clipx.workload.data.tokenize` style, ``"words"`` or
         ``"whitespace"`` (for pre-tokenized text such as SST-2).
+      boundaries: wrap every example in ``<s> … </s>`` (Flax's SST-2 pipeline
+        does); ``max_length`` counts the tokens between them.
       pad_multiple: batches are padded to a multiple of this many tokens (each
         distinct width costs one jit compilation).
       min_count, max_vocab: vocabulary built from the training split.
@@ -82,6 +84,7 @@ class TrainConfig:
     dev_limit: int | None = None
     max_length: int | None = None
     tokenizer: str = "words"
+    boundaries: bool = False
     pad_multiple: int = 16
     min_count: int = 1
     max_vocab: int | None = 30000
@@ -234,11 +237,22 @@ def load_data(config: TrainConfig) -> Data:
         (data_lib.tokenize(s, config.tokenizer) for s in train.sentences),
         min_count=config.min_count,
         max_size=config.max_vocab,
+        boundaries=config.boundaries,
     )
     num_classes = int(max(train.labels.max(), dev.labels.max())) + 1
+
+    def encode(split: data_lib.Split) -> data_lib.Encoded:
+        return data_lib.encode(
+            split,
+            vocab,
+            max_length=config.max_length,
+            tokenizer=config.tokenizer,
+            boundaries=config.boundaries,
+        )
+
     return Data(
-        data_lib.encode(train, vocab, max_length=config.max_length, tokenizer=config.tokenizer),
-        data_lib.encode(dev, vocab, max_length=config.max_length, tokenizer=config.tokenizer),
+        encode(train),
+        encode(dev),
         vocab,
         max(num_classes, 2),
     )
