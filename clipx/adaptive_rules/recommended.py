@@ -114,6 +114,22 @@ def adaptive(
     clips the sustained-high-norm regime that ``k = 3`` ignores; the
     quantile trackers lost up to 24 points at the lowest learning rate.
 
+    Checks of the chosen defaults on real text (``docs/workload.md``):
+
+    * SST-2, Flax's LSTM recipe (``flax-sst2`` preset, SGD with momentum) at
+      3× its learning rate, six seeds: 84.48% mean final dev accuracy, clipping
+      about 32% of the steps, against 84.62% for the preset at its own rate.
+      With an earlier two-logit head the unclipped 3× run stayed at chance
+      (gradient norms up to 1.6·10⁶) and ``adaptive()`` trained it to 84.2%.
+    * Learning-rate sweep (LSTM on IMDB and the embedded task, Adam at 1e-3,
+      1e-2 and 1e-1, 10 clippers, 5 seeds): no divergence, and within
+      max(1 point, one standard error) of the best fixed global-norm
+      threshold chosen in hindsight at every learning rate (IMDB at 1e-3:
+      67.3% against 68.1% for ``global_norm(0.25)`` and 57.5% unclipped, with
+      the smallest spread over seeds of all clippers). At 1e-2 and 1e-1 nearly
+      every rule, fixed or adaptive, stays at chance, so the sweep does not
+      show ``adaptive()`` training where every fixed threshold fails.
+
     A non-finite or zero norm never enters the statistics. On a step with a
     non-finite norm the update is non-finite (NaN); wrap the optimizer in
     `clipx.skip_nonfinite` to drop such steps.
