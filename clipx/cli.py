@@ -77,8 +77,18 @@ def _add_train_parser(subparsers) -> None:
     for flag, field, kind in _MODEL_FLAGS + _TRAIN_FLAGS:
         p.add_argument(flag, dest=field, type=kind, default=None)
     p.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--single-logit", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--boundaries", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument(
+        "--single-logit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="two classes from one bias-free logit (sigmoid cross-entropy)",
+    )
+    p.add_argument(
+        "--boundaries",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap every example in <s> … </s>",
+    )
     p.add_argument("--clip", default="none", help="a clipx factory name, or none (default)")
     p.add_argument(
         "--clip-arg",

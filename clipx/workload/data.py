@@ -206,10 +206,11 @@ def encode(
         raise ValueError(
             f"boundaries=True needs a vocabulary built with boundaries=True (ids 2, 3 = {BOS}, {EOS})"
         )
+    bos, eos = vocab.encode([BOS, EOS])
     ids = []
     for sentence in split.sentences:
         row = vocab.encode(tokenize(sentence, tokenizer))[:max_length]
-        row = [2, *row, 3] if boundaries else row or [1]
+        row = [bos, *row, eos] if boundaries else row or [1]
         ids.append(np.asarray(row, np.int32))
     return Encoded(ids, split.labels)
 
