@@ -6,7 +6,7 @@ import flax.serialization
 import numpy as np
 import pytest
 
-from clipx.workload.train import TrainConfig, make_clipper, read_log, train
+from clipx.workload.train import TrainConfig, load_data, make_clipper, read_log, train
 
 TINY = dict(
     task_length=50,
@@ -89,3 +89,18 @@ def test_reads_a_data_folder(tmp_path):
         (tmp_path / name).write_text("sentence\tlabel\n" + rows)
     summary = train(TrainConfig(**{**TINY, "data": str(tmp_path), "batch_size": 8}))
     assert summary["steps"] == 4
+
+
+def test_flax_head_and_boundaries_train_on_a_data_folder(tmp_path):
+    for name in ("train.tsv", "dev.tsv"):
+        rows = "".join(f"{'good' if i % 2 else 'bad'} film {i}\t{i % 2}\n" for i in range(20))
+        (tmp_path / name).write_text("sentence\tlabel\n" + rows)
+    model = {**TINY["model"], "single_logit": True}
+    config = TrainConfig(
+        **{**TINY, "data": str(tmp_path), "batch_size": 8, "boundaries": True, "model": model}
+    )
+    data = load_data(config)
+    assert data.vocab.tokens[2:4] == ["<s>", "</s>"]
+    assert all(ids[0] == 2 and ids[-1] == 3 for ids in data.train.ids)
+    summary = train(config)
+    assert summary["steps"] == 4 and summary["finished"] and np.isfinite(summary["train_loss"])
