@@ -19,6 +19,13 @@ TINY = dict(
 )
 
 
+def _write_data_folder(folder):
+    """train.tsv and dev.tsv of 20 sentences each."""
+    for name in ("train.tsv", "dev.tsv"):
+        rows = "".join(f"{'good' if i % 2 else 'bad'} film {i}\t{i % 2}\n" for i in range(20))
+        (folder / name).write_text("sentence\tlabel\n" + rows)
+
+
 def test_unknown_clipper_lists_the_available_ones():
     with pytest.raises(ValueError, match=r"unknown clipper 'nope'; available: none, .*global_norm"):
         make_clipper("nope")
@@ -84,17 +91,13 @@ def test_non_finite_loss_marks_the_run_diverged(tmp_path):
 
 
 def test_reads_a_data_folder(tmp_path):
-    for name in ("train.tsv", "dev.tsv"):
-        rows = "".join(f"{'good' if i % 2 else 'bad'} film {i}\t{i % 2}\n" for i in range(20))
-        (tmp_path / name).write_text("sentence\tlabel\n" + rows)
+    _write_data_folder(tmp_path)
     summary = train(TrainConfig(**{**TINY, "data": str(tmp_path), "batch_size": 8}))
     assert summary["steps"] == 4
 
 
 def test_flax_head_and_boundaries_train_on_a_data_folder(tmp_path):
-    for name in ("train.tsv", "dev.tsv"):
-        rows = "".join(f"{'good' if i % 2 else 'bad'} film {i}\t{i % 2}\n" for i in range(20))
-        (tmp_path / name).write_text("sentence\tlabel\n" + rows)
+    _write_data_folder(tmp_path)
     model = {**TINY["model"], "single_logit": True}
     config = TrainConfig(
         **{**TINY, "data": str(tmp_path), "batch_size": 8, "boundaries": True, "model": model}
