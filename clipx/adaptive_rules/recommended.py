@@ -119,8 +119,9 @@ def adaptive(
     * SST-2, Flax's LSTM recipe (``flax-sst2`` preset, SGD with momentum) at
       3× its learning rate, six seeds: 84.48% mean final dev accuracy, clipping
       about 32% of the steps, against 84.62% for the preset at its own rate.
-      With an earlier two-logit head the unclipped 3× run stayed at chance
-      (gradient norms up to 1.6·10⁶) and ``adaptive()`` trained it to 84.2%.
+      With an earlier version of the preset (two logits, no ``<s>``/``</s>``)
+      the unclipped 3× run stayed at chance (gradient norms up to 1.6·10⁶)
+      and ``adaptive()`` trained it to 84.2%.
     * Learning-rate sweep (LSTM on IMDB and the embedded task, Adam at 1e-3,
       1e-2 and 1e-1, 10 clippers, 5 seeds): no divergence, and within
       max(1 point, one standard error) of the best fixed global-norm
