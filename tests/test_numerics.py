@@ -158,6 +158,47 @@ def test_helpers():
     assert _numerics.scale_leaf(jnp.ones(2, jnp.bfloat16), jnp.float32(0.5)).dtype == jnp.bfloat16
 
 
+def _many_leaves():
+    """More same-shaped small leaves than one group takes, mixed dtypes, a large leaf, masked leaves."""
+    rng = np.random.default_rng(0)
+    tree = {f"w{i:02d}": jnp.asarray(rng.normal(size=(3, 5)), jnp.float32) for i in range(37)}
+    tree |= {f"h{i}": jnp.asarray(300 * rng.normal(size=(3, 5)), jnp.float16) for i in range(3)}
+    tree |= {f"b{i}": jnp.asarray(rng.normal(size=(7,)), jnp.bfloat16) for i in range(18)}
+    tree["z"] = jnp.asarray(rng.normal(size=(4,)) + 1j * rng.normal(size=(4,)), jnp.complex64)
+    tree["big"] = jnp.asarray(rng.normal(size=(_numerics._SMALL_LEAF + 3,)), jnp.float32)
+    tree["masked"], tree["none"] = optax.MaskedNode(), None
+    return tree
+
+
+def test_many_small_leaves_are_grouped_without_changing_the_result():
+    tree = _many_leaves()
+    leaves = jax.tree.leaves(tree)
+    assert len(leaves) > 3 * _numerics._LEAVES_PER_REDUCTION
+    exact = [float(np.sum(np.abs(np.asarray(x, np.complex128)) ** 2)) for x in leaves]
+    np.testing.assert_allclose(_numerics.leaf_squared_norms(leaves), exact, rtol=1e-5)
+    np.testing.assert_allclose(_numerics.tree_sum_of_squares(tree), sum(exact), rtol=1e-6)
+    assert _numerics.tree_sum_of_squares(tree).dtype == jnp.float32  # float16 entries of 300² do not overflow
+    # Derivatives of the grouped sums are those of the plain ones, leaf by leaf.
+    real = {k: v for k, v in tree.items() if k.startswith("w") or k == "big"}
+    plain = lambda t: sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(t))  # noqa: E731
+    per_leaf = lambda t: sum(_numerics.leaf_squared_norms(jax.tree.leaves(t)))  # noqa: E731
+    for grouped in (_numerics.tree_sum_of_squares, per_leaf):
+        chex.assert_trees_all_close(jax.grad(grouped)(real), jax.grad(plain)(real), rtol=1e-6)
+
+
+def test_many_small_leaves_match_optax():
+    tree = {k: v for k, v in _many_leaves().items() if k != "z"}  # optax rejects complex leaves in clip
+    as32 = jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+    for ours, theirs in [
+        (clipx.global_norm(10.0), optax.clip_by_global_norm(10.0)),
+        (clipx.value(0.5), optax.clip(0.5)),
+        (clipx.block_rms(0.8), optax.clip_by_block_rms(0.8)),
+    ]:
+        expected, _ = theirs.update(as32, theirs.init(as32))
+        got, _ = ours.update(as32, ours.init(as32))
+        chex.assert_trees_all_close(got, expected, rtol=2e-6)
+
+
 def test_axis_name_reduces_over_devices():
     devices = jax.devices()[:4]
     if len(devices) < 4:
