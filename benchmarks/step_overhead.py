@@ -92,9 +92,13 @@ def candidates() -> list[Candidate]:
         ),
         ("agc", lambda: clipx.agc(0.01), "optax.adaptive_grad_clip", lambda: optax.adaptive_grad_clip(0.01)),
     ]
+    # The rules whose statistics cost work of their own, also timed without them.
+    without_stats = {"value", "tensor_norm", "block_rms", "agc"} if "without_stats" in have else set()
     for name, make, counterpart, make_counterpart in pairs:
         if name in have:
             add(f"clipx.{name}", make, name)
+        if name in without_stats:
+            add(f"clipx.without_stats({name})", lambda make=make: clipx.without_stats(make()), name)
         add(counterpart, make_counterpart, name)
     for name in ("autoclip", "zclip", "adagc", "adaptive", "quantile_clip"):
         if name in have:

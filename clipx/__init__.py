@@ -1,6 +1,6 @@
 """clipx: gradient clipping for JAX as composable Optax transformations."""
 
-from clipx._stats import ClipStats, GuardStats, stats
+from clipx._stats import ClipStats, GuardStats, stats, without_stats
 from clipx.adaptive_rules.adagc import adagc
 from clipx.adaptive_rules.autoclip import autoclip
 from clipx.adaptive_rules.quantile import quantile_clip
@@ -40,5 +40,6 @@ __all__ = [
     "tensor_norm",
     "unitwise_norm",
     "value",
+    "without_stats",
     "zclip",
 ]

@@ -1,4 +1,4 @@
-"""What every clipx transform reports, and `stats` to collect it for logging.
+"""What every clipx transform reports, `stats` to collect it for logging, `without_stats` to drop it.
 
 A transform's state is a ``NamedTuple`` with a ``stats`` field and a class
 attribute ``stats_name`` (``"global_norm"``, ``"zclip"``, ...). `stats` walks
@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 class ClipStats(NamedTuple):
@@ -94,37 +95,97 @@ def empty_guard_stats() -> GuardStats:
 _STATS_TYPES = (ClipStats, GuardStats)
 
 
+class WithoutStatsState(NamedTuple):
+    """State of `without_stats`: the inner state, its `ClipStats` frozen at their ``init`` values."""
+
+    inner_state: Any
+
+
+def _is_clip_stats(node: Any) -> bool:
+    return isinstance(node, ClipStats)
+
+
+def without_stats(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    r"""``inner`` without the cost of its clip statistics.
+
+    Each step, every `ClipStats` that ``inner`` computes is dropped and the one
+    ``init`` made is kept, so XLA removes the work that only fed the
+    statistics, and `stats` leaves them out. The updates are unchanged, bit
+    for bit. `GuardStats` (the guards' step counters) are kept and reported.
+
+    What it saves depends on the rule: ``clipx.value`` reads every gradient
+    once more for its statistics (the largest entry, the number clipped), so
+    without them it costs what ``optax.clip`` costs; ``clipx.agc`` loses its
+    ratio statistics; the norm rules (``global_norm``, the adaptive clippers)
+    need their norm to clip and save almost nothing.
+
+    Args:
+      inner: any transformation (a clipx clipper, a chain holding several).
+
+    Returns:
+      An ``optax.GradientTransformation`` with the updates of ``inner``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, clipx
+      >>> tx = optax.chain(clipx.without_stats(clipx.value(1.0)), optax.sgd(0.1))
+      >>> params = jnp.zeros(2)
+      >>> updates, state = tx.update(jnp.array([3.0, -0.5]), tx.init(params))
+      >>> [round(float(u), 4) for u in updates], clipx.stats(state)
+      ([-0.1, 0.05], {})
+    """
+
+    def init_fn(params):
+        return WithoutStatsState(inner_state=inner.init(params))
+
+    def update_fn(updates, state, params=None):
+        updates, new_inner = inner.update(updates, state.inner_state, params)
+        kept = jax.tree.map(
+            lambda new, old: old if _is_clip_stats(new) else new,
+            new_inner,
+            state.inner_state,
+            is_leaf=_is_clip_stats,
+        )
+        return updates, WithoutStatsState(inner_state=kept)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def _is_namedtuple(node: Any) -> bool:
     return isinstance(node, tuple) and hasattr(node, "_fields")
 
 
-def _collect(node: Any, path: tuple[tuple[str, bool], ...], found: list) -> None:
+def _collect(node: Any, path: tuple[tuple[str, bool], ...], found: list, clip_stats: bool = True) -> None:
     """Appends ``(path, name, stats)`` for every reporting state below ``node``.
 
     ``path`` holds ``(segment, is_index)`` pairs: dict keys are named segments,
     positions in a tuple or list are index segments, NamedTuple fields of
-    wrappers (``inner_state``, ``inner_opt_state``...) add nothing.
+    wrappers (``inner_state``, ``inner_opt_state``...) add nothing. Below a
+    `without_stats` state (``clip_stats=False``) only `GuardStats` are reported.
     """
-    if _is_namedtuple(node):
+    if isinstance(node, WithoutStatsState):
+        _collect(node.inner_state, path, found, clip_stats=False)
+    elif _is_namedtuple(node):
         name = getattr(type(node), "stats_name", None)
-        if name is not None and isinstance(getattr(node, "stats", None), _STATS_TYPES):
-            found.append((path, name, node.stats))
+        record = getattr(node, "stats", None)
+        if name is not None and isinstance(record, _STATS_TYPES):
+            if clip_stats or not isinstance(record, ClipStats):
+                found.append((path, name, record))
             path = (*path, (name, False))
         for field, child in zip(node._fields, node, strict=True):
             if not (name is not None and field == "stats"):
-                _collect(child, path, found)
+                _collect(child, path, found, clip_stats)
     elif isinstance(node, (tuple, list)):
         for i, child in enumerate(node):
-            _collect(child, (*path, (str(i), True)), found)
+            _collect(child, (*path, (str(i), True)), found, clip_stats)
     elif isinstance(node, Mapping):
         for key, child in node.items():
-            _collect(child, (*path, (str(key), False)), found)
+            _collect(child, (*path, (str(key), False)), found, clip_stats)
     elif node is not None and not isinstance(node, (int, float, bool)) and not hasattr(node, "shape"):
         # Any other pytree node (a registered dataclass, say): walk its children.
         children = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)[0]
         if len(children) != 1 or children[0] is not node:
             for i, child in enumerate(children):
-                _collect(child, (*path, (str(i), True)), found)
+                _collect(child, (*path, (str(i), True)), found, clip_stats)
 
 
 def stats(opt_state: Any) -> dict[str, jax.Array]:

@@ -161,7 +161,8 @@ def agc(
       An ``optax.GradientTransformation`` whose state reports `ClipStats`:
       ``norm`` is the largest ratio :math:`\lVert G_i\rVert/\max(\lVert W_i\rVert,\epsilon)`,
       ``threshold`` is :math:`\lambda`, ``scale`` the fraction of units clipped,
-      ``clipped`` whether any was.
+      ``clipped`` whether any was. `without_stats` drops these statistics
+      and the work of computing them.
 
     Under ``jax.jit`` with sharded arrays XLA partitions the unit norms
     itself; under ``shard_map``/``pmap`` pass ``axis_name`` (see above).

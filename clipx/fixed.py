@@ -54,6 +54,8 @@ def value(
       ``norm`` is the largest ``|g|`` entry before clipping (for complex
       leaves, the largest real or imaginary part), ``threshold`` is ``c``,
       ``scale`` is the fraction of entries clipped, ``clipped`` whether any was.
+      These statistics read every entry once more; `without_stats` drops them
+      and that read.
 
     Reference:
       Mikolov, "Statistical Language Models Based on Neural Networks", PhD

@@ -61,6 +61,8 @@ TRANSFORMS: dict[str, Case] = {
     "quantile_clip": Case(lambda: clipx.quantile_clip(initial_threshold=1.0)),
     "skip_nonfinite": Case(lambda: clipx.skip_nonfinite(clipx.global_norm(1.0))),
     "skip_spikes": Case(lambda: clipx.skip_spikes(clipx.global_norm(1.0), min_observations=2)),
+    # value's clip is element-wise; without its statistics nothing crosses devices.
+    "without_stats": Case(lambda: clipx.without_stats(clipx.value(0.5)), max_elements=0),
 }
 
 # Transforms that take per-example gradients (a leading batch axis of BATCH examples).
@@ -182,11 +184,13 @@ def side_by_side(transforms: dict[str, optax.GradientTransformation]) -> optax.G
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-# Groups compiled together: the norm rules (scalar all-reduces only), value, AGC, the per-example rules.
+# Groups compiled together: the norm rules (scalar all-reduces only), value, AGC, value without its
+# statistics (no transfer at all), the per-example rules.
 GROUPS = {
     "norm_rules": sorted(n for n, c in TRANSFORMS.items() if c.max_elements == 1),
     "value": ["value"],
     "agc": ["agc"],
+    "without_stats": ["without_stats"],
     "per_example": sorted(PER_EXAMPLE),
 }
 
@@ -356,7 +360,8 @@ def test_state_shardings_mirror_parameters_and_replicate_statistics():
 def test_reducing_transforms_take_keyword_axis_name():
     """Rules that reduce over the tree take ``axis_name`` for shard_map/pmap (see tests/test_shard_map.py)."""
     lacking = {}
-    for name in {factory_name(n) for n in TRANSFORMS} | set(PER_EXAMPLE):
+    reducing = {factory_name(n) for n, case in TRANSFORMS.items() if case.max_elements > 0}
+    for name in reducing | set(PER_EXAMPLE):
         parameter = inspect.signature(getattr(clipx, name)).parameters.get("axis_name")
         if parameter is None or parameter.kind is not inspect.Parameter.KEYWORD_ONLY:
             lacking[name] = parameter

@@ -1,5 +1,8 @@
-"""clipx.stats finds ClipStats inside every optax combinator, with stable keys and correct values."""
+"""clipx.stats finds ClipStats inside every optax combinator, with stable keys and correct values;
+clipx.without_stats drops them (and their cost) without changing the updates."""
 
+import chex
+import jax
 import jax.numpy as jnp
 import optax
 import pytest
@@ -84,3 +87,57 @@ def test_nested_named_chain_in_multi_transform_in_chain():
         optax.multi_transform({"x": inner, "y": optax.sgd(0.1)}, {"a": "x", "b": "y"}),
     )
     assert set(step(tx)) == {f"{p}/{f}" for p in ("global_norm", "x/clip/value") for f in FIELDS}
+
+
+WITHOUT_STATS_CASES = {
+    "value": lambda: clipx.value(0.5),
+    "global_norm": lambda: clipx.global_norm(1.0),
+    "tensor_norm": lambda: clipx.tensor_norm(1.0),
+    "block_rms": lambda: clipx.block_rms(1.0),
+    "agc": lambda: clipx.agc(0.1),
+    "adaptive": lambda: clipx.adaptive(warmup_steps=1),
+    "autoclip": lambda: clipx.autoclip(0.5, history=3),
+    "zclip": lambda: clipx.zclip(warmup_steps=1),
+    "adagc": lambda: clipx.adagc(warmup_steps=1),
+    "quantile_clip": lambda: clipx.quantile_clip(initial_threshold=1.0),
+    "chain of two": lambda: optax.chain(clipx.tensor_norm(1.0), clipx.value(0.5)),
+}
+
+
+def _grads(i):
+    return {"a": jnp.array([2.0, -1.0, 0.5]) * (i + 1), "b": jnp.array([3.0, 0.1]) / (i + 1)}
+
+
+@pytest.mark.parametrize("name", list(WITHOUT_STATS_CASES))
+def test_without_stats_keeps_the_updates_and_reports_nothing(name):
+    plain = optax.chain(WITHOUT_STATS_CASES[name](), optax.adam(0.1))
+    silent = optax.chain(clipx.without_stats(WITHOUT_STATS_CASES[name]()), optax.adam(0.1))
+    plain_state, silent_state = plain.init(PARAMS), silent.init(PARAMS)
+    assert clipx.stats(silent_state) == {}
+    for i in range(4):
+        expected, plain_state = jax.jit(plain.update)(_grads(i), plain_state, PARAMS)
+        got, silent_state = jax.jit(silent.update)(_grads(i), silent_state, PARAMS)
+        chex.assert_trees_all_equal(got, expected)
+    assert clipx.stats(plain_state) != {}
+    assert clipx.stats(silent_state) == {}
+
+
+def test_without_stats_keeps_guard_counters():
+    tx = clipx.without_stats(clipx.skip_nonfinite(optax.chain(clipx.value(1.0), optax.sgd(0.1))))
+    state = tx.init(PARAMS)
+    bad = {"a": jnp.array([jnp.nan, 0.0, 0.0]), "b": jnp.zeros(2)}
+    for grads in (GRADS, bad, bad):
+        _, state = jax.jit(tx.update)(grads, state, PARAMS)
+    out = {k: int(v) for k, v in clipx.stats(state).items()}
+    assert out == {"skip_nonfinite/skipped": 1, "skip_nonfinite/consecutive": 2, "skip_nonfinite/total": 2}
+
+
+def test_without_stats_removes_the_statistics_work():
+    """With statistics, value's step holds reductions (its largest entry, its count); without, none."""
+
+    def compiled_text(tx):
+        state = tx.init(GRADS)
+        return jax.jit(tx.update).lower(GRADS, state).compile().as_text()
+
+    assert "reduce" in compiled_text(clipx.value(0.5))
+    assert "reduce" not in compiled_text(clipx.without_stats(clipx.value(0.5)))
