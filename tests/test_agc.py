@@ -125,6 +125,21 @@ def test_agc_zero_eps_zero_weights_gives_no_nan():
     chex.assert_tree_all_finite((state.stats.threshold, state.stats.scale))
 
 
+@pytest.mark.parametrize("eps", [1e-3, 0.0, jnp.float32(1e-3), jnp.float32(0.0)])
+def test_derivatives_for_zero_weight_units_are_finite(eps):
+    """Units of zero weights: derivatives through the update, w.r.t. gradients and weights, stay finite."""
+    params = {"w": jnp.array([[0.0, 2.0], [0.0, 1.0]]), "b": jnp.zeros(3)}
+    grads = {"w": jnp.array([[1.0, 0.5], [0.0, -0.5]]), "b": jnp.array([0.0, 1.0, 0.0])}
+
+    def outcome(g, w):
+        tx = clipx.agc(0.01, eps=eps)
+        updates, state = tx.update(g, tx.init(w), w)
+        return sum(jnp.sum(u**2) for u in jax.tree.leaves(updates)) + state.stats.scale
+
+    for g in (grads, jax.tree.map(jnp.zeros_like, grads)):
+        chex.assert_tree_all_finite(jax.grad(outcome, argnums=(0, 1))(g, params))
+
+
 def test_embedding_rows_via_multi_transform_and_head_excluded():
     params = {"embed": normal((6, 4)), "dense": normal((4, 3)), "head": normal((3, 2))}
     grads = jax.tree.map(lambda p: normal(p.shape, 10.0), params)
