@@ -53,9 +53,13 @@ def unit_axis_spec(shape):
 
 
 def with_axis_name(name, **axis):
-    """The table's transform with ``axis_name`` given to its factory (and to a guard's inner clipper)."""
+    """The table's transform with ``axis_name`` given to its factory and to the inner clipper of a wrapper.
+
+    The guards wrap ``global_norm`` and take ``axis_name`` themselves; ``without_stats`` wraps
+    ``value`` and reduces nothing of its own.
+    """
     make = (TRANSFORMS | PER_EXAMPLE)[name].make
-    factories = {factory_name(name), "global_norm"}
+    factories = ({factory_name(name)} - {"without_stats"}) | {"global_norm", "value"}
     originals = {f: getattr(clipx, f) for f in factories}
 
     def patched(original):
