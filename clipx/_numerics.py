@@ -122,88 +122,92 @@ def _chunks(keyed: list[tuple[int, Any]]) -> list[list[int]]:
 
 
 def _is_small(leaf: jax.Array) -> bool:
-    """Whether ``leaf`` is reduced together with others of its shape (see `leaf_reductions`)."""
+    """Whether ``leaf`` is reduced together with others of its shape."""
     return jnp.size(leaf) < _SMALL_LEAF
-
-
-def leaf_reductions(
-    leaves: list[jax.Array],
-    elementwise: Callable[[jax.Array], tuple[jax.Array, ...]],
-    reductions: tuple[Reduction, ...],
-    large: Callable[[tuple[jax.Array, ...]], tuple[jax.Array, ...]] | None = None,
-) -> list[tuple[jax.Array, ...]]:
-    """Full reductions of each leaf, in as few kernels as XLA compiles cheaply.
-
-    ``elementwise(x)`` maps a leaf to a tuple of ``k`` arrays of its shape; the
-    ``j``-th is reduced over all axes by ``reductions[j]``. Returns one
-    ``k``-tuple of scalars per leaf, in order.
-
-    Leaves below ``_SMALL_LEAF`` entries are grouped by shape and dtypes, and
-    each group of up to ``_LEAVES_PER_REDUCTION`` is reduced by one variadic
-    ``lax.reduce``: XLA's CPU backend compiles every small full reduction as
-    three kernels (map, partial reduce-window, final reduce) that each cost
-    milliseconds to compile, so a 1000-leaf model paid more to compile its
-    gradient norm than its whole Adam update. A larger leaf is reduced by
-    ``large`` if given (``jnp.sum`` is more accurate and runs on all cores),
-    else by one variadic ``lax.reduce`` of its ``k`` arrays: one read of the
-    leaf, where ``k`` separate reductions of maps sharing a subexpression have
-    that map written out in full first. Every leaf is reduced where it lives:
-    no concatenation, so sharded leaves never move between devices (for a
-    variadic reduction XLA's SPMD partitioner gathers the per-device partial
-    results, one scalar per device and output, instead of all-reducing them).
-    """
-    values = [tuple(elementwise(leaf)) for leaf in leaves]
-    out: list[Any] = [None] * len(leaves)
-    keyed: list[tuple[int, Any]] = []
-    for i, (leaf, v) in enumerate(zip(leaves, values, strict=True)):
-        if _is_small(leaf):
-            keyed.append((i, (jnp.shape(leaf), tuple(x.dtype for x in v))))
-        elif large is not None:
-            out[i] = tuple(large(v))
-        else:
-            keyed.append((i, None))
-    k = len(reductions)
-    for chunk in _chunks(keyed):
-        results = _fused_reduce(tuple(x for i in chunk for x in values[i]), reductions * len(chunk))
-        for n, i in enumerate(chunk):
-            out[i] = tuple(results[n * k : (n + 1) * k])
-    return out
 
 
 def leaf_sums_of_squares(leaves: list[jax.Array]) -> list[jax.Array]:
     """``Σ |x|²`` of each array in ``leaves`` (accumulation dtype), as a list in the same order.
 
     Equal to ``[sum_of_squares(x) for x in leaves]``, but cheaper to compile
-    for trees of many small leaves (see `leaf_reductions`). Large leaves keep
-    ``jnp.sum``, whose tree-shaped reduction is more accurate, runs on all
-    cores and fuses the square.
+    for trees of many small leaves: leaves below ``_SMALL_LEAF`` entries are
+    grouped by shape and dtype, and each group of up to
+    ``_LEAVES_PER_REDUCTION`` is summed by one variadic ``lax.reduce``. XLA's
+    CPU backend compiles every small full reduction as three kernels (map,
+    partial reduce-window, final reduce) that each cost milliseconds to
+    compile, so a 1000-leaf model paid more to compile its per-leaf norms than
+    its whole Adam update. Larger leaves keep ``jnp.sum``, whose tree-shaped
+    reduction is more accurate, runs on all cores and fuses the square. Every
+    leaf is reduced where it lives: no concatenation, so sharded leaves never
+    move between devices.
     """
-    sums = leaf_reductions(leaves, lambda x: (squared(x),), (SUM,), large=lambda v: (jnp.sum(v[0]),))
-    return [s for (s,) in sums]
+    squares = [squared(leaf) for leaf in leaves]
+    out: list[Any] = [None] * len(leaves)
+    keyed: list[tuple[int, Any]] = []
+    for i, (leaf, q) in enumerate(zip(leaves, squares, strict=True)):
+        if _is_small(leaf):
+            keyed.append((i, (jnp.shape(leaf), q.dtype)))
+        else:
+            out[i] = jnp.sum(q)
+    for chunk in _chunks(keyed):
+        sums = _fused_reduce(tuple(squares[i] for i in chunk), (SUM,) * len(chunk))
+        for i, total in zip(chunk, sums, strict=True):
+            out[i] = total
+    return out
+
+
+def tree_reductions(
+    leaves: list[jax.Array],
+    elementwise: Callable[[jax.Array], tuple[jax.Array, ...]],
+    reductions: tuple[Reduction, ...],
+    dtypes: tuple[Any, ...],
+) -> tuple[jax.Array, ...]:
+    """Reductions over every entry of every leaf: ``k`` scalars, the ``j``-th in ``dtypes[j]``.
+
+    ``elementwise(x)`` maps a leaf to ``k`` arrays of its shape; the ``j``-th
+    result is ``reductions[j]`` over the ``j``-th array of all leaves (its
+    identity for no leaves). Only totals are needed, so small leaves (below
+    ``_SMALL_LEAF`` entries) of one shape are first combined element-wise by
+    each reduction's binary step, up to ``_LEAVES_PER_REDUCTION`` at a time,
+    and each group is reduced once: one kernel per group with one accumulator
+    per reduction, which XLA compiles far faster than per-leaf reductions
+    (see benchmarks/RESULTS.md). A single reduction uses its ``full`` form
+    (``jnp.sum`` is tree-shaped and accurate); several share one variadic
+    ``lax.reduce``, so a leaf is read once. Large leaves are reduced one by
+    one, where they live. Small same-shaped leaves sharded differently are
+    moved to a common layout to be combined: at most ``_SMALL_LEAF`` entries
+    each, never a large gradient.
+    """
+    values = [tuple(elementwise(leaf)) for leaf in leaves]
+    keyed = [
+        (i, (jnp.shape(leaf), tuple(v.dtype for v in vals)) if _is_small(leaf) else None)
+        for i, (leaf, vals) in enumerate(zip(leaves, values, strict=True))
+    ]
+    parts = []
+    for chunk in _chunks(keyed):
+        combined = tuple(
+            functools.reduce(r.combine, [values[i][j] for i in chunk]) for j, r in enumerate(reductions)
+        )
+        parts.append(
+            _fused_reduce(combined, reductions) if len(reductions) > 1 else (reductions[0].full(combined[0]),)
+        )
+    return tuple(
+        r.full(jnp.stack([p[j].astype(dtype) for p in parts])) if parts else jnp.asarray(r.identity, dtype)
+        for j, (r, dtype) in enumerate(zip(reductions, dtypes, strict=True))
+    )
 
 
 def tree_sum_of_squares(tree: PyTree, axis_name: AxisName | None = None) -> jax.Array:
     """``Σ_leaves Σ |g|²`` of a pytree, summed over the devices of ``axis_name`` if given.
 
-    Only the total is needed, so small leaves (below ``_SMALL_LEAF`` entries)
-    of one shape and dtype are squared and *added element-wise*, up to
-    ``_LEAVES_PER_REDUCTION`` at a time, before one ``jnp.sum``: one
-    reduction kernel per group, and XLA's tree-shaped (accurate) reduction
-    rather than a sequential one. On 1000 leaves of 40×100 this compiled the
-    clipped Adam step in 1.20× and 1.23× plain Adam's CPU time (two probes),
-    against 1.40× and 1.44× for the per-leaf sums of `leaf_sums_of_squares`.
-    Larger leaves are summed one by one, where they live. Small same-shaped
-    leaves sharded differently are moved to a common layout to be added: at
-    most ``_SMALL_LEAF`` entries each, never a large gradient.
+    Small same-shaped leaves are squared and added element-wise before one
+    ``jnp.sum`` per group (`tree_reductions`). On 1000 leaves of 40×100 this
+    compiled the clipped Adam step in 1.20× and 1.23× plain Adam's CPU time
+    (two probes), against 1.40× and 1.44× for the per-leaf sums of
+    `leaf_sums_of_squares`.
     """
     acc = tree_accumulation_dtype(tree)
-    leaves = jax.tree.leaves(tree)
-    keyed = [(i, (jnp.shape(x), jnp.result_type(x)) if _is_small(x) else None) for i, x in enumerate(leaves)]
-    parts = []
-    for chunk in _chunks(keyed):
-        squares = functools.reduce(jnp.add, [squared(leaves[i]) for i in chunk])
-        parts.append(jnp.sum(squares).astype(acc))
-    total = jnp.sum(jnp.stack(parts)) if parts else jnp.zeros((), acc)
+    (total,) = tree_reductions(jax.tree.leaves(tree), lambda x: (squared(x),), (SUM,), (acc,))
     return total if axis_name is None else jax.lax.psum(total, axis_name)
 
 

@@ -94,12 +94,13 @@ def value(
             above = functools.reduce(jnp.logical_or, [jnp.abs(x) > bound(x) for x in parts])
             return largest, above.astype(jnp.int32)
 
-        # One pass per leaf (and one kernel per group of small leaves) for both statistics.
-        per_leaf = _numerics.leaf_reductions(
-            jax.tree.leaves(updates), largest_and_above, (_numerics.MAX_NONNEGATIVE, _numerics.SUM)
+        # One pass over the gradients (one kernel per group of small leaves) for both statistics.
+        largest, count = _numerics.tree_reductions(
+            jax.tree.leaves(updates),
+            largest_and_above,
+            (_numerics.MAX_NONNEGATIVE, _numerics.SUM),
+            (acc, jnp.int32),
         )
-        largest = functools.reduce(jnp.maximum, [m for m, _ in per_leaf], jnp.zeros((), acc))
-        count = sum((n for _, n in per_leaf), jnp.zeros((), jnp.int32))
         total = jnp.asarray(sum(leaf.size for leaf in jax.tree.leaves(updates)), jnp.int32)
         if axis_name is not None:
             largest = jax.lax.pmax(largest, axis_name)

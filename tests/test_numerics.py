@@ -178,6 +178,13 @@ def test_many_small_leaves_are_grouped_without_changing_the_result():
     np.testing.assert_allclose(_numerics.leaf_squared_norms(leaves), exact, rtol=1e-5)
     np.testing.assert_allclose(_numerics.tree_sum_of_squares(tree), sum(exact), rtol=1e-6)
     assert _numerics.tree_sum_of_squares(tree).dtype == jnp.float32  # float16 entries of 300² do not overflow
+    # value's statistics combine the groups' entries element-wise: the largest part and the count clipped.
+    entries = [np.asarray(x, np.complex128).ravel() for x in leaves]
+    parts = np.concatenate([np.concatenate([e.real, e.imag]) for e in entries])
+    state = clipx.value(0.5).update(tree, clipx.value(0.5).init(tree))[1]
+    assert float(state.stats.norm) == pytest.approx(np.max(np.abs(parts)), rel=1e-6)
+    clipped = sum(np.sum((np.abs(e.real) > 0.5) | (np.abs(e.imag) > 0.5)) for e in entries)
+    assert float(state.stats.scale) == pytest.approx(clipped / sum(e.size for e in entries), rel=1e-6)
     # Derivatives of the grouped sums are those of the plain ones, leaf by leaf.
     real = {k: v for k, v in tree.items() if k.startswith("w") or k == "big"}
     plain = lambda t: sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(t))  # noqa: E731
