@@ -46,8 +46,9 @@ class Case(NamedTuple):
 
 # Hyperparameters small enough that 4 steps reach every code path (warm-up, clipping).
 TRANSFORMS: dict[str, Case] = {
-    # One variadic reduction (largest |g|, count clipped) per leaf: the partitioner
-    # gathers the 8 per-device partial pairs instead of all-reducing them.
+    # One variadic reduction (largest |g|, count clipped) per leaf or group of small
+    # leaves: the partitioner gathers the 8 per-device partial pairs instead of
+    # all-reducing them.
     "value": Case(lambda: clipx.value(0.5), max_elements=8),
     "global_norm": Case(lambda: clipx.global_norm(1.0)),
     "tensor_norm": Case(lambda: clipx.tensor_norm(0.5)),
