@@ -54,11 +54,6 @@ def _unit_axes(shape: tuple[int, ...], axis: Axis) -> Axis:
     )
 
 
-def _unit_norms(x: jax.Array, axis: Axis) -> jax.Array:
-    """The L2 norm of each unit, with the reduced axes kept as size 1 (float32 or wider)."""
-    return _numerics.safe_sqrt(_numerics.sum_of_squares(x, axis=_unit_axes(x.shape, axis), keepdims=True))
-
-
 def unitwise_norm(x: jax.Array, axis: Axis = None) -> jax.Array:
     r"""The L2 norm of each unit of ``x``, broadcast back to the shape of ``x``.
 
@@ -94,7 +89,8 @@ def unitwise_norm(x: jax.Array, axis: Axis = None) -> jax.Array:
     """
     _check_axis(axis)
     x = jnp.asarray(x)
-    return jnp.broadcast_to(_unit_norms(x, axis), x.shape)
+    squares = _numerics.sum_of_squares(x, axis=_unit_axes(x.shape, axis), keepdims=True)
+    return jnp.broadcast_to(_numerics.safe_sqrt(squares), x.shape)
 
 
 def agc(
