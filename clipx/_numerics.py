@@ -121,7 +121,7 @@ def _chunks(keyed: list[tuple[int, Any]]) -> list[list[int]]:
     ]
 
 
-def _is_small(leaf: jax.Array) -> bool:
+def is_small(leaf: jax.Array) -> bool:
     """Whether ``leaf`` is reduced together with others of its shape."""
     return jnp.size(leaf) < _SMALL_LEAF
 
@@ -145,7 +145,7 @@ def leaf_sums_of_squares(leaves: list[jax.Array]) -> list[jax.Array]:
     out: list[Any] = [None] * len(leaves)
     keyed: list[tuple[int, Any]] = []
     for i, (leaf, q) in enumerate(zip(leaves, squares, strict=True)):
-        if _is_small(leaf):
+        if is_small(leaf):
             keyed.append((i, (jnp.shape(leaf), q.dtype)))
         else:
             out[i] = jnp.sum(q)
@@ -180,7 +180,7 @@ def tree_reductions(
     """
     values = [tuple(elementwise(leaf)) for leaf in leaves]
     keyed = [
-        (i, (jnp.shape(leaf), tuple(v.dtype for v in vals)) if _is_small(leaf) else None)
+        (i, (jnp.shape(leaf), tuple(v.dtype for v in vals)) if is_small(leaf) else None)
         for i, (leaf, vals) in enumerate(zip(leaves, values, strict=True))
     ]
     parts = []

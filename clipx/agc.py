@@ -212,7 +212,7 @@ def agc(
         )
         leaves, treedef = jax.tree.flatten(updates)
         acc = _numerics.tree_accumulation_dtype(updates)
-        new_leaves, ratios_squared = [], []
+        new_leaves, small_ratios, large_ratios = [], [], []
         for g, w in zip(leaves, jax.tree.leaves(params), strict=True):
             if jnp.shape(g) != jnp.shape(w):
                 raise ValueError(
@@ -226,14 +226,26 @@ def agc(
             bound = clipping * floor_root(floor_squared)
             new_leaves.append(_numerics.scale_leaf(g, _numerics.clip_scale_of_square(g_squared, bound)))
             # ‖G_i‖² / max(‖W_i‖, ε)², with 0/0 = 0 (a zero floor needs eps = 0 and zero weights).
-            ratio_squared = jnp.where(g_squared > 0, g_squared / floor_squared, 0)
-            ratios_squared.append(ratio_squared.astype(acc).ravel())
-        # The statistics over all units at once: two reductions, not two per leaf. A unit
-        # is clipped where its ratio exceeds the threshold (‖G_i‖² > (λ·floor)²).
-        ratio_squared = jnp.concatenate(ratios_squared) if ratios_squared else jnp.zeros((0,), acc)
-        largest = _numerics.safe_sqrt(jnp.max(ratio_squared, initial=0))
-        clipped = jnp.sum(ratio_squared > jnp.square(jnp.asarray(clipping, acc)), dtype=jnp.int32)
-        units = ratio_squared.size
+            ratio_squared = jnp.where(g_squared > 0, g_squared / floor_squared, 0).astype(acc)
+            (small_ratios if _numerics.is_small(g) else large_ratios).append(ratio_squared)
+        # The statistics: the largest ratio, and how many units exceed λ (‖G_i‖² > (λ·floor)²).
+        # Unit arrays of small leaves are combined by shape, one reduction per group (see
+        # `_numerics.tree_reductions`: per-leaf reductions dominated the compile time); those
+        # of large leaves, few, are concatenated and reduced twice (one variadic reduction
+        # over them made the step slower, see benchmarks/RESULTS.md).
+        limit = jnp.square(jnp.asarray(clipping, acc))
+        largest_squared, clipped = _numerics.tree_reductions(
+            small_ratios,
+            lambda r: (r, (r > limit).astype(jnp.int32)),
+            (_numerics.MAX_NONNEGATIVE, _numerics.SUM),
+            (acc, jnp.int32),
+        )
+        if large_ratios:
+            ratios = jnp.concatenate([r.ravel() for r in large_ratios])
+            largest_squared = jnp.maximum(largest_squared, jnp.max(ratios))
+            clipped = clipped + jnp.sum(ratios > limit, dtype=jnp.int32)
+        largest = _numerics.safe_sqrt(largest_squared)
+        units = sum(r.size for r in small_ratios + large_ratios)
         if axis_name is not None:
             largest = jax.lax.pmax(largest, axis_name)
             clipped = jax.lax.psum(clipped, axis_name)

@@ -114,6 +114,26 @@ def test_agc_stats():
     np.testing.assert_array_equal(updates["w"][:, 1], 0.0)
 
 
+def test_agc_stats_over_small_and_large_leaves():
+    """Largest ratio and fraction clipped over many same-shaped small leaves and large ones."""
+    shapes = [(6, 4)] * 37 + [(3, 5)] * 3 + [(130, 128), (20000,)]  # two above 2**14 entries
+    params = {f"p{i}": normal(shape) for i, shape in enumerate(shapes)}
+    grads = {f"p{i}": normal(shape, scale=0.02 * (i % 5)) for i, shape in enumerate(shapes)}
+    tx = clipx.agc(0.01)
+    _, state = tx.update(grads, tx.init(params), params)
+    ratios = []
+    for key in params:
+        g, w = np.asarray(grads[key], np.float64), np.asarray(params[key], np.float64)
+        axis = 0 if g.ndim == 2 else None
+        g_norm = np.sqrt(np.sum(g**2, axis=axis))
+        w_norm = np.maximum(np.sqrt(np.sum(w**2, axis=axis)), 1e-3)
+        ratios.append(np.ravel(g_norm / w_norm))
+    ratios = np.concatenate(ratios)
+    assert float(state.stats.norm) == pytest.approx(ratios.max(), rel=1e-5)
+    assert float(state.stats.scale) == pytest.approx(np.mean(ratios > 0.01), abs=1e-7)
+    assert 0 < float(state.stats.scale) < 1
+
+
 def test_agc_zero_eps_zero_weights_gives_no_nan():
     params = {"w": jnp.zeros((2, 2))}
     grads = {"w": jnp.array([[1.0, 0.0], [0.0, 0.0]])}
