@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -195,12 +194,12 @@ class BlockRMSState(NamedTuple):
 
 
 def _per_leaf_clip(
-    measure_squared: Callable[[list[jax.Array], _numerics.AxisName | None], list[jax.Array]],
+    per_entry: bool,
     threshold: float | jax.Array,
     state_type: type[TensorNormState] | type[BlockRMSState],
     axis_name: _numerics.AxisName | None,
 ) -> optax.GradientTransformation:
-    """Scales each leaf by ``min(1, threshold / m)``, ``m²`` its entry of ``measure_squared(leaves)``."""
+    """Scales each leaf by ``min(1, threshold / m)``: ``m`` its L2 norm, or its RMS if ``per_entry``."""
 
     def init_fn(params):
         del params
@@ -209,15 +208,21 @@ def _per_leaf_clip(
     def update_fn(updates, state, params=None):
         del params, state
         leaves, treedef = jax.tree.flatten(updates)
-        squares = measure_squared(leaves, axis_name)
+        squares = _numerics.leaf_squared_norms(leaves, axis_name)
+        counts: list[Any] = [leaf.size if per_entry else 1 for leaf in leaves]
+        if per_entry and axis_name is not None:
+            counts = jax.lax.psum(counts, axis_name)
         scaled = [
-            _numerics.scale_leaf(leaf, _numerics.clip_scale_of_square(q, threshold))
-            for leaf, q in zip(leaves, squares, strict=True)
+            _numerics.scale_leaf(leaf, _numerics.clip_scale_of_square(q / jnp.maximum(n, 1), threshold))
+            for leaf, q, n in zip(leaves, squares, counts, strict=True)
         ]
-        # Statistics from the stacked squared measures: one kernel for all leaves.
+        # Statistics from the stacked sums, divided by the counts afterwards (dividing each
+        # sum first cost a kernel per leaf): one kernel for all leaves.
         acc = _numerics.tree_accumulation_dtype(updates)
         measures = _numerics.safe_sqrt(
-            jnp.stack([q.astype(acc) for q in squares]) if leaves else jnp.zeros((0,), acc)
+            jnp.stack([q.astype(acc) for q in squares]) / jnp.maximum(jnp.asarray(counts, acc), 1)
+            if leaves
+            else jnp.zeros((0,), acc)
         )
         clipped = measures > jnp.asarray(threshold, acc)
         stats = clip_stats(
@@ -272,7 +277,7 @@ def tensor_norm(
       0.5
     """
     _validate.check_nonnegative("max_norm", max_norm)
-    return _per_leaf_clip(_numerics.leaf_squared_norms, max_norm, TensorNormState, axis_name)
+    return _per_leaf_clip(False, max_norm, TensorNormState, axis_name)
 
 
 def block_rms(
@@ -312,4 +317,4 @@ def block_rms(
       4.0
     """
     _validate.check_nonnegative("threshold", threshold)
-    return _per_leaf_clip(_numerics.leaf_mean_squares, threshold, BlockRMSState, axis_name)
+    return _per_leaf_clip(True, threshold, BlockRMSState, axis_name)

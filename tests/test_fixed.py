@@ -214,7 +214,12 @@ def check_properties(name, grads, threshold):
         measure = {
             "global_norm": lambda t: [_numerics.tree_norm(t)],
             "tensor_norm": lambda t: [np.sqrt(q) for q in _numerics.leaf_squared_norms(jax.tree.leaves(t))],
-            "block_rms": lambda t: [np.sqrt(q) for q in _numerics.leaf_mean_squares(jax.tree.leaves(t))],
+            "block_rms": lambda t: [
+                np.sqrt(q / max(x.size, 1))
+                for x, q in zip(
+                    jax.tree.leaves(t), _numerics.leaf_squared_norms(jax.tree.leaves(t)), strict=True
+                )
+            ],
         }[name]
         before = measure(grads)
         after = measure(once)

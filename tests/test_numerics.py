@@ -140,8 +140,7 @@ def test_helpers():
     chex.assert_trees_all_close(_numerics.leaf_norms(tree), {"a": 5.0, "b": 4.0, "c": None})
     leaves = jax.tree.leaves(tree)
     np.testing.assert_allclose(_numerics.leaf_squared_norms(leaves), [25.0, 16.0], rtol=1e-7)
-    np.testing.assert_allclose(_numerics.leaf_mean_squares(leaves), [12.5, 4.0], rtol=1e-7)
-    assert _numerics.leaf_squared_norms([]) == _numerics.leaf_mean_squares([]) == []
+    assert _numerics.leaf_squared_norms([]) == []
     for threshold in (0.0, 1.0, 3.0, np.inf):
         for norm in (0.0, 0.5, 1.0, 2.0, 1e15, np.inf):
             expected = float(_numerics.clip_scale(jnp.float32(norm), threshold))
@@ -156,6 +155,32 @@ def test_helpers():
     assert float(_numerics.clip_scale(jnp.float32(4.0), 1.0)) == 0.25
     assert float(jax.grad(_numerics.safe_sqrt)(0.0)) == 0.0
     assert _numerics.scale_leaf(jnp.ones(2, jnp.bfloat16), jnp.float32(0.5)).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("threshold", [0.1, 0.3, 1 / 3, 1.0, 7.7, 1e-15, 1e15])
+def test_clip_scale_of_square_with_a_known_threshold(threshold):
+    """A Python threshold (t / √max(m², t²) when t² is a normal float) agrees with an array one."""
+    t = jnp.float32(threshold)
+    squared = jnp.array([0.0, 0.25, 1.0, 4.0, 1e30, np.inf], jnp.float32) * jnp.square(t)
+    squared = jnp.concatenate([squared, jnp.array([jnp.square(t), jnp.nextafter(jnp.square(t), np.inf)])])
+    known = _numerics.clip_scale_of_square(squared, threshold)
+    traced = jax.jit(_numerics.clip_scale_of_square)(squared, jnp.float32(threshold))
+    np.testing.assert_allclose(known, traced, rtol=1e-6)
+    below = np.asarray(squared <= jnp.square(t))
+    np.testing.assert_array_equal(np.asarray(known)[below], 1.0)  # exactly 1, not 1 ± an ulp
+    assert np.all(np.asarray(known) <= 1)
+    assert np.all(np.asarray(known)[np.asarray(squared >= 4 * jnp.square(t))] < 1)
+    derivative = jax.vmap(jax.grad(lambda q: _numerics.clip_scale_of_square(q, threshold)))(squared)
+    chex.assert_tree_all_finite(derivative)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1e-25, 1e25, np.inf])
+def test_clip_scale_of_square_with_a_threshold_whose_square_is_not_normal(threshold):
+    """Thresholds whose square underflows or overflows take the guarded form, like array ones."""
+    squared = jnp.array([0.0, 1e-45, 1.0, 1e30, np.inf], jnp.float32)
+    known = _numerics.clip_scale_of_square(squared, threshold)
+    traced = jax.jit(_numerics.clip_scale_of_square)(squared, jnp.float32(threshold))
+    np.testing.assert_array_equal(known, traced)
 
 
 def _many_leaves():
