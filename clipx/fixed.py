@@ -194,10 +194,11 @@ class BlockRMSState(NamedTuple):
 
 
 def _per_leaf_clip(
-    per_entry: bool,
     threshold: float | jax.Array,
     state_type: type[TensorNormState] | type[BlockRMSState],
     axis_name: _numerics.AxisName | None,
+    *,
+    per_entry: bool,
 ) -> optax.GradientTransformation:
     """Scales each leaf by ``min(1, threshold / m)``: ``m`` its L2 norm, or its RMS if ``per_entry``."""
 
@@ -277,7 +278,7 @@ def tensor_norm(
       0.5
     """
     _validate.check_nonnegative("max_norm", max_norm)
-    return _per_leaf_clip(False, max_norm, TensorNormState, axis_name)
+    return _per_leaf_clip(max_norm, TensorNormState, axis_name, per_entry=False)
 
 
 def block_rms(
@@ -317,4 +318,4 @@ def block_rms(
       4.0
     """
     _validate.check_nonnegative("threshold", threshold)
-    return _per_leaf_clip(True, threshold, BlockRMSState, axis_name)
+    return _per_leaf_clip(threshold, BlockRMSState, axis_name, per_entry=True)
