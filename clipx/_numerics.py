@@ -142,19 +142,30 @@ def leaf_sums_of_squares(leaves: list[jax.Array]) -> list[jax.Array]:
     leaf is reduced where it lives: no concatenation, so sharded leaves never
     move between devices.
     """
-    squares = [squared(leaf) for leaf in leaves]
     out: list[Any] = [None] * len(leaves)
     keyed: list[tuple[int, Any]] = []
-    for i, (leaf, q) in enumerate(zip(leaves, squares, strict=True)):
+    for i, leaf in enumerate(leaves):
         if is_small(leaf):
-            keyed.append((i, (jnp.shape(leaf), q.dtype)))
+            keyed.append((i, (jnp.shape(leaf), leaf.dtype)))
         else:
-            out[i] = jnp.sum(q)
+            out[i] = _sum_of_squares(leaf)
     for chunk in _chunks(keyed):
-        sums = _fused_reduce(tuple(squares[i] for i in chunk), (SUM,) * len(chunk))
+        sums = _grouped_sums_of_squares(*(leaves[i] for i in chunk))
         for i, total in zip(chunk, sums, strict=True):
             out[i] = total
     return out
+
+
+@jax.jit
+def _sum_of_squares(leaf: jax.Array) -> jax.Array:
+    """``Σ |x|²`` of one leaf, by ``jnp.sum``."""
+    return jnp.sum(squared(leaf))
+
+
+@jax.jit
+def _grouped_sums_of_squares(*leaves: jax.Array) -> tuple[jax.Array, ...]:
+    """``Σ |x|²`` of each of several small leaves, in one variadic reduction."""
+    return _fused_reduce(tuple(squared(x) for x in leaves), (SUM,) * len(leaves))
 
 
 def tree_reductions(
@@ -179,23 +190,24 @@ def tree_reductions(
     moved to a common layout to be combined: at most ``_SMALL_LEAF`` entries
     each, never a large gradient.
     """
-    values = [tuple(elementwise(leaf)) for leaf in leaves]
-    keyed = [
-        (i, (jnp.shape(leaf), tuple(v.dtype for v in vals)) if is_small(leaf) else None)
-        for i, (leaf, vals) in enumerate(zip(leaves, values, strict=True))
-    ]
-    parts = []
-    for chunk in _chunks(keyed):
-        combined = tuple(
-            functools.reduce(r.combine, [values[i][j] for i in chunk]) for j, r in enumerate(reductions)
-        )
-        parts.append(
-            _fused_reduce(combined, reductions) if len(reductions) > 1 else (reductions[0].full(combined[0]),)
-        )
+    reduce_chunk = jax.jit(functools.partial(_reduce_chunk, elementwise, reductions))
+    keyed = [(i, (jnp.shape(leaf), leaf.dtype) if is_small(leaf) else None) for i, leaf in enumerate(leaves)]
+    parts = [reduce_chunk(*(leaves[i] for i in chunk)) for chunk in _chunks(keyed)]
     return tuple(
         r.full(jnp.stack([p[j].astype(dtype) for p in parts])) if parts else jnp.asarray(r.identity, dtype)
         for j, (r, dtype) in enumerate(zip(reductions, dtypes, strict=True))
     )
+
+
+def _reduce_chunk(
+    elementwise: Callable[[jax.Array], tuple[jax.Array, ...]],
+    reductions: tuple[Reduction, ...],
+    *leaves: jax.Array,
+) -> tuple[jax.Array, ...]:
+    """The reductions over same-shaped ``leaves``, combined element-wise first (see `tree_reductions`)."""
+    values = [tuple(elementwise(leaf)) for leaf in leaves]
+    combined = tuple(functools.reduce(r.combine, [v[j] for v in values]) for j, r in enumerate(reductions))
+    return _fused_reduce(combined, reductions) if len(reductions) > 1 else (reductions[0].full(combined[0]),)
 
 
 def tree_sum_of_squares(tree: PyTree, axis_name: AxisName | None = None) -> jax.Array:
@@ -248,7 +260,7 @@ def clip_scale(norm: jax.Array, threshold: jax.Array) -> jax.Array:
     return jnp.where(above, threshold / jnp.where(above, norm, 1), jnp.ones_like(norm))
 
 
-def clip_scale_of_square(squared: jax.Array, threshold: jax.Array) -> jax.Array:
+def clip_scale_of_square(squared: jax.Array, threshold: float | jax.Array) -> jax.Array:
     """`clip_scale` ``min(1, threshold / m)`` of a measure ``m`` given as ``squared = m²``.
 
     Per-leaf rules compute each leaf's scale this way, a few scalar operations

@@ -79,8 +79,13 @@ def value(
     def bound(x: jax.Array) -> jax.Array:
         return jnp.asarray(max_delta).astype(x.dtype)
 
+    def clip_real(x: jax.Array) -> jax.Array:
+        c = bound(x)
+        return jnp.maximum(jnp.minimum(x, c), -c)
+
+    @jax.jit  # traced and lowered once per leaf shape and dtype, not once per leaf
     def clip_leaf(leaf: jax.Array) -> jax.Array:
-        parts = [jnp.maximum(jnp.minimum(x, bound(x)), -bound(x)) for x in _real_parts(leaf)]
+        parts = [clip_real(x) for x in _real_parts(leaf)]
         return jax.lax.complex(*parts) if jnp.iscomplexobj(leaf) else parts[0]
 
     def update_fn(updates, state, params=None):
@@ -88,9 +93,9 @@ def value(
         acc = _numerics.tree_accumulation_dtype(updates)
 
         def largest_and_above(leaf: jax.Array) -> tuple[jax.Array, jax.Array]:
-            parts = _real_parts(leaf)
-            largest = functools.reduce(jnp.maximum, [jnp.abs(x).astype(acc) for x in parts])
-            above = functools.reduce(jnp.logical_or, [jnp.abs(x) > bound(x) for x in parts])
+            parts = [(jnp.abs(x), bound(x)) for x in _real_parts(leaf)]
+            largest = functools.reduce(jnp.maximum, [a.astype(acc) for a, _ in parts])
+            above = functools.reduce(jnp.logical_or, [a > c for a, c in parts])
             return largest, above.astype(jnp.int32)
 
         # One pass over the gradients (one kernel per group of small leaves) for both statistics.
@@ -206,6 +211,11 @@ def _per_leaf_clip(
         del params
         return state_type(stats=empty_clip_stats(scale=0.0))
 
+    @jax.jit  # traced and lowered once per leaf shape and dtype, not once per leaf
+    def clip_leaf(leaf: jax.Array, squared_norm: jax.Array, count: jax.Array) -> jax.Array:
+        measure_squared = squared_norm / jnp.maximum(count, 1)
+        return _numerics.scale_leaf(leaf, _numerics.clip_scale_of_square(measure_squared, threshold))
+
     def update_fn(updates, state, params=None):
         del params, state
         leaves, treedef = jax.tree.flatten(updates)
@@ -213,10 +223,7 @@ def _per_leaf_clip(
         counts: list[Any] = [leaf.size if per_entry else 1 for leaf in leaves]
         if per_entry and axis_name is not None:
             counts = jax.lax.psum(counts, axis_name)
-        scaled = [
-            _numerics.scale_leaf(leaf, _numerics.clip_scale_of_square(q / jnp.maximum(n, 1), threshold))
-            for leaf, q, n in zip(leaves, squares, counts, strict=True)
-        ]
+        scaled = [clip_leaf(leaf, q, n) for leaf, q, n in zip(leaves, squares, counts, strict=True)]
         # Statistics from the stacked sums, divided by the counts afterwards (dividing each
         # sum first cost a kernel per leaf): one kernel for all leaves.
         acc = _numerics.tree_accumulation_dtype(updates)
