@@ -8,7 +8,12 @@ same everywhere:
 * the square root and the division are guarded, so zero gradients, zero
   thresholds and empty trees give finite values *and* finite derivatives;
 * scaling is one multiply per leaf by a scalar cast to the leaf's dtype, which
-  XLA fuses into whatever consumes the update next.
+  XLA fuses into whatever consumes the update next;
+* work done leaf by leaf, or group by group, is a ``jax.jit``-ted function:
+  JAX traces and lowers it once per leaf shape and dtype instead of once per
+  leaf, and XLA inlines it, so the compiled step is the same. On 1000 leaves
+  this took the tracing and lowering of a clipped Adam step from 1.1–2.8×
+  plain Adam's to 1.0–1.2× (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -186,7 +191,8 @@ def tree_reductions(
     (see benchmarks/RESULTS.md). A single reduction uses its ``full`` form
     (``jnp.sum`` is tree-shaped and accurate); several share one variadic
     ``lax.reduce``, so a leaf is read once. Large leaves are reduced one by
-    one, where they live. Small same-shaped leaves sharded differently are
+    one, where they live. Each group's work is one jitted call, traced once
+    per shape, dtype and group size. Small same-shaped leaves sharded differently are
     moved to a common layout to be combined: at most ``_SMALL_LEAF`` entries
     each, never a large gradient.
     """

@@ -231,6 +231,32 @@ def test_many_small_leaves_match_optax():
         chex.assert_trees_all_close(got, expected, rtol=2e-6)
 
 
+TRACED_ONCE_PER_SHAPE = {
+    "value": lambda: clipx.value(1.0),
+    "global_norm": lambda: clipx.global_norm(1.0),
+    "tensor_norm": lambda: clipx.tensor_norm(1.0),
+    "block_rms": lambda: clipx.block_rms(1.0),
+    "agc": lambda: clipx.agc(0.01),
+    "adaptive": clipx.adaptive,
+    "autoclip": clipx.autoclip,
+    "zclip": clipx.zclip,
+    "quantile_clip": clipx.quantile_clip,
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRACED_ONCE_PER_SHAPE))
+def test_per_leaf_work_is_traced_once_per_leaf_shape(name):
+    # Trace and lowering time grow with the equations of the traced step: per-leaf work is a
+    # jitted function (one equation per leaf, traced once per shape), groups of small leaves
+    # one equation per group. Tracing each leaf's operations inline took 205 (global_norm)
+    # to 1612 (agc) equations for these 64 leaves.
+    leaves = 64
+    tree = {f"w{i:03d}": jnp.ones((4, 5)) for i in range(leaves)}
+    tx = TRACED_ONCE_PER_SHAPE[name]()
+    jaxpr = jax.make_jaxpr(tx.update)(tree, tx.init(tree), tree)
+    assert len(jaxpr.jaxpr.eqns) <= 2 * leaves + 40
+
+
 def test_axis_name_reduces_over_devices():
     devices = jax.devices()[:4]
     if len(devices) < 4:
