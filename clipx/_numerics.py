@@ -9,9 +9,10 @@ same everywhere:
   thresholds and empty trees give finite values *and* finite derivatives;
 * scaling is one multiply per leaf by a scalar cast to the leaf's dtype, which
   XLA fuses into whatever consumes the update next;
-* work done leaf by leaf, or group by group, is a ``jax.jit``-ted function:
-  JAX traces and lowers it once per leaf shape and dtype instead of once per
-  leaf, and XLA inlines it, so the compiled step is the same. On 1000 leaves
+* work done leaf by leaf, or group by group, is jitted when traced
+  (`jit_when_traced`): JAX traces and lowers it once per leaf shape and dtype
+  instead of once per leaf, and XLA inlines it, so the compiled step is the
+  same. On 1000 leaves
   this took the tracing and lowering of a clipped Adam step from 1.1–2.8×
   plain Adam's to 1.0–1.2× (benchmarks/RESULTS.md).
 """
@@ -28,6 +29,25 @@ import jax.numpy as jnp
 
 PyTree = Any
 AxisName = Any  # a hashable axis name, or a tuple of them, as jax.lax.psum takes
+
+
+def jit_when_traced(fn: Callable) -> Callable:
+    """``fn``, called through ``jax.jit`` when any of its arguments is a tracer.
+
+    Inside a traced step, work done leaf by leaf (or group by group) is then
+    traced and lowered once per shape and dtype of its arguments rather than
+    once per call; XLA inlines the call, so the compiled step is unchanged.
+    Called on concrete arrays, ``fn`` runs op by op as usual, so an update
+    run eagerly does not compile a new function at every step.
+    """
+    jitted = jax.jit(fn)
+
+    @functools.wraps(fn)
+    def call(*args: Any) -> Any:
+        traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args))
+        return jitted(*args) if traced else fn(*args)
+
+    return call
 
 
 def accumulation_dtype(dtype: Any) -> jnp.dtype:
@@ -161,13 +181,13 @@ def leaf_sums_of_squares(leaves: list[jax.Array]) -> list[jax.Array]:
     return out
 
 
-@jax.jit
+@jit_when_traced
 def _sum_of_squares(leaf: jax.Array) -> jax.Array:
     """``Σ |x|²`` of one leaf, by ``jnp.sum``."""
     return jnp.sum(squared(leaf))
 
 
-@jax.jit
+@jit_when_traced
 def _grouped_sums_of_squares(*leaves: jax.Array) -> tuple[jax.Array, ...]:
     """``Σ |x|²`` of each of several small leaves, in one variadic reduction."""
     return _fused_reduce(tuple(squared(x) for x in leaves), (SUM,) * len(leaves))
@@ -196,7 +216,7 @@ def tree_reductions(
     moved to a common layout to be combined: at most ``_SMALL_LEAF`` entries
     each, never a large gradient.
     """
-    reduce_chunk = jax.jit(functools.partial(_reduce_chunk, elementwise, reductions))
+    reduce_chunk = jit_when_traced(functools.partial(_reduce_chunk, elementwise, reductions))
     keyed = [(i, (jnp.shape(leaf), leaf.dtype) if is_small(leaf) else None) for i, leaf in enumerate(leaves)]
     parts = [reduce_chunk(*(leaves[i] for i in chunk)) for chunk in _chunks(keyed)]
     return tuple(

@@ -189,7 +189,7 @@ def agc(
     positive_eps = isinstance(eps, numbers.Real) and eps > 0
     floor_root = jnp.sqrt if positive_eps else _numerics.safe_sqrt
 
-    @jax.jit  # traced and lowered once per leaf shape and dtype, not once per leaf
+    @_numerics.jit_when_traced  # traced once per leaf shape and dtype, not once per leaf
     def clip_leaf(g: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``G`` clipped unit by unit, and the squared ratios ``‖G_i‖² / max(‖W_i‖, ε)²``."""
         # Squared unit norms: the scale and the statistics need one square root, of the bound.

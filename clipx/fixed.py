@@ -83,7 +83,7 @@ def value(
         c = bound(x)
         return jnp.maximum(jnp.minimum(x, c), -c)
 
-    @jax.jit  # traced and lowered once per leaf shape and dtype, not once per leaf
+    @_numerics.jit_when_traced  # traced once per leaf shape and dtype, not once per leaf
     def clip_leaf(leaf: jax.Array) -> jax.Array:
         parts = [clip_real(x) for x in _real_parts(leaf)]
         return jax.lax.complex(*parts) if jnp.iscomplexobj(leaf) else parts[0]
@@ -211,7 +211,7 @@ def _per_leaf_clip(
         del params
         return state_type(stats=empty_clip_stats(scale=0.0))
 
-    @jax.jit  # traced and lowered once per leaf shape and dtype, not once per leaf
+    @_numerics.jit_when_traced  # traced once per leaf shape and dtype, not once per leaf
     def clip_leaf(leaf: jax.Array, squared_norm: jax.Array, count: jax.Array) -> jax.Array:
         measure_squared = squared_norm / jnp.maximum(count, 1)
         return _numerics.scale_leaf(leaf, _numerics.clip_scale_of_square(measure_squared, threshold))

@@ -231,6 +231,21 @@ def test_many_small_leaves_match_optax():
         chex.assert_trees_all_close(got, expected, rtol=2e-6)
 
 
+def test_jit_when_traced_traces_once_per_shape_and_runs_eagerly_op_by_op():
+    seen = []
+
+    def double(x):
+        seen.append(isinstance(x, jax.core.Tracer))
+        return 2 * x
+
+    helper = _numerics.jit_when_traced(double)
+    np.testing.assert_array_equal(helper(jnp.ones(3)), 2.0)
+    assert seen == [False]  # concrete arrays: no jit, so an eager update compiles nothing new per step
+    step = jax.jit(lambda a, b, c: helper(a) + helper(b) + helper(c))
+    np.testing.assert_array_equal(step(jnp.ones(3), jnp.ones(3), jnp.ones(3)), 6.0)
+    assert seen == [False, True]  # three calls on one shape inside a trace: traced once
+
+
 TRACED_ONCE_PER_SHAPE = {
     "value": lambda: clipx.value(1.0),
     "global_norm": lambda: clipx.global_norm(1.0),
