@@ -12,9 +12,8 @@ same everywhere:
 * work done leaf by leaf, or group by group, is jitted when traced
   (`jit_when_traced`): JAX traces and lowers it once per leaf shape and dtype
   instead of once per leaf, and XLA inlines it, so the compiled step is the
-  same. On 1000 leaves
-  this took the tracing and lowering of a clipped Adam step from 1.1–2.8×
-  plain Adam's to 1.0–1.2× (benchmarks/RESULTS.md).
+  same. On 1000 leaves this took the tracing and lowering of a clipped Adam
+  step from 1.1–2.8× plain Adam's to 1.0–1.2× (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -212,9 +211,9 @@ def tree_reductions(
     (``jnp.sum`` is tree-shaped and accurate); several share one variadic
     ``lax.reduce``, so a leaf is read once. Large leaves are reduced one by
     one, where they live. Each group's work is one jitted call, traced once
-    per shape, dtype and group size. Small same-shaped leaves sharded differently are
-    moved to a common layout to be combined: at most ``_SMALL_LEAF`` entries
-    each, never a large gradient.
+    per shape, dtype and group size. Small same-shaped leaves sharded
+    differently are moved to a common layout to be combined: at most
+    ``_SMALL_LEAF`` entries each, never a large gradient.
     """
     reduce_chunk = jit_when_traced(functools.partial(_reduce_chunk, elementwise, reductions))
     keyed = [(i, (jnp.shape(leaf), leaf.dtype) if is_small(leaf) else None) for i, leaf in enumerate(leaves)]

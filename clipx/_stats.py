@@ -116,9 +116,9 @@ def without_stats(inner: optax.GradientTransformation) -> optax.GradientTransfor
     What it saves depends on the rule: ``clipx.value`` reads every gradient
     once more for its statistics (the largest entry, the number clipped), so
     without them its step costs what ``optax.clip``'s does; ``clipx.agc``
-    loses its ratio statistics and their reductions, which XLA compiles slowly; the norm
-    rules (``global_norm``, the adaptive clippers) need their norm to clip
-    and save almost nothing.
+    loses its ratio statistics and their reductions, which XLA compiles
+    slowly; the norm rules (``global_norm``, the adaptive clippers) need
+    their norm to clip and save almost nothing.
 
     Args:
       inner: any transformation (a clipx clipper, a chain holding several).
