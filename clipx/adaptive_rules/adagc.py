@@ -114,40 +114,54 @@ def adagc(
             stats=empty_clip_stats(),
         )
 
+    @_numerics.jit_when_traced  # traced once per dtype, not once per tensor
+    def tensor_step(squared_norm, gamma, warmup, first, finite, global_scale):
+        """A tensor's scale and its new ``γ_i``, from its squared norm ``‖g_i‖²``."""
+        tensor_norm = _numerics.safe_sqrt(squared_norm)
+        threshold = (relative_threshold * gamma).astype(tensor_norm.dtype)
+        scale = jnp.where(warmup, global_scale, _numerics.clip_scale(tensor_norm + eps, threshold))
+        clipped = (scale * tensor_norm).astype(gamma.dtype)
+        initial = jnp.where(first, clipped, jnp.minimum(gamma, clipped))
+        average = decay * gamma + (1 - decay) * clipped
+        return scale, jnp.where(finite, jnp.where(warmup, initial, average), gamma).astype(gamma.dtype)
+
     def update_fn(updates, state, params=None):
         del params
         _validate.check_same_structure(state.gamma, updates, "clipx.adagc")
-        norms = _numerics.leaf_norms(updates, axis_name)
-        norm = _numerics.tree_norm(norms)
+        leaves, treedef = jax.tree.flatten(updates)
+        gammas = jax.tree.leaves(state.gamma)
+        acc = _numerics.tree_accumulation_dtype(updates)
+        squares = [q.astype(acc) for q in _numerics.leaf_squared_norms(leaves, axis_name)]
+
+        def stacked(scalars: list[jax.Array]) -> jax.Array:
+            return jnp.stack(scalars) if scalars else jnp.zeros((0,), acc)
+
+        # Sums over tensors from stacked scalars: one kernel each, not one per tensor
+        # (compile time at 1000 tensors: see benchmarks/RESULTS.md).
+        norm = _numerics.safe_sqrt(jnp.sum(stacked(squares)))
         finite = jnp.isfinite(norm)
         warmup = state.finite_steps < warmup_steps
+        first = state.finite_steps == 0
         global_scale = _numerics.clip_scale(norm + eps, warmup_max_norm)
-
-        def leaf_scale(leaf_norm, gamma):
-            threshold = (relative_threshold * gamma).astype(leaf_norm.dtype)
-            return jnp.where(warmup, global_scale, _numerics.clip_scale(leaf_norm + eps, threshold))
-
-        scales = jax.tree.map(leaf_scale, norms, state.gamma)
-
-        def new_gamma(leaf_norm, scale, gamma):
-            clipped = (scale * leaf_norm).astype(gamma.dtype)
-            initial = jnp.where(state.finite_steps == 0, clipped, jnp.minimum(gamma, clipped))
-            average = decay * gamma + (1 - decay) * clipped
-            return jnp.where(finite, jnp.where(warmup, initial, average), gamma).astype(gamma.dtype)
-
-        gamma = jax.tree.map(new_gamma, norms, scales, state.gamma)
-        scale_leaves = jax.tree.leaves(scales)
-        num_clipped = sum((s < 1 for s in scale_leaves), jnp.zeros((), jnp.int32))
-        thresholds = jax.tree.map(lambda g: relative_threshold * g, state.gamma)
+        steps = [
+            tensor_step(q, gamma, warmup, first, finite, global_scale)
+            for q, gamma in zip(squares, gammas, strict=True)
+        ]
+        scales = [scale for scale, _ in steps]
+        num_clipped = jnp.sum(stacked(scales) < 1, dtype=jnp.int32)
+        gamma_norm = _numerics.safe_sqrt(jnp.sum(jnp.square(stacked(gammas))))
         stats = clip_stats(
             norm=norm.astype(jnp.float32),
-            threshold=jnp.where(warmup, warmup_max_norm, _numerics.tree_norm(thresholds)).astype(jnp.float32),
-            scale=(num_clipped / max(len(scale_leaves), 1)).astype(jnp.float32),
+            threshold=jnp.where(warmup, warmup_max_norm, relative_threshold * gamma_norm).astype(jnp.float32),
+            scale=(num_clipped / max(len(leaves), 1)).astype(jnp.float32),
             clipped=num_clipped > 0,
         )
         new_state = AdaGCState(
-            finite_steps=state.finite_steps + finite.astype(jnp.int32), gamma=gamma, stats=stats
+            finite_steps=state.finite_steps + finite.astype(jnp.int32),
+            gamma=jax.tree.unflatten(jax.tree.structure(state.gamma), [gamma for _, gamma in steps]),
+            stats=stats,
         )
-        return jax.tree.map(_numerics.scale_leaf, updates, scales), new_state
+        scaled = [_numerics.scale_leaf(leaf, scale) for leaf, scale in zip(leaves, scales, strict=True)]
+        return jax.tree.unflatten(treedef, scaled), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
