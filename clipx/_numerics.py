@@ -288,11 +288,14 @@ def clip_scale(norm: jax.Array, threshold: jax.Array) -> jax.Array:
 def clip_scale_of_square(squared: jax.Array, threshold: float | jax.Array) -> jax.Array:
     """`clip_scale` ``min(1, threshold / m)`` of a measure ``m`` given as ``squared = m²``.
 
-    Per-leaf rules compute each leaf's scale this way, a few scalar operations
-    that XLA fuses into the kernel scaling that leaf (a separate square root
-    per leaf cost as much compile time as the leaf's whole Adam update). For a
-    Python threshold ``t > 0`` whose square is a normal float the scale is
-    ``t / √max(m², t²)``; otherwise ``t · rsqrt(m²)`` where ``m² > t²``,
+    Per-leaf rules compute each leaf's scale this way: a few scalar
+    operations, fused into the kernel that scales the leaf when only one
+    kernel reads the scale, and one small kernel per leaf when several do
+    (Adam's two moment kernels). Scales sliced out of one vector computed for
+    all leaves compiled several times slower: XLA copies a multiply over the
+    whole vector into every kernel reading a slice (benchmarks/RESULTS.md).
+    For a Python threshold ``t > 0`` whose square is a normal float the scale
+    is ``t / √max(m², t²)``; otherwise ``t · rsqrt(m²)`` where ``m² > t²``,
     behind guards. The same edge cases as `clip_scale`: exactly 1 when
     ``m ≤ threshold`` (``m² ≤ threshold²``), 0 for a zero threshold and a
     positive measure, 0 for an infinite one.
