@@ -125,6 +125,17 @@ def adagc(
         average = decay * gamma + (1 - decay) * clipped
         return scale, jnp.where(finite, jnp.where(warmup, initial, average), gamma).astype(gamma.dtype)
 
+    @_numerics.jit_when_traced
+    def count_clipped(squared_norms, gammas, warmup, global_scale):
+        """How many tensors `tensor_step` clips, from the stacked ``‖g_i‖²`` and ``γ_i``.
+
+        Counted from the stacked values, not from the scales: stacking the
+        scales cost a kernel per tensor.
+        """
+        thresholds = (relative_threshold * gammas).astype(squared_norms.dtype)
+        above = _numerics.safe_sqrt(squared_norms) + eps > thresholds
+        return jnp.where(warmup, (global_scale < 1) * squared_norms.size, jnp.sum(above, dtype=jnp.int32))
+
     def update_fn(updates, state, params=None):
         del params
         _validate.check_same_structure(state.gamma, updates, "clipx.adagc")
@@ -138,7 +149,8 @@ def adagc(
 
         # Sums over tensors from stacked scalars: one kernel each, not one per tensor
         # (compile time at 1000 tensors: see benchmarks/RESULTS.md).
-        norm = _numerics.safe_sqrt(jnp.sum(stacked(squares)))
+        stacked_squares = stacked(squares)
+        norm = _numerics.safe_sqrt(jnp.sum(stacked_squares))
         finite = jnp.isfinite(norm)
         warmup = state.finite_steps < warmup_steps
         first = state.finite_steps == 0
@@ -148,8 +160,9 @@ def adagc(
             for q, gamma in zip(squares, gammas, strict=True)
         ]
         scales = [scale for scale, _ in steps]
-        num_clipped = jnp.sum(stacked(scales) < 1, dtype=jnp.int32)
-        gamma_norm = _numerics.safe_sqrt(jnp.sum(jnp.square(stacked(gammas))))
+        stacked_gammas = stacked(gammas)
+        num_clipped = count_clipped(stacked_squares, stacked_gammas, warmup, global_scale)
+        gamma_norm = _numerics.safe_sqrt(jnp.sum(jnp.square(stacked_gammas)))
         stats = clip_stats(
             norm=norm.astype(jnp.float32),
             threshold=jnp.where(warmup, warmup_max_norm, relative_threshold * gamma_norm).astype(jnp.float32),
