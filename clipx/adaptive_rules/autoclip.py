@@ -123,7 +123,10 @@ def autoclip(
         It sets a buffer shape, so under ``optax.inject_hyperparams`` name it in
         ``static_args``.
       per_tensor: one history and threshold per leaf instead of one for the
-        global norm (default False). The state then mirrors the parameter tree.
+        global norm (default False). The state then mirrors the parameter tree,
+        and every leaf's history is sorted at every step: with many leaves the
+        step compiles slowly (a chained Adam step with 250 leaves compiled in
+        about 20 times plain Adam's time on a 2-core CPU).
       axis_name: inside ``shard_map``/``pmap``, the mapped axis whose shards
         together hold the gradients (squared norms are summed over it).
 
