@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from clipx import _numerics, _validate
-from clipx._stats import ClipStats, clip_stats, empty_clip_stats
+from clipx._stats import ClipStats, clip_stats, empty_clip_stats, replacing
 
 Axis = int | tuple[int, ...] | None
 
@@ -211,7 +211,6 @@ def agc(
         return AGCState(stats=empty_clip_stats(scale=0.0))
 
     def update_fn(updates, state, params=None):
-        del state
         if params is None:
             raise ValueError(
                 "agc clips relative to the parameters: pass them as the third argument, "
@@ -262,6 +261,6 @@ def agc(
             scale=(clipped / jnp.maximum(units, 1)).astype(acc),
             clipped=clipped > 0,
         )
-        return treedef.unflatten(new_leaves), AGCState(stats=stats)
+        return treedef.unflatten(new_leaves), AGCState(stats=replacing(state.stats, stats))
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from clipx import _numerics, _validate
-from clipx._stats import ClipStats, clip_stats, empty_clip_stats, global_clip_stats
+from clipx._stats import ClipStats, clip_stats, empty_clip_stats, global_clip_stats, replacing
 
 
 class ValueState(NamedTuple):
@@ -89,7 +89,7 @@ def value(
         return jax.lax.complex(*parts) if jnp.iscomplexobj(leaf) else parts[0]
 
     def update_fn(updates, state, params=None):
-        del params, state
+        del params
         acc = _numerics.tree_accumulation_dtype(updates)
 
         def largest_and_above(leaf: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -115,7 +115,7 @@ def value(
             scale=(count / jnp.maximum(total, 1)).astype(acc),
             clipped=count > 0,
         )
-        return jax.tree.map(clip_leaf, updates), ValueState(stats=stats)
+        return jax.tree.map(clip_leaf, updates), ValueState(stats=replacing(state.stats, stats))
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -175,11 +175,11 @@ def global_norm(
         return GlobalNormState(stats=empty_clip_stats())
 
     def update_fn(updates, state, params=None):
-        del params, state
+        del params
         norm = _numerics.tree_norm(updates, axis_name)
         scale = _numerics.clip_scale(norm, max_norm)
         stats = global_clip_stats(norm, max_norm, scale)
-        return _numerics.scale_tree(updates, scale), GlobalNormState(stats=stats)
+        return _numerics.scale_tree(updates, scale), GlobalNormState(stats=replacing(state.stats, stats))
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -217,7 +217,7 @@ def _per_leaf_clip(
         return _numerics.scale_leaf(leaf, _numerics.clip_scale_of_square(measure_squared, threshold))
 
     def update_fn(updates, state, params=None):
-        del params, state
+        del params
         leaves, treedef = jax.tree.flatten(updates)
         squares = _numerics.leaf_squared_norms(leaves, axis_name)
         counts: list[Any] = [leaf.size if per_entry else 1 for leaf in leaves]
@@ -239,7 +239,7 @@ def _per_leaf_clip(
             scale=jnp.mean(clipped, dtype=acc) if leaves else jnp.zeros((), acc),
             clipped=jnp.any(clipped),
         )
-        return jax.tree.unflatten(treedef, scaled), state_type(stats=stats)
+        return jax.tree.unflatten(treedef, scaled), state_type(stats=replacing(state.stats, stats))
 
     return optax.GradientTransformation(init_fn, update_fn)
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from clipx import _numerics, _running, _validate
-from clipx._stats import ClipStats, GuardStats, clip_stats, empty_clip_stats, empty_guard_stats
+from clipx._stats import ClipStats, GuardStats, clip_stats, empty_clip_stats, empty_guard_stats, replacing
 
 
 def _select(keep_new: jax.Array, new: Any, old: Any) -> Any:
@@ -19,10 +19,13 @@ def _select(keep_new: jax.Array, new: Any, old: Any) -> Any:
 
 def _guard_stats(stats: GuardStats, skip: jax.Array) -> GuardStats:
     """The `GuardStats` after a step that was (``skip``) or was not skipped."""
-    return GuardStats(
-        skipped=skip,
-        consecutive=jnp.where(skip, stats.consecutive + 1, 0).astype(jnp.int32),
-        total=(stats.total + skip).astype(jnp.int32),
+    return replacing(
+        stats,
+        GuardStats(
+            skipped=skip,
+            consecutive=jnp.where(skip, stats.consecutive + 1, 0).astype(jnp.int32),
+            total=(stats.total + skip).astype(jnp.int32),
+        ),
     )
 
 
@@ -274,7 +277,7 @@ def skip_spikes(
             inner_state=_select(~skip, new_inner, state.inner_state),
             log_norm=_running.update_moments(moments, log_norm, observe, decay),
             loss=state.loss if loss is None else _running.update_moments(state.loss, loss, observe, decay),
-            grad_norm=GradNormRecord(stats=record),
+            grad_norm=GradNormRecord(stats=replacing(state.grad_norm.stats, record)),
             stats=_guard_stats(state.stats, skip),
         )
         return new_updates, new_state

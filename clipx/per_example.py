@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import optax
 
 from clipx import _numerics, _validate
-from clipx._stats import ClipStats, clip_stats, empty_clip_stats
+from clipx._stats import ClipStats, clip_stats, empty_clip_stats, replacing
 
 PyTree = Any
 
@@ -232,7 +232,9 @@ def per_example_global_norm(
         total = jax.tree.map(lambda t: _across(t, axis_name), total)
         total, key = _maybe_noise(total, state.key, noise_multiplier, jnp.asarray(l2_norm_clip))
         fraction = _fraction(jnp.sum(multipliers < 1), batch, axis_name)
-        return total, PerExampleState(key=key, stats=_stats(norms, l2_norm_clip, fraction, axis_name))
+        return total, PerExampleState(
+            key=key, stats=replacing(state.stats, _stats(norms, l2_norm_clip, fraction, axis_name))
+        )
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -315,7 +317,9 @@ def per_example_layer_norm(
         pairs = sum(leaf.shape[0] for leaf in leaves)
         fraction = _fraction(sum(clipped_counts, jnp.zeros((), jnp.int32)), pairs, axis_name)
         norms = _per_example_norms(updates) if leaves else jnp.zeros((0,))
-        return total, PerExampleState(key=key, stats=_stats(norms, l2_norm_clip, fraction, axis_name))
+        return total, PerExampleState(
+            key=key, stats=replacing(state.stats, _stats(norms, l2_norm_clip, fraction, axis_name))
+        )
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -416,7 +420,7 @@ def per_example_adaptive(
         new_state = PerExampleAdaptiveState(
             threshold=new_threshold.astype(jnp.float32),
             key=key,
-            stats=_stats(norms, threshold, fraction, axis_name),
+            stats=replacing(state.stats, _stats(norms, threshold, fraction, axis_name)),
         )
         return total, new_state
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from clipx import _numerics, _validate
-from clipx._stats import ClipStats, clip_stats, empty_clip_stats
+from clipx._stats import ClipStats, clip_stats, empty_clip_stats, replacing
 
 
 class AdaGCState(NamedTuple):
@@ -172,7 +172,7 @@ def adagc(
         new_state = AdaGCState(
             finite_steps=state.finite_steps + finite.astype(jnp.int32),
             gamma=jax.tree.unflatten(jax.tree.structure(state.gamma), [gamma for _, gamma in steps]),
-            stats=stats,
+            stats=replacing(state.stats, stats),
         )
         scaled = [_numerics.scale_leaf(leaf, scale) for leaf, scale in zip(leaves, scales, strict=True)]
         return jax.tree.unflatten(treedef, scaled), new_state

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from clipx import _numerics, _validate
-from clipx._stats import ClipStats, clip_stats, empty_clip_stats, global_clip_stats
+from clipx._stats import ClipStats, clip_stats, empty_clip_stats, global_clip_stats, replacing
 
 
 class AutoClipState(NamedTuple):
@@ -177,7 +177,7 @@ def autoclip(
         new_state = AutoClipState(
             norms=_record(state.norms, state.count, norm),
             count=_advance(state.count, norm, history),
-            stats=stats,
+            stats=replacing(state.stats, stats),
         )
         return _numerics.scale_tree(updates, scale), new_state
 
@@ -190,7 +190,7 @@ def autoclip(
         new_state = AutoClipState(
             norms=jax.tree.map(_record, state.norms, state.count, norms),
             count=jax.tree.map(lambda c, n: _advance(c, n, history), state.count, norms),
-            stats=stats,
+            stats=replacing(state.stats, stats),
         )
         return jax.tree.map(_numerics.scale_leaf, updates, scales), new_state
 

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from clipx import _numerics, _validate
-from clipx._stats import ClipStats, empty_clip_stats, global_clip_stats
+from clipx._stats import ClipStats, empty_clip_stats, global_clip_stats, replacing
 
 
 class QuantileClipState(NamedTuple):
@@ -106,7 +106,9 @@ def quantile_clip(
         step = -learning_rate * (below - target_quantile)
         stats = global_clip_stats(norm, threshold, scale)
         log_threshold = jnp.where(jnp.isfinite(norm), state.log_threshold + step, state.log_threshold)
-        new_state = QuantileClipState(log_threshold=log_threshold.astype(threshold.dtype), stats=stats)
+        new_state = QuantileClipState(
+            log_threshold=log_threshold.astype(threshold.dtype), stats=replacing(state.stats, stats)
+        )
         return _numerics.scale_tree(updates, scale), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from clipx import _numerics, _running, _validate
-from clipx._stats import ClipStats, empty_clip_stats, global_clip_stats
+from clipx._stats import ClipStats, empty_clip_stats, global_clip_stats, replacing
 
 
 class AdaptiveState(NamedTuple):
@@ -199,6 +199,8 @@ def adaptive(
         observe = jnp.isfinite(norm) & (norm > 0)
         moments = _running.update_moments(moments, jnp.minimum(log_norm, log_threshold), observe, decay)
         stats = global_clip_stats(norm, threshold, scale)
-        return _numerics.scale_tree(updates, scale), AdaptiveState(log_norm=moments, stats=stats)
+        return _numerics.scale_tree(updates, scale), AdaptiveState(
+            log_norm=moments, stats=replacing(state.stats, stats)
+        )
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from clipx import _numerics, _validate
-from clipx._stats import ClipStats, empty_clip_stats, global_clip_stats
+from clipx._stats import ClipStats, empty_clip_stats, global_clip_stats, replacing
 
 _MODES = ("zscore", "percentile")
 _CLIP_OPTIONS = ("adaptive_scaling", "mean")
@@ -209,7 +209,11 @@ def zclip(
         new_var = jnp.where(start, warmup_var, jnp.where(update_ema, ema_var, var)).astype(dtype)
         stats = global_clip_stats(norm, reported, scale)
         new_state = ZClipState(
-            warmup_norms=warmup_norms, warmup_count=warmup_count, mean=new_mean, var=new_var, stats=stats
+            warmup_norms=warmup_norms,
+            warmup_count=warmup_count,
+            mean=new_mean,
+            var=new_var,
+            stats=replacing(state.stats, stats),
         )
         return _numerics.scale_tree(updates, scale), new_state
 
