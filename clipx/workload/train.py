@@ -65,8 +65,10 @@ class TrainConfig:
       model: keyword arguments of `ModelConfig` (``vocab_size`` and
         ``num_classes`` come from the data).
       optimizer: ``sgd``, ``momentum`` (SGD with momentum), ``rmsprop`` or ``adam``.
-      learning_rate, momentum, weight_decay: optimizer settings (decoupled weight
-        decay via ``optax.add_decayed_weights`` after clipping).
+      learning_rate, momentum, weight_decay: optimizer settings (weight decay
+        is ``optax.add_decayed_weights`` between the clipper and the optimizer:
+        ``λθ`` is added to the clipped gradient, an L2 penalty that goes
+        through the momentum or Adam's normalisation).
       batch_size, epochs: training length; ``max_steps`` caps the step count.
       clip, clip_args: the name of a clipx factory (``"none"`` for no clipping)
         and its keyword arguments.
