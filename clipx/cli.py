@@ -31,7 +31,14 @@ import rich.table
 import clipx
 from clipx.workload import model as model_lib
 from clipx.workload import plots, sweep
-from clipx.workload.train import TrainConfig, available_clippers, parse_clip_args, read_log, train
+from clipx.workload.train import (
+    OPTIMIZER_NAMES,
+    TrainConfig,
+    available_clippers,
+    parse_clip_args,
+    read_log,
+    train,
+)
 
 _console = rich.console.Console()
 
@@ -152,7 +159,6 @@ DEMO_CLIPPERS: tuple[tuple[str, str, float | None], ...] = (
     ("adaptive", "adaptive", None),
 )
 _DEMO_CELL_NAMES = {"simple": "vanilla RNN", "lstm": "LSTM", "gru": "GRU"}
-_DEMO_OPTIMIZER_NAMES = {"sgd": "SGD", "momentum": "SGD+momentum 0.9", "rmsprop": "RMSprop", "adam": "Adam"}
 
 
 def _add_demo_parser(subparsers) -> None:
@@ -165,7 +171,7 @@ def _add_demo_parser(subparsers) -> None:
     p.add_argument("--steps", type=int, default=400, help="training steps per clipper (default: 400)")
     p.add_argument(
         "--optimizer",
-        choices=sorted(_DEMO_OPTIMIZER_NAMES),
+        choices=sorted(OPTIMIZER_NAMES),
         default="sgd",
         help="optimizer (default: sgd, plain SGD)",
     )
@@ -210,7 +216,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     cell = _DEMO_CELL_NAMES.get(str(DEMO_MODEL["cell"]), str(DEMO_MODEL["cell"]))
     setting = (
         f"{cell}, {args.task_length}-word temporal order, "
-        f"{_DEMO_OPTIMIZER_NAMES[args.optimizer]} lr {args.lr:g}, seed {args.seed}"
+        f"{OPTIMIZER_NAMES[args.optimizer]} lr {args.lr:g}, seed {args.seed}"
     )
     table = rich.table.Table(title=f"clipx demo: {setting}")
     for column in (
@@ -280,6 +286,18 @@ def _add_sweep_parser(subparsers) -> None:
     p.add_argument("--task-length", type=int, default=defaults.task_length)
     p.add_argument("--task-train", type=int, default=defaults.task_train)
     p.add_argument("--max-steps", type=int, default=None, help="cap on steps per run")
+    p.add_argument(
+        "--optimizer",
+        choices=sorted(OPTIMIZER_NAMES),
+        default=defaults.optimizer,
+        help=f"optimizer of every run (default: {defaults.optimizer})",
+    )
+    p.add_argument(
+        "--cell",
+        choices=model_lib.CELLS,
+        default=defaults.cell,
+        help=f"recurrent cell of the sweep's model (default: {defaults.cell})",
+    )
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -295,6 +313,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         task_length=args.task_length,
         task_train=args.task_train,
         max_steps=args.max_steps,
+        optimizer=args.optimizer,
+        cell=args.cell,
     )
 
     def report(name: str, result: dict[str, Any]) -> None:

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from clipx import cli
 
 TINY_TRAIN = [
@@ -84,6 +86,48 @@ def test_sweep_is_resumable(tmp_path, monkeypatch):
     before = {p: p.stat().st_mtime_ns for p in tmp_path.glob("task__*.json")}
     assert cli.main(argv) == 0
     assert before == {p: p.stat().st_mtime_ns for p in tmp_path.glob("task__*.json")}
+
+
+def test_sweep_optimizer_and_cell_reach_the_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli.sweep, "MODEL", {**TINY_MODEL, "cell": "lstm"})
+    argv = [
+        "sweep", "--out", str(tmp_path), "--datasets", "task", "--clippers", "none", "--lrs", "0.1",
+        "--seeds", "1", "--task-train", "32", "--max-steps", "1", "--optimizer", "sgd", "--cell", "gru",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    (run,) = tmp_path.glob("task__*.json")
+    config = json.loads(run.read_text())["config"]
+    assert config["optimizer"] == "sgd" and config["model"]["cell"] == "gru"
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    assert settings["sweep"]["optimizer"] == "sgd" and settings["model"]["cell"] == "gru"
+
+
+def test_sweep_refuses_a_folder_of_runs_with_other_settings(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli.sweep, "MODEL", TINY_MODEL)
+
+    def sweep(*extra, lrs="0.1"):
+        return cli.main([
+            "sweep", "--out", str(tmp_path), "--datasets", "task", "--clippers", "none", "--lrs", lrs,
+            "--seeds", "1", "--task-train", "32", "--max-steps", "1", *extra,
+        ])  # fmt: skip
+
+    assert sweep() == 0
+    capsys.readouterr()
+    # Anything that changes a run is refused; more seeds, rates or clippers extend the sweep.
+    assert sweep("--optimizer", "sgd") == 2
+    printed = capsys.readouterr().out
+    assert "other settings" in printed and "optimizer: 'adam' there, 'sgd' now" in printed
+    assert sweep("--task-length", "60") == 2
+    assert len(list(tmp_path.glob("task__*.json"))) == 1
+    assert sweep(lrs="0.1,0.2") == 0
+    assert len(list(tmp_path.glob("task__*.json"))) == 2
+
+
+def test_sweep_settings_are_validated():
+    with pytest.raises(ValueError, match="unknown sweep optimizer 'lamb'"):
+        cli.sweep.SweepConfig(optimizer="lamb")
+    with pytest.raises(ValueError, match="unknown sweep cell 'transformer'"):
+        cli.sweep.SweepConfig(cell="transformer")
 
 
 def test_import_clipx_does_not_import_the_workload_dependencies():

@@ -1,8 +1,10 @@
 """Learning-rate robustness sweep: every clipper × learning rate × seed × dataset.
 
 Each run trains the sweep's model (LSTM(128), embedding 64, last hidden state,
-Adam, batch 32, one epoch) and writes one JSON file to the output folder with
-its settings and outcome; a restarted sweep skips the runs whose file exists.
+Adam, batch 32, one epoch; the cell and the optimizer can be changed) and
+writes one JSON file to the output folder with its settings and outcome; a
+restarted sweep skips the runs whose file exists, and refuses a folder whose
+runs were made with other settings.
 ``settings.json`` records the grid, ``results.md`` the table (mean and spread of
 final dev accuracy over the seeds that did not diverge, and the number that
 diverged) and ``sweep.png`` the accuracy-vs-learning-rate plot.
@@ -25,7 +27,8 @@ import numpy as np
 
 import clipx
 from clipx.workload import plots
-from clipx.workload.train import TrainConfig, train
+from clipx.workload.model import CELLS
+from clipx.workload.train import OPTIMIZER_NAMES, OPTIMIZERS, TrainConfig, train
 
 #: (label, clipx factory, value of its first argument or None for defaults).
 CLIPPERS: tuple[tuple[str, str, float | None], ...] = (
@@ -60,9 +63,11 @@ class SweepConfig:
         tokens, the first ``train_limit`` training examples) and/or ``"task"``
         (the embedded temporal-order task, ``task_length`` words).
       clippers: labels from `CLIPPERS`.
-      learning_rates: Adam learning rates.
+      learning_rates: the optimizer's learning rates.
       seeds: how many seeds (0, 1, ...).
       max_steps: cap on steps per run (``None``: one full epoch).
+      optimizer: one of ``train.OPTIMIZERS`` (``"adam"`` by default).
+      cell: the recurrent cell of `MODEL`, one of ``model.CELLS``.
     """
 
     data_root: str = "../shared/data"
@@ -76,6 +81,8 @@ class SweepConfig:
     task_length: int = 50
     task_train: int = 6000
     max_steps: int | None = None
+    optimizer: str = "adam"
+    cell: str = "lstm"
 
     def __post_init__(self):
         known = [label for label, _, _ in CLIPPERS]
@@ -85,6 +92,19 @@ class SweepConfig:
         for dataset in self.datasets:
             if dataset not in ("imdb", "task"):
                 raise ValueError(f"unknown sweep dataset {dataset!r}; known: imdb, task")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown sweep optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+        if self.cell not in CELLS:
+            raise ValueError(f"unknown sweep cell {self.cell!r}; known: {', '.join(CELLS)}")
+
+    @property
+    def model(self) -> dict[str, Any]:
+        """`MODEL` with this sweep's cell."""
+        return {**MODEL, "cell": self.cell}
+
+
+#: Settings that only say which runs make up the grid; every other setting changes a run's result.
+_GRID_EXTENT = ("data_root", "datasets", "clippers", "learning_rates", "seeds")
 
 
 def _clip_args(name: str, value: float | None) -> dict[str, Any]:
@@ -98,8 +118,8 @@ def run_config(sweep: SweepConfig, dataset: str, clipper: str, lr: float, seed: 
     """The `TrainConfig` of one run of the grid."""
     _, name, value = next(c for c in CLIPPERS if c[0] == clipper)
     common: dict[str, Any] = dict(
-        model=MODEL,
-        optimizer="adam",
+        model=sweep.model,
+        optimizer=sweep.optimizer,
         learning_rate=lr,
         batch_size=32,
         epochs=1,
@@ -139,7 +159,12 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     missing = sorted({name for _, name, _ in CLIPPERS if name != "none" and not hasattr(clipx, name)})
     labels = [c for c in sweep.clippers if next(x for x in CLIPPERS if x[0] == c)[1] not in missing]
-    settings = {"sweep": dataclasses.asdict(sweep), "model": MODEL, "skipped_clippers_not_in_clipx": missing}
+    settings = {
+        "sweep": dataclasses.asdict(sweep),
+        "model": sweep.model,
+        "skipped_clippers_not_in_clipx": missing,
+    }
+    _check_same_run_settings(out / "settings.json", settings)
     (out / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
     # Seeds outermost: a sweep stopped early has every cell for its first seeds.
     for seed in range(sweep.seeds):
@@ -164,6 +189,27 @@ def run_sweep(
                     if on_run is not None:
                         on_run(path.name, result)
     return summarize(out)
+
+
+def _check_same_run_settings(path: pathlib.Path, settings: dict[str, Any]) -> None:
+    """Raises ``ValueError`` if ``path`` records runs made with settings other than ``settings``.
+
+    Only the grid's extent may change between invocations on one folder (more
+    seeds, learning rates, clippers); a setting missing from an older file
+    had its default value.
+    """
+    if not path.is_file():
+        return
+    recorded = json.loads(path.read_text())
+    old = {**dataclasses.asdict(SweepConfig()), **recorded.get("sweep", {}), "model": recorded.get("model")}
+    new = {**settings["sweep"], "model": settings["model"]}
+    changed = [key for key in new if key not in _GRID_EXTENT and old.get(key) != new[key]]
+    if changed:
+        details = "; ".join(f"{key}: {old.get(key)!r} there, {new[key]!r} now" for key in changed)
+        raise ValueError(
+            f"{path.parent} holds sweep runs made with other settings ({details}); "
+            "use another output folder, or the same settings to extend that sweep"
+        )
 
 
 def summarize(out_dir: str | pathlib.Path) -> dict[str, Any]:
@@ -196,9 +242,9 @@ def summarize(out_dir: str | pathlib.Path) -> dict[str, Any]:
     (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "results.md").write_text(_markdown(rows))
     if table:
-        plots.plot_sweep(
-            table, out / "sweep.png", "Final dev accuracy vs Adam learning rate (mean, min–max over seeds)"
-        )
+        optimizers = "/".join(sorted({OPTIMIZER_NAMES[r["config"]["optimizer"]] for r in results}))
+        title = f"Final dev accuracy vs {optimizers} learning rate (mean, min–max over seeds)"
+        plots.plot_sweep(table, out / "sweep.png", title)
     return {"rows": rows}
 
 

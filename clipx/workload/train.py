@@ -41,7 +41,14 @@ import clipx
 from clipx.workload import data as data_lib
 from clipx.workload.model import ModelConfig, TextClassifier
 
-OPTIMIZERS: tuple[str, ...] = ("sgd", "momentum", "rmsprop", "adam")
+#: The optimizers by name, with the name shown in tables and plots (momentum at its default 0.9).
+OPTIMIZER_NAMES: dict[str, str] = {
+    "sgd": "SGD",
+    "momentum": "SGD+momentum 0.9",
+    "rmsprop": "RMSprop",
+    "adam": "Adam",
+}
+OPTIMIZERS: tuple[str, ...] = tuple(OPTIMIZER_NAMES)
 
 
 @dataclasses.dataclass(frozen=True)
