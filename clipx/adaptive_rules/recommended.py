@@ -38,8 +38,12 @@ def adaptive(
     r"""Clips the global norm at a threshold learnt from the gradient norms themselves.
 
     The recommended clipper when you do not want to tune a threshold: it has
-    no absolute scale to choose, so the same defaults serve any model, loss
-    scale and learning rate, with Adam, SGD with momentum or RMSprop.
+    no absolute scale to choose, so the same defaults serve any model and
+    loss scale. It guards against spikes of the norm, not against a learning
+    rate too large for every step: with plain SGD it lets steps of about the
+    learning rate times the typical norm through, where a fixed threshold
+    below the typical norm or `clipx.agc` shortens them (see the evidence
+    below).
 
     With ``x = log‖g‖`` and ``μ``, ``σ²`` the running mean and variance of
     the logs of the *clipped* norms, the threshold at a step is
@@ -130,6 +134,16 @@ def adaptive(
       the smallest spread over seeds of all clippers). At 1e-2 and 1e-1 nearly
       every rule, fixed or adaptive, stays at chance, so the sweep does not
       show ``adaptive()`` training where every fixed threshold fails.
+    * The same sweep with plain SGD and a vanilla (tanh) RNN on the task
+      (learning rates 0.01–3, 5 seeds): level with the best fixed threshold
+      at 0.01 and 0.03, but at chance at 0.1 (52.0%) where
+      ``global_norm(1)``, ``value``, ``agc``, ``zclip`` and ``adagc`` solve
+      every seed, and at 0.3 (49.4%) where ``global_norm(0.25)`` reaches 97.3%
+      and ``agc`` 100%; ``agc`` alone trains at lr 1. The target is missed
+      there. ``warmup_factor=1, num_stds=0.5`` solved 4 of 5 seeds at 0.1
+      (95.9%) but lost 1.1 points on IMDB with Adam at 1e-3, so the defaults
+      stay; with plain SGD at a learning rate that may be too large, prefer
+      `clipx.agc` or a fixed threshold below the typical norm.
 
     A non-finite or zero norm never enters the statistics. On a step with a
     non-finite norm the update is non-finite (NaN); wrap the optimizer in
