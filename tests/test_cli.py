@@ -1,5 +1,6 @@
 """The clipx command: train, demo and sweep on tiny settings, and its errors."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -121,6 +122,22 @@ def test_sweep_refuses_a_folder_of_runs_with_other_settings(tmp_path, monkeypatc
     assert len(list(tmp_path.glob("task__*.json"))) == 1
     assert sweep(lrs="0.1,0.2") == 0
     assert len(list(tmp_path.glob("task__*.json"))) == 2
+
+
+def test_sweep_settings_written_before_optimizer_and_cell_mean_adam_and_lstm(tmp_path, monkeypatch):
+    lstm_model = {**TINY_MODEL, "cell": "lstm"}
+    monkeypatch.setattr(cli.sweep, "MODEL", lstm_model)
+    settings = dataclasses.asdict(cli.sweep.SweepConfig(datasets=("task",), task_train=32, max_steps=1))
+    del settings["optimizer"], settings["cell"]
+    recorded = {"sweep": settings, "model": lstm_model, "skipped_clippers_not_in_clipx": []}
+    (tmp_path / "settings.json").write_text(json.dumps(recorded))
+    argv = [
+        "sweep", "--out", str(tmp_path), "--datasets", "task", "--clippers", "none", "--lrs", "0.1",
+        "--seeds", "1", "--task-train", "32", "--max-steps", "1",
+    ]  # fmt: skip
+    assert cli.main([*argv, "--optimizer", "sgd"]) == 2
+    assert cli.main([*argv, "--cell", "gru"]) == 2
+    assert cli.main(argv) == 0
 
 
 def test_sweep_settings_are_validated():
