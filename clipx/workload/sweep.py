@@ -10,8 +10,7 @@ final dev accuracy over the seeds that did not diverge, and the number that
 diverged) and ``sweep.png`` the accuracy-vs-learning-rate plot.
 
 Clippers are named by their clipx factory and the value of its *first*
-argument (``global_norm`` at 1.0 is ``("global_norm", 1.0)``); factories not
-present in the installed clipx are skipped and listed in ``settings.json``.
+argument (``global_norm`` at 1.0 is ``("global_norm", 1.0)``).
 """
 
 from __future__ import annotations
@@ -157,20 +156,14 @@ def run_sweep(
     """
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    missing = sorted({name for _, name, _ in CLIPPERS if name != "none" and not hasattr(clipx, name)})
-    labels = [c for c in sweep.clippers if next(x for x in CLIPPERS if x[0] == c)[1] not in missing]
-    settings = {
-        "sweep": dataclasses.asdict(sweep),
-        "model": sweep.model,
-        "skipped_clippers_not_in_clipx": missing,
-    }
+    settings = {"sweep": dataclasses.asdict(sweep), "model": sweep.model}
     _check_same_run_settings(out / "settings.json", settings)
     (out / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
     # Seeds outermost: a sweep stopped early has every cell for its first seeds.
     for seed in range(sweep.seeds):
         for dataset in sweep.datasets:
             for lr in sweep.learning_rates:
-                for clipper in labels:
+                for clipper in sweep.clippers:
                     path = out / _run_name(dataset, clipper, lr, seed)
                     if path.is_file():
                         result = json.loads(path.read_text())
