@@ -140,6 +140,15 @@ def test_sweep_settings_written_before_optimizer_and_cell_mean_adam_and_lstm(tmp
     assert cli.main(argv) == 0
 
 
+def test_sweep_refuses_a_corrupt_settings_file(tmp_path, capsys):
+    argv = ["sweep", "--out", str(tmp_path), "--datasets", "task", "--clippers", "none", "--seeds", "1"]
+    for text in ("{not json", "[1, 2]"):
+        (tmp_path / "settings.json").write_text(text)
+        assert cli.main(argv) == 2
+        assert "settings.json is not a sweep settings file" in capsys.readouterr().out.replace("\n", "")
+    assert not list(tmp_path.glob("task__*.json"))
+
+
 def test_sweep_settings_are_validated():
     with pytest.raises(ValueError, match="unknown sweep optimizer 'lamb'"):
         cli.sweep.SweepConfig(optimizer="lamb")

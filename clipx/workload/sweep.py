@@ -193,7 +193,12 @@ def _check_same_run_settings(path: pathlib.Path, settings: dict[str, Any]) -> No
     """
     if not path.is_file():
         return
-    recorded = json.loads(path.read_text())
+    try:
+        recorded = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{path} is not a sweep settings file; move it or use another folder")
     old = {**dataclasses.asdict(SweepConfig()), **recorded.get("sweep", {}), "model": recorded.get("model")}
     new = {**settings["sweep"], "model": settings["model"]}
     changed = [key for key in new if key not in _GRID_EXTENT and old.get(key) != new[key]]
