@@ -144,6 +144,9 @@ def adaptive(
       (95.9%) but lost 1.1 points on IMDB with Adam at 1e-3, so the defaults
       stay; with plain SGD at a learning rate that may be too large, prefer
       `clipx.agc` or a fixed threshold below the typical norm.
+    * SST-2 preset at 10× its learning rate (seed 0, three epochs): 50.0%,
+      like no clipping and ``global_norm(1)``, where ``global_norm(0.25)``
+      reaches 84.1% and ``agc`` 84.9%.
 
     A non-finite or zero norm never enters the statistics. On a step with a
     non-finite norm the update is non-finite (NaN); wrap the optimizer in
