@@ -190,8 +190,8 @@ def agc(
     floor_root = jnp.sqrt if positive_eps else _numerics.safe_sqrt
 
     @_numerics.jit_when_traced  # traced once per leaf shape and dtype, not once per leaf
-    def clip_leaf(g: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """``G`` clipped unit by unit, and the squared ratios ``‖G_i‖² / max(‖W_i‖, ε)²``."""
+    def clip_leaf(g: jax.Array, w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``G`` clipped unit by unit, with ``‖G_i‖²`` and ``max(‖W_i‖, ε)²``."""
         # Squared unit norms: the scale and the statistics need one square root, of the bound.
         units = _unit_axes(g.shape, axis)
         g_squared = _numerics.sum_of_squares(g, axis=units, keepdims=True)
@@ -199,8 +199,15 @@ def agc(
         floor_squared = jnp.maximum(w_squared, jnp.square(jnp.asarray(eps, g_squared.dtype)))
         bound = clipping * floor_root(floor_squared)
         clipped = _numerics.scale_leaf(g, _numerics.clip_scale_of_square(g_squared, bound))
-        # 0/0 = 0 (a zero floor needs eps = 0 and zero weights).
-        return clipped, jnp.where(g_squared > 0, g_squared / floor_squared, 0)
+        return clipped, g_squared, floor_squared
+
+    # The ratios are traced apart from the clip: traced inside it, they led XLA's CPU
+    # scheduler to order 50 equal leaves' unit norms and Adam kernels differently, and the
+    # step took 1.36x plain Adam's instead of 1.22x (benchmarks/RESULTS.md).
+    @_numerics.jit_when_traced
+    def ratio_squared(g_squared: jax.Array, floor_squared: jax.Array) -> jax.Array:
+        """``‖G_i‖² / max(‖W_i‖, ε)²``, with 0/0 = 0 (a zero floor needs eps = 0 and zero weights)."""
+        return jnp.where(g_squared > 0, g_squared / floor_squared, 0)
 
     def init_fn(params):
         for path, leaf in jax.tree_util.tree_leaves_with_path(params):
@@ -230,9 +237,10 @@ def agc(
                 raise ValueError(
                     f"agc: a gradient of shape {jnp.shape(g)} for a parameter of shape {jnp.shape(w)}"
                 )
-            clipped_leaf, ratio_squared = clip_leaf(g, w)
+            clipped_leaf, g_squared, floor_squared = clip_leaf(g, w)
             new_leaves.append(clipped_leaf)
-            (small_ratios if _numerics.is_small(g) else large_ratios).append(ratio_squared.astype(acc))
+            ratios = ratio_squared(g_squared, floor_squared).astype(acc)
+            (small_ratios if _numerics.is_small(g) else large_ratios).append(ratios)
         # The statistics: the largest ratio, and how many units exceed λ (‖G_i‖² > (λ·floor)²).
         # Unit arrays of small leaves are combined by shape, one reduction per group (see
         # `_numerics.tree_reductions`: per-leaf reductions dominated the compile time); those
