@@ -95,15 +95,29 @@ _LEAVES_PER_REDUCTION = 16
 
 
 class Reduction(NamedTuple):
-    """An associative, commutative reduction: its binary step, its full ``jnp`` form, its identity."""
+    """An associative, commutative reduction: its binary step, its full ``jnp`` form, its identity.
+
+    ``by_bits``: inside a variadic reduction, reduce the bit patterns of the
+    floats' absolute values as integers (see `MAX_NONNEGATIVE`).
+    """
 
     combine: Callable[[jax.Array, jax.Array], jax.Array]
     full: Callable[[jax.Array], jax.Array]
     identity: Any
+    by_bits: bool = False
 
 
 SUM = Reduction(jnp.add, jnp.sum, 0)
-MAX_NONNEGATIVE = Reduction(jnp.maximum, jnp.max, 0)  # the maximum of values known to be ≥ 0
+# The maximum of values known to be ≥ 0. Non-negative floats order like their bit patterns
+# read as integers, a NaN (its sign cleared) above inf, and XLA's CPU backend reduces
+# integers faster: a step of `value` chained with Adam took 1.03-1.04x plain Adam's with
+# the maxima reduced as integers, 1.05-1.07x as floats (benchmarks/RESULTS.md).
+MAX_NONNEGATIVE = Reduction(jnp.maximum, jnp.max, 0, by_bits=True)
+
+
+def _ordered_bits(x: jax.Array) -> jax.Array:
+    """The bits of ``|x|`` as a signed integer of the same width: ordered like ``|x|``, NaN last."""
+    return jax.lax.bitcast_convert_type(jnp.abs(x), jnp.dtype(f"int{8 * x.dtype.itemsize}"))
 
 
 def _fused_reduce(operands: tuple[jax.Array, ...], reductions: tuple[Reduction, ...]) -> tuple:
@@ -115,12 +129,17 @@ def _fused_reduce(operands: tuple[jax.Array, ...], reductions: tuple[Reduction, 
 
     @jax.custom_jvp
     def run(*ops: jax.Array) -> tuple:
-        inits = tuple(jnp.asarray(r.identity, x.dtype) for r, x in zip(reductions, ops, strict=True))
+        keys = tuple(_ordered_bits(x) if r.by_bits else x for r, x in zip(reductions, ops, strict=True))
+        inits = tuple(jnp.asarray(r.identity, k.dtype) for r, k in zip(reductions, keys, strict=True))
 
         def combine(acc: tuple, x: tuple) -> tuple:
             return tuple(r.combine(a, b) for r, a, b in zip(reductions, acc, x, strict=True))
 
-        return tuple(jax.lax.reduce(ops, inits, combine, tuple(range(ops[0].ndim))))
+        totals = jax.lax.reduce(keys, inits, combine, tuple(range(ops[0].ndim)))
+        return tuple(
+            jax.lax.bitcast_convert_type(t, x.dtype) if r.by_bits else t
+            for r, t, x in zip(reductions, totals, ops, strict=True)
+        )
 
     @run.defjvp
     def run_jvp(primals: tuple, tangents: tuple) -> tuple:
@@ -215,13 +234,54 @@ def tree_reductions(
     differently are moved to a common layout to be combined: at most
     ``_SMALL_LEAF`` entries each, never a large gradient.
     """
+    totals, _ = _reduce_chunks(leaves, elementwise, reductions, dtypes, tie_large=False)
+    return totals
+
+
+def tree_reductions_beside_leaves(
+    leaves: list[jax.Array],
+    elementwise: Callable[[jax.Array], tuple[jax.Array, ...]],
+    reductions: tuple[Reduction, ...],
+    dtypes: tuple[Any, ...],
+) -> tuple[tuple[jax.Array, ...], list[jax.Array]]:
+    """`tree_reductions`, and ``leaves`` with each large leaf read after its own reduction.
+
+    For rules whose clip of a leaf needs nothing from the other leaves (the
+    statistics are the only reduction): on XLA's CPU backend each large leaf
+    is passed on through an ``optimization_barrier`` with its reduction's
+    result, so the kernels that read the leaf next (Adam's, when chained)
+    run after the reduction while the leaf is still in cache. The
+    statistics' extra read of the gradients then cost 3-4% of an Adam step
+    instead of 10% (benchmarks/RESULTS.md). On other backends, whose XLA
+    can fuse a reduction with the kernels sharing its input and where the
+    tie was not measured, the leaves are returned untouched. The values
+    are the same either way.
+    """
+    return _reduce_chunks(leaves, elementwise, reductions, dtypes, tie_large=jax.default_backend() == "cpu")
+
+
+def _reduce_chunks(
+    leaves: list[jax.Array],
+    elementwise: Callable[[jax.Array], tuple[jax.Array, ...]],
+    reductions: tuple[Reduction, ...],
+    dtypes: tuple[Any, ...],
+    tie_large: bool,
+) -> tuple[tuple[jax.Array, ...], list[jax.Array]]:
+    """The totals of `tree_reductions`, and the leaves, each large one tied to its part if ``tie_large``."""
     reduce_chunk = jit_when_traced(functools.partial(_reduce_chunk, elementwise, reductions))
     keyed = [(i, (jnp.shape(leaf), leaf.dtype) if is_small(leaf) else None) for i, leaf in enumerate(leaves)]
-    parts = [reduce_chunk(*(leaves[i] for i in chunk)) for chunk in _chunks(keyed)]
-    return tuple(
+    out = list(leaves)
+    parts = []
+    for chunk in _chunks(keyed):
+        part = reduce_chunk(*(leaves[i] for i in chunk))
+        if tie_large and len(chunk) == 1 and not is_small(leaves[chunk[0]]):
+            out[chunk[0]], part = jax.lax.optimization_barrier((leaves[chunk[0]], part))
+        parts.append(part)
+    totals = tuple(
         r.full(jnp.stack([p[j].astype(dtype) for p in parts])) if parts else jnp.asarray(r.identity, dtype)
         for j, (r, dtype) in enumerate(zip(reductions, dtypes, strict=True))
     )
+    return totals, out
 
 
 def _reduce_chunk(

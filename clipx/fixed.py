@@ -53,8 +53,9 @@ def value(
       ``norm`` is the largest ``|g|`` entry before clipping (for complex
       leaves, the largest real or imaginary part), ``threshold`` is ``c``,
       ``scale`` is the fraction of entries clipped, ``clipped`` whether any was.
-      These statistics read every entry once more; `without_stats` drops them
-      and that read.
+      These statistics read every entry once more (on the CPU each large leaf
+      is clipped right after that read, while it is still in cache);
+      `without_stats` drops them and that read.
 
     Reference:
       Mikolov, "Statistical Language Models Based on Neural Networks", PhD
@@ -98,8 +99,9 @@ def value(
             above = functools.reduce(jnp.logical_or, [a > c for a, c in parts])
             return largest, above.astype(jnp.int32)
 
-        # One pass over the gradients (one kernel per group of small leaves) for both statistics.
-        largest, count = _numerics.tree_reductions(
+        # One pass over the gradients (one kernel per large leaf or per group of small leaves)
+        # for both statistics, each large leaf clipped after its pass (see the helper).
+        (largest, count), leaves = _numerics.tree_reductions_beside_leaves(
             jax.tree.leaves(updates),
             largest_and_above,
             (_numerics.MAX_NONNEGATIVE, _numerics.SUM),
@@ -115,7 +117,8 @@ def value(
             scale=(count / jnp.maximum(total, 1)).astype(acc),
             clipped=count > 0,
         )
-        return jax.tree.map(clip_leaf, updates), ValueState(stats=replacing(state.stats, stats))
+        clipped = jax.tree.structure(updates).unflatten([clip_leaf(leaf) for leaf in leaves])
+        return clipped, ValueState(stats=replacing(state.stats, stats))
 
     return optax.GradientTransformation(init_fn, update_fn)
 

@@ -108,6 +108,67 @@ def test_value_stats():
     assert float(s.scale) == pytest.approx(0.4)
 
 
+def large_tree():
+    """Two leaves large enough to be reduced on their own (one float16), and a small one."""
+    n = _numerics._SMALL_LEAF + 5
+    return {
+        "big": jnp.asarray(rng.standard_normal(n), jnp.float32),
+        "half": jnp.asarray(300 * rng.standard_normal(n), jnp.float16),
+        "small": jnp.asarray(rng.standard_normal((3, 5)), jnp.float32),
+    }
+
+
+def test_value_on_large_leaves_matches_optax_and_counts_exactly():
+    tree = large_tree()
+    tx = clipx.value(0.5)
+    updates, state = jax.jit(tx.update)(tree, tx.init(tree))
+    chex.assert_trees_all_equal(updates, optax.clip(0.5).update(tree, optax.EmptyState())[0])
+    entries = np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree.leaves(tree)])
+    assert float(state.stats.norm) == np.max(np.abs(entries))
+    assert float(state.stats.scale) == pytest.approx(np.mean(np.abs(entries) > 0.5), rel=1e-6)
+
+
+@pytest.mark.parametrize("leaf", ["big", "small"])
+def test_value_reports_a_nan_entry(leaf):
+    tree = large_tree()
+    # inf - inf is the CPU's default NaN, whose sign bit is set: the largest |g| must still be NaN.
+    tree[leaf] = tree[leaf].at[2].set(jnp.float32(jnp.inf) - jnp.inf)
+    _, state = jax.jit(clipx.value(0.5).update)(tree, clipx.value(0.5).init(tree))
+    assert np.isnan(float(state.stats.norm))
+
+
+def test_value_derivatives_on_large_leaves_are_those_of_the_plain_rule():
+    tree = large_tree()
+    tree = {k: v.astype(jnp.float32) for k, v in tree.items()}
+
+    def ours(g):
+        updates, state = clipx.value(0.5).update(g, clipx.value(0.5).init(g))
+        return sum(jnp.sum(u**2) for u in jax.tree.leaves(updates)) + state.stats.norm
+
+    def plain(g):
+        updates, _ = optax.clip(0.5).update(g, optax.EmptyState())
+        largest = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree.leaves(g)]))
+        return sum(jnp.sum(u**2) for u in jax.tree.leaves(updates)) + largest
+
+    chex.assert_trees_all_close(jax.jit(jax.grad(ours))(tree), jax.grad(plain)(tree))
+
+
+def test_value_largest_entry_in_float64():
+    with jax.enable_x64(True):
+        tree = {"big": jnp.zeros(_numerics._SMALL_LEAF + 5, jnp.float64).at[7].set(-1e30)}
+        _, state = jax.jit(clipx.value(1.0).update)(tree, clipx.value(1.0).init(tree))
+        assert float(state.stats.norm) == np.float32(1e30)  # reduced in float64, reported in float32
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the tie is made on XLA's CPU backend only")
+def test_value_clips_each_large_leaf_after_its_own_statistics():
+    # On CPU each large leaf passes through an optimization barrier with its reduction, so the
+    # clip (fused into the next transform's kernels) reads it while it is in cache.
+    tree = large_tree()
+    jaxpr = str(jax.make_jaxpr(clipx.value(0.5).update)(tree, clipx.value(0.5).init(tree)))
+    assert jaxpr.count("optimization_barrier") == 2  # "big" and "half", not "small"
+
+
 def test_global_norm_stats():
     _, state = apply(clipx.global_norm(1.0), {"a": jnp.array([3.0]), "b": jnp.array([4.0])})
     s = state.stats

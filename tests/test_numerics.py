@@ -294,3 +294,24 @@ def test_axis_name_reduces_over_devices():
         expected, expected_state = FACTORIES[name](1.0).update(grads, state)
         chex.assert_trees_all_close(updates, expected, rtol=1e-6)
         chex.assert_trees_all_close(new_state, expected_state, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
+def test_largest_by_bits_keeps_nan_whatever_its_sign(dtype):
+    # MAX_NONNEGATIVE reduces bit patterns as integers; inf - inf is the CPU's default NaN,
+    # whose sign bit is set, so a NaN read as a negative integer must not be lost.
+    values = jnp.array([0.5, 2.0, 0.0], dtype)
+    largest_and_count = (_numerics.MAX_NONNEGATIVE, _numerics.SUM)
+    dtypes = (jnp.float32, jnp.int32)
+
+    def largest_and_above(x):
+        return x, (x > 1).astype(jnp.int32)
+
+    for nan in (jnp.asarray(jnp.inf, dtype) - jnp.inf, jnp.asarray(jnp.nan, dtype)):
+        with_nan = values.at[1].set(nan)
+        largest, count = _numerics.tree_reductions(
+            [with_nan, values], largest_and_above, largest_and_count, dtypes
+        )
+        assert np.isnan(float(largest)) and int(count) == 1
+    largest, _ = _numerics.tree_reductions([values], largest_and_above, largest_and_count, dtypes)
+    assert float(largest) == 2.0
