@@ -274,7 +274,7 @@ def _reduce_chunks(
     parts = []
     for chunk in _chunks(keyed):
         part = reduce_chunk(*(leaves[i] for i in chunk))
-        if tie_large and len(chunk) == 1 and not is_small(leaves[chunk[0]]):
+        if tie_large and not is_small(leaves[chunk[0]]):  # a large leaf is a chunk of its own
             out[chunk[0]], part = jax.lax.optimization_barrier((leaves[chunk[0]], part))
         parts.append(part)
     totals = tuple(

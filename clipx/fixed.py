@@ -92,6 +92,7 @@ def value(
     def update_fn(updates, state, params=None):
         del params
         acc = _numerics.tree_accumulation_dtype(updates)
+        leaves, treedef = jax.tree.flatten(updates)
 
         def largest_and_above(leaf: jax.Array) -> tuple[jax.Array, jax.Array]:
             parts = [(jnp.abs(x), bound(x)) for x in _real_parts(leaf)]
@@ -102,12 +103,12 @@ def value(
         # One pass over the gradients (one kernel per large leaf or per group of small leaves)
         # for both statistics, each large leaf clipped after its pass (see the helper).
         (largest, count), leaves = _numerics.tree_reductions_beside_leaves(
-            jax.tree.leaves(updates),
+            leaves,
             largest_and_above,
             (_numerics.MAX_NONNEGATIVE, _numerics.SUM),
             (acc, jnp.int32),
         )
-        total = jnp.asarray(sum(leaf.size for leaf in jax.tree.leaves(updates)), jnp.int32)
+        total = jnp.asarray(sum(leaf.size for leaf in leaves), jnp.int32)
         if axis_name is not None:
             largest = jax.lax.pmax(largest, axis_name)
             count, total = jax.lax.psum((count, total), axis_name)
@@ -117,7 +118,7 @@ def value(
             scale=(count / jnp.maximum(total, 1)).astype(acc),
             clipped=count > 0,
         )
-        clipped = jax.tree.structure(updates).unflatten([clip_leaf(leaf) for leaf in leaves])
+        clipped = treedef.unflatten([clip_leaf(leaf) for leaf in leaves])
         return clipped, ValueState(stats=replacing(state.stats, stats))
 
     return optax.GradientTransformation(init_fn, update_fn)
