@@ -170,6 +170,25 @@ def is_small(leaf: jax.Array) -> bool:
     return jnp.size(leaf) < _SMALL_LEAF
 
 
+def sums_of_squares_together(
+    x: jax.Array, y: jax.Array, axis: int | tuple[int, ...] | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """``sum_of_squares(·, axis, keepdims=True)`` of ``x`` and ``y`` (one shape), accumulated as for ``x``.
+
+    For a small ``x`` (below ``_SMALL_LEAF`` entries) the squares are stacked
+    and summed by one reduction: XLA's CPU backend compiles it faster than
+    two, and its kernel reads both arrays in one pass (AGC's unit norms of
+    gradients and weights at 1000 leaves: benchmarks/RESULTS.md). Larger
+    arrays are summed apart, since XLA would write the stack to memory.
+    """
+    xs, ys = squared(x), squared(y).astype(accumulation_dtype(x.dtype))
+    if not is_small(x):
+        return jnp.sum(xs, axis, keepdims=True), jnp.sum(ys, axis, keepdims=True)
+    axes = tuple(range(x.ndim)) if axis is None else (axis,) if isinstance(axis, int) else axis
+    both = jnp.sum(jnp.stack([xs, ys]), axis=tuple(a % x.ndim + 1 for a in axes), keepdims=True)
+    return both[0], both[1]
+
+
 def leaf_sums_of_squares(leaves: list[jax.Array]) -> list[jax.Array]:
     """``Σ |x|²`` of each array in ``leaves`` (accumulation dtype), as a list in the same order.
 

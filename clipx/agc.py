@@ -194,8 +194,7 @@ def agc(
         """``G`` clipped unit by unit, with ``‖G_i‖²`` and ``max(‖W_i‖, ε)²``."""
         # Squared unit norms: the scale and the statistics need one square root, of the bound.
         units = _unit_axes(g.shape, axis)
-        g_squared = _numerics.sum_of_squares(g, axis=units, keepdims=True)
-        w_squared = _numerics.sum_of_squares(w, axis=units, keepdims=True).astype(g_squared.dtype)
+        g_squared, w_squared = _numerics.sums_of_squares_together(g, w, axis=units)
         floor_squared = jnp.maximum(w_squared, jnp.square(jnp.asarray(eps, g_squared.dtype)))
         bound = clipping * floor_root(floor_squared)
         clipped = _numerics.scale_leaf(g, _numerics.clip_scale_of_square(g_squared, bound))

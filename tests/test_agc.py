@@ -100,6 +100,50 @@ def test_agc_matches_optax_with_none_and_masked_leaves():
     np.testing.assert_array_equal(actual["bias"], grads["bias"])
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_agc_matches_optax_on_small_and_large_leaves(jit):
+    """Unit norms taken both ways (one kernel for a small leaf, two for a large one): Optax's values."""
+    shapes = {
+        "small": (40, 100),
+        "large": (200, 100),
+        "vector": (20000,),
+        "conv": (3, 4, 8, 200),
+        "tiny": (3,),
+    }
+    scales = {k: np.geomspace(1e-5, 0.1, shape[-1], dtype=np.float32) for k, shape in shapes.items()}
+    params = {k: normal(shape) for k, shape in shapes.items()}
+    # unit scales from 1e-5 to 0.1 along the last axis (the units' axis for rank 2 and 4)
+    grads = {k: normal(shape) * scales[k] for k, shape in shapes.items()}
+    tx = clipx.agc(0.01)
+    update = jax.jit(tx.update) if jit else tx.update
+    actual, _ = update(grads, tx.init(params), params)
+    expected, _ = optax.adaptive_grad_clip(0.01).update(grads, optax.EmptyState(), params)
+    chex.assert_trees_all_close(actual, expected, rtol=1e-5, atol=1e-8)
+    for k in ("small", "large", "conv"):  # some units clipped, some not, in each
+        assert not np.array_equal(actual[k], grads[k])
+        assert np.any(np.all(np.asarray(actual[k] == grads[k]), axis=tuple(range(len(shapes[k]) - 1))))
+
+
+def test_agc_derivatives_match_optax_on_small_and_large_leaves():
+    """Derivatives through the update, w.r.t. gradients and weights, are those of Optax's rule."""
+    shapes = {"small": (8, 16), "large": (130, 128), "tiny": ()}
+    params = {k: normal(shape) for k, shape in shapes.items()}
+    grads = {k: normal(shape, 0.05) for k, shape in shapes.items()}
+    weights = jax.tree.map(lambda g: normal(g.shape), grads)
+
+    def outcome(make, g, w):
+        updates, _ = make().update(g, make().init(w), w)
+        return sum(
+            jnp.sum(c * u) for c, u in zip(jax.tree.leaves(weights), jax.tree.leaves(updates), strict=True)
+        )
+
+    actual = jax.grad(lambda g, w: outcome(lambda: clipx.agc(0.01), g, w), argnums=(0, 1))(grads, params)
+    expected = jax.grad(lambda g, w: outcome(lambda: optax.adaptive_grad_clip(0.01), g, w), argnums=(0, 1))(
+        grads, params
+    )
+    chex.assert_trees_all_close(actual, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_agc_stats():
     params = {"w": jnp.array([[3.0, 1.0], [4.0, 0.0]])}  # unit norms 5 and 0 (-> eps)
     grads = {"w": jnp.array([[0.3, 0.0], [0.0, 0.0]])}  # unit norms 0.3 and 0
