@@ -271,8 +271,8 @@ def tree_reductions_beside_leaves(
     result, so the kernels that read the leaf next (Adam's, when chained)
     run after the reduction while the leaf is still in cache. The
     statistics' extra read of the gradients then cost 3-6% of an Adam step
-    instead of 9-10% on an AMD EPYC; on an Intel Xeon it still cost 16-18%
-    (benchmarks/RESULTS.md). On other backends, whose XLA
+    instead of 9-10% on an AMD EPYC; on an Intel Xeon it cost 17% with the
+    tie and 13-14% without (benchmarks/RESULTS.md). On other backends, whose XLA
     can fuse a reduction with the kernels sharing its input and where the
     tie was not measured, the leaves are returned untouched. The values
     are the same either way.
