@@ -100,6 +100,13 @@ def test_agc_matches_optax_with_none_and_masked_leaves():
     np.testing.assert_array_equal(actual["bias"], grads["bias"])
 
 
+def unit_scaled_normal(shape):
+    """Normal entries scaled from 1e-5 to 0.1 along the last axis (the units' axis for rank 2 and 4)."""
+    return normal(shape) * (
+        np.geomspace(1e-5, 0.1, shape[-1], dtype=np.float32) if shape else np.float32(0.05)
+    )
+
+
 @pytest.mark.parametrize("jit", [False, True])
 def test_agc_matches_optax_on_small_and_large_leaves(jit):
     """Unit norms taken both ways (one kernel for a small leaf, two for a large one): Optax's values."""
@@ -110,10 +117,8 @@ def test_agc_matches_optax_on_small_and_large_leaves(jit):
         "conv": (3, 4, 8, 200),
         "tiny": (3,),
     }
-    scales = {k: np.geomspace(1e-5, 0.1, shape[-1], dtype=np.float32) for k, shape in shapes.items()}
     params = {k: normal(shape) for k, shape in shapes.items()}
-    # unit scales from 1e-5 to 0.1 along the last axis (the units' axis for rank 2 and 4)
-    grads = {k: normal(shape) * scales[k] for k, shape in shapes.items()}
+    grads = {k: unit_scaled_normal(shape) for k, shape in shapes.items()}
     tx = clipx.agc(0.01)
     update = jax.jit(tx.update) if jit else tx.update
     actual, _ = update(grads, tx.init(params), params)
@@ -128,7 +133,7 @@ def test_agc_derivatives_match_optax_on_small_and_large_leaves():
     """Derivatives through the update, w.r.t. gradients and weights, are those of Optax's rule."""
     shapes = {"small": (8, 16), "large": (130, 128), "tiny": ()}
     params = {k: normal(shape) for k, shape in shapes.items()}
-    grads = {k: normal(shape, 0.05) for k, shape in shapes.items()}
+    grads = {k: unit_scaled_normal(shape) for k, shape in shapes.items()}
     weights = jax.tree.map(lambda g: normal(g.shape), grads)
 
     def outcome(make, g, w):
