@@ -181,11 +181,12 @@ def sums_of_squares_together(
     gradients and weights at 1000 leaves: benchmarks/RESULTS.md). Larger
     arrays are summed apart, since XLA would write the stack to memory.
     """
-    xs, ys = squared(x), squared(y).astype(accumulation_dtype(x.dtype))
+    acc = accumulation_dtype(x.dtype)
     if not is_small(x):
-        return jnp.sum(xs, axis, keepdims=True), jnp.sum(ys, axis, keepdims=True)
+        return sum_of_squares(x, axis, keepdims=True), sum_of_squares(y, axis, keepdims=True).astype(acc)
     axes = tuple(range(x.ndim)) if axis is None else (axis,) if isinstance(axis, int) else axis
-    both = jnp.sum(jnp.stack([xs, ys]), axis=tuple(a % x.ndim + 1 for a in axes), keepdims=True)
+    stacked = jnp.stack([squared(x), squared(y).astype(acc)])
+    both = jnp.sum(stacked, axis=tuple(a % x.ndim + 1 for a in axes), keepdims=True)
     return both[0], both[1]
 
 

@@ -54,8 +54,8 @@ def value(
       leaves, the largest real or imaginary part), ``threshold`` is ``c``,
       ``scale`` is the fraction of entries clipped, ``clipped`` whether any was.
       These statistics read every entry once more (on the CPU each large leaf
-      is clipped right after that read, while it is still in cache);
-      `without_stats` drops them and that read.
+      is clipped right after that read, to find it in cache; what that saves
+      depends on the processor); `without_stats` drops them and that read.
 
     Reference:
       Mikolov, "Statistical Language Models Based on Neural Networks", PhD
