@@ -13,6 +13,8 @@ import hypothesis
 import pytest
 
 hypothesis.settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, print_blob=True)
+# HYPOTHESIS_PROFILE=deep: a longer, randomised search, for runs by hand.
+hypothesis.settings.register_profile("deep", max_examples=300, deadline=None, print_blob=True)
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 DATA_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
