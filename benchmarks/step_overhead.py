@@ -18,6 +18,7 @@ is discovered at run time.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import platform
 import random
@@ -103,6 +104,13 @@ def candidates() -> list[Candidate]:
     for name in ("autoclip", "zclip", "adagc", "adaptive", "quantile_clip"):
         if name in have:
             add(f"clipx.{name}", (lambda n=name: getattr(clipx, n)()), name)
+    if "adaptive" in have and "direction_rate" in inspect.signature(clipx.adaptive).parameters:
+        add("clipx.adaptive(direction_rate=0.2)", lambda: clipx.adaptive(direction_rate=0.2), "adaptive")
+        add(
+            "clipx.adaptive(direction_rate=0.2, direction_dtype=bfloat16)",
+            lambda: clipx.adaptive(direction_rate=0.2, direction_dtype=jnp.bfloat16),
+            "adaptive",
+        )
     return out
 
 

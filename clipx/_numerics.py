@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import numbers
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -233,15 +233,17 @@ def _grouped_sums_of_squares(*leaves: jax.Array) -> tuple[jax.Array, ...]:
 
 def tree_reductions(
     leaves: list[jax.Array],
-    elementwise: Callable[[jax.Array], tuple[jax.Array, ...]],
+    elementwise: Callable[..., tuple[jax.Array, ...]],
     reductions: tuple[Reduction, ...],
     dtypes: tuple[Any, ...],
+    partners: list[jax.Array] | None = None,
 ) -> tuple[jax.Array, ...]:
     """Reductions over every entry of every leaf: ``k`` scalars, the ``j``-th in ``dtypes[j]``.
 
-    ``elementwise(x)`` maps a leaf to ``k`` arrays of its shape; the ``j``-th
-    result is ``reductions[j]`` over the ``j``-th array of all leaves (its
-    identity for no leaves). Only totals are needed, so small leaves (below
+    ``elementwise(x)`` maps a leaf to ``k`` arrays of its shape (with
+    ``partners``, arrays shaped like the leaves, ``elementwise(x, y)`` maps a
+    leaf and its partner); the ``j``-th result is ``reductions[j]`` over the
+    ``j``-th array of all leaves (its identity for no leaves). Only totals are needed, so small leaves (below
     ``_SMALL_LEAF`` entries) of one shape are first combined element-wise by
     each reduction's binary step, up to ``_LEAVES_PER_REDUCTION`` at a time,
     and each group is reduced once: one kernel per group with one accumulator
@@ -254,7 +256,7 @@ def tree_reductions(
     differently are moved to a common layout to be combined: at most
     ``_SMALL_LEAF`` entries each, never a large gradient.
     """
-    totals, _ = _reduce_chunks(leaves, elementwise, reductions, dtypes, tie_large=False)
+    totals, _ = _reduce_chunks(leaves, elementwise, reductions, dtypes, tie_large=False, partners=partners)
     return totals
 
 
@@ -283,18 +285,33 @@ def tree_reductions_beside_leaves(
 
 def _reduce_chunks(
     leaves: list[jax.Array],
-    elementwise: Callable[[jax.Array], tuple[jax.Array, ...]],
+    elementwise: Callable[..., tuple[jax.Array, ...]],
     reductions: tuple[Reduction, ...],
     dtypes: tuple[Any, ...],
     tie_large: bool,
+    partners: list[jax.Array] | None = None,
 ) -> tuple[tuple[jax.Array, ...], list[jax.Array]]:
     """The totals of `tree_reductions`, and the leaves, each large one tied to its part if ``tie_large``."""
-    reduce_chunk = jit_when_traced(functools.partial(_reduce_chunk, elementwise, reductions))
-    keyed = [(i, (jnp.shape(leaf), leaf.dtype) if is_small(leaf) else None) for i, leaf in enumerate(leaves)]
+    arity = 1 if partners is None else 2
+    reduce_chunk = jit_when_traced(functools.partial(_reduce_chunk, elementwise, reductions, arity))
+    keyed = [
+        (
+            i,
+            (jnp.shape(leaf), leaf.dtype, None if partners is None else partners[i].dtype)
+            if is_small(leaf)
+            else None,
+        )
+        for i, leaf in enumerate(leaves)
+    ]
     out = list(leaves)
     parts = []
     for chunk in _chunks(keyed):
-        part = reduce_chunk(*(leaves[i] for i in chunk))
+        args = (
+            [leaves[i] for i in chunk]
+            if partners is None
+            else [x for i in chunk for x in (leaves[i], partners[i])]
+        )
+        part = reduce_chunk(*args)
         if tie_large and not is_small(leaves[chunk[0]]):  # a large leaf is a chunk of its own
             out[chunk[0]], part = jax.lax.optimization_barrier((leaves[chunk[0]], part))
         parts.append(part)
@@ -306,12 +323,16 @@ def _reduce_chunks(
 
 
 def _reduce_chunk(
-    elementwise: Callable[[jax.Array], tuple[jax.Array, ...]],
+    elementwise: Callable[..., tuple[jax.Array, ...]],
     reductions: tuple[Reduction, ...],
-    *leaves: jax.Array,
+    arity: int,
+    *arrays: jax.Array,
 ) -> tuple[jax.Array, ...]:
-    """The reductions over same-shaped ``leaves``, combined element-wise first (see `tree_reductions`)."""
-    values = [tuple(elementwise(leaf)) for leaf in leaves]
+    """The reductions over same-shaped leaves, combined element-wise first (see `tree_reductions`).
+
+    ``arrays`` holds each leaf followed by its ``arity − 1`` partners.
+    """
+    values = [tuple(elementwise(*arrays[i : i + arity])) for i in range(0, len(arrays), arity)]
     combined = tuple(functools.reduce(r.combine, [v[j] for v in values]) for j, r in enumerate(reductions))
     return _fused_reduce(combined, reductions) if len(reductions) > 1 else (reductions[0].full(combined[0]),)
 
@@ -339,6 +360,35 @@ def tree_norm(tree: PyTree, axis_name: AxisName | None = None) -> jax.Array:
     together hold the tree: only the scalar sum of squares crosses devices.
     """
     return safe_sqrt(tree_sum_of_squares(tree, axis_name))
+
+
+def real_product(x: jax.Array, y: jax.Array) -> jax.Array:
+    """``Re(x · conj(y))`` element-wise, in the accumulation dtype of ``x``."""
+    acc = accumulation_dtype(x.dtype)
+    if jnp.iscomplexobj(x) or jnp.iscomplexobj(y):
+        return jnp.real(x).astype(acc) * jnp.real(y).astype(acc) + jnp.imag(x).astype(acc) * jnp.imag(
+            y
+        ).astype(acc)
+    return x.astype(acc) * y.astype(acc)
+
+
+def tree_norm_and_inner(
+    tree: PyTree, other: PyTree, axis_name: AxisName | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """``‖g‖`` (as `tree_norm`) and the real inner product ``Σ Re(g · conj(h))`` of two like-shaped trees.
+
+    Each leaf of ``tree`` is read once for both sums (one variadic reduction
+    per leaf or group of small leaves, `tree_reductions`).
+    """
+    acc = tree_accumulation_dtype(tree)
+    leaves, treedef = jax.tree.flatten(tree)
+    partners = cast(Any, treedef).flatten_up_to(other)  # jax's PyTreeDef stubs lack flatten_up_to
+    sum_sq, inner = tree_reductions(
+        leaves, lambda x, y: (squared(x), real_product(x, y)), (SUM, SUM), (acc, acc), partners=partners
+    )
+    if axis_name is not None:
+        sum_sq, inner = jax.lax.psum((sum_sq, inner), axis_name)
+    return safe_sqrt(sum_sq), inner
 
 
 def leaf_squared_norms(leaves: list[jax.Array], axis_name: AxisName | None = None) -> list[jax.Array]:

@@ -1,4 +1,4 @@
-"""Float64 NumPy references for AutoClip and ZClip, one step at a time.
+"""Float64 NumPy references for AutoClip, ZClip and clipx.adaptive, one step at a time.
 
 Written from the papers' descriptions (and the authors' packages' documented
 behaviour, see docs METHODS), independently of clipx: plain Python lists for
@@ -18,6 +18,7 @@ import numpy as np
 import clipx
 
 __all__ = [
+    "AdaptiveOracle",
     "AutoClipOracle",
     "ZClipOracle",
     "assert_matches",
@@ -148,6 +149,61 @@ class ZClipOracle:
             self.mean = self.alpha * self.mean + (1 - self.alpha) * x
             self.var = self.alpha * self.var + (1 - self.alpha) * (x - self.mean) ** 2
         return clipped, {"norm": norm, "threshold": reported, "scale": scale, "clipped": scale < 1}
+
+
+class AdaptiveOracle:
+    """clipx.adaptive as its docstring states it (with the direction multiplier if ``direction_rate``)."""
+
+    def __init__(
+        self,
+        num_stds: float = 1.0,
+        decay: float = 0.99,
+        warmup_steps: int = 25,
+        warmup_factor: float = 4.0,
+        min_std: float = 0.1,
+        direction_rate: float | None = None,
+        initial_multiplier: float = 0.25,
+        min_multiplier: float = 1 / 32,
+    ):
+        self.num_stds, self.decay, self.min_std = num_stds, decay, min_std
+        self.warmup_steps, self.warmup_factor = warmup_steps, warmup_factor
+        self.rate, self.min_multiplier = direction_rate, min_multiplier
+        self.logs_seen = 0
+        self.mean = self.var = 0.0
+        self.multiplier = 1.0 if direction_rate is None else initial_multiplier
+        self.previous: list[np.ndarray] | None = None
+        self.previous_norm = 0.0
+
+    def step(self, leaves: list[np.ndarray]) -> tuple[list[np.ndarray], dict[str, float]]:
+        norm = norm_of(leaves)
+        if self.logs_seen == 0:
+            log_threshold = math.inf
+        elif self.logs_seen < self.warmup_steps:
+            log_threshold = self.mean + math.log(self.warmup_factor)
+        else:
+            log_threshold = self.mean + self.num_stds * max(math.sqrt(self.var), self.min_std)
+        threshold = math.exp(log_threshold) * self.multiplier
+        clipped, scale = _clip(leaves, norm, threshold)
+        usable = math.isfinite(norm) and norm > 0
+        if self.rate is not None:
+            cosine = 0.0
+            if usable and self.previous_norm > 0:
+                inner = sum(
+                    float(np.sum(np.asarray(g, np.float64) * np.asarray(p, np.float64)))
+                    for g, p in zip(leaves, self.previous, strict=True)
+                )
+                cosine = min(1.0, max(-1.0, inner / (norm * self.previous_norm)))
+            log_multiplier = math.log(self.multiplier) + self.rate * cosine
+            self.multiplier = math.exp(min(0.0, max(math.log(self.min_multiplier), log_multiplier)))
+            if usable:
+                self.previous, self.previous_norm = [np.array(g) for g in leaves], norm
+        if usable:
+            self.logs_seen += 1
+            alpha = max(1 / self.logs_seen, 1 - self.decay)
+            delta = min(math.log(norm), log_threshold) - self.mean
+            self.mean += alpha * delta
+            self.var = (1 - alpha) * (self.var + alpha * delta**2)
+        return clipped, {"norm": norm, "threshold": threshold, "scale": scale, "clipped": scale < 1}
 
 
 def gradient_sequence(

@@ -9,6 +9,7 @@ import optax
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from oracles import AdaptiveOracle, assert_matches, gradient_sequence, run_oracle, run_transform
 
 import clipx
 
@@ -142,16 +143,18 @@ def test_defaults_follow_a_rise_of_the_norm_level_slowly_and_a_fall_quickly():
 class AdaptiveVariantsTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_nonfinite_steps_never_enter_statistics(self):
-        tx = clipx.adaptive(warmup_steps=2)
-        update = self.variant(tx.update)
-        state = tx.init(DIRECTION)
-        for norm in (1.0, 2.0, 1.5):
-            _, state = update(grads_with_norm(norm), state)
-        for bad in (jnp.nan, jnp.inf, 0.0):
-            _, after = update(grads_with_norm(bad), state)
-            chex.assert_trees_all_equal(after.log_norm, state.log_norm)
-        _, state = update(grads_with_norm(100.0), state)
-        assert bool(clipx.stats(state)["adaptive/clipped"])
+        for direction_rate in (None, 0.5):
+            tx = clipx.adaptive(warmup_steps=2, direction_rate=direction_rate)
+            update = self.variant(tx.update)
+            state = tx.init(DIRECTION)
+            for norm in (1.0, 2.0, 1.5):
+                _, state = update(grads_with_norm(norm), state)
+            for bad in (jnp.nan, jnp.inf, 0.0):
+                _, after = update(grads_with_norm(bad), state)
+                chex.assert_trees_all_equal(after.log_norm, state.log_norm)
+                chex.assert_trees_all_equal(after.direction, state.direction)  # nothing kept, m unchanged
+            _, state = update(grads_with_norm(100.0), state)
+            assert bool(clipx.stats(state)["adaptive/clipped"])
 
 
 def test_bad_hyperparameters_raise():
@@ -161,8 +164,22 @@ def test_bad_hyperparameters_raise():
         {"warmup_steps": 0},
         {"warmup_factor": 0.5},
         {"min_std": -1},
+        {"direction_rate": -0.1},
+        {"direction_rate": float("nan")},
+        {"initial_multiplier": 0.0, "direction_rate": 0.2},
+        {"initial_multiplier": 1.5, "direction_rate": 0.2},
+        {"min_multiplier": 0.0, "direction_rate": 0.2},
+        {"min_multiplier": 2.0, "direction_rate": 0.2},
+        {"direction_dtype": jnp.int32, "direction_rate": 0.2},
     ):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
+            clipx.adaptive(**kwargs)
+    for kwargs in (
+        {"direction_rate": "0.2"},
+        {"direction_rate": True},
+        {"direction_dtype": "nonsense", "direction_rate": 0.2},
+    ):
+        with pytest.raises(TypeError, match=next(iter(kwargs))):
             clipx.adaptive(**kwargs)
 
 
@@ -221,8 +238,9 @@ def test_multisteps_advances_statistics_once_per_real_step():
     assert "adaptive/norm" in clipx.stats(state)
 
 
-def test_serialization_round_trip_resumes_bit_identically():
-    tx = optax.chain(clipx.adaptive(warmup_steps=3), optax.adam(1e-3))
+@pytest.mark.parametrize("direction_rate", [None, 0.2])
+def test_serialization_round_trip_resumes_bit_identically(direction_rate):
+    tx = optax.chain(clipx.adaptive(warmup_steps=3, direction_rate=direction_rate), optax.adam(1e-3))
     update = jax.jit(tx.update)
     grads = grad_sequence(20, seed=5)
     state = tx.init(PARAMS)
@@ -235,3 +253,97 @@ def test_serialization_round_trip_resumes_bit_identically():
         ub, b = update(g, b, PARAMS)
         chex.assert_trees_all_equal(ua, ub)
     chex.assert_trees_all_equal(a, b)
+
+
+def trending_gradients(steps, seed=0, flip_until=0):
+    """Noisy gradients around one direction ``d``: ``±3d`` alternating for ``flip_until`` steps, then ``+3d``.
+
+    On top of `gradient_sequence`'s noise, spikes, zero steps and non-finite entries.
+    """
+    grads = gradient_sequence(seed, steps, {"w": (5, 7), "b": (7,)})
+    rng = np.random.default_rng(seed + 1)
+    for g in grads.values():
+        direction = rng.normal(size=g.shape[1:]).astype(np.float32)
+        for t in range(steps):
+            if np.any(g[t] != 0):  # zero steps stay zero
+                g[t] += 3 * direction * (-1.0 if t < flip_until and t % 2 else 1.0)
+    return grads
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"warmup_steps": 5, "num_stds": 2.0, "decay": 0.9},
+        {"warmup_steps": 5, "warmup_factor": 1.0, "direction_rate": 0.2},
+        {"warmup_steps": 5, "direction_rate": 1.0, "initial_multiplier": 1.0, "min_multiplier": 0.1},
+    ],
+    ids=["defaults", "tuned", "direction", "direction_from_1"],
+)
+def test_matches_the_oracle_through_spikes_zeros_and_nonfinite_steps(kwargs):
+    grads = trending_gradients(160, seed=4, flip_until=60)
+    updates, stats, _ = run_transform(clipx.adaptive(**kwargs), grads)
+    expected_updates, expected_stats = run_oracle(AdaptiveOracle(**kwargs), grads)
+    assert_matches(updates, stats, expected_updates, expected_stats, rtol=1e-4)
+
+
+def test_direction_multiplier_falls_while_gradients_alternate_and_rises_while_they_agree():
+    grads = trending_gradients(120, seed=7, flip_until=60)
+    _, stats, state = run_transform(clipx.adaptive(direction_rate=0.5), grads)
+    plain = run_transform(clipx.adaptive(), grads)[1]["threshold"]
+    ratio = np.asarray(stats["threshold"])[1:] / np.asarray(plain)[1:]
+    # Both runs' statistics see the threshold without the multiplier, so the ratio is m itself.
+    # While successive gradients point against each other it sinks to its floor; once they
+    # agree it climbs back to 1 (a noise-dominated spike step may pull it a little below).
+    assert 1 / 32 <= ratio[50] < 1 / 16
+    assert np.mean(ratio[-20:] == 1.0) >= 0.8 and np.min(ratio[-20:]) > 0.9
+    assert float(state.direction.log_multiplier) == 0.0
+
+
+def test_without_direction_rate_nothing_is_kept_and_a_zero_rate_keeps_the_initial_multiplier():
+    assert clipx.adaptive().init(PARAMS).direction is None
+    grads = trending_gradients(40, seed=2, flip_until=20)
+    plain = np.asarray(run_transform(clipx.adaptive(), grads)[1]["threshold"])[1:]
+    held = np.asarray(
+        run_transform(clipx.adaptive(direction_rate=0.0, initial_multiplier=0.5), grads)[1]["threshold"]
+    )
+    np.testing.assert_allclose(held[1:], 0.5 * plain, rtol=1e-6)
+
+
+def test_direction_kept_in_bfloat16_gives_nearly_the_same_thresholds():
+    grads = trending_gradients(100, seed=5, flip_until=50)
+    tx = clipx.adaptive(direction_rate=0.2, direction_dtype=jnp.bfloat16)
+    _, stats, state = run_transform(tx, grads)
+    assert {leaf.dtype for leaf in jax.tree.leaves(state.direction.previous)} == {jnp.dtype(jnp.bfloat16)}
+    full = run_transform(clipx.adaptive(direction_rate=0.2), grads)[1]
+    np.testing.assert_allclose(stats["threshold"], full["threshold"], rtol=2e-2)
+
+
+def test_complex_gradients_use_the_real_inner_product():
+    g = {"z": jnp.array([1 + 2j, -0.5j, 3.0], jnp.complex64)}
+    tx = clipx.adaptive(direction_rate=1.0, initial_multiplier=0.5)
+    update = jax.jit(tx.update)
+    state = tx.init(g)
+    _, state = update(g, state)
+    _, turned = update(jax.tree.map(lambda x: 1j * x, g), state)  # Re⟨ig, g⟩ = 0: no change
+    np.testing.assert_allclose(turned.direction.log_multiplier, np.log(0.5), rtol=1e-6)
+    _, reversed_ = update(jax.tree.map(lambda x: -x, g), state)  # cos = −1: one full step down
+    np.testing.assert_allclose(reversed_.direction.log_multiplier, np.log(0.5) - 1.0, rtol=1e-6)
+
+
+def test_direction_state_from_another_tree_is_rejected():
+    tx = clipx.adaptive(direction_rate=0.2)
+    state = tx.init(PARAMS)
+    with pytest.raises(ValueError, match="previous gradient"):
+        tx.update({"w": jnp.ones((2, 3))}, state)
+
+
+def test_inject_hyperparams_with_a_direction_rate():
+    tx = optax.inject_hyperparams(clipx.adaptive)(warmup_steps=3, direction_rate=0.3)
+    reference = clipx.adaptive(warmup_steps=3, direction_rate=0.3)
+    state, ref_state = tx.init(PARAMS), reference.init(PARAMS)
+    update = jax.jit(tx.update)
+    for g in grad_sequence(10):
+        updates, state = update(g, state)
+        ref_updates, ref_state = reference.update(g, ref_state)
+        chex.assert_trees_all_close(updates, ref_updates, rtol=1e-6)

@@ -55,6 +55,9 @@ TRANSFORMS: dict[str, Case] = {
     "block_rms": Case(lambda: clipx.block_rms(0.5)),
     "agc": Case(lambda: clipx.agc(0.01), max_elements=64),  # the longest unit-norm vector
     "adaptive": Case(lambda: clipx.adaptive(warmup_steps=2)),
+    # The norm and the inner product with the kept gradient share one variadic reduction per
+    # leaf, whose 8 per-device partial pairs the partitioner gathers (as for value).
+    "adaptive_direction": Case(lambda: clipx.adaptive(warmup_steps=2, direction_rate=0.5), max_elements=8),
     "autoclip": Case(lambda: clipx.autoclip(0.5, history=3)),
     "autoclip_per_tensor": Case(lambda: clipx.autoclip(0.5, history=3, per_tensor=True)),
     "zclip": Case(lambda: clipx.zclip(warmup_steps=2, max_norm=5.0)),
@@ -79,7 +82,7 @@ NOT_TRANSFORMS = {"clipped_grad_sum", "state_shardings", "stats", "unitwise_norm
 
 
 def factory_name(name: str) -> str:
-    return name.removesuffix("_per_tensor")
+    return name.removesuffix("_per_tensor").removesuffix("_direction")
 
 
 def test_table_covers_every_transform():
@@ -190,6 +193,7 @@ def side_by_side(transforms: dict[str, optax.GradientTransformation]) -> optax.G
 GROUPS = {
     "norm_rules": sorted(n for n, c in TRANSFORMS.items() if c.max_elements == 1),
     "value": ["value"],
+    "adaptive_direction": ["adaptive_direction"],
     "agc": ["agc"],
     "without_stats": ["without_stats"],
     "per_example": sorted(PER_EXAMPLE),
