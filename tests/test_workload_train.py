@@ -60,8 +60,13 @@ def test_logs_stats_every_step_and_evaluates(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 8
 
 
-def test_resume_gives_exactly_the_uninterrupted_run(tmp_path):
-    config = TrainConfig(**TINY, optimizer="momentum", clip="global_norm", clip_args={"max_norm": 1.0})
+@pytest.mark.parametrize(
+    "clip, clip_args",
+    [("global_norm", {"max_norm": 1.0}), ("adaptive", {"warmup_factor": 1.0, "direction_rate": 0.2})],
+    ids=["global_norm", "adaptive_direction"],  # the latter keeps a parameter-sized gradient in its state
+)
+def test_resume_gives_exactly_the_uninterrupted_run(tmp_path, clip, clip_args):
+    config = TrainConfig(**TINY, optimizer="momentum", clip=clip, clip_args=clip_args)
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     train(config, whole)
     stopped = train(config, parts, stop_after=5)
