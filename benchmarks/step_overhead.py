@@ -106,11 +106,6 @@ def candidates() -> list[Candidate]:
             add(f"clipx.{name}", (lambda n=name: getattr(clipx, n)()), name)
     if "adaptive" in have and "direction_rate" in inspect.signature(clipx.adaptive).parameters:
         add("clipx.adaptive(direction_rate=0.2)", lambda: clipx.adaptive(direction_rate=0.2), "adaptive")
-        add(
-            "clipx.adaptive(direction_rate=0.2, direction_dtype=bfloat16)",
-            lambda: clipx.adaptive(direction_rate=0.2, direction_dtype=jnp.bfloat16),
-            "adaptive",
-        )
     return out
 
 

@@ -110,15 +110,3 @@ def check_steps(name: str, value: Any, low: int = 0) -> None:
             raise ValueError(f"{name} must be a scalar integer, got an array of dtype {value.dtype}")
         return
     check_int(name, value, low)
-
-
-def check_inexact_dtype(name: str, value: Any) -> None:
-    """``None`` or a floating-point or complex dtype (anything ``jnp.dtype`` accepts)."""
-    if value is None:
-        return
-    try:
-        dtype = np.dtype(value)
-    except TypeError as error:
-        raise TypeError(f"{name} must be a floating-point dtype or None, got {value!r}") from error
-    if not jax.numpy.issubdtype(dtype, jax.numpy.inexact):
-        raise ValueError(f"{name} must be a floating-point or complex dtype, got {dtype}")

@@ -26,12 +26,13 @@ __all__ = [
     "norm_of",
     "run_oracle",
     "run_transform",
+    "sketch_of",
 ]
 
 
 def norm_of(leaves: list[np.ndarray]) -> float:
     """The global L2 norm of a list of arrays, in float64."""
-    return math.sqrt(sum(float(np.sum(np.square(np.asarray(x, np.float64)))) for x in leaves))
+    return math.sqrt(sum(float(np.sum(np.abs(np.asarray(x, np.complex128)) ** 2)) for x in leaves))
 
 
 def _clip(leaves: list[np.ndarray], norm: float, threshold: float) -> tuple[list[np.ndarray], float]:
@@ -151,6 +152,27 @@ class ZClipOracle:
         return clipped, {"norm": norm, "threshold": reported, "scale": scale, "clipped": scale < 1}
 
 
+def sketch_of(x: np.ndarray) -> np.ndarray:
+    """clipx's signed sketch of one leaf (module ``clipx._sketch``), in float64, from its definition.
+
+    Leaves of rank ≤ 1 or at most 1024 entries are kept whole; otherwise the entries,
+    times signs ``1 − 2·(top bit of lowbias32(i))`` of their flat index ``i``, are summed
+    over every axis but the (first) longest.
+    """
+    x = np.asarray(x, np.complex128 if np.iscomplexobj(x) else np.float64)
+    if x.ndim <= 1 or x.size <= 1024:
+        return x
+    h = np.arange(x.size, dtype=np.uint64)
+    h ^= h >> 16
+    h = (h * 0x7FEB352D) % 2**32
+    h ^= h >> 15
+    h = (h * 0x846CA68B) % 2**32
+    h ^= h >> 16
+    signs = (1 - 2 * (h >> 31).astype(np.int64)).reshape(x.shape)
+    longest = int(np.argmax(x.shape))
+    return np.sum(x * signs, axis=tuple(a for a in range(x.ndim) if a != longest))
+
+
 class AdaptiveOracle:
     """clipx.adaptive as its docstring states it (with the direction multiplier if ``direction_rate``)."""
 
@@ -186,17 +208,17 @@ class AdaptiveOracle:
         clipped, scale = _clip(leaves, norm, threshold)
         usable = math.isfinite(norm) and norm > 0
         if self.rate is not None:
+            sketches = [sketch_of(g) for g in leaves]
+            sketch_norm = norm_of(sketches)
             cosine = 0.0
-            if usable and self.previous_norm > 0:
-                inner = sum(
-                    float(np.sum(np.asarray(g, np.float64) * np.asarray(p, np.float64)))
-                    for g, p in zip(leaves, self.previous, strict=True)
-                )
-                cosine = min(1.0, max(-1.0, inner / (norm * self.previous_norm)))
+            if usable and sketch_norm > 0 and self.previous_norm > 0:
+                pairs = zip(sketches, self.previous, strict=True)
+                inner = sum(float(np.sum(np.real(s * np.conj(p)))) for s, p in pairs)
+                cosine = min(1.0, max(-1.0, inner / (sketch_norm * self.previous_norm)))
             log_multiplier = math.log(self.multiplier) + self.rate * cosine
             self.multiplier = math.exp(min(0.0, max(math.log(self.min_multiplier), log_multiplier)))
             if usable:
-                self.previous, self.previous_norm = [np.array(g) for g in leaves], norm
+                self.previous, self.previous_norm = sketches, sketch_norm
         if usable:
             self.logs_seen += 1
             alpha = max(1 / self.logs_seen, 1 - self.decay)

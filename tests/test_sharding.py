@@ -55,8 +55,9 @@ TRANSFORMS: dict[str, Case] = {
     "block_rms": Case(lambda: clipx.block_rms(0.5)),
     "agc": Case(lambda: clipx.agc(0.01), max_elements=64),  # the longest unit-norm vector
     "adaptive": Case(lambda: clipx.adaptive(warmup_steps=2)),
-    # The norm and the inner product with the kept gradient share one variadic reduction per
-    # leaf, whose 8 per-device partial pairs the partitioner gathers (as for value).
+    # The sketches' norm and inner product (these leaves are small: sketches are the leaves
+    # themselves) share one variadic reduction per leaf, whose 8 per-device partial pairs the
+    # partitioner gathers (as for value).
     "adaptive_direction": Case(lambda: clipx.adaptive(warmup_steps=2, direction_rate=0.5), max_elements=8),
     "autoclip": Case(lambda: clipx.autoclip(0.5, history=3)),
     "autoclip_per_tensor": Case(lambda: clipx.autoclip(0.5, history=3, per_tensor=True)),

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from clipx import _numerics, _running, _validate
+from clipx import _numerics, _running, _sketch, _validate
 from clipx._stats import ClipStats, empty_clip_stats, global_clip_stats, replacing
 
 
@@ -16,8 +16,10 @@ class DirectionState(NamedTuple):
     """What `adaptive` keeps to follow the direction of the gradients (``direction_rate`` set).
 
     Attributes:
-      previous: the last finite gradient, in ``direction_dtype``.
-      previous_norm: its global norm (0 before the first step).
+      previous: the sketch of the last gradient with a finite, non-zero norm:
+        one short vector per leaf (`clipx._sketch`; leaves of up to 1024
+        entries whole).
+      previous_norm: the norm of that sketch (0 before the first step).
       log_multiplier: ``log m``, the log of the threshold's multiplier.
     """
 
@@ -52,7 +54,6 @@ def adaptive(
     direction_rate: float | jax.Array | None = None,
     initial_multiplier: float | jax.Array = 0.25,
     min_multiplier: float | jax.Array = 1 / 32,
-    direction_dtype: Any | None = None,
     axis_name: _numerics.AxisName | None = None,
 ) -> optax.GradientTransformation:
     r"""Clips the global norm at a threshold learnt from the gradient norms themselves.
@@ -92,8 +93,12 @@ def adaptive(
             + \beta \cos(g_t, g_{t-1}),\ \log m_\text{min},\ 0\right),
         \qquad m_0 = \texttt{initial\_multiplier}
 
-    The statistics still see ``c``, not ``m·c``. This keeps the previous
-    gradient: a buffer the size of the parameters (``direction_dtype``).
+    The statistics still see ``c``, not ``m·c``. The cosine is that of
+    signed sketches of the two gradients (`clipx._sketch`): per leaf, signed
+    sums over every axis but the longest, an unbiased estimate of the inner
+    product that keeps one vector per leaf instead of a copy of the
+    parameters (leaves of up to 1024 entries are kept whole). Under
+    ``shard_map`` each device sketches its own shards.
 
     Why this rule:
 
@@ -182,8 +187,6 @@ def adaptive(
       initial_multiplier: ``m_0`` in ``(0, 1]``, the multiplier before any
         step (used only with ``direction_rate``).
       min_multiplier: ``m_min`` in ``(0, 1]``, the multiplier's floor.
-      direction_dtype: the dtype the previous gradient is kept in (None:
-        the gradients' own); ``jnp.bfloat16`` halves the buffer.
       axis_name: inside ``shard_map``/``pmap``, the mapped axis to sum the
         squared norm over (as in `clipx.global_norm`).
 
@@ -218,19 +221,13 @@ def adaptive(
         _validate.check_nonnegative("direction_rate", direction_rate)
         _validate.check_range("initial_multiplier", initial_multiplier, 0.0, 1.0, low_open=True)
         _validate.check_range("min_multiplier", min_multiplier, 0.0, 1.0, low_open=True)
-        _validate.check_inexact_dtype("direction_dtype", direction_dtype)
 
     def init_fn(params):
         dtype = _numerics.tree_accumulation_dtype(params)
         direction = None
         if direction_rate is not None:
             direction = DirectionState(
-                previous=jax.tree.map(
-                    lambda p: jnp.zeros(
-                        jnp.shape(p), p.dtype if direction_dtype is None else direction_dtype
-                    ),
-                    params,
-                ),
+                previous=jax.tree.map(lambda p: jnp.zeros_like(jax.eval_shape(_sketch.sketch, p)), params),
                 previous_norm=jnp.zeros((), dtype),
                 log_multiplier=jnp.log(jnp.asarray(initial_multiplier, dtype)),
             )
@@ -242,13 +239,7 @@ def adaptive(
         del params
         moments = state.log_norm
         dtype = moments.mean.dtype
-        if state.direction is None:
-            norm = _numerics.tree_norm(updates, axis_name)
-        else:
-            _validate.check_same_structure(
-                state.direction.previous, updates, "adaptive: the gradients and the stored previous gradient"
-            )
-            norm, inner = _numerics.tree_norm_and_inner(updates, state.direction.previous, axis_name)
+        norm = _numerics.tree_norm(updates, axis_name)
         std = jnp.maximum(jnp.sqrt(moments.var), jnp.asarray(min_std, dtype))
         log_threshold = jnp.where(
             moments.observations < warmup_steps,
@@ -263,7 +254,7 @@ def adaptive(
         else:
             threshold = jnp.exp(log_threshold + direction.log_multiplier)
             direction = _follow_direction(
-                direction, updates, norm, inner, observe, direction_rate, min_multiplier
+                direction, updates, observe, direction_rate, min_multiplier, axis_name
             )
         scale = _numerics.clip_scale(norm, threshold.astype(norm.dtype))
 
@@ -280,19 +271,25 @@ def adaptive(
 def _follow_direction(
     direction: DirectionState,
     updates: optax.Updates,
-    norm: jax.Array,
-    inner: jax.Array,
     observe: jax.Array,
     rate: float | jax.Array,
     min_multiplier: float | jax.Array,
+    axis_name: _numerics.AxisName | None,
 ) -> DirectionState:
-    """``log m ← clip(log m + rate · cos(g, g_prev), log m_min, 0)``, and ``g`` kept as ``g_prev``.
+    """``log m ← clip(log m + rate · cos, log m_min, 0)``, and the sketch of ``g`` kept for the next step.
 
-    The cosine counts as 0 when either norm is 0 or not finite; a gradient
-    whose norm is 0 or not finite is not kept.
+    ``cos`` is the cosine between the sketches (`clipx._sketch`) of this
+    gradient and the previous one; it counts as 0 when either sketch is 0
+    or not finite. A gradient whose norm is 0 or not finite is not kept.
     """
+    _validate.check_same_structure(
+        direction.previous, updates, "adaptive: the gradients and the kept sketch of the previous gradient"
+    )
     dtype = direction.log_multiplier.dtype
-    known = observe & (direction.previous_norm > 0) & jnp.isfinite(inner)
+    sketches = jax.tree.map(_sketch.sketch, updates)
+    norm, inner = _numerics.tree_norm_and_inner(sketches, direction.previous, axis_name)
+    norm = norm.astype(dtype)
+    known = observe & (norm > 0) & (direction.previous_norm > 0) & jnp.isfinite(norm * inner)
     cosine = jnp.where(known, inner.astype(dtype) / jnp.where(known, norm * direction.previous_norm, 1), 0)
     log_multiplier = jnp.clip(
         direction.log_multiplier + rate * jnp.clip(cosine, -1, 1),
@@ -300,7 +297,7 @@ def _follow_direction(
         0,
     )
     previous = jax.tree.map(
-        lambda g, p: jnp.where(observe, g.astype(p.dtype), p), updates, direction.previous
+        lambda s, p: jnp.where(observe, s.astype(p.dtype), p), sketches, direction.previous
     )
-    previous_norm = jnp.where(observe, norm.astype(dtype), direction.previous_norm)
+    previous_norm = jnp.where(observe, norm, direction.previous_norm)
     return DirectionState(previous, previous_norm, log_multiplier)

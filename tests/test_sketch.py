@@ -1,0 +1,60 @@
+"""The signed sketches behind `adaptive(direction_rate=...)`: definition, exact cases, estimate quality."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from oracles import sketch_of
+
+from clipx import _sketch
+
+SHAPES = [(), (7,), (5000,), (5, 7), (32, 32), (40, 30), (30, 40), (3, 50, 20), (8, 8, 4, 6)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16, jnp.complex64])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_the_definition(shape, dtype):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=shape) + (1j * rng.normal(size=shape) if dtype == jnp.complex64 else 0)
+    x = jnp.asarray(x, dtype)
+    got = _sketch.sketch(x)
+    assert got.shape == _sketch.sketch_shape(shape)
+    assert got.dtype == (jnp.complex64 if dtype == jnp.complex64 else jnp.float32)  # accumulated in float32
+    np.testing.assert_allclose(got, sketch_of(np.asarray(x)), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(jax.jit(_sketch.sketch)(x), got, rtol=1e-6, atol=1e-5)
+
+
+def test_small_leaves_and_vectors_are_kept_whole_and_larger_ones_along_their_longest_axis():
+    assert _sketch.sketch_shape((32, 32)) == (32, 32)  # 1024 entries: whole
+    assert _sketch.sketch_shape((100_000,)) == (100_000,)
+    assert _sketch.sketch_shape((30_000, 64)) == (30_000,)
+    assert _sketch.sketch_shape((64, 4096)) == (4096,)
+    assert _sketch.sketch_shape((3, 3, 64, 128)) == (128,)
+
+
+def test_linear_so_a_reversed_gradient_has_cosine_minus_one():
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(300, 40)), jnp.float32)
+    a, b = _sketch.sketch(x), _sketch.sketch(-2.0 * x)
+    np.testing.assert_allclose(b, -2.0 * a, rtol=1e-6)
+    assert float(jnp.vdot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b))) == pytest.approx(-1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2000, 64), (64, 2000), (20, 30, 40)], ids=str)
+def test_the_sketched_cosine_estimates_the_cosine(shape):
+    rng = np.random.default_rng(2)
+    errors = []
+    for rho in (-0.6, -0.2, 0.0, 0.3, 0.9):
+        x = rng.normal(size=shape)
+        y = rho * x + np.sqrt(1 - rho**2) * rng.normal(size=shape)
+        exact = np.vdot(x, y) / (np.linalg.norm(x) * np.linalg.norm(y))
+        sx, sy = _sketch.sketch(jnp.asarray(x, jnp.float32)), _sketch.sketch(jnp.asarray(y, jnp.float32))
+        errors.append(float(jnp.vdot(sx, sy) / (jnp.linalg.norm(sx) * jnp.linalg.norm(sy))) - exact)
+    # The noise is about 1/sqrt(longest axis): 0.022 for 2000 kept entries, 0.16 for 40.
+    assert np.max(np.abs(errors)) < 4 / np.sqrt(max(shape))
+
+
+def test_signs_look_random():
+    signs = np.asarray(_sketch._signs((1000, 100), jnp.float32))
+    assert abs(signs.mean()) < 0.01  # balanced
+    assert abs(np.mean(signs[:, 1:] * signs[:, :-1])) < 0.01  # neighbours uncorrelated
+    assert abs(np.mean(signs[1:] * signs[:-1])) < 0.01
