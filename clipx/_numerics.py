@@ -89,7 +89,7 @@ def safe_sqrt(x: jax.Array) -> jax.Array:
 
 
 # Leaves with fewer entries than this are reduced together, several per kernel.
-_SMALL_LEAF = 1 << 14
+SMALL_LEAF = 1 << 14
 # How many same-shaped small leaves one variadic reduction takes.
 _LEAVES_PER_REDUCTION = 16
 
@@ -167,7 +167,7 @@ def _chunks(keyed: list[tuple[int, Any]]) -> list[list[int]]:
 
 def is_small(leaf: jax.Array) -> bool:
     """Whether ``leaf`` is reduced together with others of its shape."""
-    return jnp.size(leaf) < _SMALL_LEAF
+    return jnp.size(leaf) < SMALL_LEAF
 
 
 def sums_of_squares_together(
@@ -175,7 +175,7 @@ def sums_of_squares_together(
 ) -> tuple[jax.Array, jax.Array]:
     """``sum_of_squares(·, axis, keepdims=True)`` of ``x`` and ``y`` (one shape), accumulated as for ``x``.
 
-    For a small ``x`` (below ``_SMALL_LEAF`` entries) the squares are stacked
+    For a small ``x`` (below ``SMALL_LEAF`` entries) the squares are stacked
     and summed by one reduction: XLA's CPU backend compiles it faster than
     two, and its kernel reads both arrays in one pass (AGC's unit norms of
     gradients and weights at 1000 leaves: benchmarks/RESULTS.md). Larger
@@ -194,7 +194,7 @@ def leaf_sums_of_squares(leaves: list[jax.Array]) -> list[jax.Array]:
     """``Σ |x|²`` of each array in ``leaves`` (accumulation dtype), as a list in the same order.
 
     Equal to ``[sum_of_squares(x) for x in leaves]``, but cheaper to compile
-    for trees of many small leaves: leaves below ``_SMALL_LEAF`` entries are
+    for trees of many small leaves: leaves below ``SMALL_LEAF`` entries are
     grouped by shape and dtype, and each group of up to
     ``_LEAVES_PER_REDUCTION`` is summed by one variadic ``lax.reduce``. XLA's
     CPU backend compiles every small full reduction as three kernels (map,
@@ -244,7 +244,7 @@ def tree_reductions(
     ``partners``, arrays shaped like the leaves, ``elementwise(x, y)`` maps a
     leaf and its partner); the ``j``-th result is ``reductions[j]`` over the
     ``j``-th array of all leaves (its identity for no leaves). Only totals are needed, so small leaves (below
-    ``_SMALL_LEAF`` entries) of one shape are first combined element-wise by
+    ``SMALL_LEAF`` entries) of one shape are first combined element-wise by
     each reduction's binary step, up to ``_LEAVES_PER_REDUCTION`` at a time,
     and each group is reduced once: one kernel per group with one accumulator
     per reduction, which XLA compiles far faster than per-leaf reductions
@@ -254,7 +254,7 @@ def tree_reductions(
     one, where they live. Each group's work is one jitted call, traced once
     per shape, dtype and group size. Small same-shaped leaves sharded
     differently are moved to a common layout to be combined: at most
-    ``_SMALL_LEAF`` entries each, never a large gradient.
+    ``SMALL_LEAF`` entries each, never a large gradient.
     """
     totals, _ = _reduce_chunks(leaves, elementwise, reductions, dtypes, tie_large=False, partners=partners)
     return totals

@@ -1,11 +1,9 @@
 """Signed sketches of gradients: short vectors whose inner products estimate those of the gradients.
 
 `clipx.adaptive`'s direction multiplier needs ``cos(g_t, g_{t−1})``. Keeping
-``g_{t−1}`` whole costs a copy of the parameters and two more passes over them
-at every step (the step of ``chain(adaptive(direction_rate=0.2), adam)`` took
-2.0× plain Adam's on 20M parameters, against 1.45× with a sketch:
-benchmarks/RESULTS.md). A sketch keeps, for each leaf, signed sums along every
-axis but its longest, ``a``:
+``g_{t−1}`` whole costs a copy of the parameters and two more passes over
+them at every step. A sketch keeps, for each large leaf, signed sums along
+every axis but its longest, ``a``:
 
 .. math::
 
@@ -14,11 +12,15 @@ axis but its longest, ``a``:
 with the signs ``s_i`` drawn by a fixed hash of each entry's flat index. As
 ``s_i² = 1`` and the signs of different entries are uncorrelated,
 ``⟨S(x), S(y)⟩`` is an unbiased estimate of ``⟨x, y⟩``; for unrelated
-gradients its noise is about ``1/√(shape[a])`` of ``‖x‖‖y‖``. It is linear, so
-``S(−x) = −S(x)``: the cosine of the sketches of a gradient and its reversal is
-exactly −1. Leaves of at most ``WHOLE`` entries, and vectors, are kept whole
-(exact). The sums run over every axis but the longest, so a leaf sharded along
-its longest axis (FSDP) is sketched where it lives.
+gradients its noise is about ``1/√(shape[a])`` of ``‖x‖‖y‖``. It is linear,
+so ``S(−x) = −S(x)``: the cosine of the sketches of a gradient and its
+reversal is exactly −1. The sums run over every axis but the longest, so a
+leaf sharded along its longest axis (FSDP) is sketched where it lives.
+
+Vectors and the leaves that `clipx._numerics` reduces in groups (below
+16384 entries) are kept whole, exactly: they add no kernels of their own,
+where sketching 1000 leaves of 4000 entries one by one compiled the step in
+2.3× plain Adam's time and ran it in 1.53× (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -28,16 +30,13 @@ import jax.numpy as jnp
 
 from clipx import _numerics
 
-#: Leaves with at most this many entries, and every leaf of rank ≤ 1, are kept whole.
-WHOLE = 1024
-
 
 def sketch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     """The shape of a leaf's sketch: the leaf's own if it is kept whole, else ``(shape[a],)``."""
     size = 1
     for d in shape:
         size *= d
-    if len(shape) <= 1 or size <= WHOLE:
+    if len(shape) <= 1 or size < _numerics.SMALL_LEAF:
         return tuple(shape)
     return (max(shape),)
 

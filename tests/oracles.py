@@ -155,12 +155,12 @@ class ZClipOracle:
 def sketch_of(x: np.ndarray) -> np.ndarray:
     """clipx's signed sketch of one leaf (module ``clipx._sketch``), in float64, from its definition.
 
-    Leaves of rank ≤ 1 or at most 1024 entries are kept whole; otherwise the entries,
+    Leaves of rank ≤ 1 or below 16384 entries are kept whole; otherwise the entries,
     times signs ``1 − 2·(top bit of lowbias32(i))`` of their flat index ``i``, are summed
     over every axis but the (first) longest.
     """
     x = np.asarray(x, np.complex128 if np.iscomplexobj(x) else np.float64)
-    if x.ndim <= 1 or x.size <= 1024:
+    if x.ndim <= 1 or x.size < 16384:
         return x
     h = np.arange(x.size, dtype=np.uint64)
     h ^= h >> 16

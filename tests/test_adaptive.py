@@ -259,7 +259,7 @@ def trending_gradients(steps, seed=0, flip_until=0):
 
     On top of `gradient_sequence`'s noise, spikes, zero steps and non-finite entries.
     """
-    grads = gradient_sequence(seed, steps, {"w": (5, 7), "b": (7,), "k": (40, 30)})  # k: sketched
+    grads = gradient_sequence(seed, steps, {"w": (5, 7), "b": (7,), "k": (150, 120)})  # k: sketched
     rng = np.random.default_rng(seed + 1)
     for g in grads.values():
         direction = rng.normal(size=g.shape[1:]).astype(np.float32)

@@ -110,7 +110,7 @@ def test_value_stats():
 
 def large_tree():
     """Two leaves large enough to be reduced on their own (one float16), and a small one."""
-    n = _numerics._SMALL_LEAF + 5
+    n = _numerics.SMALL_LEAF + 5
     return {
         "big": jnp.asarray(rng.standard_normal(n), jnp.float32),
         "half": jnp.asarray(300 * rng.standard_normal(n), jnp.float16),
@@ -155,7 +155,7 @@ def test_value_derivatives_on_large_leaves_are_those_of_the_plain_rule():
 
 def test_value_largest_entry_in_float64():
     with jax.enable_x64(True):
-        tree = {"big": jnp.zeros(_numerics._SMALL_LEAF + 5, jnp.float64).at[7].set(-1e30)}
+        tree = {"big": jnp.zeros(_numerics.SMALL_LEAF + 5, jnp.float64).at[7].set(-1e30)}
         _, state = jax.jit(clipx.value(1.0).update)(tree, clipx.value(1.0).init(tree))
         assert float(state.stats.norm) == np.float32(1e30)  # reduced in float64, reported in float32
 

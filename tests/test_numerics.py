@@ -190,7 +190,7 @@ def _many_leaves():
     tree |= {f"h{i}": jnp.asarray(300 * rng.normal(size=(3, 5)), jnp.float16) for i in range(3)}
     tree |= {f"b{i}": jnp.asarray(rng.normal(size=(7,)), jnp.bfloat16) for i in range(18)}
     tree["z"] = jnp.asarray(rng.normal(size=(4,)) + 1j * rng.normal(size=(4,)), jnp.complex64)
-    tree["big"] = jnp.asarray(rng.normal(size=(_numerics._SMALL_LEAF + 3,)), jnp.float32)
+    tree["big"] = jnp.asarray(rng.normal(size=(_numerics.SMALL_LEAF + 3,)), jnp.float32)
     tree["masked"], tree["none"] = optax.MaskedNode(), None
     return tree
 

@@ -8,7 +8,18 @@ from oracles import sketch_of
 
 from clipx import _sketch
 
-SHAPES = [(), (7,), (5000,), (5, 7), (32, 32), (40, 30), (30, 40), (3, 50, 20), (8, 8, 4, 6)]
+SHAPES = [
+    (),
+    (7,),
+    (20000,),
+    (5, 7),
+    (128, 127),
+    (128, 128),
+    (200, 90),
+    (90, 200),
+    (3, 50, 120),
+    (8, 8, 16, 20),
+]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16, jnp.complex64])
@@ -25,7 +36,8 @@ def test_matches_the_definition(shape, dtype):
 
 
 def test_small_leaves_and_vectors_are_kept_whole_and_larger_ones_along_their_longest_axis():
-    assert _sketch.sketch_shape((32, 32)) == (32, 32)  # 1024 entries: whole
+    assert _sketch.sketch_shape((128, 127)) == (128, 127)  # below 16384 entries: whole
+    assert _sketch.sketch_shape((128, 128)) == (128,)
     assert _sketch.sketch_shape((100_000,)) == (100_000,)
     assert _sketch.sketch_shape((30_000, 64)) == (30_000,)
     assert _sketch.sketch_shape((64, 4096)) == (4096,)

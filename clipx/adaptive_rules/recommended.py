@@ -17,7 +17,7 @@ class DirectionState(NamedTuple):
 
     Attributes:
       previous: the sketch of the last gradient with a finite, non-zero norm:
-        one short vector per leaf (`clipx._sketch`; leaves of up to 1024
+        one short vector per leaf (`clipx._sketch`; leaves below 16384
         entries whole).
       previous_norm: the norm of that sketch (0 before the first step).
       log_multiplier: ``log m``, the log of the threshold's multiplier.
@@ -97,7 +97,7 @@ def adaptive(
     signed sketches of the two gradients (`clipx._sketch`): per leaf, signed
     sums over every axis but the longest, an unbiased estimate of the inner
     product that keeps one vector per leaf instead of a copy of the
-    parameters (leaves of up to 1024 entries are kept whole). Under
+    parameters (leaves below 16384 entries are kept whole). Under
     ``shard_map`` each device sketches its own shards.
 
     Why this rule:
