@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import numbers
 from collections.abc import Callable
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -241,9 +241,10 @@ def tree_reductions(
     """Reductions over every entry of every leaf: ``k`` scalars, the ``j``-th in ``dtypes[j]``.
 
     ``elementwise(x)`` maps a leaf to ``k`` arrays of its shape (with
-    ``partners``, arrays shaped like the leaves, ``elementwise(x, y)`` maps a
-    leaf and its partner); the ``j``-th result is ``reductions[j]`` over the
-    ``j``-th array of all leaves (its identity for no leaves). Only totals are needed, so small leaves (below
+    ``partners``, arrays shaped like the leaves, ``elementwise(x, y)`` maps
+    a leaf and its partner); the ``j``-th result is ``reductions[j]`` over
+    the ``j``-th array of all leaves (its identity for no leaves). Only
+    totals are needed, so small leaves (below
     ``SMALL_LEAF`` entries) of one shape are first combined element-wise by
     each reduction's binary step, up to ``_LEAVES_PER_REDUCTION`` at a time,
     and each group is reduced once: one kernel per group with one accumulator
@@ -365,30 +366,10 @@ def tree_norm(tree: PyTree, axis_name: AxisName | None = None) -> jax.Array:
 def real_product(x: jax.Array, y: jax.Array) -> jax.Array:
     """``Re(x · conj(y))`` element-wise, in the accumulation dtype of ``x``."""
     acc = accumulation_dtype(x.dtype)
-    if jnp.iscomplexobj(x) or jnp.iscomplexobj(y):
-        return jnp.real(x).astype(acc) * jnp.real(y).astype(acc) + jnp.imag(x).astype(acc) * jnp.imag(
-            y
-        ).astype(acc)
-    return x.astype(acc) * y.astype(acc)
-
-
-def tree_norm_and_inner(
-    tree: PyTree, other: PyTree, axis_name: AxisName | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """``‖g‖`` (as `tree_norm`) and the real inner product ``Σ Re(g · conj(h))`` of two like-shaped trees.
-
-    Each leaf of ``tree`` is read once for both sums (one variadic reduction
-    per leaf or group of small leaves, `tree_reductions`).
-    """
-    acc = tree_accumulation_dtype(tree)
-    leaves, treedef = jax.tree.flatten(tree)
-    partners = cast(Any, treedef).flatten_up_to(other)  # jax's PyTreeDef stubs lack flatten_up_to
-    sum_sq, inner = tree_reductions(
-        leaves, lambda x, y: (squared(x), real_product(x, y)), (SUM, SUM), (acc, acc), partners=partners
-    )
-    if axis_name is not None:
-        sum_sq, inner = jax.lax.psum((sum_sq, inner), axis_name)
-    return safe_sqrt(sum_sq), inner
+    if not (jnp.iscomplexobj(x) or jnp.iscomplexobj(y)):
+        return x.astype(acc) * y.astype(acc)
+    real = jnp.real(x).astype(acc) * jnp.real(y).astype(acc)
+    return real + jnp.imag(x).astype(acc) * jnp.imag(y).astype(acc)
 
 
 def leaf_squared_norms(leaves: list[jax.Array], axis_name: AxisName | None = None) -> list[jax.Array]:

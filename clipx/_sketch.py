@@ -25,6 +25,8 @@ where sketching 1000 leaves of 4000 entries one by one compiled the step in
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple, cast
+
 import jax
 import jax.numpy as jnp
 
@@ -67,3 +69,59 @@ def sketch(x: jax.Array) -> jax.Array:
     longest = x.shape.index(max(x.shape))
     others = tuple(axis for axis in range(x.ndim) if axis != longest)
     return jnp.sum(x.astype(acc) * _signs(x.shape, _numerics.accumulation_dtype(x.dtype)), axis=others)
+
+
+class Measures(NamedTuple):
+    """What the direction rule reads from one step's gradients ``g`` and the kept sketches ``P``."""
+
+    norm: jax.Array  # ‖g‖
+    sketch_norm: jax.Array  # ‖S(g)‖
+    inner: jax.Array  # ⟨S(g), P⟩, real part
+    sketches: Any  # S(g), shaped like P
+
+
+def measure(tree: Any, previous: Any, axis_name: _numerics.AxisName | None = None) -> Measures:
+    """`Measures` of a gradient tree against the sketches ``previous`` of an earlier one.
+
+    A leaf kept whole is its own sketch, so its squares are summed once for
+    both norms, in the same grouped reductions as its product with the kept
+    sketch; a sketched leaf is read once for its squares and once for its
+    sketch. Inside ``shard_map``/``pmap`` the sums are summed over
+    ``axis_name`` (each device sketches its own shards).
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    kept = cast(Any, treedef).flatten_up_to(previous)  # jax's PyTreeDef stubs lack flatten_up_to
+    whole = [i for i, x in enumerate(leaves) if sketch_shape(jnp.shape(x)) == jnp.shape(x)]
+    large = [i for i, x in enumerate(leaves) if sketch_shape(jnp.shape(x)) != jnp.shape(x)]
+    sketches = list(leaves)
+    for i in large:
+        sketches[i] = sketch(leaves[i])
+    acc = _numerics.tree_accumulation_dtype(tree)
+    both = (_numerics.SUM, _numerics.SUM)
+
+    def squares_and_products(x: jax.Array, p: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return _numerics.squared(x), _numerics.real_product(x, p)
+
+    whole_sq, whole_inner = _numerics.tree_reductions(
+        [leaves[i] for i in whole], squares_and_products, both, (acc, acc), partners=[kept[i] for i in whole]
+    )
+    (large_sq,) = _numerics.tree_reductions(
+        [leaves[i] for i in large], lambda x: (_numerics.squared(x),), (_numerics.SUM,), (acc,)
+    )
+    sketch_sq, sketch_inner = _numerics.tree_reductions(
+        [sketches[i] for i in large],
+        squares_and_products,
+        both,
+        (acc, acc),
+        partners=[kept[i] for i in large],
+    )
+    totals = (whole_sq + large_sq, whole_sq + sketch_sq, whole_inner + sketch_inner)
+    if axis_name is not None:
+        totals = jax.lax.psum(totals, axis_name)
+    norm, sketch_norm, inner = totals
+    return Measures(
+        _numerics.safe_sqrt(norm),
+        _numerics.safe_sqrt(sketch_norm),
+        inner,
+        jax.tree.unflatten(treedef, sketches),
+    )

@@ -218,37 +218,6 @@ def test_many_small_leaves_are_grouped_without_changing_the_result():
         chex.assert_trees_all_close(jax.grad(grouped)(real), jax.grad(plain)(real), rtol=1e-6)
 
 
-def test_norm_and_inner_product_of_two_trees_read_together():
-    tree = _many_leaves()
-    rng = np.random.default_rng(1)
-    other = jax.tree.map(
-        lambda x: (
-            jnp.asarray(rng.normal(size=x.shape), x.dtype) * (1 + 1j if x.dtype == jnp.complex64 else 1)
-        ),
-        tree,
-    )
-    norm, inner = _numerics.tree_norm_and_inner(tree, other)
-    pairs = zip(jax.tree.leaves(tree), jax.tree.leaves(other), strict=True)
-    exact = sum(
-        float(np.real(np.vdot(np.asarray(y, np.complex128), np.asarray(x, np.complex128)))) for x, y in pairs
-    )
-    assert float(inner) == pytest.approx(exact, rel=1e-5)
-    assert float(norm) == pytest.approx(float(_numerics.tree_norm(tree)), rel=1e-6)
-    assert float(jax.jit(_numerics.tree_norm_and_inner)(tree, other)[1]) == pytest.approx(exact, rel=1e-5)
-    assert [float(v) for v in _numerics.tree_norm_and_inner({}, {})] == [0.0, 0.0]
-    # Derivatives are those of the plain sums.
-    real = {k: v for k, v in tree.items() if k.startswith("w") or k == "big"}
-    real_other = {k: other[k] for k in real}
-
-    def plain(t):
-        leaves = jax.tree.leaves(t)
-        inner = sum(jnp.vdot(x, y) for x, y in zip(leaves, jax.tree.leaves(real_other), strict=True))
-        return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in leaves)) + inner
-
-    fused = lambda t: sum(_numerics.tree_norm_and_inner(t, real_other))  # noqa: E731
-    chex.assert_trees_all_close(jax.grad(fused)(real), jax.grad(plain)(real), rtol=1e-5, atol=1e-6)
-
-
 def test_many_small_leaves_match_optax():
     tree = {k: v for k, v in _many_leaves().items() if k != "z"}  # optax rejects complex leaves in clip
     as32 = jax.tree.map(lambda x: x.astype(jnp.float32), tree)

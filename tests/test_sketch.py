@@ -1,8 +1,10 @@
 """The signed sketches behind `adaptive(direction_rate=...)`: definition, exact cases, estimate quality."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from oracles import sketch_of
 
@@ -70,3 +72,62 @@ def test_signs_look_random():
     assert abs(signs.mean()) < 0.01  # balanced
     assert abs(np.mean(signs[:, 1:] * signs[:, :-1])) < 0.01  # neighbours uncorrelated
     assert abs(np.mean(signs[1:] * signs[:-1])) < 0.01
+
+
+def _mixed_tree(seed):
+    """Small leaves of several dtypes and shapes, a complex one, large ones to sketch, masked ones."""
+    rng = np.random.default_rng(seed)
+    tree = {f"w{i:02d}": jnp.asarray(rng.normal(size=(3, 5)), jnp.float32) for i in range(37)}
+    tree |= {f"h{i}": jnp.asarray(300 * rng.normal(size=(3, 5)), jnp.float16) for i in range(3)}
+    tree["z"] = jnp.asarray(rng.normal(size=(4,)) + 1j * rng.normal(size=(4,)), jnp.complex64)
+    tree["big"] = jnp.asarray(rng.normal(size=(150, 120)), jnp.float32)
+    tree["bigger"] = jnp.asarray(rng.normal(size=(20, 30, 40)), jnp.bfloat16)
+    tree["masked"], tree["none"] = optax.MaskedNode(), None
+    return tree
+
+
+def test_measure_gives_both_norms_and_the_inner_product_of_the_sketches():
+    tree, other = _mixed_tree(0), _mixed_tree(1)
+    previous = jax.tree.map(_sketch.sketch, other)
+    got = _sketch.measure(tree, previous)
+    leaves, kept = jax.tree.leaves(tree), jax.tree.leaves(other)
+    exact_norm = np.sqrt(sum(np.sum(np.abs(np.asarray(x, np.complex128)) ** 2) for x in leaves))
+    sketches = [sketch_of(np.asarray(x)) for x in leaves]
+    sketch_norm = np.sqrt(sum(np.sum(np.abs(s) ** 2) for s in sketches))
+    inner = sum(
+        np.sum(np.real(s * np.conj(sketch_of(np.asarray(p))))) for s, p in zip(sketches, kept, strict=True)
+    )
+    assert float(got.norm) == pytest.approx(exact_norm, rel=1e-5)
+    assert float(got.sketch_norm) == pytest.approx(sketch_norm, rel=1e-5)
+    assert float(got.inner) == pytest.approx(inner, rel=1e-4)
+    chex.assert_trees_all_equal_shapes(got.sketches, previous)
+    jitted = jax.jit(_sketch.measure)(tree, previous)
+    np.testing.assert_allclose(
+        [jitted.norm, jitted.sketch_norm, jitted.inner], [got.norm, got.sketch_norm, got.inner], rtol=1e-5
+    )
+    empty = _sketch.measure({}, {})
+    assert [float(empty.norm), float(empty.sketch_norm), float(empty.inner)] == [0.0, 0.0, 0.0]
+
+
+def test_measure_has_the_derivatives_of_the_plain_sums():
+    rng = np.random.default_rng(3)
+    tree = {
+        "small": jnp.asarray(rng.normal(size=(3, 5)), jnp.float32),
+        "big": jnp.asarray(rng.normal(size=(150, 120)), jnp.float32),
+    }
+    previous = jax.tree.map(
+        lambda x: _sketch.sketch(jnp.asarray(rng.normal(size=x.shape), jnp.float32)), tree
+    )
+
+    def fused(t):
+        m = _sketch.measure(t, previous)
+        return m.norm + m.sketch_norm + m.inner
+
+    def plain(t):
+        sketches = jax.tree.map(_sketch.sketch, t)
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(t)))
+        sketch_norm = jnp.sqrt(sum(jnp.sum(jnp.square(s)) for s in jax.tree.leaves(sketches)))
+        pairs = zip(jax.tree.leaves(sketches), jax.tree.leaves(previous), strict=True)
+        return norm + sketch_norm + sum(jnp.vdot(s, p) for s, p in pairs)
+
+    chex.assert_trees_all_close(jax.grad(fused)(tree), jax.grad(plain)(tree), rtol=1e-5, atol=1e-6)

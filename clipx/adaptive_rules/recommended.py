@@ -220,8 +220,8 @@ def adaptive(
     _validate.check_nonnegative("min_std", min_std)
     if direction_rate is not None:
         _validate.check_nonnegative("direction_rate", direction_rate)
-        _validate.check_range("initial_multiplier", initial_multiplier, 0.0, 1.0, low_open=True)
-        _validate.check_range("min_multiplier", min_multiplier, 0.0, 1.0, low_open=True)
+    _validate.check_range("initial_multiplier", initial_multiplier, 0.0, 1.0, low_open=True)
+    _validate.check_range("min_multiplier", min_multiplier, 0.0, 1.0, low_open=True)
 
     def init_fn(params):
         dtype = _numerics.tree_accumulation_dtype(params)
@@ -240,7 +240,16 @@ def adaptive(
         del params
         moments = state.log_norm
         dtype = moments.mean.dtype
-        norm = _numerics.tree_norm(updates, axis_name)
+        if state.direction is None:
+            norm = _numerics.tree_norm(updates, axis_name)
+        else:
+            _validate.check_same_structure(
+                state.direction.previous,
+                updates,
+                "adaptive: the gradients and the kept sketch of the previous gradient",
+            )
+            measures = _sketch.measure(updates, state.direction.previous, axis_name)
+            norm = measures.norm
         std = jnp.maximum(jnp.sqrt(moments.var), jnp.asarray(min_std, dtype))
         log_threshold = jnp.where(
             moments.observations < warmup_steps,
@@ -254,9 +263,7 @@ def adaptive(
             threshold = jnp.exp(log_threshold)
         else:
             threshold = jnp.exp(log_threshold + direction.log_multiplier)
-            direction = _follow_direction(
-                direction, updates, observe, direction_rate, min_multiplier, axis_name
-            )
+            direction = _follow_direction(direction, measures, observe, direction_rate, min_multiplier)
         scale = _numerics.clip_scale(norm, threshold.astype(norm.dtype))
 
         log_norm = jnp.log(jnp.where(norm > 0, norm, 1).astype(dtype))
@@ -271,11 +278,10 @@ def adaptive(
 
 def _follow_direction(
     direction: DirectionState,
-    updates: optax.Updates,
+    measures: _sketch.Measures,
     observe: jax.Array,
     rate: float | jax.Array,
     min_multiplier: float | jax.Array,
-    axis_name: _numerics.AxisName | None,
 ) -> DirectionState:
     """``log m ← clip(log m + rate · cos, log m_min, 0)``, and the sketch of ``g`` kept for the next step.
 
@@ -283,22 +289,17 @@ def _follow_direction(
     gradient and the previous one; it counts as 0 when either sketch is 0
     or not finite. A gradient whose norm is 0 or not finite is not kept.
     """
-    _validate.check_same_structure(
-        direction.previous, updates, "adaptive: the gradients and the kept sketch of the previous gradient"
-    )
     dtype = direction.log_multiplier.dtype
-    sketches = jax.tree.map(_sketch.sketch, updates)
-    norm, inner = _numerics.tree_norm_and_inner(sketches, direction.previous, axis_name)
-    norm = norm.astype(dtype)
+    norm, inner = measures.sketch_norm.astype(dtype), measures.inner.astype(dtype)
     known = observe & (norm > 0) & (direction.previous_norm > 0) & jnp.isfinite(norm * inner)
-    cosine = jnp.where(known, inner.astype(dtype) / jnp.where(known, norm * direction.previous_norm, 1), 0)
+    cosine = jnp.where(known, inner / jnp.where(known, norm * direction.previous_norm, 1), 0)
     log_multiplier = jnp.clip(
         direction.log_multiplier + rate * jnp.clip(cosine, -1, 1),
         jnp.log(jnp.asarray(min_multiplier, dtype)),
         0,
     )
     previous = jax.tree.map(
-        lambda s, p: jnp.where(observe, s.astype(p.dtype), p), sketches, direction.previous
+        lambda s, p: jnp.where(observe, s.astype(p.dtype), p), measures.sketches, direction.previous
     )
     previous_norm = jnp.where(observe, norm, direction.previous_norm)
     return DirectionState(previous, previous_norm, log_multiplier)
