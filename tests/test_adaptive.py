@@ -170,6 +170,7 @@ def test_bad_hyperparameters_raise():
         {"initial_multiplier": 1.5, "direction_rate": 0.2},
         {"min_multiplier": 0.0, "direction_rate": 0.2},
         {"min_multiplier": 2.0, "direction_rate": 0.2},
+        {"initial_multiplier": 2.0},  # checked even while direction_rate is None
     ):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             clipx.adaptive(**kwargs)
