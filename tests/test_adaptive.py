@@ -214,9 +214,17 @@ def test_chains_with_optimizers_and_masked(opt):
     assert "0/adaptive/threshold" in keys and "1/adaptive/threshold" in keys
 
 
-def test_inject_hyperparams_with_traced_thresholds():
-    tx = optax.inject_hyperparams(clipx.adaptive)(num_stds=3.0, decay=0.99, warmup_steps=3, min_std=0.1)
-    reference = clipx.adaptive(3.0, 0.99, 3, 4.0, 0.1)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"num_stds": 3.0, "decay": 0.99, "warmup_steps": 3, "min_std": 0.1},
+        {"num_stds": 3.0, "warmup_steps": 3, "direction_rate": 0.3},
+    ],
+    ids=["thresholds", "direction_rate"],
+)
+def test_inject_hyperparams_with_traced_hyperparameters(kwargs):
+    tx = optax.inject_hyperparams(clipx.adaptive)(**kwargs)
+    reference = clipx.adaptive(**kwargs)
     state, ref_state = tx.init(PARAMS), reference.init(PARAMS)
     update = jax.jit(tx.update)
     for g in grad_sequence(10):
@@ -327,14 +335,3 @@ def test_direction_state_from_another_tree_is_rejected():
     state = tx.init(PARAMS)
     with pytest.raises(ValueError, match="previous gradient"):
         tx.update({"w": jnp.ones((2, 3))}, state)
-
-
-def test_inject_hyperparams_with_a_direction_rate():
-    tx = optax.inject_hyperparams(clipx.adaptive)(warmup_steps=3, direction_rate=0.3)
-    reference = clipx.adaptive(warmup_steps=3, direction_rate=0.3)
-    state, ref_state = tx.init(PARAMS), reference.init(PARAMS)
-    update = jax.jit(tx.update)
-    for g in grad_sequence(10):
-        updates, state = update(g, state)
-        ref_updates, ref_state = reference.update(g, ref_state)
-        chex.assert_trees_all_close(updates, ref_updates, rtol=1e-6)
