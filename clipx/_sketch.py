@@ -25,6 +25,7 @@ where sketching 1000 leaves of 4000 entries one by one compiled the step in
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple, cast
 
 import jax
@@ -35,10 +36,7 @@ from clipx import _numerics
 
 def sketch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
     """The shape of a leaf's sketch: the leaf's own if it is kept whole, else ``(shape[a],)``."""
-    size = 1
-    for d in shape:
-        size *= d
-    if len(shape) <= 1 or size < _numerics.SMALL_LEAF:
+    if len(shape) <= 1 or math.prod(shape) < _numerics.SMALL_LEAF:
         return tuple(shape)
     return (max(shape),)
 
@@ -91,8 +89,9 @@ def measure(tree: Any, previous: Any, axis_name: _numerics.AxisName | None = Non
     """
     leaves, treedef = jax.tree.flatten(tree)
     kept = cast(Any, treedef).flatten_up_to(previous)  # jax's PyTreeDef stubs lack flatten_up_to
-    whole = [i for i, x in enumerate(leaves) if sketch_shape(jnp.shape(x)) == jnp.shape(x)]
-    large = [i for i, x in enumerate(leaves) if sketch_shape(jnp.shape(x)) != jnp.shape(x)]
+    kept_whole = [sketch_shape(jnp.shape(x)) == jnp.shape(x) for x in leaves]
+    whole = [i for i, flag in enumerate(kept_whole) if flag]
+    large = [i for i, flag in enumerate(kept_whole) if not flag]
     sketches = list(leaves)
     for i in large:
         sketches[i] = sketch(leaves[i])
