@@ -170,7 +170,7 @@ def adaptive(
     it reached 67.7% there and was within the target at every cell of both
     sweeps but one where every rule is at chance; it has been run on three
     SST-2 seeds only (85.2%, 84.7% and 85.4% at 3× the learning rate, with
-    the start at 1/4; 85.8% and 85.3% on two of them with the start at 1/2);
+    the start at 1/4; 85.8%, 84.1% and 85.3% with the start at 1/2);
     and its sketches cost a pass over the gradients.
 
     A non-finite or zero norm never enters the statistics. On a step with a
