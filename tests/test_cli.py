@@ -124,6 +124,30 @@ def test_sweep_refuses_a_folder_of_runs_with_other_settings(tmp_path, monkeypatc
     assert len(list(tmp_path.glob("task__*.json"))) == 2
 
 
+def test_sweep_refuses_a_run_made_with_other_clipper_arguments(tmp_path, monkeypatch, capsys):
+    # A run recorded under other defaults of its clipper (another clipx version) is not counted as this one's.
+    monkeypatch.setattr(cli.sweep, "MODEL", TINY_MODEL)
+    argv = [
+        "sweep", "--out", str(tmp_path), "--datasets", "task", "--clippers", "adaptive", "--lrs", "0.1",
+        "--seeds", "1", "--task-train", "32", "--max-steps", "1",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    (run,) = tmp_path.glob("task__*.json")
+    result = json.loads(run.read_text())
+    arguments = result["clipper_arguments"]
+    assert arguments["direction_rate"] == 0.2 and arguments["num_stds"] == 1.0
+    result["clipper_arguments"] = {**arguments, "warmup_factor": 4.0, "direction_rate": None}
+    run.write_text(json.dumps(result))
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    printed = capsys.readouterr().out.replace("\n", "")
+    assert "other 'adaptive' arguments" in printed and "direction_rate: None there, 0.2 now" in printed
+    del result["clipper_arguments"]  # written before the arguments were recorded: kept as it is
+    run.write_text(json.dumps(result))
+    assert cli.main(argv) == 0
+    assert "clipper_arguments" not in json.loads(run.read_text())
+
+
 def test_sweep_settings_written_before_optimizer_and_cell_mean_adam_and_lstm(tmp_path, monkeypatch):
     lstm_model = {**TINY_MODEL, "cell": "lstm"}
     monkeypatch.setattr(cli.sweep, "MODEL", lstm_model)

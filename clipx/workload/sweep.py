@@ -4,7 +4,8 @@ Each run trains the sweep's model (LSTM(128), embedding 64, last hidden state,
 Adam, batch 32, one epoch; the cell and the optimizer can be changed) and
 writes one JSON file to the output folder with its settings and outcome; a
 restarted sweep skips the runs whose file exists, and refuses a folder whose
-runs were made with other settings.
+runs were made with other settings or with other clipper arguments (each run
+records its clipper's arguments, defaults included).
 ``settings.json`` records the grid, ``results.md`` the table (mean and spread of
 final dev accuracy over the seeds that did not diverge, and the number that
 diverged) and ``sweep.png`` the accuracy-vs-learning-rate plot.
@@ -113,6 +114,21 @@ def _clip_args(name: str, value: float | None) -> dict[str, Any]:
     return {first: value}
 
 
+def clipper_arguments(clipper: str) -> dict[str, Any]:
+    """Every scalar argument the sweep's ``clipper`` is built with, its factory's defaults included.
+
+    Recorded with each run, so a run made by a clipx whose defaults differ is
+    recognised instead of being counted as this one's.
+    """
+    _, name, value = next(c for c in CLIPPERS if c[0] == clipper)
+    if name == "none":
+        return {}
+    bound = inspect.signature(getattr(clipx, name)).bind_partial(**_clip_args(name, value))
+    bound.apply_defaults()
+    scalar = (bool, int, float, str, type(None))
+    return {key: arg for key, arg in bound.arguments.items() if isinstance(arg, scalar)}
+
+
 def run_config(sweep: SweepConfig, dataset: str, clipper: str, lr: float, seed: int) -> TrainConfig:
     """The `TrainConfig` of one run of the grid."""
     _, name, value = next(c for c in CLIPPERS if c[0] == clipper)
@@ -165,8 +181,10 @@ def run_sweep(
             for lr in sweep.learning_rates:
                 for clipper in sweep.clippers:
                     path = out / _run_name(dataset, clipper, lr, seed)
+                    arguments = clipper_arguments(clipper)
                     if path.is_file():
                         result = json.loads(path.read_text())
+                        _check_same_clipper(path, result, arguments)
                     else:
                         config = run_config(sweep, dataset, clipper, lr, seed)
                         summary = train(config)
@@ -176,12 +194,30 @@ def run_sweep(
                             "lr": lr,
                             "seed": seed,
                             "config": config.to_json(),
+                            "clipper_arguments": arguments,
                             **summary,
                         }
                         path.write_text(json.dumps(result, indent=2) + "\n")
                     if on_run is not None:
                         on_run(path.name, result)
     return summarize(out)
+
+
+def _check_same_clipper(path: pathlib.Path, result: dict[str, Any], arguments: dict[str, Any]) -> None:
+    """Raises ``ValueError`` if the run in ``path`` recorded clipper arguments other than ``arguments``.
+
+    Runs written before the arguments were recorded carry none and are kept.
+    """
+    recorded = result.get("clipper_arguments")
+    if recorded is not None and recorded != arguments:
+        changed = sorted(key for key in {*recorded, *arguments} if recorded.get(key) != arguments.get(key))
+        details = "; ".join(
+            f"{key}: {recorded.get(key)!r} there, {arguments.get(key)!r} now" for key in changed
+        )
+        raise ValueError(
+            f"{path} was made with other {result['clipper']!r} arguments ({details}), as by another "
+            "clipx version's defaults; use another output folder"
+        )
 
 
 def _check_same_run_settings(path: pathlib.Path, settings: dict[str, Any]) -> None:
