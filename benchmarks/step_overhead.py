@@ -105,7 +105,7 @@ def candidates() -> list[Candidate]:
         if name in have:
             add(f"clipx.{name}", (lambda n=name: getattr(clipx, n)()), name)
     if "adaptive" in have and "direction_rate" in inspect.signature(clipx.adaptive).parameters:
-        add("clipx.adaptive(direction_rate=0.2)", lambda: clipx.adaptive(direction_rate=0.2), "adaptive")
+        add("clipx.adaptive(direction_rate=None)", lambda: clipx.adaptive(direction_rate=None), "adaptive")
     return out
 
 

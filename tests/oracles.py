@@ -181,10 +181,10 @@ class AdaptiveOracle:
         num_stds: float = 1.0,
         decay: float = 0.99,
         warmup_steps: int = 25,
-        warmup_factor: float = 4.0,
+        warmup_factor: float = 1.0,
         min_std: float = 0.1,
-        direction_rate: float | None = None,
-        initial_multiplier: float = 0.25,
+        direction_rate: float | None = 0.2,
+        initial_multiplier: float = 0.5,
         min_multiplier: float = 1 / 32,
     ):
         self.num_stds, self.decay, self.min_std = num_stds, decay, min_std

@@ -54,11 +54,11 @@ TRANSFORMS: dict[str, Case] = {
     "tensor_norm": Case(lambda: clipx.tensor_norm(0.5)),
     "block_rms": Case(lambda: clipx.block_rms(0.5)),
     "agc": Case(lambda: clipx.agc(0.01), max_elements=64),  # the longest unit-norm vector
-    "adaptive": Case(lambda: clipx.adaptive(warmup_steps=2)),
     # The sketches' norm and inner product (these leaves are small: sketches are the leaves
     # themselves) share one variadic reduction per leaf, whose 8 per-device partial pairs the
     # partitioner gathers (as for value).
-    "adaptive_direction": Case(lambda: clipx.adaptive(warmup_steps=2, direction_rate=0.5), max_elements=8),
+    "adaptive": Case(lambda: clipx.adaptive(warmup_steps=2), max_elements=8),
+    "adaptive_no_direction": Case(lambda: clipx.adaptive(warmup_steps=2, direction_rate=None)),
     "autoclip": Case(lambda: clipx.autoclip(0.5, history=3)),
     "autoclip_per_tensor": Case(lambda: clipx.autoclip(0.5, history=3, per_tensor=True)),
     "zclip": Case(lambda: clipx.zclip(warmup_steps=2, max_norm=5.0)),
@@ -83,7 +83,7 @@ NOT_TRANSFORMS = {"clipped_grad_sum", "state_shardings", "stats", "unitwise_norm
 
 
 def factory_name(name: str) -> str:
-    return name.removesuffix("_per_tensor").removesuffix("_direction")
+    return name.removesuffix("_per_tensor").removesuffix("_no_direction")
 
 
 def test_table_covers_every_transform():
@@ -194,7 +194,7 @@ def side_by_side(transforms: dict[str, optax.GradientTransformation]) -> optax.G
 GROUPS = {
     "norm_rules": sorted(n for n, c in TRANSFORMS.items() if c.max_elements == 1),
     "value": ["value"],
-    "adaptive_direction": ["adaptive_direction"],
+    "adaptive": ["adaptive"],
     "agc": ["agc"],
     "without_stats": ["without_stats"],
     "per_example": sorted(PER_EXAMPLE),
@@ -318,7 +318,7 @@ def sum_over_batch(updates, state, params=None):
 
 
 def test_training_step_adds_only_scalar_all_reduces():
-    """A whole FSDP + data-parallel step with Adam: clipping adds only scalar all-reduces to it."""
+    """A whole FSDP + data-parallel step with Adam: clipping adds only scalar transfers to it."""
     mesh, axes = make_mesh("fsdp")
     params = {"w1": jnp.ones((32, 64)) * 0.01, "w2": jnp.ones((64, 8)) * 0.01}
     param_sh = jax.tree.map(lambda p: NamedSharding(mesh, spec_for(p.shape, axes)), params)
@@ -342,9 +342,14 @@ def test_training_step_adds_only_scalar_all_reduces():
         return jitted.lower(params, tx.init(params), x, y).compile(compiler_options=FAST_COMPILE).as_text()
 
     baseline = hlo_of(optax.adam(1e-3))
-    for clip in (clipx.global_norm(1.0), clipx.adaptive()):
+    for clip in (clipx.global_norm(1.0), clipx.adaptive(direction_rate=None)):
         extra = collectives(hlo_of(optax.chain(clip, optax.adam(1e-3)))) - collectives(baseline)
         assert all(op == "all-reduce" and n == 1 for op, n in extra), extra
+    # The direction's sketches (here the small leaves themselves) reduce their norm and inner
+    # product together; the partitioner gathers the 8 per-device partials of each such sum.
+    extra = collectives(hlo_of(optax.chain(clipx.adaptive(), optax.adam(1e-3)))) - collectives(baseline)
+    scalar_transfers = {("all-reduce", 1)} | {("all-gather", n) for n in range(1, 9)}
+    assert extra and set(extra) <= scalar_transfers, extra
 
 
 def test_state_shardings_mirror_parameters_and_replicate_statistics():
