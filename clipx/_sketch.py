@@ -15,7 +15,10 @@ with the signs ``s_i`` drawn by a fixed hash of each entry's flat index. As
 gradients its noise is about ``1/√(shape[a])`` of ``‖x‖‖y‖``. It is linear,
 so ``S(−x) = −S(x)``: the cosine of the sketches of a gradient and its
 reversal is exactly −1. The sums run over every axis but the longest, so a
-leaf sharded along its longest axis (FSDP) is sketched where it lives.
+leaf sharded along its longest axis (FSDP) is sketched where it lives under
+``jax.jit``. Inside ``shard_map``/``pmap`` (``axis_name`` given) `clipx.adaptive`
+keeps every leaf whole instead: its state is made from whole parameters and
+its update sees shards, whose sketches would not match it.
 
 Vectors and the leaves that `clipx._numerics` reduces in groups (below
 16384 entries) are kept whole, exactly: they add no kernels of their own,
@@ -56,14 +59,20 @@ def _signs(shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
     return 1 - 2 * (mixed >> 31).astype(dtype)
 
 
-@_numerics.jit_when_traced
-def sketch(x: jax.Array) -> jax.Array:
-    """`S(x)` of one leaf (see the module docstring), in the accumulation dtype of ``x``."""
+def whole(x: jax.Array) -> jax.Array:
+    """A leaf kept whole, in its accumulation dtype: compared exactly, not estimated."""
     acc = _numerics.accumulation_dtype(x.dtype)
     if jnp.iscomplexobj(x):
         acc = jnp.result_type(acc, jnp.complex64)
+    return x.astype(acc)
+
+
+@_numerics.jit_when_traced
+def sketch(x: jax.Array) -> jax.Array:
+    """`S(x)` of one leaf (see the module docstring), in the accumulation dtype of ``x``."""
     if sketch_shape(x.shape) == x.shape:
-        return x.astype(acc)
+        return whole(x)
+    acc = whole(x).dtype
     longest = x.shape.index(max(x.shape))
     others = tuple(axis for axis in range(x.ndim) if axis != longest)
     return jnp.sum(x.astype(acc) * _signs(x.shape, _numerics.accumulation_dtype(x.dtype)), axis=others)
@@ -81,15 +90,24 @@ class Measures(NamedTuple):
 def measure(tree: Any, previous: Any, axis_name: _numerics.AxisName | None = None) -> Measures:
     """`Measures` of a gradient tree against the sketches ``previous`` of an earlier one.
 
-    A leaf kept whole is its own sketch, so its squares are summed once for
-    both norms, in the same grouped reductions as its product with the kept
-    sketch; a sketched leaf is read once for its squares and once for its
+    A leaf is kept whole where ``previous`` has its shape (leaves below
+    16384 entries, or every leaf when the state was made for ``shard_map``);
+    it is its own sketch, so its squares are summed once for both norms, in
+    the same grouped reductions as its product with the kept sketch; a
+    sketched leaf is read once for its squares and once for its
     sketch. Inside ``shard_map``/``pmap`` the sums are summed over
-    ``axis_name`` (each device sketches its own shards).
+    ``axis_name`` (each device compares its own shards).
     """
     leaves, treedef = jax.tree.flatten(tree)
     kept = cast(Any, treedef).flatten_up_to(previous)  # jax's PyTreeDef stubs lack flatten_up_to
-    kept_whole = [sketch_shape(jnp.shape(x)) == jnp.shape(x) for x in leaves]
+    kept_whole = [jnp.shape(p) == jnp.shape(x) for x, p in zip(leaves, kept, strict=True)]
+    for x, p, flag in zip(leaves, kept, kept_whole, strict=True):
+        if not flag and jnp.shape(p) != sketch_shape(jnp.shape(x)):
+            raise ValueError(
+                f"the kept sketch has shape {jnp.shape(p)} for a gradient leaf of shape {jnp.shape(x)}; "
+                f"expected {sketch_shape(jnp.shape(x))} (its sketch) or the leaf's own shape (kept whole). "
+                "Was the state made for other shapes, or outside shard_map/pmap without axis_name?"
+            )
     whole = [i for i, flag in enumerate(kept_whole) if flag]
     large = [i for i, flag in enumerate(kept_whole) if not flag]
     sketches = list(leaves)

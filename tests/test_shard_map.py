@@ -173,3 +173,41 @@ def test_agc_statistics_replicated_under_shard_map():
     specs = tree_of_shapes(unit_axis_spec)
     mapped = run(clipx.agc(0.01, axis_name=AXIS), params, grads, (specs, specs))
     assert_tree_close(mapped, run(clipx.agc(0.01), params, grads))
+
+
+def test_adaptive_keeps_large_leaves_whole_under_shard_map():
+    # Leaves of 16384 entries or more are sketched under jax.jit, but inside shard_map each device
+    # sees a shard; with axis_name the state keeps every leaf whole, sharded like its parameter, so
+    # the mapped steps equal unsharded steps that compare whole gradients (an update compares a
+    # leaf whole wherever the kept state has the leaf's shape).
+    rng = np.random.default_rng(2)
+    shapes = {"embed": (1024, 64), "dense": (64, 256)}  # 65536 and 16384 entries; shards of 8192 and 2048
+    params = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    grads = [
+        {n: ((3.0 if k == 3 else 0.1) * rng.standard_normal(s)).astype(np.float32) for n, s in shapes.items()}
+        for k in range(STEPS)
+    ]
+    specs = {n: largest_axis_spec(s) for n, s in shapes.items()}
+    tx = clipx.adaptive(warmup_steps=2, axis_name=AXIS)
+    assert all(p.shape == shapes[n] for n, p in tx.init(params).direction.previous.items())
+    mapped = run(tx, params, grads, (specs, specs))
+    assert np.all(np.isfinite(np.asarray(mapped[1].direction.log_multiplier)))
+    reference, state = [], tx.init(params)
+    update = jax.jit(clipx.adaptive(warmup_steps=2).update)
+    for g in grads:
+        updates, state = update(g, state, params)
+        reference.append(updates)
+    assert_tree_close(mapped, (reference, state))
+
+
+def test_adaptive_state_made_for_sketches_is_refused_under_shard_map():
+    shapes = {"embed": (1024, 64)}
+    params = {"embed": np.ones(shapes["embed"], np.float32)}
+    specs = {"embed": largest_axis_spec(shapes["embed"])}
+    sketched = clipx.adaptive().init(params)  # made without axis_name: a sketch of shape (1024,)
+    tx = clipx.adaptive(axis_name=AXIS)
+    step = jax.shard_map(
+        tx.update, mesh=MESH, in_specs=(specs, P(), specs), out_specs=(specs, P()), check_vma=False
+    )
+    with pytest.raises(ValueError, match=r"kept sketch has shape \(1024,\).*without axis_name"):
+        step(params, sketched, params)

@@ -18,7 +18,7 @@ class DirectionState(NamedTuple):
     Attributes:
       previous: the sketch of the last gradient with a finite, non-zero norm:
         one short vector per leaf (`clipx._sketch`; leaves below 16384
-        entries whole).
+        entries whole, and every leaf whole when ``axis_name`` is given).
       previous_norm: the norm of that sketch (0 before the first step).
       log_multiplier: ``log m``, the log of the threshold's multiplier.
     """
@@ -93,8 +93,12 @@ def adaptive(
     (`clipx._sketch`): per leaf, signed sums over every axis but the
     longest, an unbiased estimate of the inner product that keeps one vector
     per leaf instead of a copy of the parameters (leaves below 16384 entries
-    are kept whole). Under ``shard_map`` each device sketches its own
-    shards. ``direction_rate=None`` keeps no sketch and fixes ``m = 1``.
+    are kept whole). With ``axis_name`` (inside ``shard_map``/``pmap``)
+    every leaf is kept whole, each device comparing its own shards exactly:
+    the state is made from whole parameters and the update sees shards, so
+    sketches could not match; that costs a copy of the gradients, sharded
+    like the parameters. ``direction_rate=None`` keeps no sketch and fixes
+    ``m = 1``.
 
     Why this rule:
 
@@ -236,8 +240,9 @@ def adaptive(
         dtype = _numerics.tree_accumulation_dtype(params)
         direction = None
         if direction_rate is not None:
+            kept = _sketch.sketch if axis_name is None else _sketch.whole
             direction = DirectionState(
-                previous=jax.tree.map(lambda p: jnp.zeros_like(jax.eval_shape(_sketch.sketch, p)), params),
+                previous=jax.tree.map(lambda p: jnp.zeros_like(jax.eval_shape(kept, p)), params),
                 previous_norm=jnp.zeros((), dtype),
                 log_multiplier=jnp.log(jnp.asarray(initial_multiplier, dtype)),
             )
