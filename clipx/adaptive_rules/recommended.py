@@ -127,7 +127,12 @@ def adaptive(
       not clipped; for the next ``warmup_steps`` the threshold is
       ``w = warmup_factor`` times the geometric mean of the norms seen
       (``w = 1``, so with ``m_0 = 1/2`` the first steps are already
-      shortened when they overshoot);
+      shortened when they overshoot). Its cost: the warm-up's censored
+      statistics start low, so (for log-normal norms with ``σ = 0.3``)
+      about 40–50% of steps are clipped over the first couple of hundred
+      (a quarter later), and a lasting 5× rise of the norms is followed
+      more slowly (89% of steps still clipped 500–600 steps after it,
+      against 66% with ``w = 4``);
     * ``min_std`` keeps the threshold at least ``e^{k·σ_min}`` (10%) above
       the typical norm, so very steady norms are not clipped at every small
       rise.
