@@ -88,6 +88,27 @@ def test_resume_refuses_other_settings(tmp_path):
         train(TrainConfig(**{**TINY, "seed": 1}), tmp_path, resume=True)
 
 
+def test_resume_refuses_a_checkpoint_whose_state_does_not_fit(tmp_path):
+    # A checkpoint of the previous adaptive defaults (no direction state) under the current ones.
+    previous = TrainConfig(**TINY, clip="adaptive", clip_args={"direction_rate": None, "warmup_factor": 4.0})
+    train(previous, tmp_path, stop_after=2)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["clip_args"] = {}  # as recorded by a clipx whose adaptive() had those defaults
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"does not fit this run's parameters and optimizer state.*defaults"):
+        train(TrainConfig(**TINY, clip="adaptive"), tmp_path, resume=True)
+    # Same tree, other shapes: flax would restore it silently.
+    other = tmp_path / "other"
+    train(TrainConfig(**TINY), other, stop_after=2)
+    wider = TrainConfig(**{**TINY, "model": {**TINY["model"], "hidden_size": 16}})
+    config = json.loads((other / "config.json").read_text())
+    config["model"]["hidden_size"] = 16
+    (other / "config.json").write_text(json.dumps(config))
+    shapes = r"holds float32\[8, 2\] at .*\['kernel'\] where this run has float32\[16, 2\]"
+    with pytest.raises(ValueError, match=shapes):
+        train(wider, other, resume=True)
+
+
 def test_non_finite_loss_marks_the_run_diverged(tmp_path):
     config = TrainConfig(**{**TINY, "optimizer": "sgd", "learning_rate": 1e30})
     summary = train(config, tmp_path)

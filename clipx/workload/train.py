@@ -299,9 +299,35 @@ def save_checkpoint(path: pathlib.Path, state: TrainState) -> None:
     tmp.replace(path)
 
 
+def _array_kind(x: Any) -> str:
+    """``float32[3, 4]``: the dtype and shape of an array or scalar."""
+    return f"{jnp.result_type(x)}{list(jnp.shape(x))}"
+
+
 def load_checkpoint(path: pathlib.Path, template: TrainState) -> TrainState:
-    """Reads a checkpoint written by `save_checkpoint` into the structure of ``template``."""
-    restored = flax.serialization.from_bytes(_state_dict(template), path.read_bytes())
+    """Reads a checkpoint written by `save_checkpoint` into the structure of ``template``.
+
+    Raises:
+      ValueError: the checkpoint's tree, shapes or dtypes differ from
+        ``template``'s (as when the clipper's defaults, and with them its
+        state, changed between clipx versions).
+    """
+    hint = "was it written with other settings, or by a clipx whose clipper defaults differ?"
+    try:
+        restored = flax.serialization.from_bytes(_state_dict(template), path.read_bytes())
+    except (ValueError, TypeError, KeyError, AttributeError) as error:  # flax's, by where the trees part
+        raise ValueError(
+            f"{path} does not fit this run's parameters and optimizer state ({error!r}); {hint}"
+        ) from None
+    expected = jax.tree_util.tree_leaves_with_path(_state_dict(template))
+    got = jax.tree.leaves(restored)
+    for (where, want), have in zip(expected, got, strict=True):
+        want_kind, have_kind = _array_kind(want), _array_kind(have)
+        if want_kind != have_kind:
+            raise ValueError(
+                f"{path} holds {have_kind} at {jax.tree_util.keystr(where)} where this run has "
+                f"{want_kind}; {hint}"
+            )
     return TrainState(**restored)
 
 
