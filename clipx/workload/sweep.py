@@ -107,6 +107,11 @@ class SweepConfig:
 _GRID_EXTENT = ("data_root", "datasets", "clippers", "learning_rates", "seeds")
 
 
+def _entry(clipper: str) -> tuple[str, str, float | None]:
+    """The `CLIPPERS` entry labelled ``clipper``."""
+    return next(c for c in CLIPPERS if c[0] == clipper)
+
+
 def _clip_args(name: str, value: float | None) -> dict[str, Any]:
     if value is None:
         return {}
@@ -120,7 +125,7 @@ def clipper_arguments(clipper: str) -> dict[str, Any]:
     Recorded with each run, so a run made by a clipx whose defaults differ is
     recognised instead of being counted as this one's.
     """
-    _, name, value = next(c for c in CLIPPERS if c[0] == clipper)
+    _, name, value = _entry(clipper)
     if name == "none":
         return {}
     bound = inspect.signature(getattr(clipx, name)).bind_partial(**_clip_args(name, value))
@@ -131,7 +136,7 @@ def clipper_arguments(clipper: str) -> dict[str, Any]:
 
 def run_config(sweep: SweepConfig, dataset: str, clipper: str, lr: float, seed: int) -> TrainConfig:
     """The `TrainConfig` of one run of the grid."""
-    _, name, value = next(c for c in CLIPPERS if c[0] == clipper)
+    _, name, value = _entry(clipper)
     common: dict[str, Any] = dict(
         model=sweep.model,
         optimizer=sweep.optimizer,
@@ -203,6 +208,13 @@ def run_sweep(
     return summarize(out)
 
 
+def _differences(old: dict[str, Any], new: dict[str, Any], keys: Sequence[str]) -> str:
+    """``"key: old there, new now"`` for each of ``keys`` whose values differ, joined by ``"; "``."""
+    return "; ".join(
+        f"{key}: {old.get(key)!r} there, {new.get(key)!r} now" for key in keys if old.get(key) != new.get(key)
+    )
+
+
 def _check_same_clipper(path: pathlib.Path, result: dict[str, Any], arguments: dict[str, Any]) -> None:
     """Raises ``ValueError`` if the run in ``path`` recorded clipper arguments other than ``arguments``.
 
@@ -210,10 +222,7 @@ def _check_same_clipper(path: pathlib.Path, result: dict[str, Any], arguments: d
     """
     recorded = result.get("clipper_arguments")
     if recorded is not None and recorded != arguments:
-        changed = sorted(key for key in {*recorded, *arguments} if recorded.get(key) != arguments.get(key))
-        details = "; ".join(
-            f"{key}: {recorded.get(key)!r} there, {arguments.get(key)!r} now" for key in changed
-        )
+        details = _differences(recorded, arguments, sorted({*recorded, *arguments}))
         raise ValueError(
             f"{path} was made with other {result['clipper']!r} arguments ({details}), as by another "
             "clipx version's defaults; use another output folder"
@@ -237,9 +246,8 @@ def _check_same_run_settings(path: pathlib.Path, settings: dict[str, Any]) -> No
         raise ValueError(f"{path} is not a sweep settings file; move it or use another folder")
     old = {**dataclasses.asdict(SweepConfig()), **recorded.get("sweep", {}), "model": recorded.get("model")}
     new = {**settings["sweep"], "model": settings["model"]}
-    changed = [key for key in new if key not in _GRID_EXTENT and old.get(key) != new[key]]
-    if changed:
-        details = "; ".join(f"{key}: {old.get(key)!r} there, {new[key]!r} now" for key in changed)
+    details = _differences(old, new, [key for key in new if key not in _GRID_EXTENT])
+    if details:
         raise ValueError(
             f"{path.parent} holds sweep runs made with other settings ({details}); "
             "use another output folder, or the same settings to extend that sweep"
