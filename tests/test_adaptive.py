@@ -1,7 +1,6 @@
 """clipx.adaptive: properties of the threshold, robustness to NaN/inf, composition with optax."""
 
 import chex
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +8,7 @@ import optax
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from machinery import CHAINED_OPTIMIZERS, run_resumed
 from oracles import AdaptiveOracle, assert_matches, gradient_sequence, run_oracle, run_transform
 
 import clipx
@@ -194,19 +194,12 @@ def grad_sequence(n, seed=0):
     return [grads_with_norm(x) for x in norms]
 
 
-@pytest.mark.parametrize(
-    "opt",
-    [
-        optax.sgd(0.1, momentum=0.9),
-        optax.rmsprop(1e-3),
-        optax.adam(1e-3),
-        optax.adamw(1e-3, weight_decay=0.1),
-    ],
-    ids=["sgd_momentum", "rmsprop", "adam", "adamw"],
-)
-def test_chains_with_optimizers_and_masked(opt):
+@CHAINED_OPTIMIZERS
+def test_chains_with_optimizers_and_masked(optimizer):
     mask = {"w": True, "b": False}
-    tx = optax.chain(optax.masked(clipx.adaptive(warmup_steps=3), mask), clipx.adaptive(warmup_steps=3), opt)
+    tx = optax.chain(
+        optax.masked(clipx.adaptive(warmup_steps=3), mask), clipx.adaptive(warmup_steps=3), optimizer
+    )
     state = tx.init(PARAMS)
     update = jax.jit(tx.update)
     for g in grad_sequence(12):
@@ -251,18 +244,7 @@ def test_multisteps_advances_statistics_once_per_real_step():
 @pytest.mark.parametrize("direction_rate", [None, 0.2])
 def test_serialization_round_trip_resumes_bit_identically(direction_rate):
     tx = optax.chain(clipx.adaptive(warmup_steps=3, direction_rate=direction_rate), optax.adam(1e-3))
-    update = jax.jit(tx.update)
-    grads = grad_sequence(20, seed=5)
-    state = tx.init(PARAMS)
-    for g in grads[:10]:
-        _, state = update(g, state, PARAMS)
-    restored = flax.serialization.from_bytes(tx.init(PARAMS), flax.serialization.to_bytes(state))
-    a, b = state, restored
-    for g in grads[10:]:
-        ua, a = update(g, a, PARAMS)
-        ub, b = update(g, b, PARAMS)
-        chex.assert_trees_all_equal(ua, ub)
-    chex.assert_trees_all_equal(a, b)
+    run_resumed(tx, grad_sequence(20, seed=5), PARAMS, split=10)
 
 
 def trending_gradients(steps, seed=0, flip_until=0):

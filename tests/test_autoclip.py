@@ -3,7 +3,6 @@
 import functools
 
 import chex
-import flax.serialization
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
@@ -11,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 from hypothesis import given
+from machinery import CHAINED_OPTIMIZERS, run_resumed, run_steps
 from oracles import AutoClipOracle, assert_matches, gradient_sequence, run_oracle, run_transform
 
 import clipx
@@ -175,25 +175,15 @@ def test_properties(norms, per_tensor):
 # --- inside the optax machinery -------------------------------------------------------------------
 
 
-def _run(tx, grads, params, steps):
-    """``steps`` jitted updates on ``grads[t]``; returns the list of updates and the final state."""
-    step = jax.jit(tx.update)
-    state, out = tx.init(params), []
-    for t in range(steps):
-        updates, state = step(jax.tree.map(lambda g: g[t], grads), state, params)  # noqa: B023
-        out.append(updates)
-    return out, state
-
-
 GRADS = {k: jnp.asarray(v) for k, v in gradient_sequence(11, 30, SHAPES).items()}
 PARAMS = {k: jnp.zeros(v) for k, v in SHAPES.items()}
 CLEAN = jax.tree.map(lambda g: jnp.where(jnp.isfinite(g), g, 0.0), GRADS)
 
 
 def test_inject_hyperparams_traced_quantile():
-    plain, _ = _run(clipx.autoclip(0.5, 8), GRADS, PARAMS, 30)
+    plain, _ = run_steps(clipx.autoclip(0.5, 8), GRADS, PARAMS, 30)
     tx = optax.inject_hyperparams(clipx.autoclip, static_args=("history",))(quantile=0.5, history=8)
-    injected, state = _run(tx, GRADS, PARAMS, 30)
+    injected, state = run_steps(tx, GRADS, PARAMS, 30)
     chex.assert_trees_all_close(injected, plain, rtol=1e-6)
     # Changing the traced quantile takes effect without recompiling.
     step = jax.jit(tx.update)
@@ -207,11 +197,11 @@ def test_inject_hyperparams_traced_quantile():
 
 def test_multisteps_advances_statistics_once_per_real_step():
     tx = optax.MultiSteps(clipx.autoclip(0.5, 16), every_k_schedule=3)
-    _, state = _run(tx, CLEAN, PARAMS, 30)
+    _, state = run_steps(tx, CLEAN, PARAMS, 30)
     assert int(state.inner_opt_state.count) == 10
     # The recorded norms are those of the averaged micro-batch gradients.
     mean = jax.tree.map(lambda g: g.reshape(10, 3, *g.shape[1:]).mean(axis=1), CLEAN)
-    _, direct = _run(clipx.autoclip(0.5, 16), mean, PARAMS, 10)
+    _, direct = run_steps(clipx.autoclip(0.5, 16), mean, PARAMS, 10)
     np.testing.assert_allclose(state.inner_opt_state.norms, direct.norms, rtol=1e-5)
     assert "autoclip/threshold" in clipx.stats(state)
 
@@ -220,20 +210,16 @@ def test_masked_leaves_pass_through():
     mask = {"b": False, "s": True, "w": True}
     for per_tensor in (False, True):
         tx = optax.masked(clipx.autoclip(0.5, 8, per_tensor), mask)
-        updates, state = _run(tx, GRADS, PARAMS, 30)
+        updates, state = run_steps(tx, GRADS, PARAMS, 30)
         for t, u in enumerate(updates):
             np.testing.assert_array_equal(u["b"], GRADS["b"][t])
         assert set(clipx.stats(state)) == {f"autoclip/{f}" for f in ("norm", "threshold", "scale", "clipped")}
 
 
-@pytest.mark.parametrize(
-    "optimizer",
-    [optax.sgd(0.1, momentum=0.9), optax.rmsprop(1e-2), optax.adam(1e-2), optax.adamw(1e-2)],
-    ids=["sgd_momentum", "rmsprop", "adam", "adamw"],
-)
+@CHAINED_OPTIMIZERS
 def test_chains_with_optimizers(optimizer):
     tx = optax.chain(clipx.autoclip(0.9, 8), optimizer)
-    updates, state = _run(tx, CLEAN, PARAMS, 30)
+    updates, state = run_steps(tx, CLEAN, PARAMS, 30)
     assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
     assert np.isfinite(clipx.stats(state)["autoclip/threshold"])
 
@@ -241,14 +227,5 @@ def test_chains_with_optimizers(optimizer):
 @pytest.mark.parametrize("per_tensor", [False, True])
 def test_checkpoint_round_trip_resumes_bit_identically(per_tensor):
     tx = optax.chain(clipx.autoclip(0.7, 8, per_tensor), optax.adam(1e-2))
-    step = jax.jit(tx.update)
     grads = [jax.tree.map(lambda g: g[t], GRADS) for t in range(30)]  # noqa: B023
-    state = tx.init(PARAMS)
-    for g in grads[:15]:
-        _, state = step(g, state, PARAMS)
-    restored = flax.serialization.from_bytes(tx.init(PARAMS), flax.serialization.to_bytes(state))
-    for g in grads[15:]:
-        expected, state = step(g, state, PARAMS)
-        got, restored = step(g, restored, PARAMS)
-        chex.assert_trees_all_equal(got, expected)
-    chex.assert_trees_all_equal(restored, state)
+    run_resumed(tx, grads, PARAMS, split=15)

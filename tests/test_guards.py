@@ -1,7 +1,6 @@
 """clipx.skip_nonfinite and clipx.skip_spikes: skipped steps leave the inner state bit-identical."""
 
 import chex
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +8,7 @@ import optax
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from machinery import run_resumed
 
 import clipx
 
@@ -170,27 +170,11 @@ def test_bad_hyperparameters_raise():
         clipx.skip_nonfinite(optax.sgd(0.1), max_consecutive=-1)
 
 
-def run_resumed(tx, sequence, split):
-    """Runs ``sequence``, and again from a flax-serialized copy of the state after ``split`` steps."""
-    update = jax.jit(tx.update)
-    state = tx.init(PARAMS)
-    for g in sequence[:split]:
-        _, state = update(g, state, PARAMS)
-    restored = flax.serialization.from_bytes(tx.init(PARAMS), flax.serialization.to_bytes(state))
-    a, b = state, restored
-    for g in sequence[split:]:
-        ua, a = update(g, a, PARAMS)
-        ub, b = update(g, b, PARAMS)
-        chex.assert_trees_all_equal(ua, ub)
-    chex.assert_trees_all_equal(a, b)
-    return a
-
-
 @pytest.mark.parametrize("guard", [clipx.skip_nonfinite, clipx.skip_spikes])
 def test_inside_multisteps_and_serialization_round_trip(guard):
     inner = optax.chain(clipx.adaptive(warmup_steps=2), optax.sgd(0.1, momentum=0.9))
     tx = optax.MultiSteps(guard(inner), every_k_schedule=2)
-    state = run_resumed(tx, [grads(1.0 + 0.1 * i, seed=i) for i in range(12)], split=5)
+    state = run_resumed(tx, [grads(1.0 + 0.1 * i, seed=i) for i in range(12)], PARAMS, split=5)
     # Statistics advance once per real step: 12 mini-steps of 2.
     assert int(state.inner_opt_state.inner_state[0].log_norm.observations) == 6
 
@@ -202,6 +186,6 @@ def test_skip_nonfinite_around_multisteps_drops_only_the_bad_mini_step():
     )
     sequence = [grads(1.0 + 0.1 * i, seed=i) for i in range(13)]
     sequence[7] = nan_grads()
-    state = run_resumed(clipx.skip_nonfinite(inner), sequence, split=5)
+    state = run_resumed(clipx.skip_nonfinite(inner), sequence, PARAMS, split=5)
     assert int(state.stats.total) == 1
     assert int(state.inner_state.inner_opt_state[0].log_norm.observations) == 6

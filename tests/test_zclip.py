@@ -3,7 +3,6 @@
 import functools
 
 import chex
-import flax.serialization
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
@@ -11,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 from hypothesis import given
+from machinery import CHAINED_OPTIMIZERS, run_resumed, run_steps
 from oracles import ZClipOracle, assert_matches, gradient_sequence, run_oracle, run_transform
 
 import clipx
@@ -152,21 +152,11 @@ CLEAN = jax.tree.map(lambda g: jnp.where(jnp.isfinite(g), g, 0.0), GRADS)
 PARAMS = {k: jnp.zeros(v) for k, v in SHAPES.items()}
 
 
-def _run(tx, grads, params, steps):
-    """``steps`` jitted updates on ``grads[t]``; returns the list of updates and the final state."""
-    step = jax.jit(tx.update)
-    state, out = tx.init(params), []
-    for t in range(steps):
-        updates, state = step(jax.tree.map(lambda g: g[t], grads), state, params)  # noqa: B023
-        out.append(updates)
-    return out, state
-
-
 def test_inject_hyperparams_traced_z_thresh():
     kwargs = {"max_norm": None, "warmup_steps": 5}
-    plain, _ = _run(clipx.zclip(z_thresh=1.5, **kwargs), GRADS, PARAMS, 40)
+    plain, _ = run_steps(clipx.zclip(z_thresh=1.5, **kwargs), GRADS, PARAMS, 40)
     tx = optax.inject_hyperparams(clipx.zclip, static_args=("warmup_steps",))(z_thresh=1.5, **kwargs)
-    injected, state = _run(tx, GRADS, PARAMS, 40)
+    injected, state = run_steps(tx, GRADS, PARAMS, 40)
     chex.assert_trees_all_close(injected, plain, rtol=1e-6)
     step = jax.jit(tx.update)
     g = jax.tree.map(lambda p: jnp.full_like(p, 100.0), PARAMS)
@@ -180,9 +170,9 @@ def test_inject_hyperparams_traced_z_thresh():
 def test_multisteps_advances_statistics_once_per_real_step():
     kwargs = {"max_norm": None, "warmup_steps": 4}
     tx = optax.MultiSteps(clipx.zclip(**kwargs), every_k_schedule=4)
-    _, state = _run(tx, CLEAN, PARAMS, 40)
+    _, state = run_steps(tx, CLEAN, PARAMS, 40)
     mean = jax.tree.map(lambda g: g.reshape(10, 4, *g.shape[1:]).mean(axis=1), CLEAN)
-    _, direct = _run(clipx.zclip(**kwargs), mean, PARAMS, 10)
+    _, direct = run_steps(clipx.zclip(**kwargs), mean, PARAMS, 10)
     inner = state.inner_opt_state
     assert int(inner.warmup_count) == 4
     np.testing.assert_allclose([inner.mean, inner.var], [direct.mean, direct.var], rtol=1e-5)
@@ -191,35 +181,22 @@ def test_multisteps_advances_statistics_once_per_real_step():
 
 def test_masked_leaves_pass_through():
     tx = optax.masked(clipx.zclip(max_norm=0.5, warmup_steps=3), {"b": False, "s": True, "w": True})
-    updates, state = _run(tx, CLEAN, PARAMS, 10)
+    updates, state = run_steps(tx, CLEAN, PARAMS, 10)
     for t, u in enumerate(updates):
         np.testing.assert_array_equal(u["b"], CLEAN["b"][t])
         assert optax.tree.norm({"s": u["s"], "w": u["w"]}) <= 0.5 * (1 + 1e-6)
     assert set(clipx.stats(state)) == FIELDS
 
 
-@pytest.mark.parametrize(
-    "optimizer",
-    [optax.sgd(0.1, momentum=0.9), optax.rmsprop(1e-2), optax.adam(1e-2), optax.adamw(1e-2)],
-    ids=["sgd_momentum", "rmsprop", "adam", "adamw"],
-)
+@CHAINED_OPTIMIZERS
 def test_chains_with_optimizers(optimizer):
     tx = optax.chain(clipx.zclip(warmup_steps=5), optimizer)
-    updates, state = _run(tx, CLEAN, PARAMS, 40)
+    updates, state = run_steps(tx, CLEAN, PARAMS, 40)
     assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
     assert np.isfinite(clipx.stats(state)["zclip/threshold"])
 
 
 def test_checkpoint_round_trip_resumes_bit_identically():
     tx = optax.chain(clipx.zclip(max_norm=None, warmup_steps=8), optax.adam(1e-2))
-    step = jax.jit(tx.update)
     grads = [jax.tree.map(lambda g: g[t], GRADS) for t in range(40)]  # noqa: B023
-    state = tx.init(PARAMS)
-    for g in grads[:5]:  # stop mid warm-up: the buffer must survive too
-        _, state = step(g, state, PARAMS)
-    restored = flax.serialization.from_bytes(tx.init(PARAMS), flax.serialization.to_bytes(state))
-    for g in grads[5:]:
-        expected, state = step(g, state, PARAMS)
-        got, restored = step(g, restored, PARAMS)
-        chex.assert_trees_all_equal(got, expected)
-    chex.assert_trees_all_equal(restored, state)
+    run_resumed(tx, grads, PARAMS, split=5)  # stop mid warm-up: the buffer must survive too

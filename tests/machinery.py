@@ -1,0 +1,54 @@
+"""Running a clipx transform step by step inside Optax's machinery, as the tests of every rule do.
+
+`run_steps` applies a jitted update to a sequence of gradients;
+`run_resumed` checks that a flax-serialized state resumes bit for bit;
+`CHAINED_OPTIMIZERS` are the optimizers each rule is chained with.
+"""
+
+from __future__ import annotations
+
+import chex
+import flax.serialization
+import jax
+import optax
+import pytest
+
+CHAINED_OPTIMIZERS = pytest.mark.parametrize(
+    "optimizer",
+    [
+        optax.sgd(0.1, momentum=0.9),
+        optax.rmsprop(1e-2),
+        optax.adam(1e-2),
+        optax.adamw(1e-2, weight_decay=0.1),
+    ],
+    ids=["sgd_momentum", "rmsprop", "adam", "adamw"],
+)
+
+
+def run_steps(tx, grads, params, steps):
+    """``steps`` jitted updates on ``grads[t]`` (leaves stacked over steps); the updates and final state."""
+    step = jax.jit(tx.update)
+    state, out = tx.init(params), []
+    for t in range(steps):
+        updates, state = step(jax.tree.map(lambda g: g[t], grads), state, params)  # noqa: B023
+        out.append(updates)
+    return out, state
+
+
+def run_resumed(tx, sequence, params, split):
+    """Runs the gradients of ``sequence``, and again from a flax-serialized copy of the state after ``split``.
+
+    Asserts that both give the same updates and states bit for bit; returns the final state.
+    """
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    for g in sequence[:split]:
+        _, state = update(g, state, params)
+    restored = flax.serialization.from_bytes(tx.init(params), flax.serialization.to_bytes(state))
+    a, b = state, restored
+    for g in sequence[split:]:
+        ua, a = update(g, a, params)
+        ub, b = update(g, b, params)
+        chex.assert_trees_all_equal(ua, ub)
+    chex.assert_trees_all_equal(a, b)
+    return a
