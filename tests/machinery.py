@@ -2,6 +2,7 @@
 
 `run_steps` applies a jitted update to a sequence of gradients;
 `run_resumed` checks that a flax-serialized state resumes bit for bit;
+`check_traced_hyperparameter` checks a rule under ``inject_hyperparams``;
 `CHAINED_OPTIMIZERS` are the optimizers each rule is chained with.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import chex
 import flax.serialization
 import jax
+import jax.numpy as jnp
 import optax
 import pytest
 
@@ -52,3 +54,23 @@ def run_resumed(tx, sequence, params, split):
         chex.assert_trees_all_equal(ua, ub)
     chex.assert_trees_all_equal(a, b)
     return a
+
+
+def check_traced_hyperparameter(factory, kwargs, static_args, grads, params, steps, name, looser, fill):
+    """``inject_hyperparams(factory)`` against ``factory`` itself, and one of its hyperparameters moved.
+
+    Over ``steps`` the injected transform gives the plain one's updates; then
+    setting ``name`` to the ``looser`` value lets a larger update of a gradient
+    filled with ``fill`` through, without recompiling the step.
+    """
+    plain, _ = run_steps(factory(**kwargs), grads, params, steps)
+    tx = optax.inject_hyperparams(factory, static_args=static_args)(**kwargs)
+    injected, state = run_steps(tx, grads, params, steps)
+    chex.assert_trees_all_close(injected, plain, rtol=1e-6)
+    step = jax.jit(tx.update)
+    g = jax.tree.map(lambda p: jnp.full_like(p, fill), params)
+    tight, _ = step(g, state, params)
+    state.hyperparams[name] = jnp.array(looser, jnp.float32)
+    loose, _ = step(g, state, params)
+    assert step._cache_size() == 1
+    assert optax.tree.norm(loose) > optax.tree.norm(tight)
