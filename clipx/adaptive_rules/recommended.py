@@ -181,10 +181,11 @@ def adaptive(
     ``initial_multiplier=0.25`` solved 2 of 5 seeds at lr 1, and all five at
     0.5, but lost 1.7 points on IMDB with Adam); at SGD 0.5 the warm-up's
     steps, longer than ``global_norm(0.25)``'s, derail most seeds and the
-    multiplier then holds the threshold near its floor; the SST-2 preset (SGD with momentum) at 10× its
-    learning rate collapsed in the second epoch (79.8%, 65.6% and 48.5%
-    after epochs 1–3: the norms rose and the threshold followed them), where
-    ``global_norm(0.25)`` and ``agc`` reach 84–85%. Lowering the threshold
+    multiplier then holds the threshold near its floor; the SST-2 preset
+    (SGD with momentum) at 10× its learning rate collapsed in the second
+    epoch (79.8%, 65.6% and 48.5% after epochs 1–3: the norms rose and the
+    threshold followed them), where ``global_norm(0.25)`` and ``agc`` reach
+    84–85%. Lowering the threshold
     when the loss rises met the SGD target too, but the same rise is the
     noise of real minibatch losses: it slowed SST-2 and lost 1.5–9.8 points
     on IMDB with Adam.
