@@ -22,6 +22,7 @@ __all__ = [
     "AutoClipOracle",
     "ZClipOracle",
     "assert_matches",
+    "assert_steps_match",
     "gradient_sequence",
     "norm_of",
     "run_oracle",
@@ -300,6 +301,22 @@ def assert_matches(
             np.asarray(actual_stats[key]), expected_stats[key], rtol=rtol, atol=1e-9, err_msg=key
         )
     np.testing.assert_array_equal(np.asarray(actual_stats["clipped"]), expected_stats["clipped"])
+
+
+def assert_steps_match(update, state, oracle, grads: dict[str, np.ndarray]) -> None:
+    """Steps ``update`` (a transform's update, jitted or not) and ``oracle`` over ``grads`` side by side.
+
+    ``grads`` is ``{name: (steps, ...)}``; after each step the updates and the
+    threshold agree to ``1e-5``.
+    """
+    steps = len(next(iter(grads.values())))
+    for t in range(steps):
+        g = {k: v[t] for k, v in grads.items()}
+        updates, state = update(g, state)
+        expected, record = oracle.step([g[k] for k in sorted(g)])
+        for name, leaf in zip(sorted(g), expected, strict=True):
+            np.testing.assert_allclose(updates[name], leaf, rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(state.stats.threshold, record["threshold"], rtol=1e-5)
 
 
 def run_transform(tx, grads: dict[str, np.ndarray]):
