@@ -313,13 +313,14 @@ def load_checkpoint(path: pathlib.Path, template: TrainState) -> TrainState:
         state, changed between clipx versions).
     """
     hint = "was it written with other settings, or by a clipx whose clipper defaults differ?"
+    target = _state_dict(template)
     try:
-        restored = flax.serialization.from_bytes(_state_dict(template), path.read_bytes())
+        restored = flax.serialization.from_bytes(target, path.read_bytes())
     except (ValueError, TypeError, KeyError, AttributeError) as error:  # flax's, by where the trees part
         raise ValueError(
             f"{path} does not fit this run's parameters and optimizer state ({error!r}); {hint}"
         ) from None
-    expected = jax.tree_util.tree_leaves_with_path(_state_dict(template))
+    expected = jax.tree_util.tree_leaves_with_path(target)
     got = jax.tree.leaves(restored)
     for (where, want), have in zip(expected, got, strict=True):
         want_kind, have_kind = _array_kind(want), _array_kind(have)
