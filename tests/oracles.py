@@ -184,8 +184,8 @@ class AdaptiveOracle:
         warmup_steps: int = 25,
         warmup_factor: float = 1.0,
         min_std: float = 0.1,
-        direction_rate: float | None = 0.2,
-        initial_multiplier: float = 0.5,
+        direction_rate: float | None = 0.1,
+        initial_multiplier: float = 0.35,
         min_multiplier: float = 1 / 32,
     ):
         self.num_stds, self.decay, self.min_std = num_stds, decay, min_std
@@ -199,15 +199,15 @@ class AdaptiveOracle:
 
     def step(self, leaves: list[np.ndarray]) -> tuple[list[np.ndarray], dict[str, float]]:
         norm = norm_of(leaves)
+        usable = math.isfinite(norm) and norm > 0
         if self.logs_seen == 0:
-            log_threshold = math.inf
+            log_threshold = math.log(norm) if usable and self.rate is not None else math.inf
         elif self.logs_seen < self.warmup_steps:
             log_threshold = self.mean + math.log(self.warmup_factor)
         else:
             log_threshold = self.mean + self.num_stds * max(math.sqrt(self.var), self.min_std)
         threshold = math.exp(log_threshold) * self.multiplier
         clipped, scale = _clip(leaves, norm, threshold)
-        usable = math.isfinite(norm) and norm > 0
         if self.rate is not None:
             sketches = [sketch_of(g) for g in leaves]
             sketch_norm = norm_of(sketches)

@@ -50,8 +50,9 @@ def test_property_threshold_positive_finite_and_clip_holds(seed, num_stds, decay
         norms[t] = (np.nan, np.inf, 0.0, 1e15)[i % 4]
     state, (stats, clipped_norm) = run_norms(norms, num_stds, decay, min_std)
     threshold = np.asarray(stats["adaptive/threshold"])
-    assert np.isinf(threshold[0])  # nothing seen yet: the first step is measured, not clipped
-    assert np.all(np.isfinite(threshold[1:])) and np.all(threshold[1:] > 0)
+    # Nothing observed yet: the threshold is the first norm times the multiplier's start.
+    np.testing.assert_allclose(threshold[0], 0.35 * norms[0], rtol=1e-5)
+    assert np.all(np.isfinite(threshold)) and np.all(threshold > 0)
     finite = np.isfinite(norms)
     assert np.all(np.asarray(clipped_norm)[finite] <= threshold[finite] * (1 + 1e-5))
     assert np.all(np.isfinite(np.asarray(state.log_norm.mean))) and np.isfinite(float(state.log_norm.var))

@@ -135,13 +135,13 @@ def test_sweep_refuses_a_run_made_with_other_clipper_arguments(tmp_path, monkeyp
     (run,) = tmp_path.glob("task__*.json")
     result = json.loads(run.read_text())
     arguments = result["clipper_arguments"]
-    assert arguments["direction_rate"] == 0.2 and arguments["num_stds"] == 1.0
+    assert arguments["direction_rate"] == 0.1 and arguments["num_stds"] == 1.0
     result["clipper_arguments"] = {**arguments, "warmup_factor": 4.0, "direction_rate": None}
     run.write_text(json.dumps(result))
     capsys.readouterr()
     assert cli.main(argv) == 2
     printed = capsys.readouterr().out.replace("\n", "")
-    assert "other 'adaptive' arguments" in printed and "direction_rate: None there, 0.2 now" in printed
+    assert "other 'adaptive' arguments" in printed and "direction_rate: None there, 0.1 now" in printed
     del result["clipper_arguments"]  # written before the arguments were recorded: kept as it is
     run.write_text(json.dumps(result))
     assert cli.main(argv) == 0
