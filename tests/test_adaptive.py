@@ -303,6 +303,19 @@ def test_without_direction_rate_nothing_is_kept_and_a_zero_rate_keeps_the_initia
     np.testing.assert_allclose(held[1:], 0.5 * plain, rtol=1e-6)
 
 
+@pytest.mark.parametrize("direction_rate, first_scale", [(0.1, 0.35), (None, 1.0)])
+def test_the_first_step_is_scaled_by_the_initial_multiplier_alone(direction_rate, first_scale):
+    g = {"w": jnp.array([[3.0, -4.0]]), "b": jnp.array([12.0])}  # global norm 13
+    tx = clipx.adaptive(direction_rate=direction_rate)
+    updates, state = tx.update(g, tx.init(g))
+    chex.assert_trees_all_close(updates, jax.tree.map(lambda x: first_scale * x, g), rtol=1e-6)
+    assert float(clipx.stats(state)["adaptive/threshold"]) == pytest.approx(
+        13 * first_scale if direction_rate else np.inf, rel=1e-6
+    )
+    assert int(state.log_norm.observations) == 1
+    np.testing.assert_allclose(state.log_norm.mean, np.log(13.0), rtol=1e-6)  # the norm enters unclipped
+
+
 def test_complex_gradients_use_the_real_inner_product():
     g = {"z": jnp.array([1 + 2j, -0.5j, 3.0], jnp.complex64)}
     tx = clipx.adaptive(direction_rate=1.0, initial_multiplier=0.5)

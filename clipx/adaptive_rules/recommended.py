@@ -186,12 +186,13 @@ def adaptive(
     with momentum) at 10× its learning rate collapsed in the second epoch
     (79.8%, 65.6% and 48.5% after epochs 1–3: the norms rose and the
     threshold followed them), where ``global_norm(0.25)`` and ``agc`` reach
-    84–85%. Starting the multiplier at 0.5 lost plain SGD at 0.5 (53.2–84.3%),
-    and so did an unclipped first step (82.3%); a faster multiplier (rate
-    0.2) or one capped at its start lost IMDB with Adam (65.0% and
-    64.7–65.8% over 9–10 seeds). Lowering the threshold when the loss rises met the SGD
-    target too, but the same rise is the noise of real minibatch losses: it
-    slowed SST-2 and lost 1.5–9.8 points on IMDB with Adam.
+    84–85%. Starting the multiplier at 0.5 lost plain SGD at 0.5
+    (53.2–84.3%), and so did an unclipped first step (82.3%); a faster
+    multiplier (rate 0.2) or one capped at its start lost IMDB with Adam
+    (65.0% and 64.7–65.8% over 9–10 seeds). Lowering the threshold when the
+    loss rises met the SGD target too, but the same rise is the noise of
+    real minibatch losses: it slowed SST-2 and lost 1.5–9.8 points on IMDB
+    with Adam.
 
     A non-finite or zero norm never enters the statistics. On a step with a
     non-finite norm the update is non-finite (NaN); wrap the optimizer in
