@@ -17,6 +17,7 @@ Needs the ``workload`` extra (flax, matplotlib, rich).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import pathlib
@@ -42,59 +43,75 @@ from clipx.workload.train import (
 
 _console = rich.console.Console()
 
-# Model flags: (flag, ModelConfig field, type).
-_MODEL_FLAGS: tuple[tuple[str, str, Any], ...] = (
-    ("--cell", "cell", str),
-    ("--pooling", "pooling", str),
-    ("--head", "head", str),
-    ("--embed-dim", "embed_dim", int),
-    ("--hidden-size", "hidden_size", int),
-    ("--mlp-hidden", "mlp_hidden", int),
-    ("--dropout", "dropout", float),
-    ("--word-dropout", "word_dropout", float),
-    ("--embed-init-std", "embed_init_std", float),
+# Model flags: (flag, ModelConfig field, type, help); the default shown is ModelConfig's.
+_MODEL_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
+    ("--cell", "cell", str, f"recurrent cell, one of {', '.join(model_lib.CELLS)} (simple: a tanh RNN)"),
+    ("--pooling", "pooling", str, f"pooling over time, one of {', '.join(model_lib.POOLINGS)}"),
+    ("--head", "head", str, f"classifier head, one of {', '.join(model_lib.HEADS)}"),
+    ("--embed-dim", "embed_dim", int, "embedding width"),
+    ("--hidden-size", "hidden_size", int, "recurrent state width per direction"),
+    ("--mlp-hidden", "mlp_hidden", int, "width of the MLP head and the attention scorer"),
+    ("--dropout", "dropout", float, "dropout rate on embeddings, recurrent outputs and the head"),
+    ("--word-dropout", "word_dropout", float, "probability of replacing a training token by <unk>"),
+    ("--embed-init-std", "embed_init_std", float, "initial embeddings N(0, std²) (default: var 1/embed_dim)"),
 )
-# Training flags: (flag, TrainConfig field, type).
-_TRAIN_FLAGS: tuple[tuple[str, str, Any], ...] = (
-    ("--data", "data", str),
-    ("--task-length", "task_length", int),
-    ("--task-train", "task_train", int),
-    ("--train-limit", "train_limit", int),
-    ("--dev-limit", "dev_limit", int),
-    ("--max-length", "max_length", int),
-    ("--tokenizer", "tokenizer", str),
-    ("--min-count", "min_count", int),
-    ("--max-vocab", "max_vocab", int),
-    ("--optimizer", "optimizer", str),
-    ("--lr", "learning_rate", float),
-    ("--momentum", "momentum", float),
-    ("--weight-decay", "weight_decay", float),
-    ("--batch-size", "batch_size", int),
-    ("--epochs", "epochs", int),
-    ("--max-steps", "max_steps", int),
-    ("--seed", "seed", int),
-    ("--eval-every", "eval_every", int),
-    ("--checkpoint-every", "checkpoint_every", int),
+# Training flags: (flag, TrainConfig field, type, help); the default shown is TrainConfig's.
+_TRAIN_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
+    ("--data", "data", str, "folder with train.tsv and dev.tsv (or test.tsv); the embedded task if absent"),
+    ("--task-length", "task_length", int, "words per sentence of the embedded task (50-400)"),
+    ("--task-train", "task_train", int, "training sentences of the embedded task"),
+    ("--train-limit", "train_limit", int, "use only the first N training examples"),
+    ("--dev-limit", "dev_limit", int, "use only the first N dev examples"),
+    ("--max-length", "max_length", int, "truncate every example to N tokens (default: no truncation)"),
+    ("--tokenizer", "tokenizer", str, "words, or whitespace for pre-tokenized text"),
+    ("--min-count", "min_count", int, "keep training words seen at least N times"),
+    ("--max-vocab", "max_vocab", int, "largest vocabulary"),
+    ("--optimizer", "optimizer", str, f"one of {', '.join(OPTIMIZER_NAMES)}"),
+    ("--lr", "learning_rate", float, "learning rate"),
+    ("--momentum", "momentum", float, "momentum of the momentum optimizer"),
+    ("--weight-decay", "weight_decay", float, "L2 penalty added to the clipped gradient"),
+    ("--batch-size", "batch_size", int, "examples per step"),
+    ("--epochs", "epochs", int, "passes over the training split"),
+    ("--max-steps", "max_steps", int, "stop after N steps"),
+    ("--seed", "seed", int, "seed of initialisation, data order and dropout"),
+    ("--eval-every", "eval_every", int, "evaluate every N steps besides each epoch's end"),
+    ("--checkpoint-every", "checkpoint_every", int, "write a checkpoint every N steps"),
 )
+
+
+def _field_defaults(config_class: type) -> dict[str, Any]:
+    fields = dataclasses.fields(config_class)
+    return {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
 
 
 def _add_train_parser(subparsers) -> None:
     p = subparsers.add_parser("train", help="train the reference classifier with a clipx clipper")
-    p.add_argument("--preset", choices=sorted(model_lib.PRESETS), help="named model + training settings")
-    for flag, field, kind in _MODEL_FLAGS + _TRAIN_FLAGS:
-        p.add_argument(flag, dest=field, type=kind, default=None)
-    p.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument(
+        "--preset",
+        choices=sorted(model_lib.PRESETS),
+        help="named model and training settings; flags given override them",
+    )
+    defaults = {**_field_defaults(model_lib.ModelConfig), **_field_defaults(TrainConfig)}
+    for flag, field, kind, text in _MODEL_FLAGS + _TRAIN_FLAGS:
+        shown = "" if defaults[field] is None else f" (default: {defaults[field]})"
+        p.add_argument(flag, dest=field, type=kind, default=None, help=text + shown)
+    p.add_argument(
+        "--bidirectional",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="add a right-to-left recurrent layer (default: off)",
+    )
     p.add_argument(
         "--single-logit",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="two classes from one bias-free logit (sigmoid cross-entropy)",
+        help="two classes from one bias-free logit, sigmoid cross-entropy (default: off)",
     )
     p.add_argument(
         "--boundaries",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="wrap every example in <s> … </s>",
+        help="wrap every example in <s> … </s> (default: off)",
     )
     p.add_argument("--clip", default="none", help="a clipx factory name, or none (default)")
     p.add_argument(
@@ -114,14 +131,14 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     preset = model_lib.PRESETS[args.preset] if args.preset else {"model": {}, "train": {}}
     model = dict(preset["model"])
     model.update(
-        {field: getattr(args, field) for _, field, _ in _MODEL_FLAGS if getattr(args, field) is not None}
+        {field: getattr(args, field) for _, field, _, _ in _MODEL_FLAGS if getattr(args, field) is not None}
     )
     for field in ("bidirectional", "single_logit"):
         if getattr(args, field) is not None:
             model[field] = getattr(args, field)
     settings = dict(preset["train"])
     settings.update(
-        {field: getattr(args, field) for _, field, _ in _TRAIN_FLAGS if getattr(args, field) is not None}
+        {field: getattr(args, field) for _, field, _, _ in _TRAIN_FLAGS if getattr(args, field) is not None}
     )
     if args.boundaries is not None:
         settings["boundaries"] = args.boundaries
@@ -177,7 +194,7 @@ def _add_demo_parser(subparsers) -> None:
     )
     p.add_argument("--lr", type=float, default=0.05, help="learning rate (default: 0.05)")
     p.add_argument("--task-length", type=int, default=50, help="words per sentence, 50-400 (default: 50)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every run (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -261,24 +278,65 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _add_sweep_parser(subparsers) -> None:
     defaults = sweep.SweepConfig()
     p = subparsers.add_parser("sweep", help="learning-rate robustness sweep over clippers (resumable)")
-    p.add_argument("--out", default="clipx-sweep", help="folder for one JSON per run, table and plot")
-    p.add_argument("--data-root", default=defaults.data_root, help="folder holding imdb/")
-    p.add_argument("--datasets", default=",".join(defaults.datasets), help="comma-separated: imdb, task")
-    p.add_argument("--clippers", default=",".join(defaults.clippers), help="comma-separated labels")
     p.add_argument(
-        "--lrs", default=",".join(f"{x:g}" for x in defaults.learning_rates), help="comma-separated"
+        "--out",
+        default="clipx-sweep",
+        help="folder for one JSON per run, table and plot (default: ./clipx-sweep)",
     )
-    p.add_argument("--seeds", type=int, default=defaults.seeds)
     p.add_argument(
-        "--train-limit", type=int, default=defaults.train_limit, help="first N IMDB training examples"
+        "--data-root",
+        default=defaults.data_root,
+        help=f"folder holding imdb/ (default: {defaults.data_root})",
     )
-    p.add_argument("--dev-limit", type=int, default=defaults.dev_limit, help="first N IMDB test examples")
     p.add_argument(
-        "--max-length", type=int, default=defaults.max_length, help="truncate IMDB reviews to N tokens"
+        "--datasets",
+        default=",".join(defaults.datasets),
+        help="comma-separated, of: imdb, task (default: both)",
     )
-    p.add_argument("--task-length", type=int, default=defaults.task_length)
-    p.add_argument("--task-train", type=int, default=defaults.task_train)
-    p.add_argument("--max-steps", type=int, default=None, help="cap on steps per run")
+    p.add_argument(
+        "--clippers",
+        default=",".join(defaults.clippers),
+        help="comma-separated, of: " + ", ".join(label for label, _, _ in sweep.CLIPPERS) + " (default: all)",
+    )
+    p.add_argument(
+        "--lrs",
+        default=",".join(f"{x:g}" for x in defaults.learning_rates),
+        help=f"comma-separated (default: {','.join(f'{x:g}' for x in defaults.learning_rates)})",
+    )
+    p.add_argument(
+        "--seeds", type=int, default=defaults.seeds, help=f"seeds 0..N-1 per cell (default: {defaults.seeds})"
+    )
+    p.add_argument(
+        "--train-limit",
+        type=int,
+        default=defaults.train_limit,
+        help=f"first N IMDB training examples (default: {defaults.train_limit})",
+    )
+    p.add_argument(
+        "--dev-limit",
+        type=int,
+        default=defaults.dev_limit,
+        help=f"first N IMDB test examples (default: {defaults.dev_limit})",
+    )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=defaults.max_length,
+        help=f"truncate IMDB reviews to N tokens (default: {defaults.max_length})",
+    )
+    p.add_argument(
+        "--task-length",
+        type=int,
+        default=defaults.task_length,
+        help=f"words per sentence of the embedded task (default: {defaults.task_length})",
+    )
+    p.add_argument(
+        "--task-train",
+        type=int,
+        default=defaults.task_train,
+        help=f"training sentences of the embedded task (default: {defaults.task_train})",
+    )
+    p.add_argument("--max-steps", type=int, default=None, help="cap on steps per run (default: none)")
     p.add_argument(
         "--optimizer",
         choices=sorted(OPTIMIZER_NAMES),

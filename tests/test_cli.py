@@ -39,6 +39,17 @@ def test_train_preset_sets_defaults_and_flags_override():
     assert not config.model["single_logit"] and not config.boundaries
 
 
+def test_every_option_has_help_and_shown_defaults_are_the_real_ones():
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if a.choices and "train" in a.choices).choices
+    for name, command in commands.items():
+        for action in command._actions:
+            assert action.help, f"clipx {name} {action.option_strings} has no help"
+    train_help = commands["train"].format_help()
+    assert "(default: 0.001)" in train_help and "(default: 30000)" in train_help
+    assert "(default: None)" not in train_help
+
+
 def test_unknown_clipper_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["train", *TINY_TRAIN, "--clip", "nope", "--out", str(tmp_path)]) == 2
     printed = capsys.readouterr().out
