@@ -303,39 +303,16 @@ def _add_sweep_parser(subparsers) -> None:
         default=",".join(f"{x:g}" for x in defaults.learning_rates),
         help=f"comma-separated (default: {','.join(f'{x:g}' for x in defaults.learning_rates)})",
     )
-    p.add_argument(
-        "--seeds", type=int, default=defaults.seeds, help=f"seeds 0..N-1 per cell (default: {defaults.seeds})"
-    )
-    p.add_argument(
-        "--train-limit",
-        type=int,
-        default=defaults.train_limit,
-        help=f"first N IMDB training examples (default: {defaults.train_limit})",
-    )
-    p.add_argument(
-        "--dev-limit",
-        type=int,
-        default=defaults.dev_limit,
-        help=f"first N IMDB test examples (default: {defaults.dev_limit})",
-    )
-    p.add_argument(
-        "--max-length",
-        type=int,
-        default=defaults.max_length,
-        help=f"truncate IMDB reviews to N tokens (default: {defaults.max_length})",
-    )
-    p.add_argument(
-        "--task-length",
-        type=int,
-        default=defaults.task_length,
-        help=f"words per sentence of the embedded task (default: {defaults.task_length})",
-    )
-    p.add_argument(
-        "--task-train",
-        type=int,
-        default=defaults.task_train,
-        help=f"training sentences of the embedded task (default: {defaults.task_train})",
-    )
+    for flag, field, text in (
+        ("--seeds", "seeds", "seeds 0..N-1 per cell"),
+        ("--train-limit", "train_limit", "first N IMDB training examples"),
+        ("--dev-limit", "dev_limit", "first N IMDB test examples"),
+        ("--max-length", "max_length", "truncate IMDB reviews to N tokens"),
+        ("--task-length", "task_length", "words per sentence of the embedded task"),
+        ("--task-train", "task_train", "training sentences of the embedded task"),
+    ):
+        value = getattr(defaults, field)
+        p.add_argument(flag, type=int, default=value, help=f"{text} (default: {value})")
     p.add_argument("--max-steps", type=int, default=None, help="cap on steps per run (default: none)")
     p.add_argument(
         "--optimizer",
