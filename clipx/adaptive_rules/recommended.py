@@ -183,18 +183,18 @@ def adaptive(
     ``direction_rate=None``); with Adam at 1e-1 on the task it solved no
     seed of twenty (above: its threshold, 0.03–0.16, clipped every step and
     rose fourfold as ``m`` climbed to 1, which lengthens Adam's steps, where
-    a constant ``global_norm(0.1)`` solved seven); the SST-2 preset (SGD with momentum) at 10× its
-    learning rate collapses in the third epoch (79.2%, 73.3% and 51.3% after
-    epochs 1–3, seed 0: the norms rose and the threshold followed them; the
-    previous defaults collapsed in the second), where ``global_norm(0.25)``
-    and ``agc`` reach 84–85%. Starting the multiplier at 0.5 lost plain SGD at 0.5
-    (53.2–84.3%), and so did an unclipped first step (82.3%); a faster
-    multiplier (rate 0.2) or one capped at its start lost IMDB with Adam
-    (65.0% and 64.7–65.8% over 9–10 seeds; capped at 0.35 with rate 0.1,
-    66.8% over 20). Lowering the threshold when the
-    loss rises met the SGD target too, but the same rise is the noise of
-    real minibatch losses: it slowed SST-2 and lost 1.5–9.8 points on IMDB
-    with Adam.
+    a constant ``global_norm(0.1)`` solved seven); the SST-2 preset (SGD
+    with momentum) at 10× its learning rate collapses in the third epoch
+    (79.2%, 73.3% and 51.3% after epochs 1–3, seed 0: the norms rose and the
+    threshold followed them; the previous defaults collapsed in the second),
+    where ``global_norm(0.25)`` and ``agc`` reach 84–85%. Starting the
+    multiplier at 0.5 lost plain SGD at 0.5 (53.2–84.3%), and so did an
+    unclipped first step (82.3%); a faster multiplier (rate 0.2) or one
+    capped at its start lost IMDB with Adam (65.0% and 64.7–65.8% over 9–10
+    seeds; capped at 0.35 with rate 0.1, 66.8% over 20). Lowering the
+    threshold when the loss rises met the SGD target too, but the same rise
+    is the noise of real minibatch losses: it slowed SST-2 and lost 1.5–9.8
+    points on IMDB with Adam.
 
     A non-finite or zero norm never enters the statistics. On a step with a
     non-finite norm the update is non-finite (NaN); wrap the optimizer in
