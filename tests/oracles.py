@@ -187,10 +187,13 @@ class AdaptiveOracle:
         direction_rate: float | None = 0.1,
         initial_multiplier: float = 0.35,
         min_multiplier: float = 1 / 32,
+        jump_ratio: float | None = 6.0,
     ):
         self.num_stds, self.decay, self.min_std = num_stds, decay, min_std
         self.warmup_steps, self.warmup_factor = warmup_steps, warmup_factor
         self.rate, self.min_multiplier = direction_rate, min_multiplier
+        self.jump_ratio = jump_ratio
+        self.max_multiplier = 1.0
         self.logs_seen = 0
         self.mean = self.var = 0.0
         self.multiplier = 1.0 if direction_rate is None else initial_multiplier
@@ -209,6 +212,9 @@ class AdaptiveOracle:
         threshold = math.exp(log_threshold) * self.multiplier
         clipped, scale = _clip(leaves, norm, threshold)
         if self.rate is not None:
+            jumped = usable and self.logs_seen == 1 and self.jump_ratio is not None
+            if jumped and math.log(norm) - self.mean > math.log(self.jump_ratio):
+                self.max_multiplier = self.multiplier  # the second norm is over jump_ratio × the first
             sketches = [sketch_of(g) for g in leaves]
             sketch_norm = norm_of(sketches)
             cosine = 0.0
@@ -217,7 +223,8 @@ class AdaptiveOracle:
                 inner = sum(float(np.sum(np.real(s * np.conj(p)))) for s, p in pairs)
                 cosine = min(1.0, max(-1.0, inner / (sketch_norm * self.previous_norm)))
             log_multiplier = math.log(self.multiplier) + self.rate * cosine
-            self.multiplier = math.exp(min(0.0, max(math.log(self.min_multiplier), log_multiplier)))
+            ceiling = math.log(self.max_multiplier)
+            self.multiplier = math.exp(min(ceiling, max(math.log(self.min_multiplier), log_multiplier)))
             if usable:
                 self.previous, self.previous_norm = sketches, sketch_norm
         if usable:

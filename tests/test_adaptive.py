@@ -174,6 +174,8 @@ def test_bad_hyperparameters_raise():
         {"min_multiplier": 0.0, "direction_rate": 0.2},
         {"min_multiplier": 2.0, "direction_rate": 0.2},
         {"initial_multiplier": 2.0},  # checked even while direction_rate is None
+        {"jump_ratio": 0.5},
+        {"jump_ratio": float("nan")},
     ):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             clipx.adaptive(**kwargs)
@@ -181,6 +183,7 @@ def test_bad_hyperparameters_raise():
         {"direction_rate": "0.2"},
         {"direction_rate": True},
         {"initial_multiplier": "1/4", "direction_rate": 0.2},
+        {"jump_ratio": "6"},
     ):
         with pytest.raises(TypeError, match=next(iter(kwargs))):
             clipx.adaptive(**kwargs)
@@ -270,11 +273,13 @@ def trending_gradients(steps, seed=0, flip_until=0):
         {"warmup_steps": 5, "num_stds": 2.0, "decay": 0.9, "warmup_factor": 4.0, "direction_rate": None},
         {"warmup_steps": 5, "direction_rate": 0.5, "initial_multiplier": 0.25},
         {"warmup_steps": 5, "direction_rate": 1.0, "initial_multiplier": 1.0, "min_multiplier": 0.1},
+        {"warmup_steps": 5, "direction_rate": 0.5, "jump_ratio": 1.5},
     ],
-    ids=["defaults", "without_direction", "direction", "direction_from_1"],
+    ids=["defaults", "without_direction", "direction", "direction_from_1", "jumped"],
 )
 def test_matches_the_oracle_through_spikes_zeros_and_nonfinite_steps(kwargs):
     grads = trending_gradients(160, seed=4, flip_until=60)
+    grads = {k: np.concatenate([g[:1] / 4, g[1:]]) for k, g in grads.items()}  # the second norm jumps
     updates, stats, _ = run_transform(clipx.adaptive(**kwargs), grads)
     expected_updates, expected_stats = run_oracle(AdaptiveOracle(**kwargs), grads)
     assert_matches(updates, stats, expected_updates, expected_stats, rtol=1e-4)
@@ -291,6 +296,20 @@ def test_direction_multiplier_falls_while_gradients_alternate_and_rises_while_th
     assert 1 / 32 <= ratio[50] < 1 / 16
     assert np.mean(ratio[-20:] == 1.0) >= 0.8 and np.min(ratio[-20:]) > 0.9
     assert float(state.direction.log_multiplier) == 0.0
+
+
+@pytest.mark.parametrize("jump, held", [(8.0, True), (4.0, False)])
+def test_a_jump_of_the_second_norm_holds_the_multiplier_at_its_start(jump, held):
+    # Gradients that agree raise m at every step, unless the second norm is over 6× the first.
+    g = np.array([3.0, 4.0], np.float32)
+    grads = {"w": np.stack([g] + [jump * g] * 30)}
+    _, _, state = run_transform(clipx.adaptive(), grads)
+    ceiling = float(np.exp(state.direction.log_ceiling))
+    multiplier = float(np.exp(state.direction.log_multiplier))
+    if held:
+        assert ceiling == pytest.approx(0.35) and multiplier == pytest.approx(0.35)
+    else:
+        assert ceiling == 1.0 and multiplier == 1.0
 
 
 def test_without_direction_rate_nothing_is_kept_and_a_zero_rate_keeps_the_initial_multiplier():
