@@ -243,7 +243,7 @@ def adaptive(
       min_multiplier: ``m_min`` in ``(0, 1]``, the multiplier's floor.
       jump_ratio: ``J ≥ 1``: a second norm over ``J`` times the first holds
         the multiplier at or below ``m_0`` for the rest of the run; None
-        never holds it.
+        never holds it (unused when ``direction_rate`` is None).
       axis_name: inside ``shard_map``/``pmap``, the mapped axis to sum the
         squared norm over (as in `clipx.global_norm`).
 
