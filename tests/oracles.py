@@ -212,8 +212,8 @@ class AdaptiveOracle:
         threshold = math.exp(log_threshold) * self.multiplier
         clipped, scale = _clip(leaves, norm, threshold)
         if self.rate is not None:
-            jumped = usable and self.logs_seen == 1 and self.jump_ratio is not None
-            if jumped and math.log(norm) - self.mean > math.log(self.jump_ratio):
+            second_norm = usable and self.logs_seen == 1 and self.jump_ratio is not None
+            if second_norm and math.log(norm) - self.mean > math.log(self.jump_ratio):
                 self.max_multiplier = self.multiplier  # the second norm is over jump_ratio × the first
             sketches = [sketch_of(g) for g in leaves]
             sketch_norm = norm_of(sketches)
