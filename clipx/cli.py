@@ -1,4 +1,4 @@
-"""The ``clipx`` command: ``clipx demo``, ``clipx train`` and ``clipx sweep``.
+"""The ``clipx`` command: ``clipx demo``, ``clipx train``, ``clipx plot`` and ``clipx sweep``.
 
 - ``clipx demo``: trains one small recurrent model on the embedded
   temporal-order task with no clipping, value, global-norm and adaptive
@@ -8,7 +8,9 @@
   to ``--out``.
 - ``clipx train``: one run with any clipx clipper (``--clip NAME --clip-arg
   key=value ...``), any of the optimizers, on the embedded task or ``--data
-  DIR``; logs, checkpoints, ``--resume``.
+  DIR``; logs, checkpoints, ``--resume``; writes the plots of ``clipx plot``.
+- ``clipx plot``: training loss, gradient norm, dev accuracy and the
+  clipper's threshold of one or more ``clipx train`` runs, as PNGs.
 - ``clipx sweep``: the learning-rate robustness sweep of `clipx.workload.sweep`.
 
 Needs the ``workload`` extra (flax, matplotlib, rich).
@@ -158,6 +160,80 @@ def _cmd_train(args: argparse.Namespace) -> int:
     for key, value in summary.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     _console.print(table)
+    if any("loss" in record for record in read_log(out)):
+        _console.print(f"plots: {', '.join(map(str, _plot_runs([out], None, out)))}")
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# plot
+
+_CELL_NAMES = {"simple": "vanilla RNN", "lstm": "LSTM", "gru": "GRU"}
+
+
+def _setting_parts(config_file: pathlib.Path) -> list[str]:
+    """A run's settings as short phrases for plot titles: data, cell, optimizer, clipper, seed."""
+    if not config_file.is_file():
+        return []
+    config = {**_field_defaults(TrainConfig), **json.loads(config_file.read_text())}
+    cell = {**_field_defaults(model_lib.ModelConfig), **config["model"]}["cell"]
+    optimizer = OPTIMIZER_NAMES.get(config["optimizer"], config["optimizer"])
+    if config["optimizer"] == "momentum":
+        optimizer = f"SGD+momentum {config['momentum']:g}"
+    clip_args = ", ".join(f"{key}={value}" for key, value in config["clip_args"].items())
+    data = config["data"]
+    return [
+        f"data {pathlib.Path(data).name}" if data else f"{config['task_length']}-word temporal order",
+        _CELL_NAMES.get(cell, cell),
+        f"{optimizer} lr {config['learning_rate']:g}",
+        "no clipping" if config["clip"] == "none" else f"clipx.{config['clip']}({clip_args})",
+        f"seed {config['seed']}",
+    ]
+
+
+def _plot_runs(
+    folders: Sequence[pathlib.Path], labels: Sequence[str] | None, out: pathlib.Path
+) -> list[pathlib.Path]:
+    """Reads the ``clipx train`` runs in ``folders`` and writes `plots.plot_runs`'s figures to ``out``."""
+    if labels is None:
+        names = [folder.resolve().name for folder in folders]
+        labels = names if len(set(names)) == len(names) else [str(folder) for folder in folders]
+    if len(labels) != len(folders):
+        raise ValueError(f"{len(folders)} runs but {len(labels)} --label values")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"every run needs its own label; got {', '.join(labels)}")
+    runs: dict[str, list[dict[str, Any]]] = {}
+    parts = []
+    for label, folder in zip(labels, folders, strict=True):
+        if not (folder / "log.jsonl").is_file():
+            raise FileNotFoundError(f"{folder}: no log.jsonl here; give folders written by clipx train")
+        runs[label] = read_log(folder)
+        if not any("loss" in record for record in runs[label]):
+            raise ValueError(f"{folder / 'log.jsonl'}: no training step logged")
+        parts.append(_setting_parts(folder / "config.json"))
+    shared = [part for part in parts[0] if all(part in other for other in parts[1:])]
+    return plots.plot_runs(runs, out, ", ".join(shared) or "settings differ: see the legend")
+
+
+def _add_plot_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plot", help="plot clipx train runs: loss, gradient norm, dev accuracy, the clipper's threshold"
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN", help="folders written by clipx train")
+    p.add_argument(
+        "--out",
+        help="folder for the PNGs (default: the run's own folder for one run, ./clipx-plots for several)",
+    )
+    p.add_argument(
+        "--label", action="append", help="legend label of each run, in order (default: the folder names)"
+    )
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    folders = [pathlib.Path(run) for run in args.runs]
+    default_out = folders[0] if len(folders) == 1 else pathlib.Path("clipx-plots")
+    out = pathlib.Path(args.out) if args.out else default_out
+    _console.print(f"plots: {', '.join(map(str, _plot_runs(folders, args.label, out)))}")
     return 0
 
 
@@ -175,7 +251,6 @@ DEMO_CLIPPERS: tuple[tuple[str, str, float | None], ...] = (
     ("global_norm 1.0", "global_norm", 1.0),
     ("adaptive", "adaptive", None),
 )
-_DEMO_CELL_NAMES = {"simple": "vanilla RNN", "lstm": "LSTM", "gru": "GRU"}
 
 
 def _add_demo_parser(subparsers) -> None:
@@ -225,7 +300,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         summaries[label] = train(config, run_dir, progress=not args.quiet, description=f"{label:>16}")
         runs[label] = read_log(run_dir)
 
-    cell = _DEMO_CELL_NAMES.get(str(DEMO_MODEL["cell"]), str(DEMO_MODEL["cell"]))
+    cell = _CELL_NAMES.get(str(DEMO_MODEL["cell"]), str(DEMO_MODEL["cell"]))
     setting = (
         f"{cell}, {args.task_length}-word temporal order, "
         f"{OPTIMIZER_NAMES[args.optimizer]} lr {args.lr:g}, seed {args.seed}"
@@ -259,10 +334,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     plots.plot_grad_norms(runs, out / "grad_norm.png", f"Gradient norm per clipper\n{setting}")
     written = [out / "loss.png", out / "grad_norm.png"]
     if "adaptive" in runs:
-        prefix = next(k for k in runs["adaptive"][0] if k.endswith("/threshold"))[: -len("/threshold")]
         plots.plot_threshold(
             runs["adaptive"],
-            prefix,
+            plots.threshold_prefix(runs["adaptive"]) or "adaptive",
             out / "adaptive_threshold.png",
             f"clipx.adaptive(): gradient norm vs threshold\n{setting}",
         )
@@ -360,10 +434,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``clipx`` command."""
-    parser = argparse.ArgumentParser(prog="clipx", description="clipx reference workload: demo, train, sweep")
+    description = "clipx reference workload: demo, train, plot, sweep"
+    parser = argparse.ArgumentParser(prog="clipx", description=description)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_demo_parser(subparsers)
     _add_train_parser(subparsers)
+    _add_plot_parser(subparsers)
     _add_sweep_parser(subparsers)
     return parser
 
@@ -371,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``clipx <command>``; returns the exit status (errors in settings give 2 and a message)."""
     args = build_parser().parse_args(argv)
-    commands = {"demo": _cmd_demo, "train": _cmd_train, "sweep": _cmd_sweep}
+    commands = {"demo": _cmd_demo, "train": _cmd_train, "plot": _cmd_plot, "sweep": _cmd_sweep}
     try:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError) as error:

@@ -56,6 +56,57 @@ def test_unknown_clipper_is_a_clear_error(tmp_path, capsys):
     assert "unknown clipper 'nope'" in printed and "global_norm" in printed
 
 
+def test_train_writes_plots_and_plot_overlays_runs(tmp_path, capsys):
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run, clip in zip(runs, ("adaptive", "none"), strict=True):
+        argv = ["train", *TINY_TRAIN, "--clip", clip, "--eval-every", "1", "--out", str(run)]
+        assert cli.main(argv) == 0
+    for name in ("loss.png", "grad_norm.png", "dev_accuracy.png", "threshold.png"):
+        assert (runs[0] / name).stat().st_size > 0
+    assert not (runs[1] / "threshold.png").exists()  # no clipper, no threshold
+
+    out = tmp_path / "both"
+    argv = ["plot", *map(str, runs), "--label", "adaptive run", "--label", "unclipped", "--out", str(out)]
+    assert cli.main(argv) == 0
+    written = sorted(path.name for path in out.iterdir())
+    assert written == ["dev_accuracy.png", "grad_norm.png", "loss.png", "threshold_adaptive_run.png"]
+    assert "threshold_adaptive_run.png" in capsys.readouterr().out.replace("\n", "")
+
+
+def test_plot_titles_name_the_settings_the_runs_share(tmp_path):
+    argv = ["train", *TINY_TRAIN, "--optimizer", "momentum", "--lr", "0.3", "--max-steps", "1"]
+    cli.main([*argv, "--clip", "global_norm", "--clip-arg", "max_norm=0.5", "--out", str(tmp_path / "a")])
+    parts = cli._setting_parts(tmp_path / "a" / "config.json")
+    expected = [
+        "50-word temporal order", "vanilla RNN", "SGD+momentum 0.9 lr 0.3",
+        "clipx.global_norm(max_norm=0.5)", "seed 0",
+    ]  # fmt: skip
+    assert parts == expected
+    assert cli._setting_parts(tmp_path / "missing.json") == []
+
+
+def test_plot_bad_inputs_are_clear_errors(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", *TINY_TRAIN, "--max-steps", "1", "--out", str(run)]) == 0
+    capsys.readouterr()
+
+    def error(*argv):
+        assert cli.main(["plot", *argv, "--out", str(tmp_path / "plots")]) == 2
+        return capsys.readouterr().out.replace("\n", "")
+
+    assert "no log.jsonl here" in error(str(tmp_path / "absent"))
+    assert "2 runs but 1 --label values" in error(str(run), str(run), "--label", "x")
+    assert "every run needs its own label" in error(str(run), str(run))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "log.jsonl").write_text('{"step": 1, "epoch": 0, "dev_accuracy": 0.5}\n')
+    assert "no training step logged" in error(str(empty))
+    (empty / "log.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "lo\n')
+    assert "line 2: not a JSON record" in error(str(empty))
+    (empty / "log.jsonl").write_text('{"step": 1, "loss": 0.5}\n[1, 2]\n')
+    assert "line 2: not a log record" in error(str(empty))
+
+
 TINY_MODEL = dict(cell="simple", embed_dim=4, hidden_size=4, pooling="last", head="linear")
 
 

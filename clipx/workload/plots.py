@@ -1,8 +1,12 @@
-"""The figures of ``clipx demo`` and ``clipx sweep`` (PNG, via matplotlib's object API, no pyplot state)."""
+"""The figures of ``clipx demo``, ``clipx plot`` and ``clipx sweep``.
+
+PNGs, drawn with matplotlib's object API (no pyplot state).
+"""
 
 from __future__ import annotations
 
 import pathlib
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,10 +22,17 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def _finish_step_plot(
-    fig: Figure, ax: Any, ylabel: str, title: str, path: str | pathlib.Path, legend_title: str | None = None
+    fig: Figure,
+    ax: Any,
+    ylabel: str,
+    title: str,
+    path: str | pathlib.Path,
+    legend_title: str | None = None,
+    log_scale: bool = True,
 ) -> None:
-    """Log-scale y against training steps, labels, title, legend and grid; writes the PNG."""
-    ax.set_yscale("log")
+    """y against training steps (log scale unless not ``log_scale``), labels, legend, grid; writes the PNG."""
+    if log_scale:
+        ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -62,13 +73,28 @@ def plot_grad_norms(
     _finish_step_plot(fig, ax, "global L2 norm of the gradient\nbefore clipping (log scale)", title, path)
 
 
+def threshold_prefix(records: Sequence[Mapping[str, Any]]) -> str | None:
+    """The ``clipx.stats`` name of the clipper whose threshold ``records`` log, or ``None``.
+
+    ``"adaptive"`` for records with an ``"adaptive/threshold"`` entry.
+    """
+    suffix = "/threshold"
+    return next((key[: -len(suffix)] for record in records for key in record if key.endswith(suffix)), None)
+
+
 def plot_threshold(
-    records: Sequence[Mapping[str, Any]], prefix: str, path: str | pathlib.Path, title: str
+    records: Sequence[Mapping[str, Any]],
+    prefix: str,
+    path: str | pathlib.Path,
+    title: str,
+    measured: str = "gradient norm (before clipping)",
+    ylabel: str = "global L2 norm of the gradient (log scale)",
 ) -> None:
-    """The gradient norm before clipping and the clipper's threshold, per step; clipped steps marked.
+    """The measured norm and the clipper's threshold, per step; clipped steps marked.
 
     ``prefix`` is the clipper's key in ``clipx.stats`` (``"adaptive"`` reads
-    ``"adaptive/norm"``, ``"adaptive/threshold"``, ``"adaptive/clipped"``).
+    ``"adaptive/norm"``, ``"adaptive/threshold"``, ``"adaptive/clipped"``);
+    ``measured`` and ``ylabel`` name what its ``norm`` entry is.
     """
     rows = [r for r in records if f"{prefix}/norm" in r]
     steps = np.array([r["step"] for r in rows])
@@ -77,10 +103,59 @@ def plot_threshold(
     clipped = np.array([bool(r.get(f"{prefix}/clipped", 0.0)) for r in rows], dtype=bool)
     fig = Figure(figsize=(8, 4.5))
     ax = fig.subplots()
-    ax.plot(steps, norms, linewidth=0.8, label="gradient norm (before clipping)")
+    ax.plot(steps, norms, linewidth=0.8, label=measured)
     ax.plot(steps, thresholds, linewidth=1.5, label="threshold")
     ax.scatter(steps[clipped], norms[clipped], s=10, color="red", zorder=3, label="clipped step")
-    _finish_step_plot(fig, ax, "global L2 norm of the gradient (log scale)", title, path)
+    _finish_step_plot(fig, ax, ylabel, title, path)
+
+
+def plot_dev_accuracy(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | pathlib.Path, title: str
+) -> None:
+    """Dev accuracy (%) at each evaluation of each run."""
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    for label, records in runs.items():
+        rows = [r for r in records if r.get("dev_accuracy") is not None]
+        accuracy = [100 * r["dev_accuracy"] for r in rows]
+        ax.plot([r["step"] for r in rows], accuracy, marker="o", markersize=3, label=label)
+    _finish_step_plot(fig, ax, "dev accuracy (%)", title, path, log_scale=False)
+
+
+def plot_runs(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]], out: str | pathlib.Path, setting: str
+) -> list[pathlib.Path]:
+    """The figures of ``clipx plot`` for ``runs`` (label → ``log.jsonl`` records); returns their paths.
+
+    Writes into ``out``: ``loss.png``, ``grad_norm.png``, ``dev_accuracy.png``
+    (when any run was evaluated) and, for each run whose clipper reports a
+    threshold, ``threshold.png`` (one run) or ``threshold_<label>.png``.
+    ``setting`` is the titles' second line.
+    """
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "loss.png", out / "grad_norm.png"]
+    plot_losses(runs, written[0], f"Training loss\n{setting}")
+    plot_grad_norms(runs, written[1], f"Gradient norm before clipping\n{setting}")
+    if any(r.get("dev_accuracy") is not None for records in runs.values() for r in records):
+        written.append(out / "dev_accuracy.png")
+        plot_dev_accuracy(runs, written[-1], f"Dev accuracy\n{setting}")
+    for label, records in runs.items():
+        prefix = threshold_prefix(records)
+        if prefix is None:
+            continue
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", label)
+        name = "threshold.png" if len(runs) == 1 else f"threshold_{slug}.png"
+        written.append(out / name)
+        plot_threshold(
+            records,
+            prefix,
+            written[-1],
+            f"clipx.{prefix}: measured norm vs threshold ({label})\n{setting}",
+            measured=f"measured before clipping ({prefix}/norm)",
+            ylabel="the clipper's measured norm (global rules:\nthe gradient norm; log scale)",
+        )
+    return written
 
 
 def plot_sweep(

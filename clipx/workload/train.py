@@ -409,7 +409,17 @@ class _Progress:
 def _read_log(path: pathlib.Path, up_to_step: int) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not a JSON record ({error.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError(f"{path}, line {number}: not a log record (an object with an integer 'step')")
+        records.append(record)
     return [r for r in records if r["step"] <= up_to_step]
 
 
