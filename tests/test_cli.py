@@ -73,6 +73,19 @@ def test_train_writes_plots_and_plot_overlays_runs(tmp_path, capsys):
     assert "threshold_adaptive_run.png" in capsys.readouterr().out.replace("\n", "")
 
 
+def test_plot_draws_diverged_and_long_runs(tmp_path):
+    run = tmp_path / "diverged"
+    run.mkdir()
+    values = [0.7, float("nan"), float("inf"), 0.0, 1e38] * 500  # 2500 steps: the dense style
+    with (run / "log.jsonl").open("w") as log:
+        for step, value in enumerate(values, start=1):
+            stats = {"global_norm/norm": value, "global_norm/threshold": 1.0, "global_norm/clipped": 1.0}
+            log.write(json.dumps({"step": step, "loss": value, "grad_norm": value, **stats}) + "\n")
+        log.write(json.dumps({"step": len(values), "dev_accuracy": None, "dev_loss": None}) + "\n")
+    assert cli.main(["plot", str(run)]) == 0
+    assert sorted(path.name for path in run.glob("*.png")) == ["grad_norm.png", "loss.png", "threshold.png"]
+
+
 def test_plot_titles_name_the_settings_the_runs_share(tmp_path):
     argv = ["train", *TINY_TRAIN, "--optimizer", "momentum", "--lr", "0.3", "--max-steps", "1"]
     cli.main([*argv, "--clip", "global_norm", "--clip-arg", "max_norm=0.5", "--out", str(tmp_path / "a")])

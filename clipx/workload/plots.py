@@ -42,35 +42,44 @@ def _finish_step_plot(
     fig.savefig(path, dpi=100)
 
 
+def _plot_per_step(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]],
+    key: str,
+    path: str | pathlib.Path,
+    title: str,
+    ylabel: str,
+) -> None:
+    """``key`` per step for each run: faint as logged, solid as a moving mean.
+
+    The mean runs over 1% of the longest run's steps, at least 10.
+    """
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    rows = {label: [r for r in records if key in r] for label, records in runs.items()}
+    window = max(10, max(map(len, rows.values()), default=0) // 100)
+    for label, records in rows.items():
+        steps = np.array([r["step"] for r in records])
+        values = np.array([r[key] for r in records], dtype=float)
+        (line,) = ax.plot(steps, values, alpha=0.25, linewidth=0.8)
+        smooth = _smooth(values, window)
+        ax.plot(steps[len(steps) - len(smooth) :], smooth, color=line.get_color(), label=label)
+    legend_title = f"faint: per step; solid: {window}-step mean"
+    _finish_step_plot(fig, ax, ylabel, title, path, legend_title=legend_title)
+
+
 def plot_losses(
     runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | pathlib.Path, title: str
 ) -> None:
-    """Training loss per step for each run (raw, faint; moving average of 10 steps, solid)."""
-    fig = Figure(figsize=(8, 4.5))
-    ax = fig.subplots()
-    for label, records in runs.items():
-        steps = np.array([r["step"] for r in records if "loss" in r])
-        losses = np.array([r["loss"] for r in records if "loss" in r], dtype=float)
-        (line,) = ax.plot(steps, losses, alpha=0.25, linewidth=0.8)
-        smooth = _smooth(losses, 10)
-        ax.plot(steps[len(steps) - len(smooth) :], smooth, color=line.get_color(), label=label)
-    ylabel = "training loss (cross-entropy, nats; log scale)"
-    legend_title = "faint: per step; solid: 10-step mean"
-    _finish_step_plot(fig, ax, ylabel, title, path, legend_title=legend_title)
+    """Training loss per step for each run (see `_plot_per_step`)."""
+    _plot_per_step(runs, "loss", path, title, "training loss (cross-entropy, nats; log scale)")
 
 
 def plot_grad_norms(
     runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | pathlib.Path, title: str
 ) -> None:
-    """The global gradient norm before clipping per step for each run (log scale)."""
-    fig = Figure(figsize=(8, 4.5))
-    ax = fig.subplots()
-    for label, records in runs.items():
-        rows = [r for r in records if "grad_norm" in r]
-        steps = np.array([r["step"] for r in rows])
-        norms = np.array([r["grad_norm"] for r in rows], dtype=float)
-        ax.plot(steps, norms, linewidth=0.8, alpha=0.8, label=label)
-    _finish_step_plot(fig, ax, "global L2 norm of the gradient\nbefore clipping (log scale)", title, path)
+    """The global gradient norm before clipping per step for each run (see `_plot_per_step`)."""
+    ylabel = "global L2 norm of the gradient\nbefore clipping (log scale)"
+    _plot_per_step(runs, "grad_norm", path, title, ylabel)
 
 
 def threshold_prefix(records: Sequence[Mapping[str, Any]]) -> str | None:
@@ -104,8 +113,13 @@ def plot_threshold(
     fig = Figure(figsize=(8, 4.5))
     ax = fig.subplots()
     ax.plot(steps, norms, linewidth=0.8, label=measured)
-    ax.plot(steps, thresholds, linewidth=1.5, label="threshold")
-    ax.scatter(steps[clipped], norms[clipped], s=10, color="red", zorder=3, label="clipped step")
+    # Over long runs the markers would hide the threshold: smaller, fainter, and drawn beneath it.
+    dense = len(steps) > 1000
+    ax.scatter(
+        steps[clipped], norms[clipped], s=2 if dense else 10, alpha=0.4 if dense else 1.0,
+        color="red", zorder=3, label="clipped step",
+    )  # fmt: skip
+    ax.plot(steps, thresholds, linewidth=1.5, color="black", zorder=4, label="threshold")
     _finish_step_plot(fig, ax, ylabel, title, path)
 
 
