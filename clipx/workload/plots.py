@@ -30,7 +30,7 @@ def _finish_step_plot(
     legend_title: str | None = None,
     log_scale: bool = True,
 ) -> None:
-    """y against training steps (log scale unless not ``log_scale``), labels, legend, grid; writes the PNG."""
+    """y (log scale if ``log_scale``) against training steps, labels, legend and grid; writes the PNG."""
     if log_scale:
         ax.set_yscale("log")
     ax.set_xlabel("training step")
