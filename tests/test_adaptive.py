@@ -1,5 +1,7 @@
 """clipx.adaptive: properties of the threshold, robustness to NaN/inf, composition with optax."""
 
+import inspect
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -352,3 +354,34 @@ def test_direction_state_from_another_tree_is_rejected():
     state = tx.init(PARAMS)
     with pytest.raises(ValueError, match="previous gradient"):
         tx.update({"w": jnp.ones((2, 3))}, state)
+
+
+@pytest.mark.parametrize(
+    "factory, kwargs",
+    [
+        (clipx.adaptive, {}),
+        (clipx.adaptive, {"direction_rate": None}),
+        (clipx.autoclip, {"history": 4}),
+        (clipx.zclip, {"warmup_steps": 2}),
+        (clipx.adagc, {"warmup_steps": 2}),
+        (clipx.quantile_clip, {}),
+    ],
+)
+def test_float64_hyperparameters_under_x64_keep_the_state_types(factory, kwargs):
+    # np.float64 is not weakly typed: a rate read from a config file must not widen the
+    # float32 state, or lax.scan (and MultiSteps, the guards) refuse the new state.
+    with jax.enable_x64(True):
+        floats = {
+            name: np.float64(param.default)
+            for name, param in inspect.signature(factory).parameters.items()
+            if isinstance(param.default, float) and name not in kwargs
+        }
+        tx = factory(**kwargs, **floats)
+        grads = {"w": jnp.array([[1.0, -2.0], [0.5, 3.0]], jnp.float32), "b": jnp.array([0.25], jnp.float32)}
+        state = tx.init(grads)
+
+        def step(state, factor):
+            return tx.update(jax.tree.map(lambda g: g * factor, grads), state)[1], None
+
+        final, _ = jax.lax.scan(step, state, jnp.array([1.0, 3.0, 0.5, 20.0, 1.0], jnp.float32))
+        chex.assert_trees_all_equal_dtypes(final, state)

@@ -370,7 +370,7 @@ def _follow_direction(
         direction.log_multiplier + rate * jnp.clip(cosine, -1, 1),
         jnp.log(jnp.asarray(min_multiplier, dtype)),
         direction.log_ceiling,
-    )
+    ).astype(dtype)  # a float64 rate under x64 must not widen the state (lax.scan needs one type)
     # One conditional for the whole tree, not a select per leaf: no per-leaf work to trace or compile.
     sketches = jax.tree.map(lambda s, p: s.astype(p.dtype), measures.sketches, direction.previous)
     previous = jax.lax.cond(observe, lambda: sketches, lambda: direction.previous)
