@@ -123,6 +123,7 @@ class WithoutStatsState(NamedTuple):
     """State of `without_stats`: the inner state, its `ClipStats` frozen at their ``init`` values."""
 
     inner_state: Any
+    fields_like_params = ("inner_state",)  # type: ignore[misc]  # sharded like the parameters (`state_shardings`)
 
 
 def _is_clip_stats(node: Any) -> bool:

@@ -44,6 +44,7 @@ class SkipNonfiniteState(NamedTuple):
     inner_state: Any
     stats: GuardStats
     stats_name = "skip_nonfinite"  # type: ignore[misc]  # a class attribute, not a field
+    fields_like_params = ("inner_state",)  # type: ignore[misc]  # sharded like the parameters (`state_shardings`)
 
 
 def skip_nonfinite(
@@ -148,6 +149,7 @@ class SkipSpikesState(NamedTuple):
     grad_norm: GradNormRecord
     stats: GuardStats
     stats_name = "skip_spikes"  # type: ignore[misc]  # a class attribute, not a field
+    fields_like_params = ("inner_state",)  # type: ignore[misc]  # sharded like the parameters (`state_shardings`)
 
 
 def skip_spikes(

@@ -11,6 +11,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 PyTree = Any
 
 
+def _is_clipx_state(node: Any) -> bool:
+    """Whether ``node`` is one of clipx's state NamedTuples."""
+    return isinstance(node, tuple) and hasattr(node, "_fields") and type(node).__module__.startswith("clipx.")
+
+
 def _replicated_like(example: Any) -> Any:
     if isinstance(example, NamedSharding):
         return NamedSharding(example.mesh, PartitionSpec())
@@ -34,10 +39,15 @@ def state_shardings(
     A leaf of the optimizer state that *mirrors* a parameter — it sits in a
     subtree with the structure of ``params`` and has that parameter's shape,
     as Adam's moments do — gets that parameter's sharding. Every other leaf
-    (clipx's statistics: global scalars, per-tensor scalars, norm histories,
-    step counters, PRNG keys) is replicated: they are small, and every device
-    needs them to scale its own shard. Nothing is computed: the state's
-    shapes come from ``jax.eval_shape``.
+    is replicated, and so is every leaf of a clipx state (its statistics:
+    global scalars, per-tensor scalars, norm histories, step counters, PRNG
+    keys), whatever its shape, except in the fields its type names in
+    ``fields_like_params`` (the ``inner_state`` of a guard or of
+    `without_stats`, `adaptive`'s kept gradient), which follow these rules
+    in turn. The
+    statistics are small, and every device needs them to scale its own shard;
+    a norm history that happened to have a parameter's shape must not be
+    split. Nothing is computed: the state's shapes come from ``jax.eval_shape``.
 
     Works for ``jax.jit`` (``NamedSharding`` leaves; ``replicated`` defaults to
     ``NamedSharding(mesh, PartitionSpec())`` on the first leaf's mesh) and for
@@ -81,7 +91,18 @@ def state_shardings(
         except Exception:  # a node jax cannot flatten is no parameter tree
             return False
 
+    def assign_tree(tree: PyTree) -> PyTree:
+        return jax.tree.map(assign, tree, is_leaf=lambda node: _is_clipx_state(node) or mirrors_params(node))
+
     def assign(node: Any) -> Any:
+        if _is_clipx_state(node):
+            like_params = getattr(node, "fields_like_params", ())
+            return type(node)(
+                *(
+                    assign_tree(value) if field in like_params else jax.tree.map(lambda _: replicated, value)
+                    for field, value in zip(node._fields, node, strict=True)
+                )
+            )
         if not mirrors_params(node):
             return replicated
         leaves = params_def.flatten_up_to(node)
@@ -92,4 +113,4 @@ def state_shardings(
             ]
         )
 
-    return jax.tree.map(assign, state, is_leaf=mirrors_params)
+    return assign_tree(state)

@@ -160,6 +160,15 @@ def test_skip_nonfinite_decides_together_under_shard_map(poisoned_device):
     assert int(clipx.stats(mapped[1])["skip_nonfinite/total"]) == (poisoned_device is not None)
 
 
+def test_norm_histories_shaped_like_a_parameter_stay_whole():
+    # 64 norms per tensor, as many as the bias has entries: `state_shardings` must not split them.
+    params, grads = data()
+    specs = tree_of_shapes(largest_axis_spec)
+    history = SHAPES["bias"][0]
+    mapped = run(clipx.autoclip(0.5, history, per_tensor=True, axis_name=AXIS), params, grads, (specs, specs))
+    assert_tree_close(mapped, run(clipx.autoclip(0.5, history, per_tensor=True), params, grads))
+
+
 def test_agc_updates_need_no_axis_name_when_units_stay_whole():
     params, grads = data()
     tx = optax.chain(clipx.agc(0.01), optax.adam(1e-2))

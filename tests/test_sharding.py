@@ -368,6 +368,26 @@ def test_state_shardings_mirror_parameters_and_replicate_statistics():
     assert all(s == P() for s in jax.tree.leaves(specs[0]))
 
 
+@pytest.mark.parametrize("params", [{"w": (16,), "b": (4,)}, (16,)], ids=["tree", "single-array"])
+def test_state_shardings_replicate_clipx_statistics_shaped_like_a_parameter(params):
+    # Norm histories of 4 and 16 entries have the shapes of the parameters: still statistics.
+    is_shape = lambda s: isinstance(s, tuple)  # noqa: E731
+    params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), params, is_leaf=is_shape)
+    param_specs = jax.tree.map(lambda _: P("d"), params)
+    tx = clipx.skip_spikes(
+        optax.chain(
+            clipx.without_stats(clipx.autoclip(history=16)),
+            clipx.autoclip(history=4, per_tensor=True),
+            clipx.zclip(warmup_steps=16),
+            optax.adam(1e-3),
+        )
+    )
+    specs = clipx.state_shardings(tx, params, param_specs)
+    *clipx_states, (adam_state, _) = specs.inner_state
+    assert adam_state.mu == param_specs and adam_state.nu == param_specs  # the guarded Adam's moments
+    assert all(spec == P() for spec in jax.tree.leaves([clipx_states, specs._replace(inner_state=None)]))
+
+
 def test_reducing_transforms_take_keyword_axis_name():
     """Rules that reduce over the tree take ``axis_name`` for shard_map/pmap (see tests/test_shard_map.py)."""
     lacking = {}

@@ -29,6 +29,7 @@ class DirectionState(NamedTuple):
     previous_norm: jax.Array
     log_multiplier: jax.Array
     log_ceiling: jax.Array
+    fields_like_params = ("previous",)  # type: ignore[misc]  # sharded like the parameters (`state_shardings`)
 
 
 class AdaptiveState(NamedTuple):
@@ -45,6 +46,7 @@ class AdaptiveState(NamedTuple):
     stats: ClipStats
     direction: DirectionState | None = None
     stats_name = "adaptive"  # type: ignore[misc]  # a class attribute, not a field
+    fields_like_params = ("direction",)  # type: ignore[misc]  # sharded like the parameters (`state_shardings`)
 
 
 def adaptive(
@@ -375,4 +377,4 @@ def _follow_direction(
     sketches = jax.tree.map(lambda s, p: s.astype(p.dtype), measures.sketches, direction.previous)
     previous = jax.lax.cond(observe, lambda: sketches, lambda: direction.previous)
     previous_norm = jnp.where(observe, norm, direction.previous_norm)
-    return DirectionState(previous, previous_norm, log_multiplier, direction.log_ceiling)
+    return direction._replace(previous=previous, previous_norm=previous_norm, log_multiplier=log_multiplier)
