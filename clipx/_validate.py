@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -21,13 +21,16 @@ def _as_python_number(name: str, value: Any) -> float | None:
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a real number, got the bool {value!r}")
     if isinstance(value, numbers.Real):
-        return float(value)
-    if isinstance(value, np.ndarray) and value.ndim == 0 and np.issubdtype(value.dtype, np.number):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond float range
+            return math.inf if cast(int, value) > 0 else -math.inf
     if isinstance(value, (jax.Array, np.ndarray)):
         if np.ndim(value) != 0:
             raise ValueError(f"{name} must be a scalar, got an array of shape {np.shape(value)}")
-        return None
+        if not np.issubdtype(value.dtype, np.integer) and not np.issubdtype(value.dtype, np.floating):
+            raise TypeError(f"{name} must be a real number, got an array of dtype {value.dtype}")
+        return float(value) if isinstance(value, np.ndarray) else None
     raise TypeError(
         f"{name} must be a real number or a scalar JAX array, got {type(value).__name__} {value!r}"
     )
@@ -57,17 +60,35 @@ def check_range(
 
 
 def check_nonnegative(name: str, value: Any) -> None:
-    """``value ≥ 0`` (infinity allowed: it disables clipping)."""
+    """``value ≥ 0``, infinity allowed: for thresholds, where it disables clipping."""
     check_range(name, value, 0.0)
 
 
 def check_positive(name: str, value: Any) -> None:
-    """``value > 0`` (infinity allowed)."""
+    """``value > 0``, infinity allowed: for thresholds, where it disables clipping."""
     check_range(name, value, 0.0, low_open=True)
 
 
+def check_finite_nonnegative(name: str, value: Any) -> None:
+    """``0 ≤ value < ∞``: for rates, factors and offsets, which an infinity turns into NaN."""
+    check_range(name, value, 0.0, math.inf, high_open=True)
+
+
+def check_finite_positive(name: str, value: Any) -> None:
+    """``0 < value < ∞``."""
+    check_range(name, value, 0.0, math.inf, low_open=True, high_open=True)
+
+
+def check_normal_float32(name: str, value: Any) -> None:
+    """A positive value whose float32 logarithm is finite (a normal float32): a starting threshold."""
+    tiny, largest = np.finfo(np.float32).tiny, np.finfo(np.float32).max
+    check_range(name, value, float(tiny), float(largest))
+
+
 def check_int(name: str, value: Any, low: int = 0) -> None:
-    """A Python integer ``≥ low`` (not a bool, not a float)."""
+    """A Python or NumPy integer ``≥ low`` (not a bool, not a float)."""
+    if isinstance(value, np.ndarray) and value.ndim == 0 and np.issubdtype(value.dtype, np.integer):
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < low:
@@ -107,6 +128,8 @@ def check_steps(name: str, value: Any, low: int = 0) -> None:
     """
     if isinstance(value, jax.Array):
         if value.ndim != 0 or not np.issubdtype(value.dtype, np.integer):
-            raise ValueError(f"{name} must be a scalar integer, got an array of dtype {value.dtype}")
+            raise ValueError(
+                f"{name} must be a scalar integer, got an array of shape {value.shape}, dtype {value.dtype}"
+            )
         return
     check_int(name, value, low)

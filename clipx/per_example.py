@@ -152,7 +152,7 @@ def _initial_key(seed: int) -> jax.Array:
 def _fixed_threshold_init(l2_norm_clip: Any, noise_multiplier: Any, seed: int) -> optax.TransformInitFn:
     """Validates the shared arguments of the fixed-threshold rules and returns their ``init``."""
     _validate.check_nonnegative("l2_norm_clip", l2_norm_clip)
-    _validate.check_nonnegative("noise_multiplier", noise_multiplier)
+    _validate.check_finite_nonnegative("noise_multiplier", noise_multiplier)
     _validate.check_int("seed", seed)
 
     def init_fn(params):
@@ -386,11 +386,11 @@ def per_example_adaptive(
       >>> round(float(state.threshold), 4)  # exp(-0.2 * (0.75 - 0.5))
       0.9512
     """
-    _validate.check_positive("initial_threshold", initial_threshold)
+    _validate.check_normal_float32("initial_threshold", initial_threshold)
     _validate.check_range("target_quantile", target_quantile, 0.0, 1.0)
-    _validate.check_nonnegative("learning_rate", learning_rate)
-    _validate.check_nonnegative("noise_multiplier", noise_multiplier)
-    _validate.check_nonnegative("count_stddev", count_stddev)
+    _validate.check_finite_nonnegative("learning_rate", learning_rate)
+    _validate.check_finite_nonnegative("noise_multiplier", noise_multiplier)
+    _validate.check_finite_nonnegative("count_stddev", count_stddev)
     _validate.check_int("seed", seed)
 
     def init_fn(params):

@@ -2,7 +2,11 @@
 
 Tried for every Python hyperparameter of value, global_norm, tensor_norm,
 block_rms and agc: a negative number, -inf, NaN, a str, None, a bool, a list,
-a non-scalar NumPy array and a non-scalar JAX array. Also: agc's axis of the
+a non-scalar NumPy array, a non-scalar JAX array, 0-d NumPy arrays of bool
+and str, and an int beyond float range. For the rates, factors and offsets of
+the adaptive rules, the guards and the DP rules: +inf (it makes NaN, unlike
+an infinite threshold); for starting thresholds, values whose float32
+logarithm is not finite. Counts given as 0-d NumPy integers are accepted. Also: agc's axis of the
 wrong type or out of range, agc without params, with a params tree or leaf
 shape that does not match the updates, a rank-6 parameter with no axis, and
 unitwise_norm of a rank-6 array with no axis.
@@ -97,3 +101,59 @@ def test_rank6_needs_axis():
     tx = clipx.agc(axis=(0, 1, 2, 3, 4))
     updates, _ = tx.update({"k": x}, tx.init({"k": x}), {"k": x})
     assert updates["k"].shape == x.shape
+
+
+@pytest.mark.parametrize("bad", [np.array(True), np.array("abc")], ids=repr)
+@pytest.mark.parametrize(("factory", "arg"), HYPERPARAMETERS, ids=IDS)
+def test_zero_dimensional_arrays_of_other_dtypes(factory, arg, bad):
+    with pytest.raises(TypeError, match=rf"{arg} must be a real number, got an array of dtype"):
+        factory(**{arg: bad})
+
+
+def test_ints_beyond_float_range_are_infinite():
+    clipx.global_norm(10**400)  # +inf: no clipping
+    with pytest.raises(ValueError, match=r"max_norm must be in \[0, inf\], got -1000"):
+        clipx.global_norm(-(10**400))
+
+
+# Rates, factors and offsets: an infinity would turn the running statistics into NaN or inf.
+FINITE_ONLY = [
+    (clipx.adaptive, "num_stds"),
+    (clipx.adaptive, "warmup_factor"),
+    (clipx.adaptive, "min_std"),
+    (clipx.adaptive, "direction_rate"),
+    (clipx.zclip, "z_thresh"),
+    (clipx.zclip, "clip_factor"),
+    (clipx.zclip, "eps"),
+    (clipx.adagc, "relative_threshold"),
+    (clipx.adagc, "eps"),
+    (clipx.quantile_clip, "learning_rate"),
+    (lambda **kw: clipx.skip_spikes(clipx.global_norm(1.0), **kw), "num_stds"),
+    (lambda **kw: clipx.skip_spikes(clipx.global_norm(1.0), **kw), "min_std"),
+    (lambda **kw: clipx.per_example_global_norm(1.0, **kw), "noise_multiplier"),
+    (clipx.per_example_adaptive, "noise_multiplier"),
+    (clipx.per_example_adaptive, "count_stddev"),
+    (clipx.per_example_adaptive, "learning_rate"),
+]
+
+
+@pytest.mark.parametrize(("factory", "arg"), FINITE_ONLY, ids=[a for _, a in FINITE_ONLY])
+def test_rates_and_factors_must_be_finite(factory, arg):
+    with pytest.raises(ValueError, match=rf"{arg} must be in [\[(]\d, inf\), got inf"):
+        factory(**{arg: math.inf})
+    factory(**{arg: 1e30})
+
+
+@pytest.mark.parametrize("factory", [clipx.quantile_clip, clipx.per_example_adaptive])
+@pytest.mark.parametrize("bad", [1e-45, 0.0, 1e39, math.inf])
+def test_starting_threshold_has_a_finite_float32_logarithm(factory, bad):
+    with pytest.raises(ValueError, match=r"initial_threshold must be in \[1\.17549e-38, 3\.40282e\+38\]"):
+        factory(initial_threshold=bad)
+    factory(initial_threshold=1e-30)
+
+
+def test_counts_accept_zero_dimensional_numpy_integers():
+    clipx.zclip(warmup_steps=np.array(5))
+    clipx.skip_spikes(clipx.global_norm(1.0), min_observations=np.array(3), max_consecutive=np.array(2))
+    with pytest.raises(ValueError, match=r"must be a scalar integer, got an array of shape \(2,\)"):
+        clipx.skip_spikes(clipx.global_norm(1.0), min_observations=jnp.array([1, 2]))

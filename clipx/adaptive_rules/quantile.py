@@ -89,8 +89,8 @@ def quantile_clip(
       1.1052
     """
     _validate.check_range("target_quantile", target_quantile, 0.0, 1.0)
-    _validate.check_nonnegative("learning_rate", learning_rate)
-    _validate.check_positive("initial_threshold", initial_threshold)
+    _validate.check_finite_nonnegative("learning_rate", learning_rate)
+    _validate.check_normal_float32("initial_threshold", initial_threshold)
 
     def init_fn(params):
         dtype = _numerics.tree_accumulation_dtype(params)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -275,13 +276,13 @@ def adaptive(
       >>> updates.round(4)
       Array([-0.0663, -0.0884], dtype=float32)
     """
-    _validate.check_positive("num_stds", num_stds)
+    _validate.check_finite_positive("num_stds", num_stds)
     _validate.check_range("decay", decay, 0.0, 1.0, high_open=True)
     _validate.check_steps("warmup_steps", warmup_steps, low=1)
-    _validate.check_range("warmup_factor", warmup_factor, 1.0)
-    _validate.check_nonnegative("min_std", min_std)
+    _validate.check_range("warmup_factor", warmup_factor, 1.0, math.inf, high_open=True)
+    _validate.check_finite_nonnegative("min_std", min_std)
     if direction_rate is not None:
-        _validate.check_nonnegative("direction_rate", direction_rate)
+        _validate.check_finite_nonnegative("direction_rate", direction_rate)
     _validate.check_range("initial_multiplier", initial_multiplier, 0.0, 1.0, low_open=True)
     _validate.check_range("min_multiplier", min_multiplier, 0.0, 1.0, low_open=True)
     if jump_ratio is not None:

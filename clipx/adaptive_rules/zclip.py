@@ -132,19 +132,19 @@ def zclip(
       [-2.5208]
     """
     _validate.check_range("alpha", alpha, 0.0, 1.0, low_open=True, high_open=True)
-    _validate.check_positive("z_thresh", z_thresh)
+    _validate.check_finite_positive("z_thresh", z_thresh)
     if max_norm is not None:
         _validate.check_nonnegative("max_norm", max_norm)
     _validate.check_int("warmup_steps", warmup_steps, low=1)
     _validate.check_choice("mode", mode, _MODES)
     _validate.check_choice("clip_option", clip_option, _CLIP_OPTIONS)
-    _validate.check_positive("clip_factor", clip_factor)
+    _validate.check_finite_positive("clip_factor", clip_factor)
     if not isinstance(skip_update_on_spike, bool):
         raise TypeError(
             f"skip_update_on_spike must be a bool, got {type(skip_update_on_spike).__name__} "
             f"{skip_update_on_spike!r}"
         )
-    _validate.check_nonnegative("eps", eps)
+    _validate.check_finite_nonnegative("eps", eps)
 
     def init_fn(params):
         dtype = _numerics.tree_accumulation_dtype(params)
