@@ -221,7 +221,9 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
     ``named_chain`` / ``multi_transform`` entries (``"clip/global_norm/norm"``).
     Positions in an ``optax.chain`` are left out unless two transforms would
     otherwise share a key (``"0/global_norm/norm"``, ``"2/global_norm/norm"``),
-    so keys stay stable and readable. Values are the JAX scalars held in the
+    so keys stay stable and readable; a position that would still read like
+    an entry's name (a ``multi_transform`` label ``0``) is written ``[0]``.
+    Every transform gets its own keys. Values are the JAX scalars held in the
     state: no host transfer happens until the caller converts them.
 
     Example:
@@ -240,14 +242,21 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
     found: list = []
     _collect(opt_state, (), found)
 
-    def key(path, name, keep_indices):
-        segments = [seg for seg, is_index in path if keep_indices or not is_index]
-        return "/".join([*segments, name])
+    def key(path, name, level):
+        """Level 0 leaves positions out, 1 writes them as ``0``, 2 as ``[0]``."""
+        segments = [seg if not is_index else f"[{seg}]" if level == 2 else seg for seg, is_index in path]
+        kept = [seg for seg, (_, is_index) in zip(segments, path, strict=True) if level or not is_index]
+        return "/".join([*kept, name])
 
-    short = [key(p, n, False) for p, n, _ in found]
-    prefixes = [
-        s if short.count(s) == 1 else key(p, n, True) for s, (p, n, _) in zip(short, found, strict=True)
-    ]
+    # Each record starts at level 0; records sharing a key move up a level until none do.
+    levels = [0] * len(found)
+    while True:
+        prefixes = [key(p, n, level) for (p, n, _), level in zip(found, levels, strict=True)]
+        shared = [i for i, prefix in enumerate(prefixes) if prefixes.count(prefix) > 1 and levels[i] < 2]
+        if not shared:
+            break
+        for i in shared:
+            levels[i] += 1
     out: dict[str, jax.Array] = {}
     for prefix, (_, _, record) in zip(prefixes, found, strict=True):
         for field, value in zip(record._fields, record, strict=True):

@@ -41,6 +41,17 @@ def test_collisions_get_index_prefixes():
     assert out["2/tensor_norm/norm"] == pytest.approx(0.1)
 
 
+def test_a_position_never_takes_the_key_of_a_label():
+    # The chain's first clipper would be "0/value", the key of the multi_transform branch labelled 0.
+    labels = {"a": 0, "b": 1}
+    branches = {0: clipx.value(3.0), 1: optax.identity()}
+    tx = optax.chain(clipx.value(1.0), clipx.value(2.0), optax.multi_transform(branches, labels))
+    out = step(tx)
+    thresholds = {k.removesuffix("/threshold"): v for k, v in out.items() if k.endswith("/threshold")}
+    assert thresholds == {"[0]/value": 1.0, "1/value": 2.0, "2/0/value": 3.0}
+    assert len(out) == 3 * len(FIELDS)
+
+
 def test_named_chain():
     out = step(optax.named_chain(("clip", clipx.block_rms(1.0)), ("opt", optax.adam(1e-3))))
     assert out["clip/block_rms/norm"] == 3.0
