@@ -436,12 +436,14 @@ def scale_leaf(leaf: jax.Array, scale: jax.Array) -> jax.Array:
 
     ``scale`` is a real scalar or an array broadcastable to ``leaf``; the
     product is rounded to ``leaf.dtype`` a single time, so a float16 or
-    bfloat16 leaf is not scaled by an already-rounded factor.
+    bfloat16 leaf is not scaled by an already-rounded factor. A complex leaf
+    has its real and imaginary parts scaled apart: a complex product by
+    ``scale + 0i`` would turn ``-0 - 1i`` into ``+0 - 1i`` and ``1 + inf·i``
+    into ``nan + inf·i`` at a scale of 1.
     """
-    acc = accumulation_dtype(leaf.dtype)
     if jnp.iscomplexobj(leaf):
-        acc = jnp.result_type(acc, jnp.complex64)
-    return (leaf.astype(acc) * scale).astype(leaf.dtype)
+        return jax.lax.complex(scale_leaf(leaf.real, scale), scale_leaf(leaf.imag, scale))
+    return (leaf.astype(accumulation_dtype(leaf.dtype)) * scale).astype(leaf.dtype)
 
 
 def scale_tree(tree: PyTree, scale: jax.Array) -> PyTree:

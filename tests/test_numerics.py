@@ -115,6 +115,25 @@ def test_below_threshold_is_bit_identical(name, dtype):
 
 
 @pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_complex_below_threshold_is_bit_identical(name):
+    # A complex product by (1 + 0i) would turn -0 - 1i into +0 - 1i: each part is scaled alone.
+    grads = {"z": jnp.array([[complex(-0.0, -1.0), complex(0.5, -0.0)]], jnp.complex64)}
+    params = {"z": jnp.full((1, 2), 100.0, jnp.complex64)}
+    updates, state = apply(name, 10.0, grads, params)
+    assert not bool(state.stats.clipped)
+    np.testing.assert_array_equal(np.signbit(updates["z"].real), np.signbit(grads["z"].real))
+    np.testing.assert_array_equal(np.signbit(updates["z"].imag), np.signbit(grads["z"].imag))
+    chex.assert_trees_all_equal(updates, grads)
+
+
+@pytest.mark.parametrize("name", ["global_norm", "tensor_norm", "block_rms"])
+def test_complex_infinite_part_passes_an_infinite_threshold(name):
+    grads = {"z": jnp.array([complex(1.0, np.inf)], jnp.complex64)}
+    updates, _ = apply(name, np.inf, grads)
+    assert complex(updates["z"][0]) == complex(1.0, np.inf)
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_float64_under_x64(name):
     with jax.enable_x64(True):
         grads = {"a": jnp.array([3.0, 4.0e-9], jnp.float64), "b": jnp.array([[12.0]], jnp.float64)}
