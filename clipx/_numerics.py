@@ -4,7 +4,10 @@ Every clipx transform measures with these helpers, so the numerics are the
 same everywhere:
 
 * squares are summed in float32 at least (float64 for float64/complex128
-  leaves), so float16 and bfloat16 gradients never overflow while measuring;
+  leaves), so float16 gradients never overflow while measuring and bfloat16
+  ones are summed at float32 precision (bfloat16 has float32's range: as in
+  float32, entries above about 1.8·10¹⁹ overflow the sum of squares, and the
+  norm is then infinite);
 * the square root and the division are guarded, so zero gradients, zero
   thresholds and empty trees give finite values *and* finite derivatives;
 * scaling is one multiply per leaf by a scalar cast to the leaf's dtype, which
