@@ -410,18 +410,22 @@ def clip_scale_of_square(squared: jax.Array, threshold: float | jax.Array) -> ja
     all leaves compiled several times slower: XLA copies a multiply over the
     whole vector into every kernel reading a slice (benchmarks/RESULTS.md).
     For a Python threshold ``t > 0`` whose square is a normal float the scale
-    is ``t / √max(m², t²)``; otherwise ``t · rsqrt(m²)`` where ``m² > t²``,
-    behind guards. The same edge cases as `clip_scale`: exactly 1 when
-    ``m ≤ threshold`` (``m² ≤ threshold²``), 0 for a zero threshold and a
-    positive measure, 0 for an infinite one.
+    is ``t / √max(m², t²)`` (the maximum taken by a select, so that at
+    ``m = t`` the derivative is the unclipped side's, as for an array
+    threshold); otherwise ``t · rsqrt(m²)`` where ``m² > t²``, behind guards.
+    The same edge cases as `clip_scale`: exactly 1 when ``m ≤ threshold``
+    (``m² ≤ threshold²``), 0 for a zero threshold and a positive measure, 0
+    for an infinite one.
     """
     squared = jnp.asarray(squared)
     if isinstance(threshold, numbers.Real) and _has_normal_square(threshold, squared.dtype):
         # t / √max(m², t²) is exactly 1 below t (√fl(t²) = t in binary floating point),
         # never divides by 0, has finite derivatives, and needs no guards: fewer operations
         # in every kernel that scales a leaf (see benchmarks/RESULTS.md).
+        # A select rather than a maximum: at m = t the derivative is the unclipped side's (0), as
+        # in the other branch and in `clip_scale`, where a maximum would average the two sides.
         t = jnp.asarray(threshold, squared.dtype)
-        return t / jnp.sqrt(jnp.maximum(squared, t * t))
+        return t / jnp.sqrt(jnp.where(squared > t * t, squared, t * t))
     threshold = jnp.asarray(threshold, squared.dtype)
     above = squared > threshold * threshold
     return jnp.where(above, threshold * jax.lax.rsqrt(jnp.where(above, squared, 1)), jnp.ones_like(squared))

@@ -103,6 +103,19 @@ def test_meta_gradients_are_finite(name, scale):
     chex.assert_tree_all_finite(d_zero)
 
 
+@pytest.mark.parametrize("name", ["global_norm", "tensor_norm"])
+@pytest.mark.parametrize("as_array", [False, True], ids=["python-threshold", "array-threshold"])
+def test_derivative_at_the_threshold_is_the_unclipped_sides(name, as_array):
+    # ‖g‖ = 5 exactly: one derivative, whatever the type of the threshold or the rule.
+    grads, weights = jnp.array([3.0, 4.0]), jnp.array([1.0, 2.0])
+    threshold = jnp.asarray(5.0) if as_array else 5.0
+
+    def weighted(g):
+        return jnp.sum(apply(name, threshold, g)[0] * weights)
+
+    np.testing.assert_array_equal(jax.grad(weighted)(grads), weights)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_below_threshold_is_bit_identical(name, dtype):
