@@ -38,8 +38,11 @@ from clipx.workload.train import (
     OPTIMIZER_NAMES,
     TrainConfig,
     available_clippers,
+    check_folder,
+    check_range,
     parse_clip_args,
     read_log,
+    resume_file,
     train,
 )
 
@@ -150,7 +153,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
 def _cmd_train(args: argparse.Namespace) -> int:
     out = pathlib.Path(args.out)
     if args.resume:
-        config = TrainConfig(**json.loads((out / "config.json").read_text()))
+        config = TrainConfig(**json.loads(resume_file(out, "config.json").read_text()))
     else:
         config = _train_config(args)
     summary = train(config, out, resume=args.resume, stop_after=args.stop_after, progress=not args.quiet)
@@ -274,16 +277,15 @@ def _add_demo_parser(subparsers) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    check_range("--steps", args.steps, 1)
     out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    runs: dict[str, list[dict[str, Any]]] = {}
-    summaries: dict[str, dict[str, Any]] = {}
+    check_folder(out)
+    configs: dict[str, TrainConfig] = {}  # all built (and so checked) before anything is written
     for label, name, value in DEMO_CLIPPERS:
         clip_args = {}
         if value is not None:
             clip_args = {next(iter(inspect.signature(getattr(clipx, name)).parameters)): value}
-        config = TrainConfig(
+        configs[label] = TrainConfig(
             task_length=args.task_length,
             model=DEMO_MODEL,
             optimizer=args.optimizer,
@@ -296,7 +298,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             seed=args.seed,
             checkpoint_every=10**9,
         )
-        run_dir = out / "runs" / name
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    runs: dict[str, list[dict[str, Any]]] = {}
+    summaries: dict[str, dict[str, Any]] = {}
+    for label, config in configs.items():
+        run_dir = out / "runs" / config.clip
         summaries[label] = train(config, run_dir, progress=not args.quiet, description=f"{label:>16}")
         runs[label] = read_log(run_dir)
 
@@ -402,12 +409,23 @@ def _add_sweep_parser(subparsers) -> None:
     )
 
 
+def _numbers(flag: str, text: str) -> tuple[float, ...]:
+    """The comma-separated numbers of option ``flag``; ``ValueError`` naming it for one that is not."""
+    numbers = []
+    for item in text.split(","):
+        try:
+            numbers.append(float(item))
+        except ValueError:
+            raise ValueError(f"{flag}: {item!r} is not a number") from None
+    return tuple(numbers)
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     config = sweep.SweepConfig(
         data_root=args.data_root,
         datasets=tuple(args.datasets.split(",")),
         clippers=tuple(args.clippers.split(",")),
-        learning_rates=tuple(float(x) for x in args.lrs.split(",")),
+        learning_rates=_numbers("--lrs", args.lrs),
         seeds=args.seeds,
         train_limit=args.train_limit,
         dev_limit=args.dev_limit,

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -54,6 +55,49 @@ def test_unknown_clipper_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["train", *TINY_TRAIN, "--clip", "nope", "--out", str(tmp_path)]) == 2
     printed = capsys.readouterr().out
     assert "unknown clipper 'nope'" in printed and "global_norm" in printed
+
+
+def _named_by_flags(*cases):
+    """``(flags, message)`` cases as pytest parameters named by their flags."""
+    return [pytest.param(flags, message, id=" ".join(flags)) for flags, message in cases]
+
+
+def _named_by_settings(*cases):
+    """``(settings, message)`` cases as pytest parameters named by their settings."""
+    return [
+        pytest.param(settings, message, id=",".join(f"{k}={v}" for k, v in settings.items()))
+        for settings, message in cases
+    ]
+
+
+def _printed(capsys, message):
+    """Whether ``message`` was printed (rich wraps long lines: whitespace is ignored)."""
+    return "".join(message.split()) in "".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    _named_by_flags(
+        (["--lr", "-1"], "learning_rate must be finite and above 0; got -1.0"),
+        (["--lr", "nan"], "learning_rate must be finite and above 0; got nan"),
+        (["--optimizer", "momentum", "--momentum", "1.5"], "momentum must lie in [0, 1); got 1.5"),
+        (["--weight-decay", "-1"], "weight_decay must be finite and at least 0; got -1.0"),
+        (["--weight-decay", "nan"], "weight_decay must be finite and at least 0; got nan"),
+        (["--max-steps", "-3"], "max_steps must be at least 1; got -3"),
+        (["--max-steps", "0"], "max_steps must be at least 1; got 0"),
+        (["--eval-every", "0"], "eval_every must be at least 1; got 0"),
+        (["--train-limit", "0"], "train_limit must be at least 1; got 0"),
+        (["--dev-limit", "0"], "dev_limit must be at least 1; got 0"),
+        (["--stop-after", "0"], "stop_after must be at least 1; got 0"),
+        (["--seed", "-1"], "seed must be at least 0; got -1"),
+        (["--clip", "value", "--clip-arg", "max_delta=abc"], "clipx.value: max_delta must be a real number"),
+    ),
+)
+def test_train_refuses_bad_settings_before_training(tmp_path, capsys, flags, message):
+    out = tmp_path / "run"
+    assert cli.main(["train", *TINY_TRAIN, *flags, "--out", str(out)]) == 2
+    assert _printed(capsys, f"clipx train: {message}")
+    assert not out.exists()  # refused before anything was written
 
 
 def test_train_writes_plots_and_plot_overlays_runs(tmp_path, capsys):
@@ -253,6 +297,117 @@ def test_sweep_settings_are_validated():
         cli.sweep.SweepConfig(optimizer="lamb")
     with pytest.raises(ValueError, match="unknown sweep cell 'transformer'"):
         cli.sweep.SweepConfig(cell="transformer")
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    _named_by_settings(
+        ({"learning_rates": (0.1, -1.0)}, "learning_rates[1] must be finite and above 0; got -1.0"),
+        ({"learning_rates": (float("nan"),)}, "learning_rates[0] must be finite and above 0; got nan"),
+        ({"learning_rates": (0.01, 0.01)}, "learning_rates must list each entry once; got '0.01' 2 times"),
+        ({"learning_rates": (0.01, 0.0100000001)}, "learning_rates must list each entry once"),
+        ({"learning_rates": ()}, "learning_rates must list at least one entry; got none"),
+        ({"clippers": ("none", "none")}, "clippers must list each entry once; got 'none' 2 times"),
+        ({"clippers": ()}, "clippers must list at least one entry; got none"),
+        ({"datasets": ("task", "task")}, "datasets must list each entry once; got 'task' 2 times"),
+        ({"datasets": ()}, "datasets must list at least one entry; got none"),
+        ({"seeds": 0}, "seeds must be at least 1; got 0"),
+        ({"max_steps": 0}, "max_steps must be at least 1; got 0"),
+        ({"train_limit": 0}, "train_limit must be at least 1; got 0"),
+        ({"dev_limit": 0}, "dev_limit must be at least 1; got 0"),
+        ({"max_length": 0}, "max_length must be at least 1; got 0"),
+        ({"task_train": 0}, "task_train must be at least 1; got 0"),
+        ({"task_length": 10}, "task_length must lie in [50, 400]; got 10"),
+    ),
+)
+def test_sweep_settings_out_of_range_or_repeated_are_refused(settings, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        cli.sweep.SweepConfig(**settings)
+
+
+TINY_SWEEP = [
+    "--datasets", "task", "--clippers", "none", "--lrs", "0.1", "--seeds", "1", "--task-train", "32",
+    "--max-steps", "1",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    _named_by_flags(
+        (["--lrs", "-1"], "learning_rates[0] must be finite and above 0; got -1.0"),
+        (["--lrs", "nan"], "learning_rates[0] must be finite and above 0; got nan"),
+        (["--lrs", "0.1,abc"], "--lrs: 'abc' is not a number"),
+        (["--seeds", "0"], "seeds must be at least 1; got 0"),
+        (["--max-steps", "0"], "max_steps must be at least 1; got 0"),
+        (["--clippers", "none,none"], "clippers must list each entry once; got 'none' 2 times"),
+        (["--lrs", "0.01,0.01"], "learning_rates must list each entry once; got '0.01' 2 times"),
+        (["--datasets", "task,task"], "datasets must list each entry once; got 'task' 2 times"),
+        (["--train-limit", "0"], "train_limit must be at least 1; got 0"),
+        (["--dev-limit", "0"], "dev_limit must be at least 1; got 0"),
+        (["--max-length", "0"], "max_length must be at least 1; got 0"),
+        (["--task-train", "0"], "task_train must be at least 1; got 0"),
+        (["--task-length", "10"], "task_length must lie in [50, 400]; got 10"),
+    ),
+)
+def test_sweep_refuses_bad_settings_before_running(tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.setattr(cli.sweep, "MODEL", TINY_MODEL)
+    out = tmp_path / "sweep"
+    assert cli.main(["sweep", *TINY_SWEEP, *flags, "--out", str(out)]) == 2
+    assert _printed(capsys, f"clipx sweep: {message}")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    _named_by_flags(
+        (["--steps", "0"], "--steps must be at least 1; got 0"),
+        (["--steps", "-5"], "--steps must be at least 1; got -5"),
+        (["--seed", "-1"], "seed must be at least 0; got -1"),
+        (["--lr", "-1"], "learning_rate must be finite and above 0; got -1.0"),
+        (["--lr", "nan"], "learning_rate must be finite and above 0; got nan"),
+        (["--task-length", "10"], "task_length must lie in [50, 400]; got 10"),
+    ),
+)
+def test_demo_refuses_bad_settings_before_training(tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.setattr(cli, "DEMO_MODEL", TINY_MODEL)
+    monkeypatch.setattr(cli, "DEMO_CLIPPERS", cli.DEMO_CLIPPERS[:1])
+    out = tmp_path / "demo"
+    assert cli.main(["demo", "--steps", "2", *flags, "--out", str(out), "--quiet"]) == 2
+    assert _printed(capsys, f"clipx demo: {message}")
+    assert not out.exists()
+
+
+def _out_is_a_file_argv(command, out):
+    tiny = {
+        "train": ["train", *TINY_TRAIN],
+        "resume": ["train", "--resume"],
+        "demo": ["demo", "--steps", "1", "--quiet"],
+        "sweep": [
+            "sweep", "--datasets", "task", "--clippers", "none", "--lrs", "0.1", "--seeds", "1",
+            "--task-train", "32", "--max-steps", "1",
+        ],
+    }  # fmt: skip
+    return [*tiny[command], "--out", str(out)]
+
+
+@pytest.mark.parametrize("command", ["train", "resume", "demo", "sweep"])
+@pytest.mark.parametrize("below", [False, True], ids=["file", "below_a_file"])
+def test_an_out_path_that_is_a_file_is_refused(tmp_path, capsys, monkeypatch, command, below):
+    monkeypatch.setattr(cli, "DEMO_MODEL", TINY_MODEL)
+    monkeypatch.setattr(cli, "DEMO_CLIPPERS", cli.DEMO_CLIPPERS[:1])
+    monkeypatch.setattr(cli.sweep, "MODEL", TINY_MODEL)
+    file = tmp_path / "file"
+    file.write_text("")
+    assert cli.main(_out_is_a_file_argv(command, file / "run" if below else file)) == 2
+    shown = "train" if command == "resume" else command
+    assert _printed(capsys, f"clipx {shown}: {file} exists and is not a folder")
+    assert file.read_text() == ""
+
+
+def test_resume_without_a_run_says_there_is_nothing_to_resume(tmp_path, capsys):
+    absent = tmp_path / "absent"
+    assert cli.main(["train", "--resume", "--out", str(absent), "--quiet"]) == 2
+    assert _printed(capsys, f"clipx train: nothing to resume: no config.json in {absent}")
 
 
 def test_import_clipx_does_not_import_the_workload_dependencies():

@@ -1,11 +1,14 @@
 """The training loop: clipper lookup, logging, divergence, checkpoints and exact resumption."""
 
 import json
+import re
 
 import flax.serialization
 import numpy as np
+import optax
 import pytest
 
+from clipx.workload import train as train_lib
 from clipx.workload.train import TrainConfig, load_data, make_clipper, read_log, train
 
 TINY = dict(
@@ -37,9 +40,79 @@ def test_clipper_arguments_are_checked_against_the_signature():
     assert make_clipper("none") is None
 
 
+def test_clipper_values_it_refuses_are_value_errors():
+    # clipx's own check raises TypeError for a value of the wrong type; the CLI prints ValueErrors.
+    with pytest.raises(ValueError, match=r"^clipx\.value: max_delta must be a real number"):
+        make_clipper("value", {"max_delta": "abc"})
+
+
 def test_config_rejects_unknown_tokenizer():
     with pytest.raises(ValueError, match="tokenizer must be one of words, whitespace; got 'chars'"):
         TrainConfig(tokenizer="chars")
+
+
+NAN, INF = float("nan"), float("inf")
+BAD_SETTINGS = [
+    ("learning_rate", -1.0, "learning_rate must be finite and above 0; got -1.0"),
+    ("learning_rate", 0.0, "learning_rate must be finite and above 0; got 0.0"),
+    ("learning_rate", NAN, "learning_rate must be finite and above 0; got nan"),
+    ("learning_rate", INF, "learning_rate must be finite and above 0; got inf"),
+    ("momentum", 1.5, "momentum must lie in [0, 1); got 1.5"),
+    ("momentum", 1.0, "momentum must lie in [0, 1); got 1.0"),
+    ("momentum", -0.1, "momentum must lie in [0, 1); got -0.1"),
+    ("momentum", NAN, "momentum must lie in [0, 1); got nan"),
+    ("weight_decay", -1.0, "weight_decay must be finite and at least 0; got -1.0"),
+    ("weight_decay", NAN, "weight_decay must be finite and at least 0; got nan"),
+    ("weight_decay", INF, "weight_decay must be finite and at least 0; got inf"),
+    ("max_steps", -3, "max_steps must be at least 1; got -3"),
+    ("max_steps", 0, "max_steps must be at least 1; got 0"),
+    ("eval_every", 0, "eval_every must be at least 1; got 0"),
+    ("train_limit", 0, "train_limit must be at least 1; got 0"),
+    ("dev_limit", 0, "dev_limit must be at least 1; got 0"),
+    ("max_length", 0, "max_length must be at least 1; got 0"),
+    ("pad_multiple", 0, "pad_multiple must be at least 1; got 0"),
+    ("task_train", 0, "task_train must be at least 1; got 0"),
+    ("task_dev", 0, "task_dev must be at least 1; got 0"),
+    ("task_length", 49, "task_length must lie in [50, 400]; got 49"),
+    ("task_length", 401, "task_length must lie in [50, 400]; got 401"),
+    ("min_count", 0, "min_count must be at least 1; got 0"),
+    ("seed", -1, "seed must be at least 0; got -1"),
+]
+
+
+@pytest.mark.parametrize(
+    "name, value, message", BAD_SETTINGS, ids=[f"{name}={value}" for name, value, _ in BAD_SETTINGS]
+)
+def test_config_rejects_settings_out_of_range(name, value, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        TrainConfig(**{name: value})
+
+
+def test_config_accepts_the_edges_of_the_ranges():
+    TrainConfig(learning_rate=1e-30, momentum=0.0, weight_decay=0.0, seed=0, max_steps=1, eval_every=1)
+    TrainConfig(task_length=50, train_limit=1, dev_limit=1, max_length=1, pad_multiple=1, task_dev=1)
+    TrainConfig(task_length=400, momentum=0.999)
+
+
+def test_train_rejects_stop_after_below_1_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"^stop_after must be at least 1; got 0$"):
+        train(TrainConfig(**TINY), tmp_path / "run", stop_after=0)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_an_output_path_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path / "file", tmp_path / "file" / "run"):
+        with pytest.raises(ValueError, match=r"file exists and is not a folder$"):
+            train(TrainConfig(**TINY), out)
+
+
+def test_resume_without_a_run_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"^nothing to resume: no checkpoint\.msgpack in "):
+        train(TrainConfig(**TINY), tmp_path, resume=True)
+    (tmp_path / "checkpoint.msgpack").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"^nothing to resume: no config\.json in "):
+        train(TrainConfig(**TINY), tmp_path, resume=True)
 
 
 @pytest.mark.parametrize("name", ["agc", "zclip", "adaptive"])
@@ -109,11 +182,12 @@ def test_resume_refuses_a_checkpoint_whose_state_does_not_fit(tmp_path):
         train(wider, other, resume=True)
 
 
-def test_non_finite_loss_marks_the_run_diverged(tmp_path):
+def test_non_finite_loss_marks_the_run_diverged(tmp_path, monkeypatch):
     # An infinite step makes the parameters infinite or NaN, on any processor (a merely huge
     # one, 1e30, left the loss finite but near 1e30 on some: the saturated tanh RNN absorbs it).
-    config = TrainConfig(**{**TINY, "optimizer": "sgd", "learning_rate": float("inf")})
-    summary = train(config, tmp_path)
+    # TrainConfig refuses an infinite learning rate, so the optimizer is replaced.
+    monkeypatch.setattr(train_lib, "make_optimizer", lambda config: optax.sgd(float("inf")))
+    summary = train(TrainConfig(**TINY), tmp_path)
     assert summary["diverged"] and summary["dev_accuracy"] is None
     assert summary["steps"] < 8
 

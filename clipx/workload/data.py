@@ -280,6 +280,10 @@ def batches(
 FILLERS = ("a", "b", "c", "d", "e", "f", "g", "h")
 
 
+#: The shortest and the longest sentence of `temporal_order`, in words.
+TASK_LENGTHS: tuple[int, int] = (50, 400)
+
+
 def temporal_order(num_examples: int, length: int = 100, *, seed: int = 0) -> Split:
     """The two-symbol temporal-order task as sentences (see the module docstring).
 
@@ -290,8 +294,9 @@ def temporal_order(num_examples: int, length: int = 100, *, seed: int = 0) -> Sp
     >>> len(split.sentences[0].split()), sorted(set(split.labels.tolist()) | {0, 1})
     (50, [0, 1])
     """
-    if not 50 <= length <= 400:
-        raise ValueError(f"length must lie in 50..400; got {length}")
+    low, high = TASK_LENGTHS
+    if not low <= length <= high:
+        raise ValueError(f"length must lie in {low}..{high}; got {length}")
     if num_examples < 1:
         raise ValueError(f"num_examples must be at least 1; got {num_examples}")
     rng = np.random.default_rng(seed)

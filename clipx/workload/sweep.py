@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 
 import clipx
+from clipx.workload import data as data_lib
 from clipx.workload import plots
 from clipx.workload.model import CELLS
-from clipx.workload.train import OPTIMIZER_NAMES, OPTIMIZERS, TrainConfig, train
+from clipx.workload.train import OPTIMIZER_NAMES, OPTIMIZERS, TrainConfig, check_folder, check_range, train
 
 #: (label, clipx factory, value of its first argument or None for defaults).
 CLIPPERS: tuple[tuple[str, str, float | None], ...] = (
@@ -68,6 +69,12 @@ class SweepConfig:
       max_steps: cap on steps per run (``None``: one full epoch).
       optimizer: one of ``train.OPTIMIZERS`` (``"adam"`` by default).
       cell: the recurrent cell of `MODEL`, one of ``model.CELLS``.
+
+    Raises:
+      ValueError: an unknown name, an empty or repeated entry of ``datasets``,
+        ``clippers`` or ``learning_rates``, or a setting out of its range (a
+        learning rate must be finite and above 0, ``task_length`` in 50..400,
+        the counts and sizes at least 1).
     """
 
     data_root: str = "../shared/data"
@@ -96,6 +103,26 @@ class SweepConfig:
             raise ValueError(f"unknown sweep optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
         if self.cell not in CELLS:
             raise ValueError(f"unknown sweep cell {self.cell!r}; known: {', '.join(CELLS)}")
+        for index, lr in enumerate(self.learning_rates):
+            check_range(f"learning_rates[{index}]", lr, 0, low_open=True)
+        # Learning rates as the run files name them: two that print alike would share their runs.
+        lr_names = tuple(f"{lr:g}" for lr in self.learning_rates)
+        for name, entries in (
+            ("datasets", self.datasets),
+            ("clippers", self.clippers),
+            ("learning_rates", lr_names),
+        ):
+            if not entries:
+                raise ValueError(f"{name} must list at least one entry; got none")
+            repeated = next((entry for entry in entries if entries.count(entry) > 1), None)
+            if repeated is not None:
+                raise ValueError(
+                    f"{name} must list each entry once; got {repeated!r} {entries.count(repeated)} times"
+                )
+        low, high = data_lib.TASK_LENGTHS
+        check_range("task_length", self.task_length, low, high, high_open=False)
+        for name in ("seeds", "max_length", "train_limit", "dev_limit", "task_train", "max_steps"):
+            check_range(name, getattr(self, name), 1)
 
     @property
     def model(self) -> dict[str, Any]:
@@ -176,6 +203,7 @@ def run_sweep(
     ``on_run(name, result)`` is called after each run (done or skipped).
     """
     out = pathlib.Path(out_dir)
+    check_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"sweep": dataclasses.asdict(sweep), "model": sweep.model}
     _check_same_run_settings(out / "settings.json", settings)

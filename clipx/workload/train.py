@@ -51,6 +51,68 @@ OPTIMIZER_NAMES: dict[str, str] = {
 OPTIMIZERS: tuple[str, ...] = tuple(OPTIMIZER_NAMES)
 
 
+def check_range(
+    name: str,
+    value: float | None,
+    low: float,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    high_open: bool = True,
+) -> None:
+    """Raises ``ValueError`` naming the setting and its range unless ``low ≤ value < high``.
+
+    ``low_open`` excludes ``low``, ``high_open=False`` includes ``high``. NaN
+    never lies in the range, nor does infinity unless ``high`` is included.
+    ``None`` (an optional setting left unset) passes.
+
+    >>> check_range("epochs", 0, 1)
+    Traceback (most recent call last):
+    ValueError: epochs must be at least 1; got 0
+    >>> check_range("learning_rate", float("nan"), 0, low_open=True)
+    Traceback (most recent call last):
+    ValueError: learning_rate must be finite and above 0; got nan
+    >>> check_range("momentum", 1.5, 0, 1)
+    Traceback (most recent call last):
+    ValueError: momentum must lie in [0, 1); got 1.5
+    """
+    if value is None:
+        return
+    above_low = value > low if low_open else value >= low
+    below_high = value < high if high_open else value <= high
+    if above_low and below_high:
+        return
+    if high == math.inf and high_open:
+        bound = f"{'above' if low_open else 'at least'} {low:g}"
+        allowed = f"be {bound}" if isinstance(value, int) else f"be finite and {bound}"
+    else:
+        allowed = f"lie in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    raise ValueError(f"{name} must {allowed}; got {value}")
+
+
+def check_folder(path: str | pathlib.Path) -> None:
+    """Raises ``ValueError`` if ``path``, or a folder above it, exists and is not a folder."""
+    for where in (pathlib.Path(path), *pathlib.Path(path).parents):
+        if where.exists() and not where.is_dir():
+            raise ValueError(f"{where} exists and is not a folder")
+
+
+def resume_file(out_dir: str | pathlib.Path | None, name: str) -> pathlib.Path:
+    """``out_dir/name``, a file of the run to resume.
+
+    Raises:
+      ValueError: ``out_dir`` exists and is not a folder.
+      FileNotFoundError: there is no such file (``nothing to resume: ...``).
+    """
+    if out_dir is None:
+        raise FileNotFoundError("nothing to resume: no output folder given")
+    check_folder(out_dir)
+    path = pathlib.Path(out_dir) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"nothing to resume: no {name} in {out_dir}")
+    return path
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything that determines a training run.
@@ -83,6 +145,12 @@ class TrainConfig:
       eval_every: evaluate on the dev split every this many steps (besides the
         end of each epoch); ``None`` for epoch ends only.
       checkpoint_every: write a checkpoint every this many steps.
+
+    Raises:
+      ValueError: a setting is out of its range (the message names it and the
+        range): the counts and sizes must be at least 1, ``seed`` at least 0,
+        ``task_length`` in 50..400, ``learning_rate`` finite and above 0,
+        ``momentum`` in [0, 1), ``weight_decay`` finite and at least 0.
     """
 
     data: str | None = None
@@ -117,9 +185,27 @@ class TrainConfig:
         if self.tokenizer not in data_lib.TOKENIZERS:
             allowed = ", ".join(data_lib.TOKENIZERS)
             raise ValueError(f"tokenizer must be one of {allowed}; got {self.tokenizer!r}")
-        for name in ("batch_size", "epochs", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1; got {getattr(self, name)}")
+        low, high = data_lib.TASK_LENGTHS
+        check_range("task_length", self.task_length, low, high, high_open=False)
+        for name in (
+            "task_train",
+            "task_dev",
+            "train_limit",
+            "dev_limit",
+            "max_length",
+            "pad_multiple",
+            "min_count",
+            "batch_size",
+            "epochs",
+            "max_steps",
+            "eval_every",
+            "checkpoint_every",
+        ):
+            check_range(name, getattr(self, name), 1)
+        check_range("learning_rate", self.learning_rate, 0, low_open=True)
+        check_range("momentum", self.momentum, 0, 1)
+        check_range("weight_decay", self.weight_decay, 0)
+        check_range("seed", self.seed, 0)
 
     def to_json(self) -> dict[str, Any]:
         """The settings as a JSON-ready dict."""
@@ -153,7 +239,8 @@ def make_clipper(name: str, args: dict[str, Any] | None = None) -> optax.Gradien
 
     Raises:
       ValueError: ``name`` is not a clipx clipper (the message lists those that
-        exist), or the arguments do not fit its signature.
+        exist), the arguments do not fit its signature, or the clipper refuses
+        their values (``clipx.<name>: <its message>``).
     """
     args = dict(args or {})
     available = available_clippers()
@@ -169,7 +256,10 @@ def make_clipper(name: str, args: dict[str, Any] | None = None) -> optax.Gradien
         signature.bind(**args)
     except TypeError as error:
         raise ValueError(f"bad arguments for clipx.{name}{signature}: {error}") from None
-    return factory(**args)
+    try:
+        return factory(**args)
+    except (TypeError, ValueError) as error:  # a value of the wrong type or out of range
+        raise ValueError(f"clipx.{name}: {error}") from None
 
 
 def parse_clip_args(items: list[str]) -> dict[str, Any]:
@@ -439,8 +529,8 @@ def train(
       out_dir: where config, log, checkpoint and summary go (``None``: nowhere).
       resume: continue from ``out_dir/checkpoint.msgpack``; ``config`` must equal
         the saved ``config.json``.
-      stop_after: stop (with a checkpoint) once this many steps are done, as if
-        interrupted; a later ``resume`` finishes the run.
+      stop_after: stop (with a checkpoint) once this many steps (at least 1)
+        are done, as if interrupted; a later ``resume`` finishes the run.
       progress: show a rich progress bar.
       description: the progress bar's label.
 
@@ -449,16 +539,20 @@ def train(
       ``dev_*`` from the final evaluation (``None`` when the run diverged),
       ``train_loss`` the mean loss of the last 20 steps, ``finished`` whether the
       run completed its steps.
+
+    Raises:
+      ValueError: ``stop_after`` is below 1, or ``out_dir`` is not a folder.
+      FileNotFoundError: ``resume`` without a run in ``out_dir``.
     """
+    check_range("stop_after", stop_after, 1)
     out = pathlib.Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        check_folder(out)
     if resume:
-        if out is None or not (out / "checkpoint.msgpack").is_file():
-            raise FileNotFoundError(f"nothing to resume: no checkpoint.msgpack in {out}")
-        saved = json.loads((out / "config.json").read_text())
-        if saved != json.loads(json.dumps(config.to_json())):
-            raise ValueError(
-                f"{out / 'config.json'} differs from the requested settings; resume with the same ones"
-            )
+        resume_file(out, "checkpoint.msgpack")
+        config_file = resume_file(out, "config.json")
+        if json.loads(config_file.read_text()) != json.loads(json.dumps(config.to_json())):
+            raise ValueError(f"{config_file} differs from the requested settings; resume with the same ones")
 
     data = load_data(config)
     model = TextClassifier(
