@@ -392,7 +392,8 @@ def clip_scale(norm: jax.Array, threshold: jax.Array) -> jax.Array:
 
     Exactly 1 when ``norm ≤ threshold`` (so unclipped updates are bit-identical),
     0 when the threshold is 0 and the norm positive, and 0 for an infinite norm.
-    NaN in ``norm`` propagates (it is the caller's guard that decides).
+    A NaN ``norm`` gives 1: the update keeps its NaN entries (the caller's
+    guard decides what to do with them).
     """
     norm = jnp.asarray(norm)
     threshold = jnp.asarray(threshold, norm.dtype)

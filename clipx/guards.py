@@ -64,9 +64,10 @@ def skip_nonfinite(
     skipped: training stalls visibly (``consecutive`` grows) instead of
     writing NaN into the parameters. With an integer ``m``, after ``m``
     skipped steps in a row the next non-finite step is applied as ``inner``
-    computed it, NaN included, and the count starts again — the behaviour of
-    ``optax.apply_if_finite(inner, max_consecutive_errors=m)``, for runs that
-    must fail loudly rather than stall.
+    computed it, NaN included, and the count starts again, for runs that
+    must fail loudly rather than stall. (``optax.apply_if_finite(inner,
+    max_consecutive_errors=m)`` also applies the step after ``m`` skips, but
+    then every further non-finite step until a finite one arrives.)
 
     Statistics (`GuardStats`, name ``"skip_nonfinite"``): ``skipped`` this
     step, ``consecutive`` skipped steps in a row, ``total`` skipped steps.
@@ -175,8 +176,9 @@ def skip_spikes(
 
     once ``min_observations`` steps were accepted. When ``update`` receives
     ``loss=`` (a scalar), the loss is watched the same way in linear units
-    (it may be negative): the step is also skipped when
-    ``loss > μ_L + k·σ_L``. A non-finite norm or loss is always skipped.
+    (it may be negative), with no floor on ``σ_L``: the step is also skipped
+    when ``loss > μ_L + k·σ_L``. A non-finite norm or loss is skipped
+    whatever the statistics (within the ``max_consecutive`` limit below).
 
     On a skipped step the update is zero, the inner state stays bit for bit
     as it was, and the skipped values do not enter the statistics. Because a
@@ -199,7 +201,8 @@ def skip_spikes(
       inner: the transformation to guard (usually the whole optimizer chain).
       num_stds: ``k > 0``.
       decay: the statistics' decay in ``[0, 1)``.
-      min_observations: accepted steps before any step is skipped for its size.
+      min_observations: accepted steps before any step is skipped for its
+        size (``≥ 1``).
       min_std: ``σ_min ≥ 0``, the floor of the standard deviation of ``log‖g‖``.
       max_consecutive: ``None``, or how many steps in a row may be skipped
         before one is accepted.
@@ -230,7 +233,7 @@ def skip_spikes(
     """
     _validate.check_finite_positive("num_stds", num_stds)
     _validate.check_range("decay", decay, 0.0, 1.0, high_open=True)
-    _validate.check_steps("min_observations", min_observations)
+    _validate.check_steps("min_observations", min_observations, low=1)
     _validate.check_finite_nonnegative("min_std", min_std)
     if max_consecutive is not None:
         _validate.check_steps("max_consecutive", max_consecutive)

@@ -168,6 +168,9 @@ def test_bad_hyperparameters_raise():
         clipx.skip_spikes(optax.sgd(0.1), num_stds=0.0)
     with pytest.raises(ValueError, match="max_consecutive"):
         clipx.skip_nonfinite(optax.sgd(0.1), max_consecutive=-1)
+    # With no observation the test would compare against μ = σ = 0: a fixed threshold of e^{k·σ_min}.
+    with pytest.raises(ValueError, match="min_observations must be an int >= 1"):
+        clipx.skip_spikes(optax.sgd(0.1), min_observations=0)
 
 
 @pytest.mark.parametrize("guard", [clipx.skip_nonfinite, clipx.skip_spikes])

@@ -119,10 +119,11 @@ def adaptive(
       ``μ`` and leaves ``σ`` as it is) and tame the heavy right tail of
       gradient norms;
     * **the clipped value enters the statistics**, so one spike moves the
-      threshold by at most ``(1 − decay)·k·σ`` in log space and cannot open
-      the gate for the next one; a lasting rise of the norm level is followed
-      slowly (``μ`` climbs by about ``(1 − decay)·σ`` per clipped step), a
-      fall at once;
+      threshold's ``μ`` by at most ``max(1/n, 1 − decay)·k·σ`` in log
+      space (the weight of one observation times the spike's censored
+      excess) and cannot open the gate for the next one; a lasting rise of
+      the norm level is followed slowly (``μ`` climbs by about
+      ``(1 − decay)·σ`` per clipped step), a fall at once;
     * **k = 1 clips the upper tail, not only rare spikes**: the statistics
       are those of a censored series, so the threshold settles near the 72nd
       percentile of log-normal norms and about 28% of steps are clipped.
@@ -223,9 +224,10 @@ def adaptive(
     is the noise of real minibatch losses: it slowed SST-2 and lost 1.5–9.8
     points on IMDB with Adam.
 
-    A non-finite or zero norm never enters the statistics. On a step with a
-    non-finite norm the update is non-finite (NaN); wrap the optimizer in
-    `clipx.skip_nonfinite` to drop such steps.
+    A non-finite or zero norm never enters the statistics. A gradient holding
+    NaN or ±inf gives a non-finite update (NaN); wrap the optimizer in
+    `clipx.skip_nonfinite` to drop such steps. A finite gradient whose norm
+    overflows (entries above about 1.8·10¹⁹ in float32) is scaled to zero.
 
     Args:
       num_stds: ``k``, how many standard deviations of ``log‖g‖`` above the
