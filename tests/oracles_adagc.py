@@ -20,12 +20,14 @@ def adagc(steps, relative_threshold=1.04, decay=0.99, warmup_steps=100, warmup_m
     """AdaGC (Wang et al., 2025): per-tensor EMA thresholds after a global-norm warm-up.
 
     Warm-up (the first ``warmup_steps`` finite steps): ``h = min(1, c/(‖g‖ + ε))``
-    for every tensor, and ``γ_i`` is the smallest clipped norm ``h‖g_i‖`` seen.
-    After: ``h_i = min(1, λ γ_i / (‖g_i‖ + ε))``, ``γ_i ← β γ_i + (1 − β) h_i ‖g_i‖``.
+    for every tensor, and ``γ_i`` is the smallest non-zero clipped norm ``h‖g_i‖``
+    seen. After: ``h_i = min(1, λ γ_i / (‖g_i‖ + ε))``, ``γ_i ← β γ_i + (1 − β) h_i ‖g_i‖``.
+    A tensor whose norm is 0 leaves its ``γ_i`` as it is, and one with ``γ_i = 0``
+    (no non-zero norm yet) stays on the warm-up rule.
 
     Returns a list of ``(clipped_leaves or None, gamma list)``.
     """
-    gamma: list[float] = []
+    gamma = [0.0] * len(steps[0]) if steps else []
     seen = 0
     out = []
     for leaves in steps:
@@ -34,16 +36,17 @@ def adagc(steps, relative_threshold=1.04, decay=0.99, warmup_steps=100, warmup_m
         if not math.isfinite(total):
             out.append((None, list(gamma)))
             continue
-        if seen < warmup_steps:
-            h = min(1.0, warmup_max_norm / (total + eps))
-            scales = [h] * len(leaves)
-            clipped = [h * n for n in norms]
-            gamma = clipped if seen == 0 else [min(a, b) for a, b in zip(gamma, clipped, strict=False)]
-        else:
-            scales = [
-                min(1.0, relative_threshold * gm / (n + eps)) for gm, n in zip(gamma, norms, strict=False)
-            ]
-            gamma = [decay * gm + (1 - decay) * h * n for gm, h, n in zip(gamma, scales, norms, strict=False)]
+        h_global = min(1.0, warmup_max_norm / (total + eps))
+        scales = []
+        for i, n in enumerate(norms):
+            if seen < warmup_steps or gamma[i] == 0:
+                scales.append(h_global)
+                if n > 0:
+                    gamma[i] = h_global * n if gamma[i] == 0 else min(gamma[i], h_global * n)
+            else:
+                scales.append(min(1.0, relative_threshold * gamma[i] / (n + eps)))
+                if n > 0:
+                    gamma[i] = decay * gamma[i] + (1 - decay) * scales[i] * n
         seen += 1
         out.append(([h * g.astype(np.float64) for h, g in zip(scales, leaves, strict=False)], list(gamma)))
     return out

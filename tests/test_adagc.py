@@ -87,6 +87,23 @@ def test_nonfinite_step_changes_no_statistic():
     assert int(after.finite_steps) == int(state.finite_steps)
 
 
+def test_a_tensor_with_zero_gradients_through_warm_up_trains_afterwards():
+    # A LoRA factor whose partner starts at zero has no gradient at first: a zero norm must not
+    # become its scale γ, or λ·γ = 0 would hold it at zero for the rest of the run.
+    tx = clipx.adagc(warmup_steps=2)
+    state = tx.init({"a": jnp.ones(2), "lora": jnp.ones(2)})
+    for _ in range(3):
+        _, state = tx.update({"a": jnp.array([0.3, 0.4]), "lora": jnp.zeros(2)}, state)
+    assert float(state.gamma["lora"]) == 0.0 and float(state.gamma["a"]) == pytest.approx(0.5)
+    updates, state = tx.update({"a": jnp.array([0.3, 0.4]), "lora": jnp.array([0.6, 0.8])}, state)
+    # Still on the warm-up rule: clipped to the global norm 1 (‖g‖ = √1.25), and γ set from it.
+    np.testing.assert_allclose(updates["lora"], np.array([0.6, 0.8]) / np.sqrt(1.25), rtol=1e-5)
+    assert float(state.gamma["lora"]) == pytest.approx(1 / np.sqrt(1.25), rel=1e-5)
+    gamma_a = float(state.gamma["a"])
+    _, after = tx.update({"a": jnp.zeros(2), "lora": jnp.array([0.6, 0.8])}, state)
+    assert float(after.gamma["a"]) == gamma_a  # a zero norm is no observation
+
+
 def test_structure_mismatch_is_a_clear_error():
     tx = clipx.adagc()
     state = tx.init({"a": jnp.ones(2)})

@@ -50,7 +50,14 @@ def adagc(
 
     During the first ``warmup_steps`` steps the whole update is clipped to
     the global norm ``warmup_max_norm`` (``g ← g·min(1, c/(‖g‖ + ε))``) and
-    ``γ_i`` is set to the smallest clipped norm of tensor ``i`` seen so far.
+    ``γ_i`` is set to the smallest non-zero clipped norm of tensor ``i`` seen
+    so far.
+
+    A zero norm is no observation: it leaves ``γ_i`` as it is, and a tensor
+    whose norms were all zero so far (``γ_i = 0``, as for a LoRA factor whose
+    partner starts at zero) stays on the warm-up rule until its first non-zero
+    norm. The authors' code takes zeros into the minimum, after which
+    ``λ_rel·γ_i = 0`` holds the tensor at zero for the rest of the run.
     Because the clipped norm enters the average, ``γ_i`` can grow by at most
     ``(1 − β)(λ_rel − 1)`` (0.04% with the defaults) per step: AdaGC holds
     every tensor close to its recent scale.
@@ -115,15 +122,21 @@ def adagc(
         )
 
     @_numerics.jit_when_traced  # traced once per dtype, not once per tensor
-    def tensor_step(squared_norm, gamma, warmup, first, finite, global_scale):
-        """A tensor's scale and its new ``γ_i``, from its squared norm ``‖g_i‖²``."""
+    def tensor_step(squared_norm, gamma, warmup, finite, global_scale):
+        """A tensor's scale and its new ``γ_i``, from its squared norm ``‖g_i‖²``.
+
+        ``γ_i = 0`` means no non-zero norm seen yet: the tensor stays on the
+        warm-up rule. A zero norm leaves ``γ_i`` as it is.
+        """
         tensor_norm = _numerics.safe_sqrt(squared_norm)
+        warm = warmup | (gamma == 0)
         threshold = (relative_threshold * gamma).astype(tensor_norm.dtype)
-        scale = jnp.where(warmup, global_scale, _numerics.clip_scale(tensor_norm + eps, threshold))
+        scale = jnp.where(warm, global_scale, _numerics.clip_scale(tensor_norm + eps, threshold))
         clipped = (scale * tensor_norm).astype(gamma.dtype)
-        initial = jnp.where(first, clipped, jnp.minimum(gamma, clipped))
+        initial = jnp.where(gamma == 0, clipped, jnp.minimum(gamma, clipped))
         average = decay * gamma + (1 - decay) * clipped
-        return scale, jnp.where(finite, jnp.where(warmup, initial, average), gamma).astype(gamma.dtype)
+        observe = finite & (squared_norm > 0)
+        return scale, jnp.where(observe, jnp.where(warm, initial, average), gamma).astype(gamma.dtype)
 
     @_numerics.jit_when_traced
     def count_clipped(squared_norms, gammas, warmup, global_scale):
@@ -133,8 +146,10 @@ def adagc(
         scales cost a kernel per tensor.
         """
         thresholds = (relative_threshold * gammas).astype(squared_norms.dtype)
-        above = _numerics.safe_sqrt(squared_norms) + eps > thresholds
-        return jnp.where(warmup, (global_scale < 1) * squared_norms.size, jnp.sum(above, dtype=jnp.int32))
+        above = jnp.where(
+            warmup | (gammas == 0), global_scale < 1, _numerics.safe_sqrt(squared_norms) + eps > thresholds
+        )
+        return jnp.sum(above, dtype=jnp.int32)
 
     def update_fn(updates, state, params=None):
         del params
@@ -153,10 +168,9 @@ def adagc(
         norm = _numerics.safe_sqrt(jnp.sum(stacked_squares))
         finite = jnp.isfinite(norm)
         warmup = state.finite_steps < warmup_steps
-        first = state.finite_steps == 0
         global_scale = _numerics.clip_scale(norm + eps, warmup_max_norm)
         steps = [
-            tensor_step(q, gamma, warmup, first, finite, global_scale)
+            tensor_step(q, gamma, warmup, finite, global_scale)
             for q, gamma in zip(squares, gammas, strict=True)
         ]
         scales = [scale for scale, _ in steps]
