@@ -82,6 +82,14 @@ def zclip(
     threshold, NaN passes through), so it stays non-finite: wrap the chain in
     `clipx.skip_nonfinite` to drop such steps.
 
+    As in the reference, statistics with no spread stay that way: if every
+    warm-up norm is the same (all zero, say: a loss masked out for the first
+    steps), then :math:`\sigma = 0`, every larger norm is a spike clipped to
+    :math:`T = \mu`, and :math:`x = \mu` leaves :math:`\mu` and :math:`\sigma`
+    where they are, so updates stay at norm :math:`\mu` (zero, in the example)
+    for good. Start ZClip once the gradients vary, or use `clipx.adaptive`,
+    whose zero norms are no observation and whose spread has a floor.
+
     The reported ``threshold`` is the norm the update is clipped down to: the
     update leaves with norm :math:`\min(\lVert g\rVert, \text{threshold})`. It is
     ``max_norm`` (``inf`` if None) during warm-up, :math:`\min(T,
