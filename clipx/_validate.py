@@ -85,14 +85,31 @@ def check_normal_float32(name: str, value: Any) -> None:
     check_range(name, value, float(tiny), float(largest))
 
 
+# Why a count or a flag cannot be an array: the hint for `optax.inject_hyperparams` users.
+_STATIC_HINT = (
+    "it decides shapes or Python control flow: under optax.inject_hyperparams name it in static_args"
+)
+
+
 def check_int(name: str, value: Any, low: int = 0) -> None:
     """A Python or NumPy integer ``≥ low`` (not a bool, not a float)."""
     if isinstance(value, np.ndarray) and value.ndim == 0 and np.issubdtype(value.dtype, np.integer):
         value = int(value)
+    if isinstance(value, jax.Array):
+        raise TypeError(f"{name} must be a Python int, got a JAX array; {_STATIC_HINT}")
     if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def as_bool(name: str, value: Any) -> bool:
+    """``value`` as a Python bool: a bool or a NumPy bool, nothing else (not 0 or 1)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, jax.Array):
+        raise TypeError(f"{name} must be a Python bool, got a JAX array; {_STATIC_HINT}")
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
 
 
 def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:

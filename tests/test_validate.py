@@ -157,3 +157,23 @@ def test_counts_accept_zero_dimensional_numpy_integers():
     clipx.skip_spikes(clipx.global_norm(1.0), min_observations=np.array(3), max_consecutive=np.array(2))
     with pytest.raises(ValueError, match=r"must be a scalar integer, got an array of shape \(2,\)"):
         clipx.skip_spikes(clipx.global_norm(1.0), min_observations=jnp.array([1, 2]))
+
+
+def test_flags_accept_numpy_bools_and_refuse_numbers():
+    assert clipx.zclip(skip_update_on_spike=np.True_) is not None
+    clipx.autoclip(per_tensor=np.bool_(False))
+    with pytest.raises(TypeError, match="per_tensor must be a bool, got int 1"):
+        clipx.autoclip(per_tensor=1)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: clipx.zclip(warmup_steps=jnp.asarray(5)),
+        lambda: clipx.autoclip(history=jnp.asarray(5)),
+        lambda: clipx.zclip(skip_update_on_spike=jnp.asarray(True)),
+    ],
+)
+def test_shape_setting_arrays_point_to_static_args(make):
+    with pytest.raises(TypeError, match="name it in static_args"):
+        make()

@@ -153,8 +153,7 @@ def autoclip(
     """
     _validate.check_range("quantile", quantile, 0.0, 1.0)
     _validate.check_int("history", history, low=1)
-    if not isinstance(per_tensor, bool):
-        raise TypeError(f"per_tensor must be a bool, got {type(per_tensor).__name__} {per_tensor!r}")
+    per_tensor = _validate.as_bool("per_tensor", per_tensor)
 
     def empty_history(dtype: Any) -> jax.Array:
         return jnp.zeros((history,), dtype)

@@ -147,11 +147,7 @@ def zclip(
     _validate.check_choice("mode", mode, _MODES)
     _validate.check_choice("clip_option", clip_option, _CLIP_OPTIONS)
     _validate.check_finite_positive("clip_factor", clip_factor)
-    if not isinstance(skip_update_on_spike, bool):
-        raise TypeError(
-            f"skip_update_on_spike must be a bool, got {type(skip_update_on_spike).__name__} "
-            f"{skip_update_on_spike!r}"
-        )
+    skip_update_on_spike = _validate.as_bool("skip_update_on_spike", skip_update_on_spike)
     _validate.check_finite_nonnegative("eps", eps)
 
     def init_fn(params):
