@@ -37,8 +37,11 @@ def _check_axis(axis: Axis) -> None:
 def _unit_axes(shape: tuple[int, ...], axis: Axis) -> Axis:
     """The axes one unit spans in an array of ``shape`` (None: the whole array)."""
     if axis is not None:
-        if any(not -len(shape) <= a < len(shape) for a in (axis if isinstance(axis, tuple) else (axis,))):
+        axes = axis if isinstance(axis, tuple) else (axis,)
+        if any(not -len(shape) <= a < len(shape) for a in axes):
             raise ValueError(f"axis {axis} is out of range for an array of shape {shape}")
+        if len({a % len(shape) for a in axes}) < len(axes):
+            raise ValueError(f"axis {axis} names an axis twice for an array of shape {shape}")
         return axis
     if sum(d != 1 for d in shape) <= 1:  # a scalar or a vector, once size-1 axes are squeezed
         return None

@@ -177,3 +177,11 @@ def test_flags_accept_numpy_bools_and_refuse_numbers():
 def test_shape_setting_arrays_point_to_static_args(make):
     with pytest.raises(TypeError, match="name it in static_args"):
         make()
+
+
+@pytest.mark.parametrize("axis", [(0, 0), (1, -1)])
+def test_axis_naming_an_axis_twice_raises_at_init_with_the_leaf(axis):
+    with pytest.raises(ValueError, match=r"parameter \['w'\]: axis .* names an axis twice"):
+        clipx.agc(axis=axis).init({"w": jnp.ones((2, 2))})
+    with pytest.raises(ValueError, match="names an axis twice"):
+        clipx.unitwise_norm(jnp.ones((2, 2)), axis=axis)
