@@ -208,8 +208,21 @@ def agc(
     # step took 1.36x plain Adam's instead of 1.22x (benchmarks/RESULTS.md).
     @_numerics.jit_when_traced
     def ratio_squared(g_squared: jax.Array, floor_squared: jax.Array) -> jax.Array:
-        """``‖G_i‖² / max(‖W_i‖, ε)²``, with 0/0 = 0 (a zero floor needs eps = 0 and zero weights)."""
-        return jnp.where(g_squared > 0, g_squared / floor_squared, 0)
+        """``‖G_i‖² / max(‖W_i‖, ε)²``, with 0/0 = 0 (a zero floor needs eps = 0 and zero weights).
+
+        The statistics count the units whose ratio is above ``λ²``; near ``λ²``
+        the ratio and the clip's own test, ``‖G_i‖² > (λ·max(‖W_i‖, ε))²``, can
+        round to different sides, so the ratio is moved (by at most a rounding
+        error) to the clip's side: a unit counts as clipped exactly when it is.
+        """
+        ratio = jnp.where(g_squared > 0, g_squared / floor_squared, 0)
+        bound = clipping * floor_root(floor_squared)
+        limit = jnp.square(jnp.asarray(clipping, ratio.dtype))
+        return jnp.where(
+            g_squared > bound * bound,  # as in `clip_leaf`'s scale
+            jnp.maximum(ratio, jnp.nextafter(jax.lax.stop_gradient(limit), jnp.inf)),  # no derivative rule
+            jnp.minimum(ratio, limit),
+        )
 
     def init_fn(params):
         for path, leaf in jax.tree_util.tree_leaves_with_path(params):
