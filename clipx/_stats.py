@@ -244,7 +244,7 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
 
     def key(path, name, level):
         """Level 0 leaves positions out, 1 writes them as ``0``, 2 as ``[0]``."""
-        segments = [seg if not is_index else f"[{seg}]" if level == 2 else seg for seg, is_index in path]
+        segments = [f"[{seg}]" if is_index and level == 2 else seg for seg, is_index in path]
         kept = [seg for seg, (_, is_index) in zip(segments, path, strict=True) if level or not is_index]
         return "/".join([*kept, name])
 

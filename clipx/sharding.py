@@ -44,10 +44,10 @@ def state_shardings(
     keys), whatever its shape, except in the fields its type names in
     ``fields_like_params`` (the ``inner_state`` of a guard or of
     `without_stats`, `adaptive`'s kept gradient), which follow these rules
-    in turn. The
-    statistics are small, and every device needs them to scale its own shard;
-    a norm history that happened to have a parameter's shape must not be
-    split. Nothing is computed: the state's shapes come from ``jax.eval_shape``.
+    in turn. The statistics are small, and every device needs them to scale
+    its own shard; a norm history that happened to have a parameter's shape
+    must not be split. Nothing is computed: the state's shapes come from
+    ``jax.eval_shape``.
 
     Works for ``jax.jit`` (``NamedSharding`` leaves; ``replicated`` defaults to
     ``NamedSharding(mesh, PartitionSpec())`` on the first leaf's mesh) and for
