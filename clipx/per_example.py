@@ -90,7 +90,9 @@ def _check_batched(grads: PyTree, who: str) -> int:
 
 
 def _per_example_norms(grads: PyTree) -> jax.Array:
-    """``‖g_i‖`` for every example ``i`` (float32 or wider), shape ``(B,)``."""
+    """``‖g_i‖`` for every example ``i`` (float32 or wider), shape ``(B,)``; ``(0,)`` for no leaves."""
+    if not jax.tree.leaves(grads):
+        return jnp.zeros((0,), jnp.float32)
     return jax.vmap(_numerics.tree_norm)(grads)
 
 
@@ -110,14 +112,22 @@ def _clipped_sum(grads: PyTree, threshold: jax.Array) -> tuple[PyTree, jax.Array
 
 
 def _add_noise(tree: PyTree, key: jax.Array, std: jax.Array) -> tuple[PyTree, jax.Array]:
-    """``tree + N(0, std²)`` leaf by leaf (noise drawn in float32 or wider); returns the next key."""
+    """``tree + N(0, std²)`` leaf by leaf (noise drawn in float32 or wider); returns the next key.
+
+    A complex leaf gets independent noise of standard deviation ``std`` on its
+    real and on its imaginary part: each is a coordinate of the clipped norm.
+    """
     leaves, treedef = jax.tree.flatten(tree)
     next_key, *keys = jax.random.split(key, len(leaves) + 1)
 
     def noisy(leaf, k):
         acc = _numerics.accumulation_dtype(leaf.dtype)
-        noise = jax.random.normal(k, leaf.shape, acc) * jnp.asarray(std, acc)
-        return (leaf.astype(acc) + noise).astype(leaf.dtype)
+        if jnp.iscomplexobj(leaf):
+            real, imag = jax.random.normal(k, (2, *leaf.shape), acc) * jnp.asarray(std, acc)
+            noise = jax.lax.complex(real, imag)
+        else:
+            noise = jax.random.normal(k, leaf.shape, acc) * jnp.asarray(std, acc)
+        return (leaf.astype(noise.dtype) + noise).astype(leaf.dtype)
 
     return jax.tree.unflatten(
         treedef, [noisy(leaf, k) for leaf, k in zip(leaves, keys, strict=True)]
@@ -127,10 +137,14 @@ def _add_noise(tree: PyTree, key: jax.Array, std: jax.Array) -> tuple[PyTree, ja
 def _maybe_noise(
     tree: PyTree, key: jax.Array, noise_multiplier: float | jax.Array, threshold: jax.Array
 ) -> tuple[PyTree, jax.Array]:
-    """Adds ``N(0, (noise_multiplier·threshold)²)`` unless ``noise_multiplier`` is the Python 0."""
+    """Adds ``N(0, (noise_multiplier·threshold)²)`` unless ``noise_multiplier`` is the Python 0.
+
+    A zero multiplier adds no noise even with an infinite threshold (where ``0·∞`` is NaN).
+    """
     if isinstance(noise_multiplier, (int, float)) and noise_multiplier == 0:
         return tree, key
-    return _add_noise(tree, key, noise_multiplier * threshold)
+    std = jnp.where(jnp.asarray(noise_multiplier) == 0, 0.0, noise_multiplier * threshold)
+    return _add_noise(tree, key, std)
 
 
 def _across(x: jax.Array, axis_name: _numerics.AxisName | None, reduce=jax.lax.psum) -> jax.Array:
@@ -316,7 +330,7 @@ def per_example_layer_norm(
         total, key = _maybe_noise(total, state.key, noise_multiplier, jnp.asarray(l2_norm_clip))
         pairs = sum(leaf.shape[0] for leaf in leaves)
         fraction = _fraction(sum(clipped_counts, jnp.zeros((), jnp.int32)), pairs, axis_name)
-        norms = _per_example_norms(updates) if leaves else jnp.zeros((0,))
+        norms = _per_example_norms(updates)
         return total, PerExampleState(
             key=key, stats=replacing(state.stats, _stats(norms, l2_norm_clip, fraction, axis_name))
         )
@@ -354,7 +368,9 @@ def per_example_adaptive(
     the paper: ``C₀ = 0.1``, ``γ = 0.5``, ``η = 0.2``. The arguments are those
     of `clipx.quantile_clip`, the same rule with one norm per step.
     Examples with a non-finite norm are left out of ``b`` (numerator and
-    denominator): they never move ``C``.
+    denominator): they never move ``C``. ``C`` stays at or above the smallest
+    normal float32 (``1.2e-38``), so after a run of zero gradients it can
+    always grow back.
 
     Args:
       target_quantile: ``γ ∈ [0, 1]``, the fraction of examples meant to be unclipped.
@@ -415,6 +431,7 @@ def per_example_adaptive(
         unclipped = unclipped + count_stddev * jax.random.normal(count_key, (), jnp.float32)
         below = unclipped / jnp.maximum(examples, 1)
         moved = threshold * jnp.exp(-learning_rate * (below - target_quantile))
+        moved = jnp.maximum(moved, jnp.finfo(jnp.float32).tiny)  # 0 would never grow back
         new_threshold = jnp.where(examples > 0, moved, threshold)
         fraction = _fraction(jnp.sum(multipliers < 1), batch, axis_name)
         new_state = PerExampleAdaptiveState(
@@ -488,9 +505,13 @@ def clipped_grad_sum(
     _validate.check_nonnegative("l2_norm_clip", l2_norm_clip)
     _validate.check_int("chunk_size", chunk_size, low=1)
     batch_leaves = jax.tree.leaves(batch)
-    if not batch_leaves or any(jnp.ndim(x) == 0 for x in batch_leaves):
-        raise ValueError("clipped_grad_sum: batch must be a pytree of arrays with a leading batch axis")
-    size = jnp.shape(batch_leaves[0])[0]
+    sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in batch_leaves}
+    if not batch_leaves or None in sizes or len(sizes) != 1:
+        raise ValueError(
+            "clipped_grad_sum: batch must be a pytree of arrays with one common leading batch axis, "
+            f"got shapes {jax.tree.map(jnp.shape, batch)}"
+        )
+    size = sizes.pop() or 0
     per_example_grads = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))
 
     def add_chunk(total, examples):
@@ -517,4 +538,4 @@ def clipped_grad_sum(
         total, norms = add_chunk(total, jax.tree.map(lambda x: x[chunks * chunk_size :], batch))
         all_norms.append(norms)
     clipped_sum = jax.tree.map(lambda t, p: t.astype(jnp.result_type(p)), total, params)
-    return clipped_sum, jnp.concatenate(all_norms)
+    return clipped_sum, jnp.concatenate(all_norms) if all_norms else jnp.zeros((0,), jnp.float32)

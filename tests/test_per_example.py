@@ -98,6 +98,34 @@ def test_noise_std_reproducible_and_key_advances():
     assert state1.key.dtype == jnp.uint32 and state1.key.shape == (2,)
 
 
+@pytest.mark.parametrize(
+    "factory",
+    [clipx.per_example_global_norm, clipx.per_example_layer_norm, clipx.per_example_adaptive],
+    ids=lambda f: f.__name__,
+)
+def test_noise_keeps_the_imaginary_part_and_noises_it(factory):
+    grads = {"z": jnp.full((4, 50000), 0.1 + 0.2j, jnp.complex64)}  # norm 50 per example, sum 0.4 + 0.8i
+    clip = {"initial_threshold": 100.0} if factory is clipx.per_example_adaptive else {"l2_norm_clip": 100.0}
+    summed, _ = run(factory(**clip, noise_multiplier=1e-4), grads)  # σ·C = 0.01 on each part
+    z = np.asarray(summed["z"])
+    assert z.dtype == np.complex64
+    for part, clean in ((z.real, 0.4), (z.imag, 0.8)):
+        assert float(np.mean(part)) == pytest.approx(clean, abs=3e-4)
+        assert float(np.std(part)) == pytest.approx(0.01, rel=0.03)
+    assert abs(float(np.corrcoef(z.real, z.imag)[0, 1])) < 0.03  # independent draws
+
+
+@pytest.mark.parametrize("factory", [clipx.per_example_global_norm, clipx.per_example_layer_norm])
+def test_zero_noise_array_with_infinite_threshold_adds_nothing(factory):
+    # optax.inject_hyperparams hands the default σ = 0 over as an array: 0·∞ must not be NaN.
+    grads = per_example_grads()
+    summed, _ = run(factory(math.inf, noise_multiplier=jnp.float32(0.0)), grads)
+    chex_close(summed, jax.tree.map(lambda g: jnp.sum(g, axis=0), grads))
+    injected = optax.inject_hyperparams(factory, static_args=("seed",))(l2_norm_clip=math.inf)
+    summed, _ = run(injected, grads)
+    chex_close(summed, jax.tree.map(lambda g: jnp.sum(g, axis=0), grads))
+
+
 def test_zero_noise_keeps_key():
     tx = clipx.per_example_global_norm(1.0)
     state = tx.init(None)
@@ -225,3 +253,51 @@ def test_missing_batch_axis_raises():
 
 def chex_close(actual, expected, atol=1e-6):
     jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-5, atol=atol), actual, expected)
+
+
+def test_adaptive_threshold_grows_back_after_zero_gradients():
+    tx = clipx.per_example_adaptive(learning_rate=5.0, initial_threshold=1.0)
+    step = jax.jit(tx.update)
+    state = tx.init(None)
+    for _ in range(40):  # every example fits under C: it shrinks by e^{-2.5} a step, towards 0
+        _, state = step(jnp.zeros((4, 2)), state)
+    assert float(state.threshold) == np.finfo(np.float32).tiny
+    for _ in range(40):  # none fits: it grows by e^{2.5} a step
+        _, state = step(jnp.ones((4, 2)), state)
+    assert float(state.threshold) > 1.0
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: clipx.per_example_global_norm(1.0, noise_multiplier=0.5),
+        lambda: clipx.per_example_layer_norm(1.0, noise_multiplier=0.5),
+        lambda: clipx.per_example_adaptive(noise_multiplier=0.5),
+    ],
+    ids=["global", "layer", "adaptive"],
+)
+def test_empty_trees_give_empty_sums(factory):
+    tx = factory()
+    summed, state = tx.update({}, tx.init({}))
+    assert summed == {}
+    assert float(clipx.stats(state)[f"{type(state).stats_name}/norm"]) == 0.0
+    masked = optax.masked(factory(), {"a": False})
+    params = {"a": jnp.zeros(2)}
+    summed, _ = masked.update({"a": jnp.ones((3, 2))}, masked.init(params), params)
+    np.testing.assert_array_equal(summed["a"], jnp.ones((3, 2)))  # passed through, unclipped
+
+
+def test_clipped_grad_sum_refuses_batch_leaves_of_different_sizes():
+    def loss(w, example):
+        x, y = example
+        return jnp.dot(w, x) + y
+
+    for batch in ((jnp.ones((4, 2)), jnp.ones(5)), (jnp.ones((5, 2)), jnp.ones(4))):
+        with pytest.raises(ValueError, match=r"one common leading batch axis.*\(4, 2\)|\(5, 2\)"):
+            clipx.clipped_grad_sum(loss, jnp.zeros(2), batch, 1.0, chunk_size=2)
+
+
+def test_clipped_grad_sum_of_an_empty_batch_is_zero():
+    total, norms = clipx.clipped_grad_sum(lambda w, x: jnp.dot(w, x), jnp.zeros(2), jnp.zeros((0, 2)), 1.0)
+    np.testing.assert_array_equal(total, [0.0, 0.0])
+    assert norms.shape == (0,)
