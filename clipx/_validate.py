@@ -137,8 +137,12 @@ def check_same_structure(
         )
 
 
+_INT32_MAX = 2**31 - 1
+
+
 def check_steps(name: str, value: Any, low: int = 0) -> None:
-    """A step count: a Python int ``≥ low`` (checked), or a scalar integer JAX array (passed through).
+    """A step count: a Python int in ``[low, 2³¹ − 1]`` (checked; it is compared with int32
+    counters), or a scalar integer JAX array (passed through).
 
     ``optax.inject_hyperparams`` turns every numeric argument, counts included,
     into an array, so counts that are only compared inside traced code accept one.
@@ -150,3 +154,5 @@ def check_steps(name: str, value: Any, low: int = 0) -> None:
             )
         return
     check_int(name, value, low)
+    if value > _INT32_MAX:
+        raise ValueError(f"{name} must be at most 2**31 - 1 (steps are counted in int32), got {value!r}")

@@ -14,7 +14,13 @@ from clipx._stats import ClipStats, GuardStats, clip_stats, empty_clip_stats, em
 
 def _select(keep_new: jax.Array, new: Any, old: Any) -> Any:
     """``new`` where ``keep_new`` else ``old``, leaf by leaf (bit-identical either way)."""
-    return jax.tree.map(lambda n, o: jnp.where(keep_new, n, o).astype(o.dtype), new, old)
+
+    def pick(n: jax.Array, o: jax.Array) -> jax.Array:
+        chosen = jnp.where(keep_new, n, o)
+        # Typed PRNG keys (extended dtypes) have no astype; `where` keeps their dtype anyway.
+        return chosen if jax.dtypes.issubdtype(o.dtype, jax.dtypes.extended) else chosen.astype(o.dtype)
+
+    return jax.tree.map(pick, new, old)
 
 
 def _guard_stats(stats: GuardStats, skip: jax.Array) -> GuardStats:
@@ -177,7 +183,8 @@ def skip_spikes(
     once ``min_observations`` steps were accepted. When ``update`` receives
     ``loss=`` (a scalar), the loss is watched the same way in linear units
     (it may be negative), with no floor on ``σ_L``: the step is also skipped
-    when ``loss > μ_L + k·σ_L``. A non-finite norm or loss is skipped
+    when ``loss > μ_L + k·σ_L``, once ``min_observations`` steps with a loss
+    were accepted (so ``loss=`` may start at any step). A non-finite norm or loss is skipped
     whatever the statistics (within the ``max_consecutive`` limit below).
 
     On a skipped step the update is zero, the inner state stays bit for bit
@@ -264,9 +271,12 @@ def skip_spikes(
         reject = ~jnp.isfinite(norm) | (log_norm > log_threshold)
         observe = jnp.isfinite(norm) & (norm > 0)
         if loss is not None:
+            if jnp.ndim(loss) != 0:
+                raise ValueError(f"skip_spikes: loss= must be a scalar, got shape {jnp.shape(loss)}")
             loss = jnp.asarray(loss, dtype)
+            loss_ready = state.loss.observations >= min_observations
             loss_threshold = state.loss.mean + num_stds * jnp.sqrt(state.loss.var)
-            reject |= ~jnp.isfinite(loss) | (ready & (loss > loss_threshold))
+            reject |= ~jnp.isfinite(loss) | (loss_ready & (loss > loss_threshold))
             observe &= jnp.isfinite(loss)
         skip = _skip_decision(reject, state.stats, max_consecutive)
         observe &= ~skip

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import optax.contrib
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -131,6 +132,51 @@ def test_skip_spikes_watches_the_loss():
     skipped = [bool(s.stats.skipped) for _, _, s in results]
     assert skipped[25] and sum(skipped) == 1
     assert int(results[-1][2].loss.observations) == 29
+
+
+def test_skip_spikes_watches_a_loss_that_starts_late_only_once_it_has_observations():
+    # The norm statistics are ready after 5 steps; the loss arrives at step 8.
+    tx = clipx.skip_spikes(optax.sgd(0.1), min_observations=5, max_consecutive=None)
+    update = jax.jit(tx.update)
+    state = tx.init(PARAMS)
+    for i in range(8):
+        _, state = update(grads(1.0, seed=i), state, PARAMS)
+    skipped = []
+    for i in range(8, 20):
+        loss = jnp.float32(50.0 if i == 16 else 2.0 + 0.01 * (i % 3))
+        _, state = update(grads(1.0, seed=i), state, PARAMS, loss=loss)
+        skipped.append(bool(state.stats.skipped))
+    assert skipped == [i == 16 for i in range(8, 20)]  # the first five losses only build the statistics
+
+
+@pytest.mark.parametrize("loss", [jnp.ones(1), jnp.ones((2,))], ids=["(1,)", "(2,)"])
+def test_skip_spikes_refuses_a_loss_that_is_not_a_scalar(loss):
+    tx = clipx.skip_spikes(optax.sgd(0.1))
+    with pytest.raises(ValueError, match=r"loss= must be a scalar, got shape \(\d,?\)"):
+        tx.update(grads(1.0), tx.init(PARAMS), PARAMS, loss=loss)
+
+
+@pytest.mark.parametrize("guard", [clipx.skip_nonfinite, clipx.skip_spikes])
+def test_guards_keep_typed_prng_keys_in_the_inner_state_without_jit(guard):
+    inner = optax.chain(
+        optax.contrib.differentially_private_aggregate(1.0, 0.5, key=jax.random.key(0)), optax.sgd(0.1)
+    )
+    tx = guard(inner)
+    batched = jax.tree.map(lambda g: jnp.stack([g, 2 * g]), grads(1.0))
+    state = tx.init(PARAMS)
+    eager, eager_state = tx.update(batched, state, PARAMS)
+    jitted, jitted_state = jax.jit(tx.update)(batched, state, PARAMS)
+    expected, _ = inner.update(batched, inner.init(PARAMS), PARAMS)
+    chex.assert_trees_all_equal(eager, expected)
+    chex.assert_trees_all_close(jitted, expected, rtol=1e-5)  # XLA fuses the noise's arithmetic
+    keys = [s.inner_state[0].rng_key for s in (eager_state, jitted_state)]
+    assert keys[0].dtype == keys[1].dtype == state.inner_state[0].rng_key.dtype
+    np.testing.assert_array_equal(jax.random.key_data(keys[0]), jax.random.key_data(keys[1]))
+    _, skipped = tx.update(jax.tree.map(lambda g: g * jnp.nan, batched), state, PARAMS)
+    assert bool(skipped.stats.skipped)
+    np.testing.assert_array_equal(
+        jax.random.key_data(skipped.inner_state[0].rng_key), jax.random.key_data(state.inner_state[0].rng_key)
+    )
 
 
 def test_skip_spikes_skips_nonfinite_and_lets_one_through_after_max_consecutive():

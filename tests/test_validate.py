@@ -16,6 +16,7 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import clipx
@@ -185,3 +186,20 @@ def test_axis_naming_an_axis_twice_raises_at_init_with_the_leaf(axis):
         clipx.agc(axis=axis).init({"w": jnp.ones((2, 2))})
     with pytest.raises(ValueError, match="names an axis twice"):
         clipx.unitwise_norm(jnp.ones((2, 2)), axis=axis)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda n: clipx.skip_nonfinite(optax.sgd(0.1), max_consecutive=n),
+        lambda n: clipx.skip_spikes(optax.sgd(0.1), max_consecutive=n),
+        lambda n: clipx.skip_spikes(optax.sgd(0.1), min_observations=n),
+        lambda n: clipx.adagc(warmup_steps=n),
+        lambda n: clipx.adaptive(warmup_steps=n),
+    ],
+)
+def test_step_counts_fit_the_int32_counters(make):
+    make(2**31 - 1)
+    for n in (2**31, 10**12):
+        with pytest.raises(ValueError, match=r"at most 2\*\*31 - 1 \(steps are counted in int32\)"):
+            make(n)
