@@ -257,14 +257,14 @@ def agc(
             small_ratios,
             lambda r: (r, (r > limit).astype(jnp.int32)),
             (_numerics.MAX_NONNEGATIVE, _numerics.SUM),
-            (acc, jnp.int32),
+            (acc, acc),
         )
         if large_ratios:
             ratios = jnp.concatenate([r.ravel() for r in large_ratios])
             largest_squared = jnp.maximum(largest_squared, jnp.max(ratios))
-            clipped = clipped + jnp.sum(ratios > limit, dtype=jnp.int32)
+            clipped = clipped + jnp.sum(ratios > limit, dtype=jnp.int32).astype(acc)
         largest = _numerics.safe_sqrt(largest_squared)
-        units = sum(r.size for r in small_ratios + large_ratios)
+        units = float(sum(r.size for r in small_ratios + large_ratios))  # counts may pass 2³¹
         if axis_name is not None:
             largest = jax.lax.pmax(largest, axis_name)
             clipped = jax.lax.psum(clipped, axis_name)

@@ -25,6 +25,20 @@ def _real_parts(leaf: jax.Array) -> tuple[jax.Array, ...]:
     return (leaf.real, leaf.imag) if jnp.iscomplexobj(leaf) else (leaf,)
 
 
+# Entries counted in int32 at a time. A leaf of at least twice as many is counted block by
+# block, the blocks' counts summed in floating point: an int32 count could overflow.
+_COUNT_BLOCK = 2**30
+
+
+def _count_true(mask: jax.Array, dtype: Any) -> jax.Array:
+    """The number of True entries of ``mask`` as ``dtype``, exact within each int32 block."""
+    flat = mask.ravel()
+    blocks = flat.size // _COUNT_BLOCK
+    full = jnp.sum(flat[: blocks * _COUNT_BLOCK].reshape(blocks, _COUNT_BLOCK), axis=1, dtype=jnp.int32)
+    rest = jnp.sum(flat[blocks * _COUNT_BLOCK :], dtype=jnp.int32)
+    return jnp.sum(full.astype(dtype)) + rest.astype(dtype)
+
+
 def value(
     max_delta: float | jax.Array, *, axis_name: _numerics.AxisName | None = None
 ) -> optax.GradientTransformation:
@@ -102,13 +116,21 @@ def value(
 
         # One pass over the gradients (one kernel per large leaf or per group of small leaves)
         # for both statistics, each large leaf clipped after its pass (see the helper).
-        (largest, count), leaves = _numerics.tree_reductions_beside_leaves(
-            leaves,
+        giant = {i for i, leaf in enumerate(leaves) if leaf.size >= 2 * _COUNT_BLOCK}
+        rest = [leaf for i, leaf in enumerate(leaves) if i not in giant]
+        (largest, count), rest = _numerics.tree_reductions_beside_leaves(
+            rest,
             largest_and_above,
             (_numerics.MAX_NONNEGATIVE, _numerics.SUM),
-            (acc, jnp.int32),
+            (acc, acc),
         )
-        total = jnp.asarray(sum(leaf.size for leaf in leaves), jnp.int32)
+        for i in giant:
+            leaf_largest, above = largest_and_above(leaves[i])
+            largest = jnp.maximum(largest, jnp.max(leaf_largest))
+            count = count + _count_true(above, acc)
+        tied = iter(rest)
+        leaves = [leaf if i in giant else next(tied) for i, leaf in enumerate(leaves)]
+        total = jnp.asarray(float(sum(leaf.size for leaf in leaves)), acc)
         if axis_name is not None:
             largest = jax.lax.pmax(largest, axis_name)
             count, total = jax.lax.psum((count, total), axis_name)
@@ -224,7 +246,7 @@ def _per_leaf_clip(
         del params
         leaves, treedef = jax.tree.flatten(updates)
         squares = _numerics.leaf_squared_norms(leaves, axis_name)
-        counts: list[Any] = [leaf.size if per_entry else 1 for leaf in leaves]
+        counts: list[Any] = [float(leaf.size) if per_entry else 1.0 for leaf in leaves]  # may pass 2³¹
         if per_entry and axis_name is not None:
             counts = jax.lax.psum(counts, axis_name)
         scaled = [clip_leaf(leaf, q, n) for leaf, q, n in zip(leaves, squares, counts, strict=True)]

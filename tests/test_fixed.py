@@ -128,6 +128,38 @@ def test_value_on_large_leaves_matches_optax_and_counts_exactly():
     assert float(state.stats.scale) == pytest.approx(np.mean(np.abs(entries) > 0.5), rel=1e-6)
 
 
+def test_value_counts_a_leaf_block_by_block(monkeypatch):
+    # Leaves of 2³¹ entries or more are counted in int32 blocks of 2³⁰: here, blocks of 4.
+    tree = {**large_tree(), "z": jnp.asarray(rng.standard_normal(13) + 1j * rng.standard_normal(13))}
+    tx = clipx.value(0.5)
+    expected_updates, expected = jax.jit(tx.update)(tree, tx.init(tree))
+    monkeypatch.setattr(clipx.fixed, "_COUNT_BLOCK", 4)
+    updates, state = jax.jit(clipx.value(0.5).update)(tree, tx.init(tree))
+    chex.assert_trees_all_equal(updates, expected_updates)
+    chex.assert_trees_all_equal(state.stats, expected.stats)
+    parts = [np.asarray(x).ravel() for x in jax.tree.leaves(tree)]
+    above = sum(int(np.sum((np.abs(x.real) > 0.5) | (np.abs(x.imag) > 0.5))) for x in parts)
+    assert float(state.stats.scale) == pytest.approx(above / sum(x.size for x in parts), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [[(1 << 15, 1 << 15)] * 3, [(1 << 16, 1 << 15)], [(1 << 31,), (5,)], [(2, 1 << 31)]],
+    ids=["3x2^30", "2^31", "2^31-flat", "2^31-units"],
+)
+@pytest.mark.parametrize(
+    "make", [clipx.value, clipx.block_rms, lambda c: clipx.agc(c)], ids=["value", "block_rms", "agc"]
+)
+def test_trees_of_more_than_2_31_entries_trace(make, shapes):
+    # Traced on abstract arrays only: a count of entries or units must not be an int32.
+    tree = {f"w{i}": jax.ShapeDtypeStruct(shape, jnp.bfloat16) for i, shape in enumerate(shapes)}
+    tx = make(1.0)
+    state = jax.eval_shape(tx.init, tree)
+    updates, new_state = jax.eval_shape(tx.update, tree, state, tree)
+    assert jax.tree.map(lambda x: x.shape, updates) == jax.tree.map(lambda x: x.shape, tree)
+    assert new_state.stats.scale.dtype == jnp.float32
+
+
 @pytest.mark.parametrize("leaf", ["big", "small"])
 def test_value_reports_a_nan_entry(leaf):
     tree = large_tree()
