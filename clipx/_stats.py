@@ -130,7 +130,7 @@ def _is_clip_stats(node: Any) -> bool:
     return isinstance(node, ClipStats)
 
 
-def without_stats(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+def without_stats(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
     r"""``inner`` without the cost of its clip statistics.
 
     Each step, every `ClipStats` that ``inner`` computes is dropped and the one
@@ -149,7 +149,9 @@ def without_stats(inner: optax.GradientTransformation) -> optax.GradientTransfor
       inner: any transformation (a clipx clipper, a chain holding several).
 
     Returns:
-      An ``optax.GradientTransformation`` with the updates of ``inner``.
+      An ``optax.GradientTransformationExtraArgs`` with the updates of
+      ``inner``; extra keyword arguments of ``update`` (``loss=`` for
+      `skip_spikes`) are passed on to it.
 
     Example:
       >>> import jax.numpy as jnp, optax, clipx
@@ -159,12 +161,13 @@ def without_stats(inner: optax.GradientTransformation) -> optax.GradientTransfor
       >>> [round(float(u), 4) for u in updates], clipx.stats(state)
       ([-0.1, 0.05], {})
     """
+    inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
         return WithoutStatsState(inner_state=inner.init(params))
 
-    def update_fn(updates, state, params=None):
-        updates, new_inner = inner.update(updates, state.inner_state, params)
+    def update_fn(updates, state, params=None, **extra_args):
+        updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
         kept = jax.tree.map(
             lambda new, old: old if _is_clip_stats(new) else new,
             new_inner,
@@ -173,20 +176,25 @@ def without_stats(inner: optax.GradientTransformation) -> optax.GradientTransfor
         )
         return updates, WithoutStatsState(inner_state=kept)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def _is_namedtuple(node: Any) -> bool:
     return isinstance(node, tuple) and hasattr(node, "_fields")
 
 
-def _collect(node: Any, path: tuple[tuple[str, bool], ...], found: list, clip_stats: bool = True) -> None:
+# Kinds of path segments: a name (a dict key, a clipx state's name), a position in a
+# sequence, a NamedTuple field of a wrapper (``inner_state``, ``opt_state``).
+_NAME, _INDEX, _FIELD = "name", "index", "field"
+
+
+def _collect(node: Any, path: tuple[tuple[str, str], ...], found: list, clip_stats: bool = True) -> None:
     """Appends ``(path, name, stats)`` for every reporting state below ``node``.
 
-    ``path`` holds ``(segment, is_index)`` pairs: dict keys are named segments,
-    positions in a tuple or list are index segments, NamedTuple fields of
-    wrappers (``inner_state``, ``inner_opt_state``...) add nothing. Below a
-    `without_stats` state (``clip_stats=False``) only `GuardStats` are reported.
+    ``path`` holds ``(segment, kind)`` pairs: dict keys are `_NAME` segments,
+    positions in a tuple or list `_INDEX` segments, NamedTuple fields `_FIELD`
+    segments. Below a `without_stats` state (``clip_stats=False``) only
+    `GuardStats` are reported.
     """
     if isinstance(node, WithoutStatsState):
         _collect(node.inner_state, path, found, clip_stats=False)
@@ -196,22 +204,22 @@ def _collect(node: Any, path: tuple[tuple[str, bool], ...], found: list, clip_st
         if name is not None and isinstance(record, _STATS_TYPES):
             if clip_stats or not isinstance(record, ClipStats):
                 found.append((path, name, record))
-            path = (*path, (name, False))
+            path = (*path, (name, _NAME))
         for field, child in zip(node._fields, node, strict=True):
             if not (name is not None and field == "stats"):
-                _collect(child, path, found, clip_stats)
+                _collect(child, (*path, (field, _FIELD)), found, clip_stats)
     elif isinstance(node, (tuple, list)):
         for i, child in enumerate(node):
-            _collect(child, (*path, (str(i), True)), found, clip_stats)
+            _collect(child, (*path, (str(i), _INDEX)), found, clip_stats)
     elif isinstance(node, Mapping):
         for key, child in node.items():
-            _collect(child, (*path, (str(key), False)), found, clip_stats)
+            _collect(child, (*path, (str(key), _NAME)), found, clip_stats)
     elif node is not None and not isinstance(node, (int, float, bool)) and not hasattr(node, "shape"):
         # Any other pytree node (a registered dataclass, say): walk its children.
         children = jax.tree_util.tree_flatten(node, is_leaf=lambda x: x is not node)[0]
         if len(children) != 1 or children[0] is not node:
             for i, child in enumerate(children):
-                _collect(child, (*path, (str(i), True)), found, clip_stats)
+                _collect(child, (*path, (str(i), _INDEX)), found, clip_stats)
 
 
 def stats(opt_state: Any) -> dict[str, jax.Array]:
@@ -222,9 +230,16 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
     Positions in an ``optax.chain`` are left out unless two transforms would
     otherwise share a key (``"0/global_norm/norm"``, ``"2/global_norm/norm"``),
     so keys stay stable and readable; a position that would still read like
-    an entry's name (a ``multi_transform`` label ``0``) is written ``[0]``.
-    Every transform gets its own keys. Values are the JAX scalars held in the
+    an entry's name (a ``multi_transform`` label ``0``) is written ``[0]``,
+    and where even that leaves two alike (one NamedTuple holding two
+    optimizer states, as ``optax.contrib.sam`` does), the wrappers' field
+    names are written too (``"opt_state/[0]/global_norm/norm"``). Every
+    transform gets its own keys. Values are the JAX scalars held in the
     state: no host transfer happens until the caller converts them.
+
+    Raises:
+      ValueError: if two records still share a key (dict keys such as ``1``
+        and ``"1"`` side by side).
 
     Example:
       >>> import jax.numpy as jnp, optax, clipx
@@ -243,20 +258,26 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
     _collect(opt_state, (), found)
 
     def key(path, name, level):
-        """Level 0 leaves positions out, 1 writes them as ``0``, 2 as ``[0]``."""
-        segments = [f"[{seg}]" if is_index and level == 2 else seg for seg, is_index in path]
-        kept = [seg for seg, (_, is_index) in zip(segments, path, strict=True) if level or not is_index]
-        return "/".join([*kept, name])
+        """Level 0 writes names only; 1 adds positions as ``0``; 2 writes them ``[0]``; 3 adds fields."""
+        written = {_NAME: True, _INDEX: level >= 1, _FIELD: level == 3}
+        segments = [
+            f"[{seg}]" if kind == _INDEX and level >= 2 else seg for seg, kind in path if written[kind]
+        ]
+        return "/".join([*segments, name])
 
     # Each record starts at level 0; records sharing a key move up a level until none do.
     levels = [0] * len(found)
     while True:
         prefixes = [key(p, n, level) for (p, n, _), level in zip(found, levels, strict=True)]
-        shared = [i for i, prefix in enumerate(prefixes) if prefixes.count(prefix) > 1 and levels[i] < 2]
+        shared = [i for i, prefix in enumerate(prefixes) if prefixes.count(prefix) > 1]
         if not shared:
             break
+        if all(levels[i] == 3 for i in shared):
+            raise ValueError(
+                f"clipx.stats: two transforms' statistics would share the key {prefixes[shared[0]]!r}"
+            )
         for i in shared:
-            levels[i] += 1
+            levels[i] = min(levels[i] + 1, 3)
     out: dict[str, jax.Array] = {}
     for prefix, (_, _, record) in zip(prefixes, found, strict=True):
         for field, value in zip(record._fields, record, strict=True):

@@ -5,6 +5,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
+import optax.contrib
 import pytest
 
 import clipx
@@ -143,6 +144,19 @@ def test_without_stats_keeps_guard_counters():
     assert out == {"skip_nonfinite/skipped": 1, "skip_nonfinite/consecutive": 2, "skip_nonfinite/total": 2}
 
 
+@pytest.mark.parametrize("nesting", ["alone", "in_chain"])
+def test_without_stats_passes_extra_arguments_on(nesting):
+    # skip_spikes watches loss=: without_stats must hand it over, alone or inside a chain.
+    guard = clipx.without_stats(clipx.skip_spikes(optax.sgd(0.1), min_observations=3))
+    tx = guard if nesting == "alone" else optax.chain(guard)
+    state = tx.init(PARAMS)
+    for loss in (2.0, 2.1, 1.9, 2.0, 1e6):
+        updates, state = jax.jit(tx.update)(GRADS, state, PARAMS, loss=jnp.float32(loss))
+    chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, PARAMS))
+    assert set(clipx.stats(state)) == {f"skip_spikes/{k}" for k in ("skipped", "consecutive", "total")}
+    assert bool(clipx.stats(state)["skip_spikes/skipped"])
+
+
 def test_without_stats_removes_the_statistics_work():
     """With statistics, value's step holds reductions (its largest entry, its count); without, none."""
 
@@ -152,3 +166,25 @@ def test_without_stats_removes_the_statistics_work():
 
     assert "reduce" in compiled_text(clipx.value(0.5))
     assert "reduce" not in compiled_text(clipx.without_stats(clipx.value(0.5)))
+
+
+def test_two_optimizer_states_in_one_named_tuple_keep_their_own_keys():
+    tx = optax.contrib.sam(
+        optax.chain(clipx.global_norm(1.0), optax.sgd(0.1)),
+        optax.chain(clipx.global_norm(0.05), optax.sgd(0.01)),
+        sync_period=2,
+    )
+    state = tx.init(PARAMS)
+    _, state = tx.update(GRADS, state, PARAMS)
+    out = {k: float(v) for k, v in clipx.stats(state).items() if k.endswith("threshold")}
+    # The outer optimizer has not stepped yet; the adversarial one has, at its own threshold.
+    assert out == {
+        "opt_state/[0]/global_norm/threshold": 0.0,
+        "adv_state/[0]/global_norm/threshold": pytest.approx(0.05),
+    }
+
+
+def test_keys_that_cannot_be_told_apart_raise():
+    state = {1: optax.chain(clipx.value(1.0)).init(PARAMS), "1": optax.chain(clipx.value(2.0)).init(PARAMS)}
+    with pytest.raises(ValueError, match=r"would share the key '1/\[0\]/value'"):
+        clipx.stats(state)
