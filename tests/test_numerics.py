@@ -103,6 +103,34 @@ def test_meta_gradients_are_finite(name, scale):
     chex.assert_tree_all_finite(d_zero)
 
 
+ADAPTIVE_HYPERPARAMETERS = {
+    "autoclip": lambda q: clipx.autoclip(quantile=q),
+    "autoclip_per_tensor": lambda q: clipx.autoclip(quantile=q, per_tensor=True),
+    "zclip": lambda z: clipx.zclip(z_thresh=z, warmup_steps=2),
+    "adagc": lambda r: clipx.adagc(relative_threshold=r, warmup_steps=2),
+    "quantile_clip": lambda q: clipx.quantile_clip(target_quantile=q),
+    "adaptive": lambda k: clipx.adaptive(num_stds=k, warmup_steps=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTIVE_HYPERPARAMETERS))
+def test_meta_gradients_of_adaptive_rules_are_finite_from_the_first_step(name):
+    params = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([[0.5, -0.5]])}
+    sequence = [jax.tree.map(lambda p, s=s: s * (p + 1.0), params) for s in (1.0, 2.0, 0.5, 8.0, 1.5)]
+
+    def outcome(hyperparameter, steps):
+        tx = ADAPTIVE_HYPERPARAMETERS[name](hyperparameter)
+        state, total = tx.init(params), 0.0
+        for g in sequence[:steps]:
+            updates, state = tx.update(g, state, params)
+            total = total + sum(jnp.sum(u**2) for u in jax.tree.leaves(updates))
+        return total
+
+    value = 0.5 if name in ("autoclip", "autoclip_per_tensor", "quantile_clip") else 2.0
+    for steps in (1, 5):
+        chex.assert_tree_all_finite(jax.grad(outcome)(jnp.float32(value), steps))
+
+
 @pytest.mark.parametrize("name", ["global_norm", "tensor_norm"])
 @pytest.mark.parametrize("as_array", [False, True], ids=["python-threshold", "array-threshold"])
 def test_derivative_at_the_threshold_is_the_unclipped_sides(name, as_array):

@@ -49,8 +49,8 @@ def _history_quantile(norms: jax.Array, count: jax.Array, quantile: Any) -> jax.
     upper = jnp.minimum(lower + 1, last)
     fraction = position - lower.astype(norms.dtype)
     low, high = ordered[lower], ordered[upper]
-    value = low + fraction * (high - low)
-    return jnp.where(valid > 0, value, jnp.inf)
+    spread = jnp.where(valid > 0, high - low, 0)  # empty: inf − inf, whose NaN would reach derivatives
+    return jnp.where(valid > 0, low + fraction * spread, jnp.inf)
 
 
 def _record(norms: jax.Array, count: jax.Array, norm: jax.Array) -> jax.Array:
