@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import jax
+import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 PyTree = Any
@@ -38,7 +39,11 @@ def state_shardings(
 
     A leaf of the optimizer state that *mirrors* a parameter — it sits in a
     subtree with the structure of ``params`` and has that parameter's shape,
-    as Adam's moments do — gets that parameter's sharding. Every other leaf
+    as Adam's moments do — gets that parameter's sharding; subtrees that
+    ``optax.masked`` or ``optax.multi_transform`` mask out
+    (``optax.MaskedNode``) count as mirroring. A state built on a part of the
+    parameters only (``optax.contrib.lookahead``'s, on the fast ones) is not
+    recognised: give its shardings yourself. Every other leaf
     is replicated, and so is every leaf of a clipx state (its statistics:
     global scalars, per-tensor scalars, norm histories, step counters, PRNG
     keys), whatever its shape, except in the fields its type names in
@@ -77,22 +82,20 @@ def state_shardings(
     """
     init: Callable[[PyTree], PyTree] = getattr(tx, "init", tx)
     state = jax.eval_shape(init, params)
-    param_leaves, params_def = jax.tree.flatten(params)
-    params_def = cast(Any, params_def)  # jax's PyTreeDef stubs lack flatten_up_to
-    sharding_leaves = params_def.flatten_up_to(param_shardings)
     if replicated is None:
+        sharding_leaves = jax.tree.structure(params).flatten_up_to(param_shardings)  # type: ignore[attr-defined]
         if not sharding_leaves:
             raise ValueError("state_shardings: params is empty; pass replicated= explicitly")
         replicated = _replicated_like(sharding_leaves[0])
+    has_params = bool(jax.tree.leaves(params))
 
-    def mirrors_params(node: Any) -> bool:
-        try:
-            return jax.tree.structure(node) == params_def and bool(param_leaves)
-        except Exception:  # a node jax cannot flatten is no parameter tree
-            return False
+    def mirror(node: Any) -> Any:
+        return _mirror(node, params, param_shardings, replicated) if has_params else None
 
     def assign_tree(tree: PyTree) -> PyTree:
-        return jax.tree.map(assign, tree, is_leaf=lambda node: _is_clipx_state(node) or mirrors_params(node))
+        return jax.tree.map(
+            assign, tree, is_leaf=lambda node: _is_clipx_state(node) or mirror(node) is not None
+        )
 
     def assign(node: Any) -> Any:
         if _is_clipx_state(node):
@@ -103,14 +106,38 @@ def state_shardings(
                     for field, value in zip(node._fields, node, strict=True)
                 )
             )
-        if not mirrors_params(node):
-            return replicated
-        leaves = params_def.flatten_up_to(node)
-        return params_def.unflatten(
-            [
-                sharding if getattr(leaf, "shape", None) == getattr(param, "shape", ()) else replicated
-                for leaf, param, sharding in zip(leaves, param_leaves, sharding_leaves, strict=True)
-            ]
-        )
+        mirrored = mirror(node)
+        return replicated if mirrored is None else mirrored
 
     return assign_tree(state)
+
+
+def _children(tree: Any) -> tuple[list, Any]:
+    """The children of ``tree``'s top node and that node's structure (an array is its own child)."""
+    return jax.tree.flatten(tree, is_leaf=lambda x: x is not tree)
+
+
+def _mirror(node: Any, param: Any, sharding: Any, replicated: Any) -> Any:
+    """The shardings of ``node`` if it mirrors the parameter subtree ``param``, else None.
+
+    ``node`` mirrors ``param`` if it has its structure, where an
+    ``optax.MaskedNode`` stands for any masked-out subtree (``optax.masked``,
+    ``optax.multi_transform``). A mirroring array gets its parameter's
+    sharding if it has the parameter's shape, else ``replicated``.
+    """
+    if isinstance(node, optax.MaskedNode):
+        return node
+    if hasattr(param, "shape"):
+        if not hasattr(node, "shape"):
+            return None
+        return sharding if node.shape == param.shape else replicated
+    node_children, node_def = _children(node)
+    param_children, param_def = _children(param)
+    if node_def != param_def:
+        return None
+    sharding_children = param_def.flatten_up_to(sharding)
+    mirrored = [
+        _mirror(n, p, s, replicated)
+        for n, p, s in zip(node_children, param_children, sharding_children, strict=True)
+    ]
+    return None if any(m is None for m in mirrored) else node_def.unflatten(mirrored)

@@ -388,6 +388,37 @@ def test_state_shardings_replicate_clipx_statistics_shaped_like_a_parameter(para
     assert all(spec == P() for spec in jax.tree.leaves([clipx_states, specs._replace(inner_state=None)]))
 
 
+@pytest.mark.parametrize("mask", ["leaves", "subtree", "labels"])
+def test_state_shardings_see_through_masked_subtrees(mask):
+    # optax.masked / multi_transform put MaskedNode where a parameter is left out.
+    params = {
+        "embed": jax.ShapeDtypeStruct((16, 4), jnp.float32),
+        "head": {
+            "w": jax.ShapeDtypeStruct((4, 8), jnp.float32),
+            "b": jax.ShapeDtypeStruct((8,), jnp.float32),
+        },
+    }
+    specs = {"embed": P("d", None), "head": {"w": P(None, "d"), "b": P()}}
+    inner = optax.chain(clipx.adaptive(), optax.adam(1e-3))
+    if mask == "leaves":
+        tx = optax.masked(inner, {"embed": True, "head": {"w": True, "b": False}})
+        adaptive_state, (adam_state, _) = clipx.state_shardings(tx, params, specs).inner_state
+        expected = {"embed": P("d", None), "head": {"w": P(None, "d"), "b": optax.MaskedNode()}}
+    elif mask == "subtree":
+        tx = optax.masked(inner, {"embed": True, "head": False})
+        adaptive_state, (adam_state, _) = clipx.state_shardings(tx, params, specs).inner_state
+        expected = {"embed": P("d", None), "head": optax.MaskedNode()}
+    else:
+        tx = optax.multi_transform({"a": inner, "b": optax.sgd(0.1)}, {"embed": "a", "head": "b"})
+        adaptive_state, (adam_state, _) = (
+            clipx.state_shardings(tx, params, specs).inner_states["a"].inner_state
+        )
+        expected = {"embed": P("d", None), "head": optax.MaskedNode()}
+    assert adam_state.mu == expected and adam_state.nu == expected
+    assert adaptive_state.direction.previous == expected  # the kept gradient, like the parameters
+    assert adam_state.count == P() and adaptive_state.stats.norm == P()
+
+
 def test_reducing_transforms_take_keyword_axis_name():
     """Rules that reduce over the tree take ``axis_name`` for shard_map/pmap (see tests/test_shard_map.py)."""
     lacking = {}
