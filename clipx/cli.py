@@ -84,6 +84,10 @@ _TRAIN_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
 )
 
 
+# On/off flags of `clipx train` (argparse destinations; None when not given).
+_SWITCHES = ("bidirectional", "single_logit", "boundaries")
+
+
 def _field_defaults(config_class: type) -> dict[str, Any]:
     fields = dataclasses.fields(config_class)
     return {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
@@ -150,9 +154,22 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(model=model, clip=args.clip, clip_args=parse_clip_args(args.clip_arg), **settings)
 
 
+def _settings_given(args: argparse.Namespace) -> list[str]:
+    """The flags of ``clipx train`` given on the command line that set the run's settings."""
+    flags = [flag for flag, field, _, _ in _MODEL_FLAGS + _TRAIN_FLAGS if getattr(args, field) is not None]
+    flags += [f"--{name.replace('_', '-')}" for name in _SWITCHES if getattr(args, name) is not None]
+    flags += ["--preset"] * (args.preset is not None) + ["--clip"] * (args.clip != "none")
+    return flags + ["--clip-arg"] * bool(args.clip_arg)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     out = pathlib.Path(args.out)
     if args.resume:
+        if given := _settings_given(args):
+            raise ValueError(
+                f"--resume continues the run in {out} with its saved settings; {', '.join(given)} "
+                "would change them. Leave them out, or start a new run in another --out."
+            )
         config = TrainConfig(**json.loads(resume_file(out, "config.json").read_text()))
     else:
         config = _train_config(args)

@@ -57,6 +57,15 @@ def test_unknown_clipper_is_a_clear_error(tmp_path, capsys):
     assert "unknown clipper 'nope'" in printed and "global_norm" in printed
 
 
+@pytest.mark.parametrize("wrapper", ["skip_nonfinite", "skip_spikes", "without_stats"])
+def test_wrappers_of_another_transformation_are_not_offered_as_clippers(tmp_path, capsys, wrapper):
+    assert cli.main(["train", *TINY_TRAIN, "--clip", wrapper, "--out", str(tmp_path / "run")]) == 2
+    printed = capsys.readouterr().out
+    assert f"unknown clipper {wrapper!r}" in printed
+    assert "available clippers: none, adagc, adaptive, agc, autoclip, block_rms," in printed
+    assert not (tmp_path / "run").exists()
+
+
 def _named_by_flags(*cases):
     """``(flags, message)`` cases as pytest parameters named by their flags."""
     return [pytest.param(flags, message, id=" ".join(flags)) for flags, message in cases]
@@ -408,6 +417,28 @@ def test_resume_without_a_run_says_there_is_nothing_to_resume(tmp_path, capsys):
     absent = tmp_path / "absent"
     assert cli.main(["train", "--resume", "--out", str(absent), "--quiet"]) == 2
     assert _printed(capsys, f"clipx train: nothing to resume: no config.json in {absent}")
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--lr", "0.5", "--max-steps", "3"], "--lr, --max-steps"),
+        (["--clip", "value", "--clip-arg", "max_delta=1"], "--clip, --clip-arg"),
+        (["--no-bidirectional", "--preset", "flax-sst2"], "--bidirectional, --preset"),
+        (["--seed", "7"], "--seed"),
+    ],
+)
+def test_resume_refuses_settings_given_beside_it(tmp_path, capsys, flags, named):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # never read: the flags are refused first
+    assert cli.main(["train", "--resume", "--out", str(out), "--quiet", *flags]) == 2
+    assert _printed(
+        capsys,
+        f"clipx train: --resume continues the run in {out} with its saved settings; "
+        f"{named} would change them.",
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
 
 
 def test_import_clipx_does_not_import_the_workload_dependencies():

@@ -220,15 +220,19 @@ def available_clippers() -> list[str]:
     """Names of the clipx factories that return a gradient transformation, plus ``"none"``.
 
     The per-example (DP-SGD) clippers are left out: they need per-example
-    gradients, which this workload does not compute.
+    gradients, which this workload does not compute. So are the wrappers of
+    another transformation (``skip_nonfinite``, ``skip_spikes``,
+    ``without_stats``: their ``inner`` cannot be given as a ``--clip-arg``).
     """
     names = []
     for name in clipx.__all__:
         obj = getattr(clipx, name, None)
-        if name.startswith("per_example"):
+        if name.startswith("per_example") or not inspect.isfunction(obj):
             continue
-        if inspect.isfunction(obj) and "GradientTransformation" in str(
-            inspect.signature(obj).return_annotation
+        signature = inspect.signature(obj)
+        if (
+            "GradientTransformation" in str(signature.return_annotation)
+            and "inner" not in signature.parameters
         ):
             names.append(name)
     return ["none", *sorted(names)]
