@@ -28,6 +28,11 @@ def test_reads_a_good_file(tmp_path):
         ("sentence\tlabel\nfine\t1\nno label here\n", ":3:", "expected 2 tab-separated fields .* found 1"),
         ("sentence\tlabel\na\tb\t1\n", ":2:", "found 3"),
         ("sentence\tlabel\na\t-1\n", ":2:", "negative"),
+        ("sentence\tlabel\na\t1_0\n", ":2:", "label '1_0' is not an integer"),
+        ("sentence\tlabel\na\t+1\n", ":2:", "label '\\+1' is not an integer"),
+        ("sentence\tlabel\na\t\u0661\n", ":2:", "is not an integer \\(digits 0-9\\)"),
+        ("sentence\tlabel\na\t\uff11\n", ":2:", "is not an integer"),
+        ("sentence\tlabel\na\t99999999999\n", ":2:", "label 99999999999 is too large"),
     ],
 )
 def test_bad_files_name_file_and_line(tmp_path, text, where, message):
@@ -35,6 +40,28 @@ def test_bad_files_name_file_and_line(tmp_path, text, where, message):
     with pytest.raises(data.DataError, match=message) as error:
         data.read_tsv(path)
     assert str(error.value).startswith(f"{path}{where}")
+
+
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    path = tmp_path / "data.tsv"
+    path.write_bytes(b"sentence\tlabel\ngood\t1\nb\xffad\t0\n")
+    with pytest.raises(data.DataError) as error:
+        data.read_tsv(path)
+    assert str(error.value) == f"{path}:3: not UTF-8 text (byte 0xff)"
+
+
+def test_lines_end_only_at_newlines_and_a_byte_order_mark_is_skipped(tmp_path):
+    sentences = ["foo\u2028bar", "a\u0085b", "form\x0cfeed", "lone\rcr", "tab\x0bvertical"]
+    body = "".join(f"{s}\t{i % 2}\r\n" for i, s in enumerate(sentences))
+    path = tmp_path / "data.tsv"
+    path.write_bytes(("\ufeffsentence\tlabel\r\n" + body).encode("utf-8"))
+    split = data.read_tsv(path)
+    assert split.sentences == sentences
+    assert split.labels.tolist() == [0, 1, 0, 1, 0]
+
+
+def test_labels_may_carry_spaces_around_their_digits(tmp_path):
+    assert data.read_tsv(_write(tmp_path, "sentence\tlabel\na\t 1\nb\t0 \n")).labels.tolist() == [1, 0]
 
 
 def test_missing_file_is_named(tmp_path):

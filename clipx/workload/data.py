@@ -1,7 +1,8 @@
 """Text classification data: TSV files, tokenizer, vocabulary, padded batches, and a synthetic task.
 
 **Files.** `read_tsv` reads UTF-8 TSV with the header ``sentence<TAB>label`` and
-one example per line (integer labels from 0). Every problem raises `DataError`
+one example per line, lines ending in ``\n`` or ``\r\n`` (integer labels from 0,
+ASCII digits). Every problem raises `DataError`
 naming the file and, where there is one, the line: ``train.tsv:17: ...``.
 
 **Tokens.** `tokenize` lowercases and, in its default ``"words"`` style, keeps
@@ -68,16 +69,26 @@ def read_tsv(path: str | pathlib.Path) -> Split:
     """Reads a ``sentence<TAB>label`` TSV file.
 
     Raises:
-      DataError: the file is missing or empty, the header is not exactly
-        ``sentence<TAB>label``, a line does not have exactly two tab-separated
-        fields, a label is not a non-negative integer, or there is no example.
+      DataError: the file is missing, empty or not UTF-8, the header is not
+        exactly ``sentence<TAB>label``, a line does not have exactly two
+        tab-separated fields, a label is not a non-negative integer of ASCII
+        digits below 2³¹, or there is no example.
         The message starts with ``<file>:<line>:``.
     """
     path = pathlib.Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as file:
-        lines = file.read().splitlines()
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark, which some editors write, is skipped
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[error.start]:#04x})") from None
+    # Lines end at "\n" (or "\r\n") only: str.splitlines would also split a sentence at
+    # characters such as U+2028 or U+0085, which web text holds.
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if lines[-1] == "":
+        lines.pop()  # after the last line's end
     if not lines:
         raise DataError(f"{path}:1: file is empty; expected the header 'sentence<TAB>label'")
     header = tuple(lines[0].split("\t"))
@@ -91,12 +102,14 @@ def read_tsv(path: str | pathlib.Path) -> Split:
                 f"{path}:{number}: expected 2 tab-separated fields (sentence, label), found {len(fields)}"
             )
         sentence, label = fields
-        try:
-            value = int(label)
-        except ValueError:
-            raise DataError(f"{path}:{number}: label {label!r} is not an integer") from None
-        if value < 0:
-            raise DataError(f"{path}:{number}: label {value} is negative; labels start at 0")
+        digits = label.strip(" ")
+        if re.fullmatch(r"-[0-9]+", digits):
+            raise DataError(f"{path}:{number}: label {digits} is negative; labels start at 0")
+        if not re.fullmatch(r"[0-9]+", digits):
+            raise DataError(f"{path}:{number}: label {label!r} is not an integer (digits 0-9)")
+        value = int(digits)
+        if value > np.iinfo(np.int32).max:
+            raise DataError(f"{path}:{number}: label {value} is too large (at most {np.iinfo(np.int32).max})")
         sentences.append(sentence)
         labels.append(value)
     if not sentences:
