@@ -82,8 +82,8 @@ def read_tsv(path: str | pathlib.Path) -> Split:
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark, which some editors write, is skipped
     except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[error.start]:#04x})") from None
+        bad_line = raw[: error.start].count(b"\n") + 1
+        raise DataError(f"{path}:{bad_line}: not UTF-8 text (byte {raw[error.start]:#04x})") from None
     # Lines end at "\n" (or "\r\n") only: str.splitlines would also split a sentence at
     # characters such as U+2028 or U+0085, which web text holds.
     lines = [line.removesuffix("\r") for line in text.split("\n")]
