@@ -276,6 +276,48 @@ def test_sweep_refuses_a_run_made_with_other_clipper_arguments(tmp_path, monkeyp
     assert "clipper_arguments" not in json.loads(run.read_text())
 
 
+def _tiny_sweep_argv(out, *extra):
+    return [
+        "sweep", "--out", str(out), "--datasets", "task", "--clippers", "none", "--lrs", "0.1",
+        "--seeds", "1", "--task-train", "32", "--max-steps", "1", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "is not a run record (Expecting value: line 1 column 1 (char 0)); delete it to run it again"),
+        ('{"dataset": "task", "clipper"', "is not a run record (Expecting"),
+        ("{}", "is not a run record (no dataset, clipper, lr, seed, config, dev_accuracy, diverged)"),
+        ("[1, 2]", "is not a run record (no dataset,"),
+    ],
+    ids=["empty", "truncated", "empty-object", "list"],
+)
+def test_sweep_names_a_run_file_that_holds_no_run(tmp_path, monkeypatch, capsys, content, message):
+    monkeypatch.setattr(cli.sweep, "MODEL", TINY_MODEL)
+    assert cli.main(_tiny_sweep_argv(tmp_path)) == 0
+    (run,) = tmp_path.glob("task__*.json")
+    run.write_text(content)
+    capsys.readouterr()
+    assert cli.main(_tiny_sweep_argv(tmp_path)) == 2
+    assert _printed(capsys, f"clipx sweep: {run} {message}")
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_sweep_compares_each_run_with_its_settings_without_settings_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli.sweep, "MODEL", TINY_MODEL)
+    assert cli.main(_tiny_sweep_argv(tmp_path)) == 0
+    (tmp_path / "settings.json").unlink()
+    capsys.readouterr()
+    assert cli.main(_tiny_sweep_argv(tmp_path, "--task-length", "60")) == 2
+    (run,) = tmp_path.glob("task__*.json")
+    assert _printed(
+        capsys, f"clipx sweep: {run} was made with other settings (task_length: 50 there, 60 now)"
+    )
+    assert not (tmp_path / "settings.json").exists()  # refused before anything was written
+    assert cli.main(_tiny_sweep_argv(tmp_path)) == 0  # the settings it was made with: counted
+
+
 def test_sweep_settings_written_before_optimizer_and_cell_mean_adam_and_lstm(tmp_path, monkeypatch):
     lstm_model = {**TINY_MODEL, "cell": "lstm"}
     monkeypatch.setattr(cli.sweep, "MODEL", lstm_model)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import os
 import pathlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -204,35 +205,47 @@ def run_sweep(
     """
     out = pathlib.Path(out_dir)
     check_folder(out)
-    out.mkdir(parents=True, exist_ok=True)
     settings = {"sweep": dataclasses.asdict(sweep), "model": sweep.model}
     _check_same_run_settings(out / "settings.json", settings)
-    (out / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
     # Seeds outermost: a sweep stopped early has every cell for its first seeds.
-    for seed in range(sweep.seeds):
-        for dataset in sweep.datasets:
-            for lr in sweep.learning_rates:
-                for clipper in sweep.clippers:
-                    path = out / _run_name(dataset, clipper, lr, seed)
-                    arguments = clipper_arguments(clipper)
-                    if path.is_file():
-                        result = json.loads(path.read_text())
-                        _check_same_clipper(path, result, arguments)
-                    else:
-                        config = run_config(sweep, dataset, clipper, lr, seed)
-                        summary = train(config)
-                        result = {
-                            "dataset": dataset,
-                            "clipper": clipper,
-                            "lr": lr,
-                            "seed": seed,
-                            "config": config.to_json(),
-                            "clipper_arguments": arguments,
-                            **summary,
-                        }
-                        path.write_text(json.dumps(result, indent=2) + "\n")
-                    if on_run is not None:
-                        on_run(path.name, result)
+    grid = [
+        (dataset, clipper, lr, seed)
+        for seed in range(sweep.seeds)
+        for dataset in sweep.datasets
+        for lr in sweep.learning_rates
+        for clipper in sweep.clippers
+    ]
+    # Every run already in the folder is checked before anything is written.
+    done = {}
+    for dataset, clipper, lr, seed in grid:
+        path = out / _run_name(dataset, clipper, lr, seed)
+        if path.is_file():
+            done[path] = _read_run(path)
+            _check_same_clipper(path, done[path], clipper_arguments(clipper))
+            _check_same_config(path, done[path], run_config(sweep, dataset, clipper, lr, seed))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    for dataset, clipper, lr, seed in grid:
+        path = out / _run_name(dataset, clipper, lr, seed)
+        if path in done:
+            result = done[path]
+        else:
+            config = run_config(sweep, dataset, clipper, lr, seed)
+            result = {
+                "dataset": dataset,
+                "clipper": clipper,
+                "lr": lr,
+                "seed": seed,
+                "config": config.to_json(),
+                "clipper_arguments": clipper_arguments(clipper),
+                **train(config),
+            }
+            # Written whole or not at all: a sweep killed here reruns the run.
+            partial = path.with_name(path.name + ".partial")
+            partial.write_text(json.dumps(result, indent=2) + "\n")
+            os.replace(partial, path)
+        if on_run is not None:
+            on_run(path.name, result)
     return summarize(out)
 
 
@@ -241,6 +254,42 @@ def _differences(old: dict[str, Any], new: dict[str, Any], keys: Sequence[str]) 
     return "; ".join(
         f"{key}: {old.get(key)!r} there, {new.get(key)!r} now" for key in keys if old.get(key) != new.get(key)
     )
+
+
+# What every run file holds (`summarize` reads these).
+_RUN_KEYS = ("dataset", "clipper", "lr", "seed", "config", "dev_accuracy", "diverged")
+
+
+def _read_run(path: pathlib.Path) -> dict[str, Any]:
+    """The run recorded in ``path``; ``ValueError`` naming the file if it holds no run record."""
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not a run record ({error}); delete it to run it again") from None
+    missing = [key for key in _RUN_KEYS if key not in result] if isinstance(result, dict) else list(_RUN_KEYS)
+    if missing:
+        raise ValueError(f"{path} is not a run record (no {', '.join(missing)}); delete it to run it again")
+    return result
+
+
+def _check_same_config(path: pathlib.Path, result: dict[str, Any], config: TrainConfig) -> None:
+    """Raises ``ValueError`` if the run in ``path`` recorded settings other than ``config``'s.
+
+    Settings an older file does not record are not compared, nor is the data
+    folder (the sweep's ``data_root`` may move).
+    """
+    recorded, expected = result["config"], json.loads(json.dumps(config.to_json()))
+    pairs = [(recorded, expected, "")]
+    if isinstance(recorded.get("model"), dict):
+        pairs.append((recorded["model"], expected["model"], "model."))
+    details = "; ".join(
+        f"{prefix}{key}: {old[key]!r} there, {new.get(key)!r} now"
+        for old, new, prefix in pairs
+        for key in old
+        if key not in ("data", "model") and old[key] != new.get(key)
+    )
+    if details:
+        raise ValueError(f"{path} was made with other settings ({details}); use another output folder")
 
 
 def _check_same_clipper(path: pathlib.Path, result: dict[str, Any], arguments: dict[str, Any]) -> None:
@@ -285,7 +334,7 @@ def _check_same_run_settings(path: pathlib.Path, settings: dict[str, Any]) -> No
 def summarize(out_dir: str | pathlib.Path) -> dict[str, Any]:
     """Aggregates the run files in ``out_dir``; writes ``results.md``, ``results.json`` and ``sweep.png``."""
     out = pathlib.Path(out_dir)
-    results = [json.loads(p.read_text()) for p in sorted(out.glob("*__*.json"))]
+    results = [_read_run(p) for p in sorted(out.glob("*__*.json"))]
     table: dict[str, dict[str, dict[float, list[float]]]] = {}
     rows = []
     groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
