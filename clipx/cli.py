@@ -180,6 +180,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     for key, value in summary.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     _console.print(table)
+    for name in plots.ONE_RUN_FIGURES:  # no figure of an earlier run in this folder stays
+        (out / name).unlink(missing_ok=True)
     if any("loss" in record for record in read_log(out)):
         _console.print(f"plots: {', '.join(map(str, _plot_runs([out], None, out)))}")
     return 0

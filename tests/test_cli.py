@@ -27,6 +27,18 @@ def test_train_runs_and_resumes(tmp_path):
     assert config["clip_args"] == {"max_norm": 0.5} and config["model"]["cell"] == "simple"
 
 
+def test_a_new_run_in_a_used_folder_leaves_nothing_of_the_old_one(tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", *TINY_TRAIN, "--out", str(out)]
+    assert cli.main([*argv, "--clip", "global_norm", "--clip-arg", "max_norm=0.5"]) == 0
+    assert {"summary.json", "threshold.png"} <= {p.name for p in out.iterdir()}
+    assert cli.main([*argv, "--seed", "3", "--stop-after", "1"]) == 0
+    left = {p.name for p in out.iterdir()}
+    assert "summary.json" not in left and "threshold.png" not in left  # unfinished, and no clipper
+    assert json.loads((out / "config.json").read_text())["seed"] == 3
+    assert len((out / "log.jsonl").read_text().splitlines()) == 1
+
+
 def test_train_preset_sets_defaults_and_flags_override():
     args = cli.build_parser().parse_args(["train", "--preset", "flax-sst2", "--lr", "0.3", "--epochs", "1"])
     config = cli._train_config(args)
@@ -137,6 +149,22 @@ def test_plot_draws_diverged_and_long_runs(tmp_path):
         log.write(json.dumps({"step": len(values), "dev_accuracy": None, "dev_loss": None}) + "\n")
     assert cli.main(["plot", str(run)]) == 0
     assert sorted(path.name for path in run.glob("*.png")) == ["grad_norm.png", "loss.png", "threshold.png"]
+
+
+def test_plot_labels_alike_but_for_punctuation_get_a_threshold_figure_each(tmp_path, capsys):
+    runs = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        run.mkdir()
+        stats = {"global_norm/norm": 2.0, "global_norm/threshold": 1.0, "global_norm/clipped": 1.0}
+        (run / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 0.5, "grad_norm": 2.0, **stats}) + "\n")
+        runs.append(str(run))
+    out = tmp_path / "plots"
+    assert cli.main(["plot", *runs, "--label", "gn 0.5", "--label", "gn/0.5", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("threshold_*.png")) == [
+        "threshold_gn_0.5.png",
+        "threshold_gn_0.5_2.png",
+    ]
 
 
 def test_plot_titles_name_the_settings_the_runs_share(tmp_path):

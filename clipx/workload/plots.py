@@ -5,6 +5,7 @@ PNGs, drawn with matplotlib's object API (no pyplot state).
 
 from __future__ import annotations
 
+import itertools
 import pathlib
 import re
 from collections.abc import Mapping, Sequence
@@ -136,6 +137,10 @@ def plot_dev_accuracy(
     _finish_step_plot(fig, ax, "dev accuracy (%)", title, path, log_scale=False)
 
 
+# Every figure `plot_runs` may write for a single run.
+ONE_RUN_FIGURES = ("loss.png", "grad_norm.png", "dev_accuracy.png", "threshold.png")
+
+
 def plot_runs(
     runs: Mapping[str, Sequence[Mapping[str, Any]]], out: str | pathlib.Path, setting: str
 ) -> list[pathlib.Path]:
@@ -143,12 +148,15 @@ def plot_runs(
 
     Writes into ``out``: ``loss.png``, ``grad_norm.png``, ``dev_accuracy.png``
     (when any run was evaluated) and, for each run whose clipper reports a
-    threshold, ``threshold.png`` (one run) or ``threshold_<label>.png``.
+    threshold, ``threshold.png`` (one run) or ``threshold_<label>.png`` (the
+    label's punctuation and spaces written ``_``, then ``_2``, ``_3``... where
+    two labels would share a file).
     ``setting`` is the titles' second line.
     """
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "loss.png", out / "grad_norm.png"]
+    slugs: set[str] = set()
     plot_losses(runs, written[0], f"Training loss\n{setting}")
     plot_grad_norms(runs, written[1], f"Gradient norm before clipping\n{setting}")
     if any(r.get("dev_accuracy") is not None for records in runs.values() for r in records):
@@ -158,7 +166,12 @@ def plot_runs(
         prefix = threshold_prefix(records)
         if prefix is None:
             continue
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", label)
+        slug = base = re.sub(r"[^A-Za-z0-9._-]+", "_", label)
+        for number in itertools.count(2):  # labels alike but for punctuation get files of their own
+            if slug not in slugs:
+                break
+            slug = f"{base}_{number}"
+        slugs.add(slug)
         name = "threshold.png" if len(runs) == 1 else f"threshold_{slug}.png"
         written.append(out / name)
         plot_threshold(

@@ -584,7 +584,9 @@ def train(
         if resume:
             state = load_checkpoint(out / "checkpoint.msgpack", state)
             log_records = _read_log(out / "log.jsonl", int(state.step))
-        else:
+        else:  # a fresh run replaces whatever run the folder held
+            for name in ("summary.json", "checkpoint.msgpack"):
+                (out / name).unlink(missing_ok=True)
             (out / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
         (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_records))
         log_file = (out / "log.jsonl").open("a")
