@@ -197,7 +197,13 @@ def _setting_parts(config_file: pathlib.Path) -> list[str]:
     """A run's settings as short phrases for plot titles: data, cell, optimizer, clipper, seed."""
     if not config_file.is_file():
         return []
-    config = {**_field_defaults(TrainConfig), **json.loads(config_file.read_text())}
+    try:
+        recorded = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_file} is not a run's settings ({error})") from None
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{config_file} is not a run's settings (not a JSON object)")
+    config = {**_field_defaults(TrainConfig), "model": {}, "clip_args": {}, **recorded}
     cell = {**_field_defaults(model_lib.ModelConfig), **config["model"]}["cell"]
     optimizer = OPTIMIZER_NAMES.get(config["optimizer"], config["optimizer"])
     if config["optimizer"] == "momentum":

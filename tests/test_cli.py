@@ -199,6 +199,13 @@ def test_plot_bad_inputs_are_clear_errors(tmp_path, capsys):
     assert "line 2: not a JSON record" in error(str(empty))
     (empty / "log.jsonl").write_text('{"step": 1, "loss": 0.5}\n[1, 2]\n')
     assert "line 2: not a log record" in error(str(empty))
+    squeezed = lambda text: "".join(text.split())  # noqa: E731  # rich wraps long lines
+    (run / "config.json").write_text('{"model": {"cell"')
+    assert squeezed(f"{run / 'config.json'} is not a run's settings (Expecting") in squeezed(error(str(run)))
+    (run / "config.json").write_text("[1]")
+    assert squeezed("is not a run's settings (not a JSON object)") in squeezed(error(str(run)))
+    (run / "config.json").write_text("{}")  # every setting at its default
+    assert cli.main(["plot", str(run), "--out", str(tmp_path / "plots")]) == 0
 
 
 TINY_MODEL = dict(cell="simple", embed_dim=4, hidden_size=4, pooling="last", head="linear")

@@ -1,5 +1,7 @@
 """Data loading: every malformed file names file and line; tokenizer, vocabulary, batches, synthetic task."""
 
+import unicodedata
+
 import numpy as np
 import pytest
 
@@ -133,3 +135,10 @@ def test_temporal_order_task_is_deterministic_and_correct():
 def test_reads_the_shared_data(data_dir):
     split = data.read_tsv(data_dir / "sst2" / "dev.tsv")
     assert len(split) == 872 and set(split.labels.tolist()) == {0, 1}
+
+
+def test_words_keep_their_combining_marks_however_accents_are_encoded():
+    composed = "Café résumé"
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert data.tokenize(decomposed) == data.tokenize(composed) == ["café", "résumé"]
+    assert data.tokenize("हिन्दी भाषा") == ["हिन्दी", "भाषा"]  # vowel signs are marks, not separators

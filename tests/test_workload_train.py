@@ -29,6 +29,16 @@ def _write_data_folder(folder):
         (folder / name).write_text("sentence\tlabel\n" + rows)
 
 
+def test_one_logit_with_more_than_two_classes_names_the_data(tmp_path):
+    _write_data_folder(tmp_path)
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nfine\t2\n")
+    config = TrainConfig(data=str(tmp_path), model=dict(TINY["model"], single_logit=True), batch_size=4)
+    with pytest.raises(
+        ValueError, match=f"single_logit needs two classes .* labels of {tmp_path} go up to 2"
+    ):
+        train(config)
+
+
 def test_unknown_clipper_lists_the_available_ones():
     with pytest.raises(ValueError, match=r"unknown clipper 'nope'; available: none, .*global_norm"):
         make_clipper("nope")

@@ -6,8 +6,9 @@ ASCII digits). Every problem raises `DataError`
 naming the file and, where there is one, the line: ``train.tsv:17: ...``.
 
 **Tokens.** `tokenize` lowercases and, in its default ``"words"`` style, keeps
-maximal runs of letters and digits (Unicode-aware; everything else separates
-tokens); the ``"whitespace"`` style splits on whitespace only, for text that is
+maximal runs of letters and digits with their combining marks (Unicode-aware,
+after NFC normalisation: ``café`` is one word however its accent is encoded;
+everything else separates tokens); the ``"whitespace"`` style splits on whitespace only, for text that is
 already tokenized (SST-2 writes ``it 's`` and ``does n't``), and keeps
 punctuation tokens such as ``!`` and ``?``. `Vocabulary` maps tokens to
 ids with ``<pad>`` = 0 and ``<unk>`` = 1 (then ``<s>`` = 2 and ``</s>`` = 3
@@ -35,9 +36,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import itertools
 import math
 import pathlib
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from typing import NamedTuple
 
@@ -46,7 +50,16 @@ import numpy as np
 PAD, UNK = "<pad>", "<unk>"
 BOS, EOS = "<s>", "</s>"
 HEADER = ("sentence", "label")
-_TOKEN = re.compile(r"[^\W_]+")
+
+
+@functools.cache
+def _word() -> re.Pattern[str]:
+    """A letter or digit, then letters, digits and combining marks (accents, vowel signs)."""
+    code_points = itertools.chain(range(0x20000), range(0xE0100, 0xE01F0))  # every mark Unicode has
+    marks = "".join(re.escape(chr(c)) for c in code_points if unicodedata.category(chr(c)).startswith("M"))
+    return re.compile(rf"[^\W_](?:[^\W_]|[{marks}])*")
+
+
 TOKENIZERS: tuple[str, ...] = ("words", "whitespace")
 
 
@@ -126,7 +139,7 @@ def tokenize(text: str, style: str = "words") -> list[str]:
     ['it', "'s", 'a', 'great', 'film', '!']
     """
     if style == "words":
-        return _TOKEN.findall(text.lower())
+        return _word().findall(unicodedata.normalize("NFC", text.lower()))
     if style == "whitespace":
         return text.lower().split()
     raise ValueError(f"tokenizer style must be one of {', '.join(TOKENIZERS)}; got {style!r}")

@@ -559,6 +559,11 @@ def train(
             raise ValueError(f"{config_file} differs from the requested settings; resume with the same ones")
 
     data = load_data(config)
+    if config.model.get("single_logit") and data.num_classes != 2:
+        raise ValueError(
+            f"single_logit needs two classes (labels 0 and 1); the labels of {config.data} "
+            f"go up to {data.num_classes - 1}"
+        )
     model = TextClassifier(
         ModelConfig(vocab_size=len(data.vocab), num_classes=data.num_classes, **config.model)
     )
