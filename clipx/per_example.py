@@ -208,7 +208,8 @@ def per_example_global_norm(
     result equals ``optax.per_example_global_norm_clip(grads, C)[0]``; norms
     are accumulated in float32 and a NaN per-example norm counts as unclipped,
     as in optax. Noise is drawn from a PRNG key kept in the state, split once
-    per step, so the run is reproducible from ``seed``.
+    per step, so the run is reproducible from ``seed``; a complex leaf gets
+    its own draw on the real and on the imaginary part.
 
     Args:
       l2_norm_clip: the per-example clip norm ``C ≥ 0``.
