@@ -259,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated words: keep the candidates matching one")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply parameter counts (quick runs)")
     args = parser.parse_args(argv)
+    if args.compile_repeats < 1:
+        parser.error("--compile-repeats must be at least 1 (the step timing needs one compile)")
 
     cands = candidates()
     if args.only:
