@@ -9,6 +9,8 @@ import jax
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from clipx import _sketch
+
 PyTree = Any
 
 
@@ -48,8 +50,10 @@ def state_shardings(
     global scalars, per-tensor scalars, norm histories, step counters, PRNG
     keys), whatever its shape, except in the fields its type names in
     ``fields_like_params`` (the ``inner_state`` of a guard or of
-    `without_stats`, `adaptive`'s kept gradient), which follow these rules
-    in turn. The statistics are small, and every device needs them to scale
+    `without_stats`), which follow these rules in turn, and in
+    ``fields_like_sketches`` (`adaptive`'s kept gradient), where a large
+    leaf's sketch — a vector along the parameter's longest axis — is sharded
+    like that axis. The statistics are small, and every device needs them to scale
     its own shard; a norm history that happened to have a parameter's shape
     must not be split. Nothing is computed: the state's shapes come from
     ``jax.eval_shape``.
@@ -89,25 +93,28 @@ def state_shardings(
         replicated = _replicated_like(sharding_leaves[0])
     has_params = bool(jax.tree.leaves(params))
 
-    def mirror(node: Any) -> Any:
-        return _mirror(node, params, param_shardings, replicated) if has_params else None
+    def assign_tree(tree: PyTree, sketches: bool = False) -> PyTree:
+        def mirror(node: Any) -> Any:
+            return _mirror(node, params, param_shardings, replicated, sketches) if has_params else None
 
-    def assign_tree(tree: PyTree) -> PyTree:
+        def assign(node: Any) -> Any:
+            if _is_clipx_state(node):
+                return type(node)(
+                    *(assign_field(node, f, v) for f, v in zip(node._fields, node, strict=True))
+                )
+            mirrored = mirror(node)
+            return replicated if mirrored is None else mirrored
+
         return jax.tree.map(
             assign, tree, is_leaf=lambda node: _is_clipx_state(node) or mirror(node) is not None
         )
 
-    def assign(node: Any) -> Any:
-        if _is_clipx_state(node):
-            like_params = getattr(node, "fields_like_params", ())
-            return type(node)(
-                *(
-                    assign_tree(value) if field in like_params else jax.tree.map(lambda _: replicated, value)
-                    for field, value in zip(node._fields, node, strict=True)
-                )
-            )
-        mirrored = mirror(node)
-        return replicated if mirrored is None else mirrored
+    def assign_field(node: Any, field: str, value: Any) -> Any:
+        if field in getattr(node, "fields_like_sketches", ()):
+            return assign_tree(value, sketches=True)
+        if field in getattr(node, "fields_like_params", ()):
+            return assign_tree(value)
+        return jax.tree.map(lambda _: replicated, value)
 
     return assign_tree(state)
 
@@ -117,27 +124,48 @@ def _children(tree: Any) -> tuple[list, Any]:
     return jax.tree.flatten(tree, is_leaf=lambda x: x is not tree)
 
 
-def _mirror(node: Any, param: Any, sharding: Any, replicated: Any) -> Any:
+def _mirror(node: Any, param: Any, sharding: Any, replicated: Any, sketches: bool) -> Any:
     """The shardings of ``node`` if it mirrors the parameter subtree ``param``, else None.
 
     ``node`` mirrors ``param`` if it has its structure, where an
     ``optax.MaskedNode`` stands for any masked-out subtree (``optax.masked``,
     ``optax.multi_transform``). A mirroring array gets its parameter's
-    sharding if it has the parameter's shape, else ``replicated``.
+    sharding if it has the parameter's shape; with ``sketches``, one of the
+    shape of the parameter's sketch gets that of its longest axis; any other
+    gets ``replicated``.
     """
     if isinstance(node, optax.MaskedNode):
         return node
     if hasattr(param, "shape"):
         if not hasattr(node, "shape"):
             return None
-        return sharding if node.shape == param.shape else replicated
+        if node.shape == param.shape:
+            return sharding
+        if sketches and node.shape == _sketch.sketch_shape(param.shape):
+            return _along_longest_axis(sharding, param.shape, replicated)
+        return replicated
     node_children, node_def = _children(node)
     param_children, param_def = _children(param)
     if node_def != param_def:
         return None
     sharding_children = param_def.flatten_up_to(sharding)
     mirrored = [
-        _mirror(n, p, s, replicated)
+        _mirror(n, p, s, replicated, sketches)
         for n, p, s in zip(node_children, param_children, sharding_children, strict=True)
     ]
     return None if any(m is None for m in mirrored) else node_def.unflatten(mirrored)
+
+
+def _along_longest_axis(sharding: Any, shape: tuple[int, ...], replicated: Any) -> Any:
+    """The sharding of a vector along the longest axis of an array of ``shape`` sharded by ``sharding``.
+
+    A sketch sums over every other axis, so with FSDP along the longest axis it
+    stays where its entries were computed. Shardings other than
+    ``NamedSharding`` and ``PartitionSpec`` give ``replicated``.
+    """
+    spec = sharding.spec if isinstance(sharding, NamedSharding) else sharding
+    if not isinstance(spec, PartitionSpec):
+        return replicated
+    longest = shape.index(max(shape))
+    vector = PartitionSpec(spec[longest] if longest < len(spec) else None)
+    return NamedSharding(sharding.mesh, vector) if isinstance(sharding, NamedSharding) else vector

@@ -29,10 +29,9 @@ grads = jax.tree.map(lambda p: jnp.full_like(p, 0.05), params)
 tx = optax.chain(clipx.adaptive(), optax.adam(1e-3))
 
 # 1. jax.jit with FSDP-sharded parameters: each leaf split along its largest axis.
-#    XLA partitions the norm: scalars cross devices, and the sketch adaptive() keeps of
-#    each large leaf (a vector along its longest axis, docs/scale.md). The optimizer state is
+#    XLA partitions the norm; only scalars cross devices. The optimizer state is
 #    sharded by clipx.state_shardings: Adam's moments like their parameters,
-#    clipx's statistics replicated.
+#    adaptive()'s sketches of large leaves like their longest axis, its statistics replicated.
 mesh = Mesh(devices, ("fsdp",))
 specs = {"embed": P("fsdp", None), "dense": P(None, "fsdp"), "bias": P("fsdp")}
 param_sh = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)

@@ -419,6 +419,34 @@ def test_state_shardings_see_through_masked_subtrees(mask):
     assert adam_state.count == P() and adaptive_state.stats.norm == P()
 
 
+def test_adaptive_sketches_of_large_fsdp_leaves_stay_on_their_devices():
+    # Leaves of 16384 entries or more are kept as sketches along their longest axis; sharded
+    # like that axis, storing them moves nothing: only the per-device partial scalars cross.
+    mesh, _ = make_mesh("fsdp")
+    params = {"embed": jnp.ones((1024, 64)) * 0.01, "dense": jnp.ones((64, 256)) * 0.01}
+    specs = {"embed": P("fsdp", None), "dense": P(None, "fsdp")}
+    param_sh = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
+    tx = optax.chain(clipx.adaptive(), optax.adam(1e-3))
+    state_sh = clipx.state_shardings(tx, params, param_sh)
+    assert jax.tree.map(lambda x: x.shape, tx.init(params)[0].direction.previous) == {
+        "embed": (1024,),
+        "dense": (256,),
+    }
+    assert jax.tree.map(lambda sh: sh.spec, state_sh[0].direction.previous) == {
+        "embed": P("fsdp"),
+        "dense": P("fsdp"),
+    }
+    assert clipx.state_shardings(tx, params, specs)[0].direction.previous == {
+        "embed": P("fsdp"),
+        "dense": P("fsdp"),
+    }
+    update = jax.jit(
+        tx.update, in_shardings=(param_sh, state_sh, param_sh), out_shardings=(param_sh, state_sh)
+    )
+    hlo = update.lower(params, tx.init(params), params).compile(compiler_options=FAST_COMPILE).as_text()
+    assert set(collectives(hlo)) <= {("all-reduce", 1), ("all-gather", 8)}, collectives(hlo)
+
+
 def test_reducing_transforms_take_keyword_axis_name():
     """Rules that reduce over the tree take ``axis_name`` for shard_map/pmap (see tests/test_shard_map.py)."""
     lacking = {}

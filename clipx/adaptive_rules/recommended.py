@@ -30,7 +30,8 @@ class DirectionState(NamedTuple):
     previous_norm: jax.Array
     log_multiplier: jax.Array
     log_ceiling: jax.Array
-    fields_like_params = ("previous",)  # type: ignore[misc]  # sharded like the parameters (`state_shardings`)
+    # Sharded like the parameters, a sketch like its parameter's longest axis (`state_shardings`).
+    fields_like_sketches = ("previous",)  # type: ignore[misc]
 
 
 class AdaptiveState(NamedTuple):
