@@ -85,6 +85,13 @@ def check_normal_float32(name: str, value: Any) -> None:
     check_range(name, value, float(tiny), float(largest))
 
 
+def check_not_above(name: str, value: Any, bound_name: str, bound: Any) -> None:
+    """``value ≤ bound``, when both are numbers (JAX arrays are not checked)."""
+    number, limit = _as_python_number(name, value), _as_python_number(bound_name, bound)
+    if number is not None and limit is not None and number > limit:
+        raise ValueError(f"{name} must be at most {bound_name} ({limit:g}), got {value!r}")
+
+
 # Why a count or a flag cannot be an array: the hint for `optax.inject_hyperparams` users.
 _STATIC_HINT = (
     "it decides shapes or Python control flow: under optax.inject_hyperparams name it in static_args"

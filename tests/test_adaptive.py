@@ -162,6 +162,29 @@ class AdaptiveVariantsTest(chex.TestCase):
             assert bool(clipx.stats(state)["adaptive/clipped"])
 
 
+@pytest.mark.parametrize("scale", [1e6, 1e15, 1e18])
+def test_the_multiplier_follows_directions_at_any_gradient_scale(scale):
+    # ‖g‖·⟨g, g'⟩ overflows float32 from ‖g‖ ≈ 10^13: the cosine must not be lost there.
+    def multipliers(factor):
+        tx = clipx.adaptive(direction_rate=0.5, initial_multiplier=0.25, jump_ratio=None)
+        state, out = tx.init(jnp.zeros(2)), []
+        for _ in range(3):
+            _, state = tx.update(jnp.array([3.0, 4.0]) * factor, state)
+            out.append(float(state.direction.log_multiplier))
+        return out
+
+    np.testing.assert_allclose(multipliers(scale), multipliers(1.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("direction_rate", [0.1, None])
+def test_an_overflowing_norm_is_scaled_to_zero_from_the_first_step(direction_rate):
+    tx = clipx.adaptive(direction_rate=direction_rate)
+    updates, _ = tx.update(jnp.array([1e20, 1.0]), tx.init(jnp.zeros(2)))  # finite, ‖g‖ = inf in float32
+    np.testing.assert_array_equal(updates, [0.0, 0.0])
+    updates, _ = tx.update(jnp.array([jnp.inf, 1.0]), tx.init(jnp.zeros(2)))
+    assert np.isnan(updates[0])  # a non-finite gradient gives a non-finite update
+
+
 def test_bad_hyperparameters_raise():
     for kwargs in (
         {"num_stds": 0.0},
@@ -169,6 +192,8 @@ def test_bad_hyperparameters_raise():
         {"warmup_steps": 0},
         {"warmup_factor": 0.5},
         {"min_std": -1},
+        {"min_std": 0.0},  # steady warm-up norms would fix the threshold for good
+        {"min_multiplier": 0.5, "initial_multiplier": 0.25},  # the floor above the start
         {"direction_rate": -0.1},
         {"direction_rate": float("nan")},
         {"initial_multiplier": 0.0, "direction_rate": 0.2},

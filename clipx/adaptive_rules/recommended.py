@@ -152,8 +152,9 @@ def adaptive(
     * **warm-up without an absolute threshold**: the first step, with no
       statistics yet, is scaled by ``m_0`` (a full first step of plain SGD
       at learning rate 0.5 took a vanilla RNN's loss from 0.69 to 1.46);
-      for the next ``warmup_steps`` the threshold is ``w = warmup_factor``
-      times the geometric mean of the norms seen (``w = 1``, so the first
+      until ``warmup_steps`` norms are observed (the next ``warmup_steps − 1``
+      steps) the threshold is ``w = warmup_factor`` times the geometric mean
+      of the norms seen (``w = 1``, so the first
       steps are shortened by ``m`` when they overshoot). Its cost: the
       warm-up's censored statistics start low, so (for log-normal norms
       with ``σ = 0.3``) about 35% of the first 200 steps are clipped (28%
@@ -162,7 +163,9 @@ def adaptive(
       ``w = 4``);
     * ``min_std`` keeps the threshold at least ``e^{k·σ_min}`` (10%) above
       the typical norm, so very steady norms are not clipped at every small
-      rise.
+      rise. It must be above 0: the censored statistics of steady or rising
+      warm-up norms have ``σ = 0``, and with no floor the threshold would
+      stay at their mean for good.
 
     Defaults: ``num_stds=1``, ``decay=0.99`` (statistics over the last ~100
     steps), ``warmup_steps=25``, ``warmup_factor=1``, ``min_std=0.1``,
@@ -238,7 +241,7 @@ def adaptive(
         (``≥ 1``).
       warmup_factor: ``w ≥ 1``, the threshold during warm-up in multiples
         of the geometric mean of the norms seen.
-      min_std: ``σ_min ≥ 0``, the floor of the standard deviation used in
+      min_std: ``σ_min > 0``, the floor of the standard deviation used in
         the threshold.
       direction_rate: ``β ≥ 0``, how fast the multiplier ``m`` follows the
         cosine of successive gradients; None keeps no sketch and no
@@ -246,7 +249,7 @@ def adaptive(
         operations and one multiply per leaf, as `clipx.global_norm`.
       initial_multiplier: ``m_0`` in ``(0, 1]``, the multiplier before any
         step (unused when ``direction_rate`` is None).
-      min_multiplier: ``m_min`` in ``(0, 1]``, the multiplier's floor.
+      min_multiplier: ``m_min`` in ``(0, m_0]``, the multiplier's floor.
       jump_ratio: ``J ≥ 1``: a second norm over ``J`` times the first holds
         the multiplier at or below ``m_0`` for the rest of the run; None
         never holds it (unused when ``direction_rate`` is None).
@@ -283,11 +286,12 @@ def adaptive(
     _validate.check_range("decay", decay, 0.0, 1.0, high_open=True)
     _validate.check_steps("warmup_steps", warmup_steps, low=1)
     _validate.check_range("warmup_factor", warmup_factor, 1.0, math.inf, high_open=True)
-    _validate.check_finite_nonnegative("min_std", min_std)
+    _validate.check_finite_positive("min_std", min_std)
     if direction_rate is not None:
         _validate.check_finite_nonnegative("direction_rate", direction_rate)
     _validate.check_range("initial_multiplier", initial_multiplier, 0.0, 1.0, low_open=True)
     _validate.check_range("min_multiplier", min_multiplier, 0.0, 1.0, low_open=True)
+    _validate.check_not_above("min_multiplier", min_multiplier, "initial_multiplier", initial_multiplier)
     if jump_ratio is not None:
         _validate.check_range("jump_ratio", jump_ratio, 1.0)
 
@@ -328,8 +332,10 @@ def adaptive(
         )
         observe = jnp.isfinite(norm) & (norm > 0)
         log_norm = jnp.log(jnp.where(norm > 0, norm, 1).astype(dtype))
-        # With nothing observed yet, c is the norm itself, so only the multiplier shortens the step.
+        # With nothing observed yet, c is the norm itself, so only the multiplier shortens the step;
+        # a norm that overflows gets a finite threshold (and so a zero scale), as at later steps.
         first = jnp.inf if state.direction is None else jnp.where(observe, log_norm, jnp.inf)
+        first = jnp.where(jnp.isposinf(norm), 0.0, first)
         log_threshold = jnp.where(moments.observations > 0, log_threshold, first)
         direction = state.direction
         if direction is None:
@@ -370,8 +376,11 @@ def _follow_direction(
     """
     dtype = direction.log_multiplier.dtype
     norm, inner = measures.sketch_norm.astype(dtype), measures.inner.astype(dtype)
-    known = observe & (norm > 0) & (direction.previous_norm > 0) & jnp.isfinite(norm * inner)
-    cosine = jnp.where(known, inner / jnp.where(known, norm * direction.previous_norm, 1), 0)
+    previous_norm = direction.previous_norm
+    known = observe & (norm > 0) & (previous_norm > 0) & jnp.isfinite(norm) & jnp.isfinite(inner)
+    # Divided one norm at a time: their product overflows float32 from norms of about 10^19 down,
+    # and ‖g‖·⟨g, g'⟩ ~ ‖g‖³ from 10^13, where the cosine would be lost.
+    cosine = jnp.where(known, inner / jnp.where(known, norm, 1) / jnp.where(known, previous_norm, 1), 0)
     log_multiplier = jnp.clip(
         direction.log_multiplier + rate * jnp.clip(cosine, -1, 1),
         jnp.log(jnp.asarray(min_multiplier, dtype)),
@@ -380,5 +389,5 @@ def _follow_direction(
     # One conditional for the whole tree, not a select per leaf: no per-leaf work to trace or compile.
     sketches = jax.tree.map(lambda s, p: s.astype(p.dtype), measures.sketches, direction.previous)
     previous = jax.lax.cond(observe, lambda: sketches, lambda: direction.previous)
-    previous_norm = jnp.where(observe, norm, direction.previous_norm)
+    previous_norm = jnp.where(observe, norm, previous_norm)
     return direction._replace(previous=previous, previous_norm=previous_norm, log_multiplier=log_multiplier)
