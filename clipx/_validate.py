@@ -13,6 +13,7 @@ import numbers
 from typing import Any, cast
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -28,7 +29,7 @@ def _as_python_number(name: str, value: Any) -> float | None:
     if isinstance(value, (jax.Array, np.ndarray)):
         if np.ndim(value) != 0:
             raise ValueError(f"{name} must be a scalar, got an array of shape {np.shape(value)}")
-        if not np.issubdtype(value.dtype, np.integer) and not np.issubdtype(value.dtype, np.floating):
+        if not jnp.issubdtype(value.dtype, jnp.integer) and not jnp.issubdtype(value.dtype, jnp.floating):
             raise TypeError(f"{name} must be a real number, got an array of dtype {value.dtype}")
         return float(value) if isinstance(value, np.ndarray) else None
     raise TypeError(

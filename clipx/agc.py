@@ -31,18 +31,28 @@ def _check_axis(axis: Axis) -> None:
 
     if axis is None or is_int(axis) or (isinstance(axis, tuple) and all(is_int(a) for a in axis)):
         return
-    raise TypeError(f"axis must be None, an int or a tuple of ints, got {type(axis).__name__} {axis!r}")
+    hint = "; under optax.inject_hyperparams name it in static_args" if isinstance(axis, jax.Array) else ""
+    raise TypeError(f"axis must be None, an int or a tuple of ints, got {type(axis).__name__} {axis!r}{hint}")
+
+
+def _check_eps_square(eps: float | jax.Array) -> None:
+    """A positive ``eps`` whose square is a normal float32: ``max(‖W_i‖, ε)²`` is formed from ``ε²``."""
+    smallest = float(np.sqrt(np.finfo(np.float32).tiny))
+    if isinstance(eps, (numbers.Real, np.ndarray)) and 0 < float(eps) < smallest:
+        raise ValueError(
+            f"eps must be 0 or at least {smallest:.3g} (its square a normal float32), got {eps!r}"
+        )
 
 
 def _unit_axes(shape: tuple[int, ...], axis: Axis) -> Axis:
     """The axes one unit spans in an array of ``shape`` (None: the whole array)."""
     if axis is not None:
-        axes = axis if isinstance(axis, tuple) else (axis,)
+        axes = tuple(int(a) for a in (axis if isinstance(axis, tuple) else (axis,)))  # NumPy ints too
         if any(not -len(shape) <= a < len(shape) for a in axes):
             raise ValueError(f"axis {axis} is out of range for an array of shape {shape}")
         if len({a % len(shape) for a in axes}) < len(axes):
             raise ValueError(f"axis {axis} names an axis twice for an array of shape {shape}")
-        return axis
+        return axes
     if sum(d != 1 for d in shape) <= 1:  # a scalar or a vector, once size-1 axes are squeezed
         return None
     if len(shape) in (2, 3):  # dense (in, out) or multi-head (in, heads, out): one unit per output
@@ -144,8 +154,9 @@ def agc(
     Args:
       clipping: the largest ratio :math:`\lambda \ge 0` of a unit's gradient
         norm to its weight norm (default 0.01).
-      eps: :math:`\epsilon \ge 0`, the smallest weight norm used (default
-        1e-3), so zero-initialised weights can still move.
+      eps: :math:`\epsilon`, 0 or at least 1.1e-19 (its square a normal
+        float32), the smallest weight norm used (default 1e-3), so
+        zero-initialised weights can still move.
       axis: the axis or axes one unit spans, the same for every leaf; ``None``
         (default) for the per-rank defaults of `unitwise_norm`. Every leaf's
         units are resolved by ``init``, so a leaf of rank 6 or more without
@@ -189,6 +200,7 @@ def agc(
     """
     _validate.check_nonnegative("clipping", clipping)
     _validate.check_nonnegative("eps", eps)
+    _check_eps_square(eps)
     _check_axis(axis)
 
     # max(‖W_i‖, ε)² is positive when ε is: a plain square root then has finite
@@ -213,7 +225,7 @@ def agc(
     @_numerics.jit_when_traced
     def ratio_squared(g_squared: jax.Array, floor_squared: jax.Array) -> jax.Array:
         """``‖G_i‖² / max(‖W_i‖, ε)²``, with 0/0 = 0 (a zero floor needs eps = 0 and zero weights)."""
-        return jnp.where(g_squared > 0, g_squared / floor_squared, 0)
+        return jnp.where(g_squared == 0, 0, g_squared / floor_squared)  # a NaN stays NaN
 
     def init_fn(params):
         for path, leaf in jax.tree_util.tree_leaves_with_path(params):

@@ -92,7 +92,7 @@ def value(
         return ValueState(stats=empty_clip_stats(scale=0.0))
 
     def bound(x: jax.Array) -> jax.Array:
-        return jnp.asarray(max_delta).astype(x.dtype)
+        return jnp.asarray(max_delta, x.dtype)  # a Python int past int32 too
 
     def clip_real(x: jax.Array) -> jax.Array:
         c = bound(x)

@@ -305,3 +305,40 @@ def test_agc_properties_float64(data, clipping):
     with jax.enable_x64(True):
         params, grads = data.draw(agc_problems(dtypes=(jnp.float64,)))
         check_agc_properties(params, grads, clipping)
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (200, 100)], ids=["small", "large"])
+def test_statistics_report_a_nan_gradient(shape):
+    params = {"w": jnp.ones(shape)}
+    grads = {"w": jnp.full(shape, 0.001).at[0, 0].set(jnp.nan)}
+    tx = clipx.agc(0.01)
+    _, state = jax.jit(tx.update)(grads, tx.init(params), params)
+    assert np.isnan(float(state.stats.norm))  # the largest ratio, as value and the norm rules report
+
+
+@pytest.mark.parametrize("axis", [np.int64(-1), np.int32(1), (np.int64(0),)], ids=repr)
+def test_numpy_integer_axes_work_on_small_and_large_leaves(axis):
+    for shape in ((4, 3), (200, 100)):
+        params = {"w": jnp.asarray(rng.standard_normal(shape), jnp.float32)}
+        grads = {"w": jnp.asarray(rng.standard_normal(shape), jnp.float32)}
+        python_axis = tuple(int(a) for a in axis) if isinstance(axis, tuple) else int(axis)
+        expected = clipx.agc(0.1, axis=python_axis).update(grads, clipx.agc(0.1).init(params), params)
+        got = clipx.agc(0.1, axis=axis).update(grads, clipx.agc(0.1).init(params), params)
+        chex.assert_trees_all_close(got, expected)
+
+
+def test_an_eps_whose_square_underflows_is_refused():
+    with pytest.raises(
+        ValueError, match=r"eps must be 0 or at least 1.08e-19 \(its square a normal float32\)"
+    ):
+        clipx.agc(0.01, eps=1e-20)
+    params, grads = {"w": jnp.zeros((2, 2))}, {"w": jnp.ones((2, 2))}
+    tx = clipx.agc(0.01, eps=1e-18)
+    updates, state = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], 0.01 * 1e-18 / np.sqrt(2), rtol=1e-5)  # unit ‖G_i‖ = √2
+    assert np.isfinite(float(state.stats.norm))
+
+
+def test_an_axis_given_as_an_array_points_to_static_args():
+    with pytest.raises(TypeError, match="name it in static_args"):
+        clipx.agc(0.01, axis=jnp.asarray(-1))

@@ -348,3 +348,27 @@ def test_properties_float64(name, data, threshold):
         grads = data.draw(trees(dtypes=[jnp.float64]))
         assert all(leaf.dtype == jnp.float64 for leaf in grads.values())
         check_properties(name, grads, threshold)
+
+
+def test_value_takes_python_ints_past_int32():
+    updates, state = clipx.value(2**31).update(jnp.array([3.0, -1e10]), clipx.value(2**31).init(None))
+    np.testing.assert_array_equal(updates, [3.0, -(2.0**31)])
+    assert float(state.stats.threshold) == 2.0**31
+
+
+@pytest.mark.parametrize(
+    ("make", "threshold"), [(clipx.tensor_norm, 1e20), (clipx.block_rms, 5e19)], ids=["tensor", "rms"]
+)
+def test_an_overflowing_measure_is_clipped_whatever_the_threshold(make, threshold):
+    # ‖[1e20, 1e20]‖² overflows float32, and so does the threshold's square: the measure is
+    # still above it, scaled to zero as global_norm and Optax do. (Not so for an array
+    # threshold, as clip_scale_of_square documents: the test would cost every kernel.)
+    grads = {"w": jnp.array([1e20, 1e20], jnp.float32)}
+    tx = make(threshold)
+    updates, state = tx.update(grads, tx.init(grads))
+    np.testing.assert_array_equal(updates["w"], [0.0, 0.0])
+    assert bool(state.stats.clipped)
+    expected, _ = clipx.global_norm(1e20).update(grads, clipx.global_norm(1e20).init(grads))
+    np.testing.assert_array_equal(updates["w"], expected["w"])
+    small = {"w": jnp.array([1e15, 1e15], jnp.float32)}
+    chex.assert_trees_all_equal(tx.update(small, tx.init(grads))[0], small)  # below it: untouched

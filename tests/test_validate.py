@@ -203,3 +203,19 @@ def test_step_counts_fit_the_int32_counters(make):
     for n in (2**31, 10**12):
         with pytest.raises(ValueError, match=r"at most 2\*\*31 - 1 \(steps are counted in int32\)"):
             make(n)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [clipx.value, clipx.global_norm, clipx.tensor_norm, clipx.block_rms, clipx.agc],
+    ids=lambda f: f.__name__,
+)
+def test_bfloat16_thresholds_are_real_numbers(make):
+    params = {"w": jnp.ones((2, 2))}
+    grads = {"w": jnp.full((2, 2), 2.0)}
+    direct = make(jnp.asarray(1.0, jnp.bfloat16))
+    injected = optax.inject_hyperparams(make, hyperparam_dtype=jnp.bfloat16)(1.0)
+    expected, _ = make(1.0).update(grads, make(1.0).init(params), params)
+    for tx in (direct, injected):
+        updates, _ = tx.update(grads, tx.init(params), params)
+        np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-2)
