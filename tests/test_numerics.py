@@ -240,6 +240,9 @@ def test_clip_scale_of_square_with_a_threshold_whose_square_is_not_normal(thresh
     squared = jnp.array([0.0, 1e-45, 1.0, 1e30, np.inf], jnp.float32)
     known = _numerics.clip_scale_of_square(squared, threshold)
     traced = jax.jit(_numerics.clip_scale_of_square)(squared, jnp.float32(threshold))
+    if threshold == 1e25:  # t² overflows: a Python t still scales an overflowed measure to 0
+        assert (float(known[-1]), float(traced[-1])) == (0.0, 1.0)  # an array t does not (documented)
+        known, traced = known[:-1], traced[:-1]
     np.testing.assert_array_equal(known, traced)
 
 
