@@ -176,3 +176,25 @@ def test_masked_and_chained_with_optimizers():
             updates, state = update(grads, state, params)
         assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
         assert "adagc/scale" in clipx.stats(state)
+
+
+def test_a_shrinking_gamma_never_underflows_back_to_warm_up():
+    # λ_rel = 0.5 and no averaging halve γ at every step; at 0 the tensor would restart warm-up.
+    tx = clipx.adagc(relative_threshold=0.5, decay=0.0, warmup_steps=1)
+    update = jax.jit(tx.update)
+    state = tx.init({"w": jnp.zeros(2)})
+    sizes = []
+    for _ in range(200):
+        updates, state = update({"w": jnp.array([0.6, 0.8])}, state)
+        sizes.append(float(jnp.linalg.norm(updates["w"])))
+    assert float(state.gamma["w"]) == np.finfo(np.float32).tiny
+    assert max(sizes[150:]) < 1e-30  # still clipped at the floor, never back to the warm-up norm
+
+
+def test_the_fraction_of_tensors_clipped_starts_at_zero():
+    for tx in (clipx.adagc(), clipx.autoclip(per_tensor=True)):
+        stats = clipx.stats(tx.init({"w": jnp.zeros(2)}))
+        assert float(next(v for k, v in stats.items() if k.endswith("/scale"))) == 0.0
+    tx = clipx.autoclip(per_tensor=True)
+    _, state = tx.update({}, tx.init({}))
+    assert float(clipx.stats(state)["autoclip/scale"]) == 0.0  # no tensor, none clipped

@@ -191,3 +191,12 @@ def test_checkpoint_round_trip_resumes_bit_identically():
     tx = optax.chain(clipx.zclip(max_norm=None, warmup_steps=8), optax.adam(1e-2))
     grads = [jax.tree.map(lambda g: g[t], GRADS) for t in range(40)]  # noqa: B023
     run_resumed(tx, grads, PARAMS, split=5)  # stop mid warm-up: the buffer must survive too
+
+
+def test_warmup_variance_of_huge_norms_does_not_overflow():
+    # Population variance 8.1e37 of norms 1.8e19 and 0: the sum of the squares (4.9e38) overflows float32.
+    tx = clipx.zclip(max_norm=None, warmup_steps=6)
+    state = tx.init(jnp.zeros(1))
+    for norm in [1.8e19, 0.0] * 3:
+        _, state = tx.update(jnp.array([norm], jnp.float32), state)
+    assert float(state.var) == pytest.approx(8.1e37, rel=1e-5)

@@ -66,8 +66,15 @@ def adagc(
     100 warm-up steps at global norm 1.0.
 
     A step whose global norm is not finite changes nothing in the state (not
-    ``γ``, not the warm-up count) and its update is non-finite; wrap the
-    optimizer in `clipx.skip_nonfinite` to drop such steps.
+    ``γ``, not the warm-up count). A gradient holding NaN or ±inf gives a
+    non-finite update (wrap the optimizer in `clipx.skip_nonfinite` to drop
+    such steps); finite gradients whose global norm overflows (entries above
+    about 1.8·10¹⁹ in float32) are scaled to zero during warm-up and clipped
+    tensor by tensor after it, without entering the state.
+
+    ``γ_i`` stays at or above the smallest normal float (``1.2e-38`` in
+    float32): with ``λ_rel < 1`` it can shrink every step, and 0 would mark
+    the tensor as never seen.
 
     The state holds one scalar per parameter tensor and must be used with the
     tree it was initialised for (a different tree raises ``ValueError``).
@@ -118,7 +125,7 @@ def adagc(
         return AdaGCState(
             finite_steps=jnp.zeros((), jnp.int32),
             gamma=jax.tree.map(lambda _: jnp.zeros((), dtype), params),
-            stats=empty_clip_stats(),
+            stats=empty_clip_stats(scale=0.0),  # the fraction of tensors clipped: none yet
         )
 
     @_numerics.jit_when_traced  # traced once per dtype, not once per tensor
@@ -136,7 +143,9 @@ def adagc(
         initial = jnp.where(gamma == 0, clipped, jnp.minimum(gamma, clipped))
         average = decay * gamma + (1 - decay) * clipped
         observe = finite & (squared_norm > 0)
-        return scale, jnp.where(observe, jnp.where(warm, initial, average), gamma).astype(gamma.dtype)
+        # A seen tensor's γ_i never underflows to 0, which would put it back on the warm-up rule.
+        seen = jnp.maximum(jnp.where(warm, initial, average), jnp.finfo(gamma.dtype).tiny)
+        return scale, jnp.where(observe, seen, gamma).astype(gamma.dtype)
 
     @_numerics.jit_when_traced
     def count_clipped(squared_norms, gammas, warmup, global_scale):

@@ -67,8 +67,8 @@ def _advance(count: jax.Array, norm: jax.Array, history: int) -> jax.Array:
 
 def _per_tensor_stats(norms: list, thresholds: list, scales: list) -> ClipStats:
     """Reports the tensor with the largest ``norm / threshold`` and the fraction clipped."""
-    if not norms:
-        return empty_clip_stats()._replace(threshold=jnp.array(jnp.inf, jnp.float32))
+    if not norms:  # no tensor, none clipped
+        return empty_clip_stats(scale=0.0)._replace(threshold=jnp.array(jnp.inf, jnp.float32))
     norm = jnp.stack([n.astype(jnp.float32) for n in norms])
     threshold = jnp.stack([t.astype(jnp.float32) for t in thresholds])
     clipped = jnp.stack([s < 1 for s in scales])
@@ -113,8 +113,10 @@ def autoclip(
     differ by a relative :math:`10^{-6}/\lVert g\rVert` (below :math:`10^{-6}`
     for norms above 1). A norm that is not finite is not recorded; the update
     of such a step is scaled as its norm says (an infinite norm gives factor 0,
-    NaN passes through), so it stays non-finite: wrap the chain in
-    `clipx.skip_nonfinite` to drop such steps.
+    NaN passes through): a gradient holding NaN or ±inf stays non-finite
+    (wrap the chain in `clipx.skip_nonfinite` to drop such steps), and a
+    finite one whose norm overflows (entries above about 1.8·10¹⁹ in float32)
+    is scaled to zero.
 
     Args:
       quantile: :math:`q \in [0, 1]` (default 0.9); a scalar array works under
@@ -159,7 +161,10 @@ def autoclip(
         return jnp.zeros((history,), dtype)
 
     def init_fn(params):
-        stats = empty_clip_stats()._replace(threshold=jnp.array(jnp.inf, jnp.float32))
+        # Per tensor, `scale` is the fraction of tensors clipped: none before the first step.
+        stats = empty_clip_stats(scale=0.0 if per_tensor else 1.0)._replace(
+            threshold=jnp.array(jnp.inf, jnp.float32)
+        )
         if per_tensor:
             norms = jax.tree.map(lambda p: empty_history(_numerics.accumulation_dtype(p.dtype)), params)
             count = jax.tree.map(lambda p: jnp.zeros((), jnp.int32), params)

@@ -60,8 +60,10 @@ def quantile_clip(
     Defaults are those of TensorFlow Federated: ``γ = 0.5`` (the median),
     ``η = 0.2``, ``C₀ = 0.1``.
 
-    A non-finite norm leaves ``C`` unchanged and gives a non-finite update;
-    wrap the optimizer in `clipx.skip_nonfinite` to drop such steps.
+    A non-finite norm leaves ``C`` unchanged. A gradient holding NaN or ±inf
+    gives a non-finite update (wrap the optimizer in `clipx.skip_nonfinite` to
+    drop such steps); a finite one whose norm overflows (entries above about
+    1.8·10¹⁹ in float32) is scaled to zero.
 
     Args:
       target_quantile: ``γ`` in ``[0, 1]``.

@@ -79,8 +79,10 @@ def zclip(
     :math:`10^{-6}/\lVert g\rVert`; the statistics are unaffected). A norm that
     is not finite never enters the statistics nor the warm-up count; the update
     of such a step is scaled as its norm says (factor 0 above a finite
-    threshold, NaN passes through), so it stays non-finite: wrap the chain in
-    `clipx.skip_nonfinite` to drop such steps.
+    threshold, NaN passes through): a gradient holding NaN or ±inf stays
+    non-finite (wrap the chain in `clipx.skip_nonfinite` to drop such steps),
+    and a finite one whose norm overflows (entries above about 1.8·10¹⁹ in
+    float32) is scaled to zero.
 
     As in the reference, statistics with no spread stay that way: if every
     warm-up norm is the same (all zero, say: a loss masked out for the first
@@ -207,7 +209,8 @@ def zclip(
         warmup_count = state.warmup_count + collect.astype(jnp.int32)
         start = collect & (warmup_count == warmup_steps)
         warmup_mean = jnp.mean(warmup_norms)
-        warmup_var = jnp.mean(jnp.square(warmup_norms - warmup_mean))
+        # Each square divided before the sum: finite norms whose variance is finite never overflow it.
+        warmup_var = jnp.sum(jnp.square(warmup_norms - warmup_mean) / warmup_norms.shape[0])
 
         new_mean = jnp.where(start, warmup_mean, jnp.where(update_ema, ema_mean, mean)).astype(dtype)
         new_var = jnp.where(start, warmup_var, jnp.where(update_ema, ema_var, var)).astype(dtype)
