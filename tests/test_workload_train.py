@@ -202,6 +202,18 @@ def test_non_finite_loss_marks_the_run_diverged(tmp_path, monkeypatch):
     assert summary["steps"] < 8
 
 
+@pytest.mark.parametrize("max_steps", [1, 4])
+def test_a_last_step_that_breaks_the_weights_is_a_divergence(tmp_path, monkeypatch, max_steps):
+    # The first step's loss is finite, its update is not: with one step the run ends before any
+    # training loss shows it, and only the final evaluation does (with 4 steps per epoch, the
+    # epoch's evaluation or the next step's loss).
+    monkeypatch.setattr(train_lib, "make_optimizer", lambda config: optax.sgd(float("inf")))
+    summary = train(TrainConfig(**{**TINY, "max_steps": max_steps}), tmp_path)
+    assert summary["diverged"] and summary["finished"]
+    assert summary["dev_accuracy"] is None and summary["dev_loss"] is None
+    assert json.loads((tmp_path / "summary.json").read_text())["diverged"]
+
+
 def test_reads_a_data_folder(tmp_path):
     _write_data_folder(tmp_path)
     summary = train(TrainConfig(**{**TINY, "data": str(tmp_path), "batch_size": 8}))

@@ -16,7 +16,9 @@ jitted train step. With an output folder it writes
 Resuming loads the checkpoint and replays nothing: the batch order of every
 epoch and the dropout key of every step are pure functions of the seed, the
 epoch and the step, so a resumed run ends with exactly the parameters and log of
-an uninterrupted one. A non-finite loss marks the run diverged and stops it.
+an uninterrupted one. A non-finite loss, on a training batch or on the dev
+set (the last update made the weights non-finite), marks the run diverged and
+stops it.
 """
 
 from __future__ import annotations
@@ -542,7 +544,8 @@ def train(
       ``{"steps", "diverged", "dev_accuracy", "dev_loss", "train_loss", "seconds", "finished"}``:
       ``dev_*`` from the final evaluation (``None`` when the run diverged),
       ``train_loss`` the mean loss of the last 20 steps, ``finished`` whether the
-      run completed its steps.
+      run is over: it completed its steps or diverged (only a finished run
+      writes ``summary.json``).
 
     Raises:
       ValueError: ``stop_after`` is below 1, or ``out_dir`` is not a folder.
@@ -626,13 +629,9 @@ def train(
                 bar.update(f"loss {record['loss']:.4f}  acc {record['accuracy']:.3f}")
                 epoch_end = step % steps_per_epoch == 0
                 if not diverged and (epoch_end or (config.eval_every and step % config.eval_every == 0)):
-                    log(
-                        {
-                            "step": step,
-                            "epoch": epoch,
-                            **evaluate(eval_step, params, data.dev, config.batch_size, config.pad_multiple),
-                        }
-                    )
+                    scores = evaluate(eval_step, params, data.dev, config.batch_size, config.pad_multiple)
+                    log({"step": step, "epoch": epoch, **scores})
+                    diverged = not math.isfinite(scores["dev_loss"])  # the step made the weights non-finite
                 state = TrainState(params, opt_state, jnp.asarray(step, jnp.int32), state.rng)
                 if diverged or step >= end:
                     break
@@ -642,10 +641,12 @@ def train(
     if out is not None:
         log_file.close()
 
-    finished = diverged or step >= total
     final = (
         None if diverged else evaluate(eval_step, params, data.dev, config.batch_size, config.pad_multiple)
     )
+    if final is not None and not math.isfinite(final["dev_loss"]):  # the last step broke the weights
+        diverged, final = True, None
+    finished = diverged or step >= total
     losses = [r["loss"] for r in log_records if "loss" in r][-20:]
     summary = {
         "steps": step,
