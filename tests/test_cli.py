@@ -312,10 +312,7 @@ def test_sweep_refuses_a_run_made_with_other_clipper_arguments(tmp_path, monkeyp
 
 
 def _tiny_sweep_argv(out, *extra):
-    return [
-        "sweep", "--out", str(out), "--datasets", "task", "--clippers", "none", "--lrs", "0.1",
-        "--seeds", "1", "--task-train", "32", "--max-steps", "1", *extra,
-    ]  # fmt: skip
+    return ["sweep", "--out", str(out), *TINY_SWEEP, *extra]
 
 
 @pytest.mark.parametrize(
