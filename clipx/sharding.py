@@ -43,9 +43,11 @@ def state_shardings(
     subtree with the structure of ``params`` and has that parameter's shape,
     as Adam's moments do — gets that parameter's sharding; subtrees that
     ``optax.masked`` or ``optax.multi_transform`` mask out
-    (``optax.MaskedNode``) count as mirroring. A state built on a part of the
-    parameters only (``optax.contrib.lookahead``'s, on the fast ones) is not
-    recognised: give its shardings yourself. Every other leaf
+    (``optax.MaskedNode``) count as mirroring. With ``optax.LookaheadParams``
+    (``optax.lookahead``), whose inner optimizer sees the fast parameters
+    only, a subtree with the structure of ``params.fast`` mirrors them too. A
+    state built on some other part of the parameters is not recognised: give
+    its shardings yourself. Every other leaf
     is replicated, and so is every leaf of a clipx state (its statistics:
     global scalars, per-tensor scalars, norm histories, step counters, PRNG
     keys), whatever its shape, except in the fields its type names in
@@ -95,7 +97,12 @@ def state_shardings(
 
     def assign_tree(tree: PyTree, sketches: bool = False) -> PyTree:
         def mirror(node: Any) -> Any:
-            return _mirror(node, params, param_shardings, replicated, sketches) if has_params else None
+            if not has_params:
+                return None
+            mirrored = _mirror(node, params, param_shardings, replicated, sketches)
+            if mirrored is None and isinstance(params, optax.LookaheadParams):
+                mirrored = _mirror(node, params.fast, param_shardings.fast, replicated, sketches)
+            return mirrored
 
         def assign(node: Any) -> Any:
             if _is_clipx_state(node):

@@ -481,3 +481,18 @@ def test_clipped_grad_sum_keeps_a_sharded_batch_on_its_devices():
         clipx.per_example_global_norm(0.5).init(None),
     )
     assert_tree_close(total, expected)
+
+
+def test_state_shardings_see_the_fast_parameters_of_lookahead():
+    # optax.lookahead's inner optimizer is built on params.fast only.
+    params = optax.LookaheadParams.init_synced(
+        {"embed": jax.ShapeDtypeStruct((16, 4), jnp.float32), "b": jax.ShapeDtypeStruct((4,), jnp.float32)}
+    )
+    spec = {"embed": P("d", None), "b": P()}
+    specs = optax.LookaheadParams(fast=spec, slow=spec)
+    tx = optax.lookahead(optax.chain(clipx.adaptive(), optax.adam(1e-3)), sync_period=5, slow_step_size=0.5)
+    state = clipx.state_shardings(tx, params, specs)
+    adaptive_state, (adam_state, _) = state.fast_state
+    assert adam_state.mu == spec and adam_state.nu == spec
+    assert adaptive_state.direction.previous == spec
+    assert adam_state.count == P() and state.steps_since_sync == P()
