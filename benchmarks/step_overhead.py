@@ -2,17 +2,18 @@
 
 For each clipper ``C`` this measures the time of one jitted optimizer step of
 ``optax.chain(C, optax.adam(1e-3))`` divided by the time of ``optax.adam(1e-3)``
-alone, with the parameters and optimizer state donated and the gradients fed
-fresh each step. Candidates run round-robin (one step of each, in turn, many
-times, in an order shuffled every round so that no candidate always runs
-after the same one); a ratio is formed within each round, so slow phases caused
-by other processes hit the numerator and the denominator alike, and the table reports
-the median ratio with its interquartile range. Compile time (trace, lower and
+alone, with the parameters and optimizer state donated and the gradients
+passed as an argument of every step (the same array each time). Candidates
+run round-robin (one step of each, in turn, many times, in an order shuffled
+every round so that no candidate always runs after the same one); a ratio is
+formed within each round, so slow phases caused by other processes hit the
+numerator and the denominator alike, and the table reports the median ratio
+with its interquartile range. Compile time (trace, lower and
 compile, with 1000 leaves by default) is reported as a ratio to plain Adam's.
 
 Run it with ``python benchmarks/step_overhead.py`` (``--help`` for the quick
-options). The script runs unchanged on CPU, GPU and TPU; what exists in clipx
-is discovered at run time.
+options). The script runs unchanged on CPU, GPU and TPU; of its fixed list of
+clippers it times those the installed clipx exports.
 """
 
 from __future__ import annotations
@@ -109,10 +110,16 @@ def candidates() -> list[Candidate]:
     return out
 
 
-def make_params(total: int, leaves: int, seed: int = 0) -> dict[str, jax.Array]:
-    """``leaves`` float32 matrices (rows of 100 or fewer columns) holding ``total`` entries in all."""
+def leaf_size(total: int, leaves: int) -> int:
+    """Entries per leaf: ``total / leaves`` rounded down, to a multiple of 100 from 100 up."""
     per_leaf = total // leaves
-    cols = 100 if per_leaf % 100 == 0 else 1
+    return per_leaf - per_leaf % 100 if per_leaf >= 100 else per_leaf
+
+
+def make_params(total: int, leaves: int, seed: int = 0) -> dict[str, jax.Array]:
+    """``leaves`` float32 matrices of `leaf_size` entries (rows of 100 columns from 100 entries up)."""
+    per_leaf = leaf_size(total, leaves)
+    cols = 100 if per_leaf >= 100 else 1
     key = jax.random.PRNGKey(seed)
     params = {}
     for i in range(leaves):
@@ -261,18 +268,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.compile_repeats < 1:
         parser.error("--compile-repeats must be at least 1 (the step timing needs one compile)")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    if not sizes or any(s not in SIZES for s in sizes):
+        parser.error(f"--sizes must name one or more of {', '.join(SIZES)}, got {args.sizes!r}")
+    for s in sizes:
+        total, leaves = SIZES[s]
+        if not (args.scale > 0 and int(total * args.scale) >= leaves):
+            parser.error(f"--scale must leave at least one parameter per leaf ({leaves} leaves in size {s})")
 
     cands = candidates()
     if args.only:
         keys = [k.strip() for k in args.only.split(",") if k.strip()]
+        unmatched = [k for k in keys if not any(k in c.label or k == c.family for c in cands)]
+        if unmatched or not keys:
+            names = ", ".join(sorted({c.family for c in cands}))
+            parser.error(f"--only: no candidate matches {unmatched or args.only!r}; families: {names}")
         cands = [c for c in cands if any(k in c.label or k == c.family for k in keys)]
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     print(f"{machine()}\n", flush=True)
     labels = [BASELINE] + [c.label for c in cands]
     for s in sizes:
         total, leaves = SIZES[s]
-        total = int(total * args.scale)
+        total = leaf_size(int(total * args.scale), leaves) * leaves
         log(f"size {s}: {total:,} parameters in {leaves} leaves")
         res = time_size(cands, total, leaves, args.repeats, args.compile_repeats, log)
         print(f"Size ({s}): {total / 1e6:g}M float32 parameters in {leaves} leaves\n")
