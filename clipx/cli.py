@@ -19,13 +19,15 @@ Needs the ``workload`` extra (flax, matplotlib, rich).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import json
 import pathlib
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import rich.console
@@ -122,7 +124,7 @@ def _add_train_parser(subparsers) -> None:
         default=None,
         help="wrap every example in <s> … </s> (default: off)",
     )
-    p.add_argument("--clip", default="none", help="a clipx factory name, or none (default)")
+    p.add_argument("--clip", help="a clipx factory name, or none (default)")
     p.add_argument(
         "--clip-arg",
         action="append",
@@ -151,14 +153,17 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     )
     if args.boundaries is not None:
         settings["boundaries"] = args.boundaries
-    return TrainConfig(model=model, clip=args.clip, clip_args=parse_clip_args(args.clip_arg), **settings)
+    if settings.get("data") is not None:  # recorded absolute: --resume works from any folder
+        settings["data"] = str(pathlib.Path(settings["data"]).resolve())
+    clip = "none" if args.clip is None else args.clip
+    return TrainConfig(model=model, clip=clip, clip_args=parse_clip_args(args.clip_arg), **settings)
 
 
 def _settings_given(args: argparse.Namespace) -> list[str]:
     """The flags of ``clipx train`` given on the command line that set the run's settings."""
     flags = [flag for flag, field, _, _ in _MODEL_FLAGS + _TRAIN_FLAGS if getattr(args, field) is not None]
     flags += [f"--{name.replace('_', '-')}" for name in _SWITCHES if getattr(args, name) is not None]
-    flags += ["--preset"] * (args.preset is not None) + ["--clip"] * (args.clip != "none")
+    flags += ["--preset"] * (args.preset is not None) + ["--clip"] * (args.clip is not None)
     return flags + ["--clip-arg"] * bool(args.clip_arg)
 
 
@@ -170,7 +175,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 f"--resume continues the run in {out} with its saved settings; {', '.join(given)} "
                 "would change them. Leave them out, or start a new run in another --out."
             )
-        config = TrainConfig(**json.loads(resume_file(out, "config.json").read_text()))
+        config = TrainConfig.from_json(json.loads(resume_file(out, "config.json").read_text()))
     else:
         config = _train_config(args)
     summary = train(config, out, resume=args.resume, stop_after=args.stop_after, progress=not args.quiet)
@@ -261,6 +266,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     folders = [pathlib.Path(run) for run in args.runs]
     default_out = folders[0] if len(folders) == 1 else pathlib.Path("clipx-plots")
     out = pathlib.Path(args.out) if args.out else default_out
+    check_folder(out)
     _console.print(f"plots: {', '.join(map(str, _plot_runs(folders, args.label, out)))}")
     return 0
 
@@ -487,13 +493,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM handled as Ctrl-C (``KeyboardInterrupt``): a run checkpoints its last step before it ends."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: signals stay as they are
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``clipx <command>``; returns the exit status (errors in settings give 2 and a message)."""
     args = build_parser().parse_args(argv)
     commands = {"demo": _cmd_demo, "train": _cmd_train, "plot": _cmd_plot, "sweep": _cmd_sweep}
     try:
-        return commands[args.command](args)
-    except (ValueError, FileNotFoundError) as error:
+        with _terminate_as_interrupt():
+            return commands[args.command](args)
+    except KeyboardInterrupt:
+        _console.print(
+            f"[red]clipx {args.command}: interrupted[/red] (a train run continues with --resume, "
+            "a sweep when run again)"
+        )
+        return 130
+    except (ValueError, OSError) as error:  # bad settings or data; a folder that cannot be written
         _console.print(f"[red]clipx {args.command}: {error}[/red]")
         if isinstance(error, ValueError) and "unknown clipper" in str(error):
             _console.print(f"available clippers: {', '.join(available_clippers())}")

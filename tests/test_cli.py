@@ -2,9 +2,13 @@
 
 import dataclasses
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -519,3 +523,108 @@ def test_import_clipx_does_not_import_the_workload_dependencies():
     code = "import sys, clipx; print(sorted(m for m in ('flax', 'matplotlib', 'rich') if m in sys.modules))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_resume_refuses_clip_none_given_beside_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["train", *TINY_TRAIN, "--clip", "adaptive", "--stop-after", "1", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", "--clip", "none", "--out", str(out), "--quiet"]) == 2
+    assert _printed(capsys, "--clip would change them")
+
+
+def test_train_records_the_data_folder_absolute(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.tsv", "dev.tsv"):
+        (data / name).write_text("sentence\tlabel\n" + "".join(f"word {i}\t{i % 2}\n" for i in range(16)))
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--data", "data", "--cell", "simple", "--embed-dim", "4", "--hidden-size", "4"]
+    assert cli.main([*argv, "--batch-size", "4", "--stop-after", "1", "--out", "run", "--quiet"]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"] == str(data)
+    monkeypatch.chdir(tmp_path / "run")  # resumed from another folder
+    assert cli.main(["train", "--resume", "--out", ".", "--quiet"]) == 0
+
+
+def test_plot_out_that_is_a_file_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", *TINY_TRAIN, "--max-steps", "1", "--out", str(run)]) == 0
+    file = tmp_path / "file"
+    file.write_text("")
+    capsys.readouterr()
+    assert cli.main(["plot", str(run), "--out", str(file)]) == 2
+    assert _printed(capsys, f"clipx plot: {file} exists and is not a folder")
+
+
+def test_a_folder_that_cannot_be_written_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "ro"))
+
+    monkeypatch.setattr(cli, "_plot_runs", refused)
+    assert cli.main(["plot", str(tmp_path)]) == 2
+    assert _printed(capsys, f"clipx plot: [Errno 13] Permission denied: '{tmp_path / 'ro'}'")
+
+
+def test_an_interrupt_ends_with_status_130_and_says_how_to_continue(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "train", interrupted)
+    assert cli.main(["train", *TINY_TRAIN, "--out", str(tmp_path / "run")]) == 130
+    assert _printed(capsys, "clipx train: interrupted (a train run continues with --resume")
+
+
+def test_sigterm_is_handled_as_an_interrupt():
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers can be set in the main thread only")
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), cli._terminate_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler runs at the next bytecode; never reached
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_second_sweep_in_the_same_folder_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli.sweep, "MODEL", TINY_MODEL)
+    with cli.sweep._only_sweep_in(tmp_path):
+        assert cli.main(_tiny_sweep_argv(tmp_path)) == 2
+    assert _printed(capsys, f"clipx sweep: another clipx sweep is running in {tmp_path}")
+    assert not list(tmp_path.iterdir())
+    assert cli.main(_tiny_sweep_argv(tmp_path)) == 0  # the lock ends with the sweep holding it
+
+
+def test_sweep_settings_cover_every_run_in_the_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli.sweep, "MODEL", TINY_MODEL)
+    assert cli.main(_tiny_sweep_argv(tmp_path)) == 0  # none at 0.1, one seed
+    assert cli.main(_tiny_sweep_argv(tmp_path, "--clippers", "adaptive", "--lrs", "0.01")) == 0
+    recorded = json.loads((tmp_path / "settings.json").read_text())["sweep"]
+    assert recorded["clippers"] == ["none", "adaptive"] and recorded["learning_rates"] == [0.01, 0.1]
+    assert recorded["seeds"] == 1
+    table = (tmp_path / "results.md").read_text()
+    assert "| task | none | 0.1 |" in table and "| task | adaptive | 0.01 |" in table
+
+
+def test_plot_of_a_run_that_logged_only_nan_and_of_a_short_run(tmp_path):
+    run = tmp_path / "nan"
+    run.mkdir()
+    lines = [json.dumps({"step": step, "loss": None, "grad_norm": None}) for step in (1, 2, 3)]
+    (run / "log.jsonl").write_text("\n".join(lines) + "\n")
+    assert cli.main(["plot", str(run)]) == 0
+    assert sorted(p.name for p in run.glob("*.png")) == ["grad_norm.png", "loss.png"]
+
+
+@pytest.mark.parametrize(
+    ("lengths", "legend"),
+    [
+        ((5, 3), "per step"),
+        ((40, 3), "faint: per step; solid: 10-step mean (as logged under 10 steps)"),
+        ((40, 12), "faint: per step; solid: 10-step mean"),
+    ],
+)
+def test_the_legend_says_which_runs_are_smoothed(tmp_path, monkeypatch, lengths, legend):
+    shown = {}
+    finish = lambda *args, legend_title, **kwargs: shown.update(t=legend_title)  # noqa: E731
+    monkeypatch.setattr(cli.plots, "_finish_step_plot", finish)
+    runs = {f"run{n}": [{"step": s, "loss": 1.0 / s} for s in range(1, n + 1)] for n in lengths}
+    cli.plots.plot_losses(runs, tmp_path / "loss.png", "title")
+    assert shown["t"] == legend

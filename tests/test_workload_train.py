@@ -231,3 +231,75 @@ def test_flax_head_and_boundaries_train_on_a_data_folder(tmp_path):
     assert all(ids[0] == 2 and ids[-1] == 3 for ids in data.train.ids)
     summary = train(config)
     assert summary["steps"] == 4 and summary["finished"] and np.isfinite(summary["train_loss"])
+
+
+def _strict_json(text):
+    """``json.loads`` that refuses NaN and infinities, as JSON parsers other than Python's do."""
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _diverges_on_the_dev_set(monkeypatch):
+    # The first step's loss is finite, its update is not: the first evaluation's loss is not finite.
+    monkeypatch.setattr(train_lib, "make_optimizer", lambda config: optax.sgd(float("inf")))
+    return TrainConfig(**{**TINY, "eval_every": 1})
+
+
+def test_a_run_stopped_by_its_dev_loss_stays_stopped_on_resume(tmp_path, monkeypatch):
+    config = _diverges_on_the_dev_set(monkeypatch)
+    summary = train(config, tmp_path)
+    assert summary["diverged"] and summary["steps"] == 1
+    log = (tmp_path / "log.jsonl").read_text()
+    assert train(config, tmp_path, resume=True)["steps"] == 1
+    assert (tmp_path / "log.jsonl").read_text() == log
+
+
+def test_run_files_are_strict_json(tmp_path, monkeypatch):
+    train(_diverges_on_the_dev_set(monkeypatch), tmp_path)
+    records = [_strict_json(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["dev_loss"] is None  # not finite
+    _strict_json((tmp_path / "summary.json").read_text())
+    _strict_json((tmp_path / "config.json").read_text())
+    assert np.isnan(read_log(tmp_path)[-1]["dev_loss"])  # read back as NaN
+
+
+def test_a_tuple_clipper_argument_survives_the_config_file(tmp_path):
+    config = TrainConfig(**TINY, clip="agc", clip_args={"axis": (0,)})
+    train(config, tmp_path, stop_after=2)
+    recorded = TrainConfig.from_json(json.loads((tmp_path / "config.json").read_text()))
+    assert recorded == config
+    assert train(recorded, tmp_path, resume=True)["finished"]
+
+
+def test_an_interrupted_run_checkpoints_its_last_step_and_resumes_exactly(tmp_path, monkeypatch):
+    config = TrainConfig(**{**TINY, "checkpoint_every": 200})  # no periodic checkpoint in 8 steps
+    train(config, tmp_path / "whole")
+    to_python, calls = train_lib._to_python, []
+
+    def interrupted_at_step_6(metrics):
+        calls.append(None)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return to_python(metrics)
+
+    monkeypatch.setattr(train_lib, "_to_python", interrupted_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "parts")
+    monkeypatch.undo()
+    saved = flax.serialization.msgpack_restore((tmp_path / "parts" / "checkpoint.msgpack").read_bytes())
+    assert int(saved["step"]) == 5  # the last completed step
+    train(config, tmp_path / "parts", resume=True)
+    assert read_log(tmp_path / "parts") == read_log(tmp_path / "whole")
+
+
+def test_workload_clippers_take_no_axis_name():
+    with pytest.raises(ValueError, match="axis_name is for steps mapped over devices"):
+        make_clipper("global_norm", {"max_norm": 1.0, "axis_name": "batch"})
+
+
+def test_clipper_arguments_must_be_finite():
+    with pytest.raises(ValueError, match=r"'max_norm=1e999': not a finite number"):
+        train_lib.parse_clip_args(["max_norm=1e999"])

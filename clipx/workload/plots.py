@@ -15,6 +15,11 @@ import numpy as np
 from matplotlib.figure import Figure
 
 
+def _is_finite(value: Any) -> bool:
+    """Whether ``value`` is a finite number (a log holds ``NaN`` where a value was not finite)."""
+    return value is not None and bool(np.isfinite(value))
+
+
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     if len(values) < window:
         return values
@@ -31,7 +36,15 @@ def _finish_step_plot(
     legend_title: str | None = None,
     log_scale: bool = True,
 ) -> None:
-    """y (log scale if ``log_scale``) against training steps, labels, legend and grid; writes the PNG."""
+    """y (log scale if ``log_scale``) against training steps, labels, legend and grid; writes the PNG.
+
+    With no positive finite value to show (a run that logged only NaN), the
+    axis stays linear and the figure says so.
+    """
+    ys = [np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()]
+    if not any(np.any(np.isfinite(y) & (y > 0)) for y in ys):
+        log_scale = False
+        ax.text(0.5, 0.5, "no positive finite value logged", transform=ax.transAxes, ha="center")
     if log_scale:
         ax.set_yscale("log")
     ax.set_xlabel("training step")
@@ -64,7 +77,13 @@ def _plot_per_step(
         (line,) = ax.plot(steps, values, alpha=0.25, linewidth=0.8)
         smooth = _smooth(values, window)
         ax.plot(steps[len(steps) - len(smooth) :], smooth, color=line.get_color(), label=label)
-    legend_title = f"faint: per step; solid: {window}-step mean"
+    # `_smooth` leaves a run shorter than the window as logged.
+    if max(map(len, rows.values()), default=0) < window:
+        legend_title = "per step"
+    elif min(map(len, rows.values())) < window:
+        legend_title = f"faint: per step; solid: {window}-step mean (as logged under {window} steps)"
+    else:
+        legend_title = f"faint: per step; solid: {window}-step mean"
     _finish_step_plot(fig, ax, ylabel, title, path, legend_title=legend_title)
 
 
@@ -131,7 +150,7 @@ def plot_dev_accuracy(
     fig = Figure(figsize=(8, 4.5))
     ax = fig.subplots()
     for label, records in runs.items():
-        rows = [r for r in records if r.get("dev_accuracy") is not None]
+        rows = [r for r in records if _is_finite(r.get("dev_accuracy"))]
         accuracy = [100 * r["dev_accuracy"] for r in rows]
         ax.plot([r["step"] for r in rows], accuracy, marker="o", markersize=3, label=label)
     _finish_step_plot(fig, ax, "dev accuracy (%)", title, path, log_scale=False)
@@ -159,7 +178,7 @@ def plot_runs(
     slugs: set[str] = set()
     plot_losses(runs, written[0], f"Training loss\n{setting}")
     plot_grad_norms(runs, written[1], f"Gradient norm before clipping\n{setting}")
-    if any(r.get("dev_accuracy") is not None for records in runs.values() for r in records):
+    if any(_is_finite(r.get("dev_accuracy")) for records in runs.values() for r in records):
         written.append(out / "dev_accuracy.png")
         plot_dev_accuracy(runs, written[-1], f"Dev accuracy\n{setting}")
     for label, records in runs.items():

@@ -16,12 +16,13 @@ argument (``global_norm`` at 1.0 is ``("global_norm", 1.0)``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
 import os
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,7 +31,15 @@ import clipx
 from clipx.workload import data as data_lib
 from clipx.workload import plots
 from clipx.workload.model import CELLS
-from clipx.workload.train import OPTIMIZER_NAMES, OPTIMIZERS, TrainConfig, check_folder, check_range, train
+from clipx.workload.train import (
+    OPTIMIZER_NAMES,
+    OPTIMIZERS,
+    TrainConfig,
+    check_folder,
+    check_range,
+    json_text,
+    train,
+)
 
 #: (label, clipx factory, value of its first argument or None for defaults).
 CLIPPERS: tuple[tuple[str, str, float | None], ...] = (
@@ -205,6 +214,35 @@ def run_sweep(
     """
     out = pathlib.Path(out_dir)
     check_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with _only_sweep_in(out):
+        return _run_grid(sweep, out, on_run)
+
+
+@contextlib.contextmanager
+def _only_sweep_in(folder: pathlib.Path) -> Iterator[None]:
+    """Holds an exclusive lock on ``folder`` (where ``fcntl`` exists); a second sweep there is refused."""
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks on this system
+        yield
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"another clipx sweep is running in {folder}; wait for it to end, or use another folder"
+            ) from None
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def _run_grid(
+    sweep: SweepConfig, out: pathlib.Path, on_run: Callable[[str, dict[str, Any]], None] | None
+) -> dict[str, Any]:
     settings = {"sweep": dataclasses.asdict(sweep), "model": sweep.model}
     _check_same_run_settings(out / "settings.json", settings)
     # Seeds outermost: a sweep stopped early has every cell for its first seeds.
@@ -223,8 +261,7 @@ def run_sweep(
             done[path] = _read_run(path)
             _check_same_clipper(path, done[path], clipper_arguments(clipper))
             _check_same_config(path, done[path], run_config(sweep, dataset, clipper, lr, seed))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    (out / "settings.json").write_text(json_text(_extended(out / "settings.json", settings), indent=2))
     for dataset, clipper, lr, seed in grid:
         path = out / _run_name(dataset, clipper, lr, seed)
         if path in done:
@@ -242,7 +279,7 @@ def run_sweep(
             }
             # Written whole or not at all: a sweep killed here reruns the run.
             partial = path.with_name(path.name + ".partial")
-            partial.write_text(json.dumps(result, indent=2) + "\n")
+            partial.write_text(json_text(result, indent=2))
             os.replace(partial, path)
         if on_run is not None:
             on_run(path.name, result)
@@ -331,6 +368,23 @@ def _check_same_run_settings(path: pathlib.Path, settings: dict[str, Any]) -> No
         )
 
 
+def _extended(path: pathlib.Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with its grid widened to cover the one recorded in ``path`` (if any).
+
+    A folder's ``settings.json`` then describes every run the folder holds
+    (the runs `summarize` tables), not only those of the latest invocation.
+    """
+    if not path.is_file():
+        return settings
+    recorded = {**dataclasses.asdict(SweepConfig()), **json.loads(path.read_text()).get("sweep", {})}
+    sweep = dict(settings["sweep"])
+    for key in ("datasets", "clippers"):
+        sweep[key] = [*recorded[key], *(item for item in sweep[key] if item not in recorded[key])]
+    sweep["learning_rates"] = sorted({*recorded["learning_rates"], *sweep["learning_rates"]})
+    sweep["seeds"] = max(recorded["seeds"], sweep["seeds"])
+    return {**settings, "sweep": sweep}
+
+
 def summarize(out_dir: str | pathlib.Path) -> dict[str, Any]:
     """Aggregates the run files in ``out_dir``; writes ``results.md``, ``results.json`` and ``sweep.png``."""
     out = pathlib.Path(out_dir)
@@ -358,7 +412,7 @@ def summarize(out_dir: str | pathlib.Path) -> dict[str, Any]:
         rows.append(row)
         if accuracies:
             table.setdefault(dataset, {}).setdefault(clipper, {})[lr] = accuracies
-    (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "results.json").write_text(json_text(rows, indent=2))
     (out / "results.md").write_text(_markdown(rows))
     if table:
         optimizers = "/".join(sorted({OPTIMIZER_NAMES[r["config"]["optimizer"]] for r in results}))

@@ -13,6 +13,10 @@ jitted train step. With an output folder it writes
   (``flax.serialization``), every ``checkpoint_every`` steps and at the end;
 - ``summary.json``: the outcome.
 
+The files are strict JSON: a number that is not finite (a diverged loss) is
+written as ``null``. Interrupting a run (Ctrl-C) writes a checkpoint of the last
+completed step first.
+
 Resuming loads the checkpoint and replays nothing: the batch order of every
 epoch and the dropout key of every step are pure functions of the seed, the
 epoch and the step, so a resumed run ends with exactly the parameters and log of
@@ -51,6 +55,22 @@ OPTIMIZER_NAMES: dict[str, str] = {
     "adam": "Adam",
 }
 OPTIMIZERS: tuple[str, ...] = tuple(OPTIMIZER_NAMES)
+
+
+def _finite_or_none(value: Any) -> Any:
+    """``value``, with every float that is not finite replaced by ``None`` (JSON has no NaN or ∞)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
+def json_text(value: Any, indent: int | None = None) -> str:
+    """``value`` as strict JSON (a float that is not finite as ``null``), with a final newline."""
+    return json.dumps(_finite_or_none(value), indent=indent, allow_nan=False) + "\n"
 
 
 def check_range(
@@ -213,6 +233,15 @@ class TrainConfig:
         """The settings as a JSON-ready dict."""
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_json(cls, recorded: dict[str, Any]) -> TrainConfig:
+        """The settings `to_json` gave, read back from JSON (whose lists were tuples in ``clip_args``)."""
+        clip_args = {
+            key: tuple(value) if isinstance(value, list) else value
+            for key, value in recorded.get("clip_args", {}).items()
+        }
+        return cls(**{**recorded, "clip_args": clip_args})
+
 
 # ---------------------------------------------------------------------------
 # Clippers and optimizers
@@ -256,6 +285,8 @@ def make_clipper(name: str, args: dict[str, Any] | None = None) -> optax.Gradien
         if args:
             raise ValueError(f"--clip none takes no arguments; got {sorted(args)}")
         return None
+    if "axis_name" in args:
+        raise ValueError("axis_name is for steps mapped over devices; this workload trains on one device")
     factory = getattr(clipx, name)
     signature = inspect.signature(factory)
     try:
@@ -286,6 +317,8 @@ def parse_clip_args(items: list[str]) -> dict[str, Any]:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"clipper argument {item!r}: not a finite number (--clip none does not clip)")
         parsed[key.strip()] = value
     return parsed
 
@@ -515,7 +548,7 @@ def _read_log(path: pathlib.Path, up_to_step: int) -> list[dict[str, Any]]:
             raise ValueError(f"{path}, line {number}: not a JSON record ({error.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
             raise ValueError(f"{path}, line {number}: not a log record (an object with an integer 'step')")
-        records.append(record)
+        records.append({key: math.nan if value is None else value for key, value in record.items()})
     return [r for r in records if r["step"] <= up_to_step]
 
 
@@ -595,14 +628,14 @@ def train(
         else:  # a fresh run replaces whatever run the folder held
             for name in ("summary.json", "checkpoint.msgpack"):
                 (out / name).unlink(missing_ok=True)
-            (out / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
-        (out / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log_records))
+            (out / "config.json").write_text(json_text(config.to_json(), indent=2))
+        (out / "log.jsonl").write_text("".join(json_text(r) for r in log_records))
         log_file = (out / "log.jsonl").open("a")
 
     def log(record: dict[str, Any]) -> None:
         log_records.append(record)
         if out is not None:
-            log_file.write(json.dumps(record) + "\n")
+            log_file.write(json_text(record))
 
     def checkpoint() -> None:
         if out is not None:
@@ -610,33 +643,40 @@ def train(
             save_checkpoint(out / "checkpoint.msgpack", state)
 
     step = int(state.step)
-    diverged = any(not math.isfinite(r.get("loss", 0.0)) for r in log_records)
+    diverged = any(not math.isfinite(r.get(key, 0.0)) for r in log_records for key in ("loss", "dev_loss"))
     started = time.perf_counter()
     params, opt_state = state.params, state.opt_state
-    with _Progress(progress, total, step, description) as bar:
-        while step < end and not diverged:
-            epoch, skip = divmod(step, steps_per_epoch)
-            for batch in _epoch_batches(config, data.train, epoch):
-                if skip:
-                    skip -= 1
-                    continue
-                key = jax.random.fold_in(state.rng, step)
-                params, opt_state, metrics = train_step(params, opt_state, batch, key)
-                step += 1
-                record = {"step": step, "epoch": epoch, **_to_python(metrics)}
-                log(record)
-                diverged = not math.isfinite(record["loss"])
-                bar.update(f"loss {record['loss']:.4f}  acc {record['accuracy']:.3f}")
-                epoch_end = step % steps_per_epoch == 0
-                if not diverged and (epoch_end or (config.eval_every and step % config.eval_every == 0)):
-                    scores = evaluate(eval_step, params, data.dev, config.batch_size, config.pad_multiple)
-                    log({"step": step, "epoch": epoch, **scores})
-                    diverged = not math.isfinite(scores["dev_loss"])  # the step made the weights non-finite
-                state = TrainState(params, opt_state, jnp.asarray(step, jnp.int32), state.rng)
-                if diverged or step >= end:
-                    break
-                if step % config.checkpoint_every == 0:
-                    checkpoint()
+    try:
+        with _Progress(progress, total, step, description) as bar:
+            while step < end and not diverged:
+                epoch, skip = divmod(step, steps_per_epoch)
+                for batch in _epoch_batches(config, data.train, epoch):
+                    if skip:
+                        skip -= 1
+                        continue
+                    key = jax.random.fold_in(state.rng, step)
+                    params, opt_state, metrics = train_step(params, opt_state, batch, key)
+                    step += 1
+                    record = {"step": step, "epoch": epoch, **_to_python(metrics)}
+                    log(record)
+                    diverged = not math.isfinite(record["loss"])
+                    bar.update(f"loss {record['loss']:.4f}  acc {record['accuracy']:.3f}")
+                    epoch_end = step % steps_per_epoch == 0
+                    if not diverged and (epoch_end or (config.eval_every and step % config.eval_every == 0)):
+                        scores = evaluate(
+                            eval_step, params, data.dev, config.batch_size, config.pad_multiple
+                        )
+                        log({"step": step, "epoch": epoch, **scores})
+                        # A non-finite dev loss: the step made the weights non-finite.
+                        diverged = not math.isfinite(scores["dev_loss"])
+                    state = TrainState(params, opt_state, jnp.asarray(step, jnp.int32), state.rng)
+                    if diverged or step >= end:
+                        break
+                    if step % config.checkpoint_every == 0:
+                        checkpoint()
+    except KeyboardInterrupt:  # Ctrl-C: --resume continues from the last completed step
+        checkpoint()
+        raise
     checkpoint()
     if out is not None:
         log_file.close()
@@ -658,7 +698,7 @@ def train(
         "finished": finished,
     }
     if out is not None and finished:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / "summary.json").write_text(json_text(summary, indent=2))
     return summary
 
 
