@@ -1,7 +1,7 @@
 """Running a clipx transform step by step inside Optax's machinery, as the tests of every rule do.
 
 `run_steps` applies a jitted update to a sequence of gradients;
-`run_resumed` checks that a flax-serialized state resumes bit for bit;
+`run_resumed` checks that a flax-serialized state resumes bit for bit (and outside ``jit``);
 `check_traced_hyperparameter` checks a rule under ``inject_hyperparams``;
 `CHAINED_OPTIMIZERS` are the optimizers each rule is chained with.
 """
@@ -40,18 +40,22 @@ def run_steps(tx, grads, params, steps):
 def run_resumed(tx, sequence, params, split):
     """Runs the gradients of ``sequence``, and again from a flax-serialized copy of the state after ``split``.
 
-    Asserts that both give the same updates and states bit for bit; returns the final state.
+    Asserts that both give the same updates and states bit for bit, and that
+    the restored state (NumPy arrays) also continues outside ``jit``, to float
+    tolerance; returns the final state.
     """
     update = jax.jit(tx.update)
     state = tx.init(params)
     for g in sequence[:split]:
         _, state = update(g, state, params)
     restored = flax.serialization.from_bytes(tx.init(params), flax.serialization.to_bytes(state))
-    a, b = state, restored
+    a, b, c = state, restored, restored
     for g in sequence[split:]:
         ua, a = update(g, a, params)
         ub, b = update(g, b, params)
+        uc, c = tx.update(g, c, params)
         chex.assert_trees_all_equal(ua, ub)
+        chex.assert_trees_all_close(uc, ua, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_equal(a, b)
     return a
 

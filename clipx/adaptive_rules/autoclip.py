@@ -55,6 +55,7 @@ def _history_quantile(norms: jax.Array, count: jax.Array, quantile: Any) -> jax.
 
 def _record(norms: jax.Array, count: jax.Array, norm: jax.Array) -> jax.Array:
     """``norms`` with a finite ``norm`` written to slot ``count % history``."""
+    norms = jnp.asarray(norms)  # a state restored from a checkpoint may hold NumPy arrays
     slot = count % norms.shape[0]
     return norms.at[slot].set(jnp.where(jnp.isfinite(norm), norm.astype(norms.dtype), norms[slot]))
 

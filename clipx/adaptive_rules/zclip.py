@@ -205,7 +205,8 @@ def zclip(
         # Warm-up: store finite norms; after the last one, start the statistics.
         collect = ~ready & finite
         slot = jnp.minimum(state.warmup_count, warmup_steps - 1)
-        warmup_norms = state.warmup_norms.at[slot].set(jnp.where(collect, norm, state.warmup_norms[slot]))
+        warmup_norms = jnp.asarray(state.warmup_norms)  # NumPy arrays in a restored state have no .at
+        warmup_norms = warmup_norms.at[slot].set(jnp.where(collect, norm, warmup_norms[slot]))
         warmup_count = state.warmup_count + collect.astype(jnp.int32)
         start = collect & (warmup_count == warmup_steps)
         warmup_mean = jnp.mean(warmup_norms)
