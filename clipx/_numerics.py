@@ -430,7 +430,8 @@ def clip_scale_of_square(squared: jax.Array, threshold: float | jax.Array) -> ja
         # in the other branch and in `clip_scale`, where a maximum would average the two sides.
         t = jnp.asarray(threshold, squared.dtype)
         return t / jnp.sqrt(jnp.where(squared > t * t, squared, t * t))
-    if isinstance(threshold, numbers.Real) and float(threshold) ** 2 > float(jnp.finfo(squared.dtype).max):
+    largest_root = math.sqrt(float(jnp.finfo(squared.dtype).max))
+    if isinstance(threshold, numbers.Real) and float(threshold) > largest_root:
         # A finite t whose square overflows: only a measure that overflowed is above it.
         return jnp.where(jnp.isposinf(squared) & math.isfinite(threshold), 0, 1).astype(squared.dtype)
     threshold = jnp.asarray(threshold, squared.dtype)

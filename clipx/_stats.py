@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clipx import _numerics
+from clipx import _numerics, _validate
 
 
 class ClipStats(NamedTuple):
@@ -161,6 +161,7 @@ def without_stats(inner: optax.GradientTransformation) -> optax.GradientTransfor
       >>> [round(float(u), 4) for u in updates], clipx.stats(state)
       ([-0.1, 0.05], {})
     """
+    _validate.check_transformation("inner", inner)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):

@@ -3,7 +3,12 @@
 Python numbers are checked when a factory is called and a bad value raises
 ``ValueError``/``TypeError`` naming the argument and the allowed range. JAX
 arrays (for ``optax.inject_hyperparams`` and schedules) are accepted as they
-are: nothing raises inside a traced function.
+are: nothing raises inside a traced function. The checks of real-valued
+hyperparameters return the value the factory should use: a Python ``float``
+for every concrete number (NumPy scalars of any dtype, bfloat16 included,
+``fractions.Fraction``, integers too large for a float as ±∞), the JAX
+array itself otherwise; so no rule ever computes with an unsigned integer
+(``-np.uint8(1)`` is 255) or a type JAX cannot take.
 """
 
 from __future__ import annotations
@@ -26,12 +31,12 @@ def _as_python_number(name: str, value: Any) -> float | None:
             return float(value)
         except OverflowError:  # an int beyond float range
             return math.inf if cast(int, value) > 0 else -math.inf
-    if isinstance(value, (jax.Array, np.ndarray)):
+    if isinstance(value, (jax.Array, np.ndarray, np.generic)):  # np.generic: bfloat16 scalars
         if np.ndim(value) != 0:
             raise ValueError(f"{name} must be a scalar, got an array of shape {np.shape(value)}")
         if not jnp.issubdtype(value.dtype, jnp.integer) and not jnp.issubdtype(value.dtype, jnp.floating):
             raise TypeError(f"{name} must be a real number, got an array of dtype {value.dtype}")
-        return float(value) if isinstance(value, np.ndarray) else None
+        return None if isinstance(value, jax.Array) else float(value)
     raise TypeError(
         f"{name} must be a real number or a scalar JAX array, got {type(value).__name__} {value!r}"
     )
@@ -45,45 +50,47 @@ def check_range(
     *,
     low_open: bool = False,
     high_open: bool = False,
-) -> None:
-    """Raises unless ``value`` lies in the interval ``low..high`` (bounds closed by default).
+) -> Any:
+    """``value`` as a Python float; raises unless it lies in ``low..high`` (bounds closed by default).
 
-    NaN is always rejected. Traced and JAX-array values are not checked.
+    NaN is always rejected. Traced and JAX-array values are not checked and
+    come back as they are.
     """
     number = _as_python_number(name, value)
     if number is None:
-        return
+        return value
     above_low = number > low if low_open else number >= low
     below_high = number < high if high_open else number <= high
     if math.isnan(number) or not (above_low and below_high):
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return number
 
 
-def check_nonnegative(name: str, value: Any) -> None:
+def check_nonnegative(name: str, value: Any) -> Any:
     """``value ≥ 0``, infinity allowed: for thresholds, where it disables clipping."""
-    check_range(name, value, 0.0)
+    return check_range(name, value, 0.0)
 
 
-def check_positive(name: str, value: Any) -> None:
+def check_positive(name: str, value: Any) -> Any:
     """``value > 0``, infinity allowed: for thresholds, where it disables clipping."""
-    check_range(name, value, 0.0, low_open=True)
+    return check_range(name, value, 0.0, low_open=True)
 
 
-def check_finite_nonnegative(name: str, value: Any) -> None:
+def check_finite_nonnegative(name: str, value: Any) -> Any:
     """``0 ≤ value < ∞``: for rates, factors and offsets, which an infinity turns into NaN."""
-    check_range(name, value, 0.0, math.inf, high_open=True)
+    return check_range(name, value, 0.0, math.inf, high_open=True)
 
 
-def check_finite_positive(name: str, value: Any) -> None:
+def check_finite_positive(name: str, value: Any) -> Any:
     """``0 < value < ∞``."""
-    check_range(name, value, 0.0, math.inf, low_open=True, high_open=True)
+    return check_range(name, value, 0.0, math.inf, low_open=True, high_open=True)
 
 
-def check_normal_float32(name: str, value: Any) -> None:
+def check_normal_float32(name: str, value: Any) -> Any:
     """A positive value whose float32 logarithm is finite (a normal float32): a starting threshold."""
     tiny, largest = np.finfo(np.float32).tiny, np.finfo(np.float32).max
-    check_range(name, value, float(tiny), float(largest))
+    return check_range(name, value, float(tiny), float(largest))
 
 
 def check_not_above(name: str, value: Any, bound_name: str, bound: Any) -> None:
@@ -99,8 +106,8 @@ _STATIC_HINT = (
 )
 
 
-def check_int(name: str, value: Any, low: int = 0) -> None:
-    """A Python or NumPy integer ``≥ low`` (not a bool, not a float)."""
+def check_int(name: str, value: Any, low: int = 0, high: int | None = None) -> None:
+    """A Python or NumPy integer in ``[low, high]`` (not a bool, not a float)."""
     if isinstance(value, np.ndarray) and value.ndim == 0 and np.issubdtype(value.dtype, np.integer):
         value = int(value)
     if isinstance(value, jax.Array):
@@ -109,6 +116,28 @@ def check_int(name: str, value: Any, low: int = 0) -> None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be an int <= {high} (counted in int32), got {value!r}")
+
+
+def check_seed(name: str, value: Any) -> None:
+    """A PRNG seed: an int within int64, or an integer JAX array (as ``optax.inject_hyperparams`` passes)."""
+    if isinstance(value, jax.Array):
+        if value.ndim != 0 or not jnp.issubdtype(value.dtype, jnp.integer):
+            raise TypeError(
+                f"{name} must be an integer scalar, got an array of {value.dtype}{list(value.shape)}"
+            )
+        return
+    check_int(name, value, low=-(2**63))
+    if value > 2**63 - 1:
+        raise ValueError(f"{name} must be an int within int64, got {value!r}")
+
+
+def check_transformation(name: str, value: Any) -> None:
+    """``value`` has ``init`` and ``update``: an Optax transformation, not its factory."""
+    if not (callable(getattr(value, "init", None)) and callable(getattr(value, "update", None))):
+        hint = " (call the factory: clipx.value(1.0), not clipx.value)" if callable(value) else ""
+        raise TypeError(f"{name} must be an optax GradientTransformation{hint}, got {type(value).__name__}")
 
 
 def as_bool(name: str, value: Any) -> bool:

@@ -198,8 +198,8 @@ def agc(
       >>> sorted(k for k in clipx.stats(state) if k.endswith("/scale"))
       ['agc/agc/scale', 'rows/agc/scale']
     """
-    _validate.check_nonnegative("clipping", clipping)
-    _validate.check_nonnegative("eps", eps)
+    clipping = _validate.check_nonnegative("clipping", clipping)
+    eps = _validate.check_nonnegative("eps", eps)
     _check_eps_square(eps)
     _check_axis(axis)
 

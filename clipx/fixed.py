@@ -85,7 +85,7 @@ def value(
       >>> round(float(clipx.stats(state)["value/scale"]), 4)
       0.6667
     """
-    _validate.check_nonnegative("max_delta", max_delta)
+    max_delta = _validate.check_nonnegative("max_delta", max_delta)
 
     def init_fn(params):
         del params
@@ -194,7 +194,7 @@ def global_norm(
       >>> updates.round(4)
       Array([-0.06, -0.08], dtype=float32)
     """
-    _validate.check_nonnegative("max_norm", max_norm)
+    max_norm = _validate.check_nonnegative("max_norm", max_norm)
 
     def init_fn(params):
         del params
@@ -310,7 +310,7 @@ def tensor_norm(
       >>> round(float(clipx.stats(state)["tensor_norm/scale"]), 4)
       0.5
     """
-    _validate.check_nonnegative("max_norm", max_norm)
+    max_norm = _validate.check_nonnegative("max_norm", max_norm)
     return _per_leaf_clip(max_norm, TensorNormState, axis_name, per_entry=False)
 
 
@@ -350,5 +350,5 @@ def block_rms(
       >>> round(float(clipx.stats(state)["block_rms/norm"]), 4)
       4.0
     """
-    _validate.check_nonnegative("threshold", threshold)
+    threshold = _validate.check_nonnegative("threshold", threshold)
     return _per_leaf_clip(threshold, BlockRMSState, axis_name, per_entry=True)

@@ -107,6 +107,7 @@ def skip_nonfinite(
     """
     if max_consecutive is not None:
         _validate.check_steps("max_consecutive", max_consecutive)
+    _validate.check_transformation("inner", inner)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
@@ -238,12 +239,13 @@ def skip_spikes(
       >>> bool(clipx.stats(state)["skip_spikes/skipped"])
       True
     """
-    _validate.check_finite_positive("num_stds", num_stds)
-    _validate.check_range("decay", decay, 0.0, 1.0, high_open=True)
+    num_stds = _validate.check_finite_positive("num_stds", num_stds)
+    decay = _validate.check_range("decay", decay, 0.0, 1.0, high_open=True)
     _validate.check_steps("min_observations", min_observations, low=1)
-    _validate.check_finite_nonnegative("min_std", min_std)
+    min_std = _validate.check_finite_nonnegative("min_std", min_std)
     if max_consecutive is not None:
         _validate.check_steps("max_consecutive", max_consecutive)
+    _validate.check_transformation("inner", inner)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):

@@ -163,17 +163,19 @@ def _initial_key(seed: int) -> jax.Array:
     return jax.random.key_data(jax.random.key(seed))
 
 
-def _fixed_threshold_init(l2_norm_clip: Any, noise_multiplier: Any, seed: int) -> optax.TransformInitFn:
-    """Validates the shared arguments of the fixed-threshold rules and returns their ``init``."""
-    _validate.check_nonnegative("l2_norm_clip", l2_norm_clip)
-    _validate.check_finite_nonnegative("noise_multiplier", noise_multiplier)
-    _validate.check_int("seed", seed)
+def _fixed_threshold_init(
+    l2_norm_clip: Any, noise_multiplier: Any, seed: Any
+) -> tuple[optax.TransformInitFn, Any, Any]:
+    """Validates the shared arguments of the fixed-threshold rules: their ``init``, ``C`` and ``σ``."""
+    l2_norm_clip = _validate.check_nonnegative("l2_norm_clip", l2_norm_clip)
+    noise_multiplier = _validate.check_finite_nonnegative("noise_multiplier", noise_multiplier)
+    _validate.check_seed("seed", seed)
 
     def init_fn(params):
         del params
         return PerExampleState(key=_initial_key(seed), stats=empty_clip_stats())
 
-    return init_fn
+    return init_fn, l2_norm_clip, noise_multiplier
 
 
 def _stats(
@@ -238,7 +240,7 @@ def per_example_global_norm(
       >>> float(clipx.stats(state)["per_example/scale"])  # half the examples were clipped
       0.5
     """
-    init_fn = _fixed_threshold_init(l2_norm_clip, noise_multiplier, seed)
+    init_fn, l2_norm_clip, noise_multiplier = _fixed_threshold_init(l2_norm_clip, noise_multiplier, seed)
 
     def update_fn(updates, state, params=None):
         del params
@@ -315,7 +317,8 @@ def per_example_layer_norm(
       >>> [round(float(x), 4) for x in jnp.concatenate([summed["a"], summed["b"]])]
       [0.6, 0.8, 0.1]
     """
-    init_fn = _fixed_threshold_init(l2_norm_clip, noise_multiplier, seed)
+    init_fn, l2_norm_clip, noise_multiplier = _fixed_threshold_init(l2_norm_clip, noise_multiplier, seed)
+    uniform = _validate.as_bool("uniform", uniform)
 
     def update_fn(updates, state, params=None):
         del params
@@ -403,12 +406,12 @@ def per_example_adaptive(
       >>> round(float(state.threshold), 4)  # exp(-0.2 * (0.75 - 0.5))
       0.9512
     """
-    _validate.check_normal_float32("initial_threshold", initial_threshold)
-    _validate.check_range("target_quantile", target_quantile, 0.0, 1.0)
-    _validate.check_finite_nonnegative("learning_rate", learning_rate)
-    _validate.check_finite_nonnegative("noise_multiplier", noise_multiplier)
-    _validate.check_finite_nonnegative("count_stddev", count_stddev)
-    _validate.check_int("seed", seed)
+    initial_threshold = _validate.check_normal_float32("initial_threshold", initial_threshold)
+    target_quantile = _validate.check_range("target_quantile", target_quantile, 0.0, 1.0)
+    learning_rate = _validate.check_finite_nonnegative("learning_rate", learning_rate)
+    noise_multiplier = _validate.check_finite_nonnegative("noise_multiplier", noise_multiplier)
+    count_stddev = _validate.check_finite_nonnegative("count_stddev", count_stddev)
+    _validate.check_seed("seed", seed)
 
     def init_fn(params):
         del params
@@ -432,7 +435,8 @@ def per_example_adaptive(
         unclipped = unclipped + count_stddev * jax.random.normal(count_key, (), jnp.float32)
         below = unclipped / jnp.maximum(examples, 1)
         moved = threshold * jnp.exp(-learning_rate * (below - target_quantile))
-        moved = jnp.maximum(moved, jnp.finfo(jnp.float32).tiny)  # 0 would never grow back
+        # 0 would never grow back; ∞ would turn into NaN (∞·0) and clip nothing.
+        moved = jnp.clip(moved, jnp.finfo(jnp.float32).tiny, jnp.finfo(jnp.float32).max)
         new_threshold = jnp.where(examples > 0, moved, threshold)
         fraction = _fraction(jnp.sum(multipliers < 1), batch, axis_name)
         new_state = PerExampleAdaptiveState(
@@ -504,7 +508,7 @@ def clipped_grad_sum(
       >>> [round(float(x), 4) for x in total], [round(float(x), 4) for x in norms]
       ([0.9, 2.2], [5.0, 0.5, 2.0])
     """
-    _validate.check_nonnegative("l2_norm_clip", l2_norm_clip)
+    l2_norm_clip = _validate.check_nonnegative("l2_norm_clip", l2_norm_clip)
     _validate.check_int("chunk_size", chunk_size, low=1)
     batch_leaves = jax.tree.leaves(batch)
     sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in batch_leaves}

@@ -301,3 +301,14 @@ def test_clipped_grad_sum_of_an_empty_batch_is_zero():
     total, norms = clipx.clipped_grad_sum(lambda w, x: jnp.dot(w, x), jnp.zeros(2), jnp.zeros((0, 2)), 1.0)
     np.testing.assert_array_equal(total, [0.0, 0.0])
     assert norms.shape == (0,)
+
+
+def test_per_example_adaptive_threshold_stays_finite_under_a_large_rate():
+    # C·exp(-η(b − q)) overflowed to ∞ and then ∞·0 = NaN: clipping silently stopped.
+    tx = clipx.per_example_adaptive(learning_rate=200.0, target_quantile=0.0)
+    state = tx.init(None)
+    for _ in range(3):
+        _, state = tx.update(jnp.full((4, 1), 0.5), state)
+    assert np.isfinite(state.threshold)
+    total, _ = tx.update(jnp.array([[1000.0], [0.0], [0.0], [0.0]]), state)
+    assert float(total[0]) <= float(state.threshold) * (1 + 1e-6)

@@ -9,7 +9,11 @@ an infinite threshold); for starting thresholds, values whose float32
 logarithm is not finite. Counts given as 0-d NumPy integers are accepted. Also: agc's axis of the
 wrong type or out of range, agc without params, with a params tree or leaf
 shape that does not match the updates, a rank-6 parameter with no axis, and
-unitwise_norm of a rank-6 array with no axis.
+unitwise_norm of a rank-6 array with no axis. Numbers of other types than
+Python floats (unsigned NumPy integers, bfloat16 scalars, fractions, integers
+past int64 or float range) act as the float they equal; counts and seeds past
+their int32/int64 counters, factories given for ``inner`` and non-bool flags
+are refused.
 """
 
 import math
@@ -219,3 +223,86 @@ def test_bfloat16_thresholds_are_real_numbers(make):
     for tx in (direct, injected):
         updates, _ = tx.update(grads, tx.init(params), params)
         np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-2)
+
+
+# Concrete numbers of any type are used as Python floats: NumPy scalars of every dtype (an
+# unsigned one negated wraps around: -np.uint8(1) is 255), bfloat16 scalars, fractions, ints
+# beyond float32 or int64.
+NUMBER_FORMS = [
+    pytest.param(np.uint8(1), id="uint8"),
+    pytest.param(np.uint64(1), id="uint64"),
+    pytest.param(np.float16(1.0), id="float16"),
+    pytest.param(jnp.bfloat16(1.0), id="bfloat16_scalar"),
+    pytest.param(__import__("fractions").Fraction(1, 1), id="fraction"),
+]
+RULES_WITH_A_RATE = [
+    pytest.param(lambda x: clipx.quantile_clip(learning_rate=x), id="quantile_clip"),
+    pytest.param(lambda x: clipx.zclip(clip_factor=x, warmup_steps=2), id="zclip"),
+    pytest.param(lambda x: clipx.adagc(relative_threshold=x, warmup_steps=2), id="adagc"),
+    pytest.param(lambda x: clipx.agc(x, eps=x * 1e-3), id="agc"),
+    pytest.param(lambda x: clipx.adaptive(num_stds=x, warmup_steps=2), id="adaptive"),
+    pytest.param(lambda x: clipx.skip_spikes(optax.identity(), num_stds=x), id="skip_spikes"),
+]
+
+
+@pytest.mark.parametrize("make", RULES_WITH_A_RATE)
+@pytest.mark.parametrize("number", NUMBER_FORMS)
+def test_a_number_of_any_type_acts_as_the_float(make, number):
+    grads = [{"w": jnp.full((3, 2), 0.5 * (t + 1))} for t in range(4)]
+
+    def run(tx):
+        state, out = tx.init(grads[0]), []
+        for g in grads:
+            updates, state = tx.update(g, state, grads[0])
+            out.append(updates["w"])
+        return np.stack(out)
+
+    np.testing.assert_allclose(run(make(number)), run(make(1.0)), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "factory", [clipx.global_norm, clipx.tensor_norm, clipx.block_rms, clipx.value], ids=lambda f: f.__name__
+)
+@pytest.mark.parametrize("threshold", [2**63, 10**400, 1e200], ids=["2**63", "10**400", "1e200"])
+def test_huge_thresholds_do_not_clip(factory, threshold):
+    grads = {"w": jnp.array([3.0, -4.0])}
+    tx = factory(threshold)
+    updates, _ = tx.update(grads, tx.init(grads))
+    np.testing.assert_array_equal(updates["w"], grads["w"])
+
+
+def test_per_example_layer_norm_uniform_must_be_a_bool():
+    with pytest.raises(TypeError, match="uniform must be a bool, got str 'no'"):
+        clipx.per_example_layer_norm(1.0, uniform="no")
+
+
+def test_inner_must_be_a_transformation_not_its_factory():
+    for wrapper in (clipx.skip_nonfinite, clipx.skip_spikes, clipx.without_stats):
+        factory_given = r"inner must be an optax GradientTransformation \(call the factory"
+        with pytest.raises(TypeError, match=factory_given):
+            wrapper(clipx.value)
+        with pytest.raises(TypeError, match="inner must be an optax GradientTransformation, got NoneType"):
+            wrapper(None)
+
+
+def test_adaptive_multipliers_must_have_a_finite_float32_logarithm():
+    for name in ("initial_multiplier", "min_multiplier"):
+        with pytest.raises(ValueError, match=f"{name} must be in"):
+            clipx.adaptive(**{name: 1e-45})  # log(1e-45) is -inf in float32: every update 0
+
+
+def test_buffer_lengths_are_bounded_by_their_int32_counters():
+    with pytest.raises(ValueError, match=r"history must be an int <= 1073741823"):
+        clipx.autoclip(history=2**30)
+    with pytest.raises(ValueError, match=r"warmup_steps must be an int <= 2147483647"):
+        clipx.zclip(warmup_steps=2**31)
+
+
+def test_per_example_rules_take_an_injected_seed():
+    # optax.inject_hyperparams passes every numeric default, the seed included, as an array.
+    tx = optax.inject_hyperparams(clipx.per_example_global_norm)(l2_norm_clip=1.0)
+    updates, _ = tx.update(jnp.ones((4, 3)), tx.init(jnp.ones(3)))
+    np.testing.assert_allclose(updates, 4 / 3**0.5 * np.ones(3), rtol=1e-6)
+    clipx.per_example_global_norm(1.0, seed=-1)  # jax.random.key takes any int64
+    with pytest.raises(ValueError, match="seed must be an int within int64"):
+        clipx.per_example_global_norm(1.0, seed=2**63)

@@ -114,11 +114,11 @@ def adagc(
       >>> float(clipx.stats(state)["adagc/scale"])  # one tensor of two clipped
       0.5
     """
-    _validate.check_finite_positive("relative_threshold", relative_threshold)
-    _validate.check_range("decay", decay, 0.0, 1.0, high_open=True)
+    relative_threshold = _validate.check_finite_positive("relative_threshold", relative_threshold)
+    decay = _validate.check_range("decay", decay, 0.0, 1.0, high_open=True)
     _validate.check_steps("warmup_steps", warmup_steps, low=1)
-    _validate.check_nonnegative("warmup_max_norm", warmup_max_norm)
-    _validate.check_finite_nonnegative("eps", eps)
+    warmup_max_norm = _validate.check_nonnegative("warmup_max_norm", warmup_max_norm)
+    eps = _validate.check_finite_nonnegative("eps", eps)
 
     def init_fn(params):
         dtype = _numerics.tree_accumulation_dtype(params)

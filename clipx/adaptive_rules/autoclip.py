@@ -154,8 +154,8 @@ def autoclip(
       >>> [round(float(u), 4) for u in updates]  # scaled by 3/50
       [-1.8, -2.4]
     """
-    _validate.check_range("quantile", quantile, 0.0, 1.0)
-    _validate.check_int("history", history, low=1)
+    quantile = _validate.check_range("quantile", quantile, 0.0, 1.0)
+    _validate.check_int("history", history, low=1, high=2**30 - 1)  # its count runs up to 2·history
     per_tensor = _validate.as_bool("per_tensor", per_tensor)
 
     def empty_history(dtype: Any) -> jax.Array:

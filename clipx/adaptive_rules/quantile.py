@@ -90,9 +90,9 @@ def quantile_clip(
       >>> round(float(jnp.exp(state.log_threshold)), 4)  # above C: C·e^{0.2·0.5}
       1.1052
     """
-    _validate.check_range("target_quantile", target_quantile, 0.0, 1.0)
-    _validate.check_finite_nonnegative("learning_rate", learning_rate)
-    _validate.check_normal_float32("initial_threshold", initial_threshold)
+    target_quantile = _validate.check_range("target_quantile", target_quantile, 0.0, 1.0)
+    learning_rate = _validate.check_finite_nonnegative("learning_rate", learning_rate)
+    initial_threshold = _validate.check_normal_float32("initial_threshold", initial_threshold)
 
     def init_fn(params):
         dtype = _numerics.tree_accumulation_dtype(params)

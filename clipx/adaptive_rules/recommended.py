@@ -12,6 +12,9 @@ import optax
 from clipx import _numerics, _running, _sketch, _validate
 from clipx._stats import ClipStats, empty_clip_stats, global_clip_stats, replacing
 
+# The smallest multiplier whose float32 logarithm is finite (the smallest normal float32).
+_SMALLEST_MULTIPLIER = float(jnp.finfo(jnp.float32).tiny)
+
 
 class DirectionState(NamedTuple):
     """What `adaptive` keeps to follow the direction of the gradients (``direction_rate`` set).
@@ -247,9 +250,10 @@ def adaptive(
         cosine of successive gradients; None keeps no sketch and no
         multiplier (``m = 1``), the cheapest form: one norm, a few scalar
         operations and one multiply per leaf, as `clipx.global_norm`.
-      initial_multiplier: ``m_0`` in ``(0, 1]``, the multiplier before any
+      initial_multiplier: ``m_0`` in ``[1.2e-38, 1]`` (its float32 logarithm
+        finite), the multiplier before any
         step (unused when ``direction_rate`` is None).
-      min_multiplier: ``m_min`` in ``(0, m_0]``, the multiplier's floor.
+      min_multiplier: ``m_min`` in ``[1.2e-38, m_0]``, the multiplier's floor.
       jump_ratio: ``J ≥ 1``: a second norm over ``J`` times the first holds
         the multiplier at or below ``m_0`` for the rest of the run; None
         never holds it (unused when ``direction_rate`` is None).
@@ -282,18 +286,22 @@ def adaptive(
       >>> updates.round(4)
       Array([-0.0663, -0.0884], dtype=float32)
     """
-    _validate.check_finite_positive("num_stds", num_stds)
-    _validate.check_range("decay", decay, 0.0, 1.0, high_open=True)
+    num_stds = _validate.check_finite_positive("num_stds", num_stds)
+    decay = _validate.check_range("decay", decay, 0.0, 1.0, high_open=True)
     _validate.check_steps("warmup_steps", warmup_steps, low=1)
-    _validate.check_range("warmup_factor", warmup_factor, 1.0, math.inf, high_open=True)
-    _validate.check_finite_positive("min_std", min_std)
+    warmup_factor = _validate.check_range("warmup_factor", warmup_factor, 1.0, math.inf, high_open=True)
+    min_std = _validate.check_finite_positive("min_std", min_std)
     if direction_rate is not None:
-        _validate.check_finite_nonnegative("direction_rate", direction_rate)
-    _validate.check_range("initial_multiplier", initial_multiplier, 0.0, 1.0, low_open=True)
-    _validate.check_range("min_multiplier", min_multiplier, 0.0, 1.0, low_open=True)
+        direction_rate = _validate.check_finite_nonnegative("direction_rate", direction_rate)
+    initial_multiplier = _validate.check_range(
+        "initial_multiplier", initial_multiplier, _SMALLEST_MULTIPLIER, 1.0
+    )
+    min_multiplier = _validate.check_range(
+        "min_multiplier", min_multiplier, _SMALLEST_MULTIPLIER, 1.0
+    )
     _validate.check_not_above("min_multiplier", min_multiplier, "initial_multiplier", initial_multiplier)
     if jump_ratio is not None:
-        _validate.check_range("jump_ratio", jump_ratio, 1.0)
+        jump_ratio = _validate.check_range("jump_ratio", jump_ratio, 1.0)
 
     def init_fn(params):
         dtype = _numerics.tree_accumulation_dtype(params)

@@ -141,16 +141,16 @@ def zclip(
       >>> [round(float(u), 4) for u in updates]
       [-2.5208]
     """
-    _validate.check_range("alpha", alpha, 0.0, 1.0, low_open=True, high_open=True)
-    _validate.check_finite_positive("z_thresh", z_thresh)
+    alpha = _validate.check_range("alpha", alpha, 0.0, 1.0, low_open=True, high_open=True)
+    z_thresh = _validate.check_finite_positive("z_thresh", z_thresh)
     if max_norm is not None:
-        _validate.check_nonnegative("max_norm", max_norm)
-    _validate.check_int("warmup_steps", warmup_steps, low=1)
+        max_norm = _validate.check_nonnegative("max_norm", max_norm)
+    _validate.check_int("warmup_steps", warmup_steps, low=1, high=2**31 - 1)
     _validate.check_choice("mode", mode, _MODES)
     _validate.check_choice("clip_option", clip_option, _CLIP_OPTIONS)
-    _validate.check_finite_positive("clip_factor", clip_factor)
+    clip_factor = _validate.check_finite_positive("clip_factor", clip_factor)
     skip_update_on_spike = _validate.as_bool("skip_update_on_spike", skip_update_on_spike)
-    _validate.check_finite_nonnegative("eps", eps)
+    eps = _validate.check_finite_nonnegative("eps", eps)
 
     def init_fn(params):
         dtype = _numerics.tree_accumulation_dtype(params)
