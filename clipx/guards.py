@@ -219,7 +219,9 @@ def skip_spikes(
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its ``update`` takes an
-      optional ``loss=`` keyword and passes every extra keyword to ``inner``.
+      optional ``loss=`` keyword, its own, and passes every other extra
+      keyword to ``inner`` (``value=``, ``grad=``, ``value_fn=`` of
+      ``optax.lbfgs`` and the line searches).
 
     Reference:
       Lingvo ``GradNormTracker``; Levanter ``SkipStepConfig``; OLMo-core's
@@ -259,8 +261,7 @@ def skip_spikes(
         )
 
     def update_fn(updates, state, params=None, *, loss=None, **extra_args):
-        if loss is not None:
-            extra_args["loss"] = loss
+        # loss= is the guard's own: a line search inside would pass it to its value_fn and fail.
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
 
         moments = state.log_norm

@@ -238,3 +238,20 @@ def test_skip_nonfinite_around_multisteps_drops_only_the_bad_mini_step():
     state = run_resumed(clipx.skip_nonfinite(inner), sequence, PARAMS, split=5)
     assert int(state.stats.total) == 1
     assert int(state.inner_state.inner_opt_state[0].log_norm.observations) == 6
+
+
+def test_skip_spikes_keeps_its_loss_from_a_line_search_inside():
+    # optax.lbfgs passes every keyword it does not know to its value_fn, which takes none.
+    def fn(params):
+        return jnp.sum((params["w"] - 1.0) ** 2)
+
+    tx = clipx.skip_spikes(optax.chain(clipx.global_norm(10.0), optax.lbfgs()), min_observations=2)
+    params = {"w": jnp.zeros(3)}
+    state = tx.init(params)
+    value_and_grad = optax.value_and_grad_from_state(fn)
+    for _ in range(4):
+        value, grad = value_and_grad(params, state=state)
+        updates, state = tx.update(grad, state, params, value=value, grad=grad, value_fn=fn, loss=value)
+        params = optax.apply_updates(params, updates)
+    assert float(fn(params)) < 1e-6
+    assert int(state.loss.observations) >= 1  # the guard saw its loss
