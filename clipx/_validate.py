@@ -116,7 +116,7 @@ def check_int(name: str, value: Any, low: int = 0, high: int | None = None) -> N
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if high is not None and value > high:
+    if high is not None and int(value) > high:
         raise ValueError(f"{name} must be an int <= {high} (counted in int32), got {value!r}")
 
 
