@@ -77,14 +77,18 @@ def check_positive(name: str, value: Any) -> Any:
     return check_range(name, value, 0.0, low_open=True)
 
 
+# Rates, factors and offsets enter float32 arithmetic: one past float32's range is ∞ there.
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def check_finite_nonnegative(name: str, value: Any) -> Any:
-    """``0 ≤ value < ∞``: for rates, factors and offsets, which an infinity turns into NaN."""
-    return check_range(name, value, 0.0, math.inf, high_open=True)
+    """``0 ≤ value ≤ 3.4e38`` (finite in float32): for rates, factors and offsets, which ∞ turns into NaN."""
+    return check_range(name, value, 0.0, _FLOAT32_MAX)
 
 
 def check_finite_positive(name: str, value: Any) -> Any:
-    """``0 < value < ∞``."""
-    return check_range(name, value, 0.0, math.inf, low_open=True, high_open=True)
+    """``0 < value ≤ 3.4e38`` (finite in float32)."""
+    return check_range(name, value, 0.0, _FLOAT32_MAX, low_open=True)
 
 
 def check_normal_float32(name: str, value: Any) -> Any:

@@ -5,7 +5,7 @@ block_rms and agc: a negative number, -inf, NaN, a str, None, a bool, a list,
 a non-scalar NumPy array, a non-scalar JAX array, 0-d NumPy arrays of bool
 and str, and an int beyond float range. For the rates, factors and offsets of
 the adaptive rules, the guards and the DP rules: +inf (it makes NaN, unlike
-an infinite threshold); for starting thresholds, values whose float32
+an infinite threshold) and 1e39 (finite, but infinite in float32); for starting thresholds, values whose float32
 logarithm is not finite. Counts given as 0-d NumPy integers are accepted. Also: agc's axis of the
 wrong type or out of range, agc without params, with a params tree or leaf
 shape that does not match the updates, a rank-6 parameter with no axis, and
@@ -144,9 +144,12 @@ FINITE_ONLY = [
 
 @pytest.mark.parametrize(("factory", "arg"), FINITE_ONLY, ids=[a for _, a in FINITE_ONLY])
 def test_rates_and_factors_must_be_finite(factory, arg):
-    with pytest.raises(ValueError, match=rf"{arg} must be in [\[(]\d, inf\), got inf"):
+    with pytest.raises(ValueError, match=rf"{arg} must be in [\[(]\d, (inf\)|3.40282e\+38\]), got inf"):
         factory(**{arg: math.inf})
     factory(**{arg: 1e30})
+    if arg != "warmup_factor":  # beyond float32 these made NaN there (a warm-up factor makes ∞: no clip)
+        with pytest.raises(ValueError, match=rf"{arg} must be in [\[(]\d, 3.40282e\+38\], got 1e\+39"):
+            factory(**{arg: 1e39})
 
 
 @pytest.mark.parametrize("factory", [clipx.quantile_clip, clipx.per_example_adaptive])
