@@ -2,18 +2,18 @@
 
 Tried for every Python hyperparameter of value, global_norm, tensor_norm,
 block_rms and agc: a negative number, -inf, NaN, a str, None, a bool, a list,
-a non-scalar NumPy array, a non-scalar JAX array, 0-d NumPy arrays of bool
-and str, and an int beyond float range. For the rates, factors and offsets of
-the adaptive rules, the guards and the DP rules: +inf (it makes NaN, unlike
-an infinite threshold) and 1e39 (finite, but infinite in float32); for starting thresholds, values whose float32
-logarithm is not finite. Counts given as 0-d NumPy integers are accepted. Also: agc's axis of the
-wrong type or out of range, agc without params, with a params tree or leaf
-shape that does not match the updates, a rank-6 parameter with no axis, and
-unitwise_norm of a rank-6 array with no axis. Numbers of other types than
-Python floats (unsigned NumPy integers, bfloat16 scalars, fractions, integers
-past int64 or float range) act as the float they equal; counts and seeds past
-their int32/int64 counters, factories given for ``inner`` and non-bool flags
-are refused.
+a non-scalar NumPy array, a non-scalar JAX array, 0-d NumPy arrays of bool and
+str, and an int beyond float range. For the rates, factors and offsets of the
+adaptive rules, the guards and the DP rules: +inf (it makes NaN, unlike an
+infinite threshold) and 1e39 (finite, but infinite in float32); for starting
+thresholds, values whose float32 logarithm is not finite. Counts given as 0-d
+NumPy integers are accepted. Also: agc's axis of the wrong type or out of
+range, agc without params, with a params tree or leaf shape that does not
+match the updates, a rank-6 parameter with no axis, and unitwise_norm of a
+rank-6 array with no axis. Numbers of other types than Python floats (unsigned
+NumPy integers, bfloat16 scalars, fractions, integers past int64 or float
+range) act as the float they equal; counts and seeds past their int32/int64
+counters, factories given for ``inner`` and non-bool flags are refused.
 """
 
 import math
