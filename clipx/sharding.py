@@ -19,6 +19,13 @@ def _is_clipx_state(node: Any) -> bool:
     return isinstance(node, tuple) and hasattr(node, "_fields") and type(node).__module__.startswith("clipx.")
 
 
+def _is_clipx_factory(tx: Any) -> bool:
+    """Whether ``tx`` is one of clipx's public functions (a factory, not an init function)."""
+    import clipx  # the package, loaded by now: this module is one of its parts
+
+    return any(tx is getattr(clipx, name) for name in clipx.__all__)
+
+
 def _replicated_like(example: Any) -> Any:
     if isinstance(example, NamedSharding):
         return NamedSharding(example.mesh, PartitionSpec())
@@ -86,6 +93,11 @@ def state_shardings(
       >>> specs[1][0].mu, specs[0].stats.norm
       ({'w': P('data', None)}, P())
     """
+    if _is_clipx_factory(tx):
+        raise TypeError(
+            f"state_shardings: pass a transformation, as clipx.{tx.__name__}(...) returns, "
+            f"not the factory clipx.{tx.__name__}"
+        )
     init: Callable[[PyTree], PyTree] = getattr(tx, "init", tx)
     state = jax.eval_shape(init, params)
     if replicated is None:

@@ -496,3 +496,11 @@ def test_state_shardings_see_the_fast_parameters_of_lookahead():
     assert adam_state.mu == spec and adam_state.nu == spec
     assert adaptive_state.direction.previous == spec
     assert adam_state.count == P() and state.steps_since_sync == P()
+
+
+def test_state_shardings_names_a_factory_given_for_the_transformation():
+    params = {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32)}
+    with pytest.raises(TypeError, match=r"pass a transformation, as clipx.value\(...\) returns"):
+        clipx.state_shardings(clipx.value, params, {"w": P("d", None)})
+    init_only = clipx.state_shardings(clipx.value(1.0).init, params, {"w": P("d", None)})
+    assert init_only.stats.norm == P()  # an init function is still accepted
