@@ -211,6 +211,11 @@ def run_sweep(
     """Runs every missing run of the grid, then writes the table and plot; returns the aggregate.
 
     ``on_run(name, result)`` is called after each run (done or skipped).
+
+    Raises:
+      ValueError: another sweep is running in ``out_dir`` (one holds it at a
+        time, through an advisory lock where the system has ``fcntl``), or
+        the folder holds runs made with other settings.
     """
     out = pathlib.Path(out_dir)
     check_folder(out)
