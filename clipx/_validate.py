@@ -79,6 +79,8 @@ def check_positive(name: str, value: Any) -> Any:
 
 # Rates, factors and offsets enter float32 arithmetic: one past float32's range is ∞ there.
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: The smallest normal float32: below it a float32 logarithm is no longer finite.
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 
 
 def check_finite_nonnegative(name: str, value: Any) -> Any:
@@ -93,8 +95,7 @@ def check_finite_positive(name: str, value: Any) -> Any:
 
 def check_normal_float32(name: str, value: Any) -> Any:
     """A positive value whose float32 logarithm is finite (a normal float32): a starting threshold."""
-    tiny, largest = np.finfo(np.float32).tiny, np.finfo(np.float32).max
-    return check_range(name, value, float(tiny), float(largest))
+    return check_range(name, value, FLOAT32_TINY, _FLOAT32_MAX)
 
 
 def check_not_above(name: str, value: Any, bound_name: str, bound: Any) -> None:

@@ -12,9 +12,6 @@ import optax
 from clipx import _numerics, _running, _sketch, _validate
 from clipx._stats import ClipStats, empty_clip_stats, global_clip_stats, replacing
 
-# The smallest multiplier whose float32 logarithm is finite (the smallest normal float32).
-_SMALLEST_MULTIPLIER = float(jnp.finfo(jnp.float32).tiny)
-
 
 class DirectionState(NamedTuple):
     """What `adaptive` keeps to follow the direction of the gradients (``direction_rate`` set).
@@ -294,10 +291,10 @@ def adaptive(
     if direction_rate is not None:
         direction_rate = _validate.check_finite_nonnegative("direction_rate", direction_rate)
     initial_multiplier = _validate.check_range(
-        "initial_multiplier", initial_multiplier, _SMALLEST_MULTIPLIER, 1.0
+        "initial_multiplier", initial_multiplier, _validate.FLOAT32_TINY, 1.0
     )
     min_multiplier = _validate.check_range(
-        "min_multiplier", min_multiplier, _SMALLEST_MULTIPLIER, 1.0
+        "min_multiplier", min_multiplier, _validate.FLOAT32_TINY, 1.0
     )
     _validate.check_not_above("min_multiplier", min_multiplier, "initial_multiplier", initial_multiplier)
     if jump_ratio is not None:
