@@ -416,7 +416,7 @@ def per_example_adaptive(
     def init_fn(params):
         del params
         return PerExampleAdaptiveState(
-            threshold=jnp.asarray(initial_threshold, jnp.float32),
+            threshold=jnp.array(initial_threshold, jnp.float32),  # a copy, so donating the state leaves it
             key=_initial_key(seed),
             stats=empty_clip_stats(),
         )

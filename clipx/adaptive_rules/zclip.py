@@ -154,13 +154,14 @@ def zclip(
 
     def init_fn(params):
         dtype = _numerics.tree_accumulation_dtype(params)
-        cap = jnp.inf if max_norm is None else max_norm
+        # jnp.array copies: a donated state must not take the caller's max_norm with it.
+        cap = jnp.array(jnp.inf if max_norm is None else max_norm, jnp.float32)
         return ZClipState(
             warmup_norms=jnp.zeros((warmup_steps,), dtype),
             warmup_count=jnp.zeros((), jnp.int32),
             mean=jnp.zeros((), dtype),
             var=jnp.zeros((), dtype),
-            stats=empty_clip_stats()._replace(threshold=jnp.asarray(cap, jnp.float32)),
+            stats=empty_clip_stats()._replace(threshold=cap),
         )
 
     def update_fn(updates, state, params=None):
