@@ -224,8 +224,11 @@ def agc(
     # step took 1.36x plain Adam's instead of 1.22x (benchmarks/RESULTS.md).
     @_numerics.jit_when_traced
     def ratio_squared(g_squared: jax.Array, floor_squared: jax.Array) -> jax.Array:
-        """``‖G_i‖² / max(‖W_i‖, ε)²``, with 0/0 = 0 (a zero floor needs eps = 0 and zero weights)."""
-        return jnp.where(g_squared == 0, 0, g_squared / floor_squared)  # a NaN stays NaN
+        """``‖G_i‖² / max(‖W_i‖, ε)²``, with 0/0 = 0 (a zero floor needs eps = 0 and zero weights).
+
+        The 0/0 is never computed, so ``jax_debug_nans`` stays quiet; a NaN stays NaN.
+        """
+        return g_squared / jnp.where(g_squared == 0, 1, floor_squared)
 
     def init_fn(params):
         for path, leaf in jax.tree_util.tree_leaves_with_path(params):

@@ -194,6 +194,18 @@ def test_agc_zero_eps_zero_weights_gives_no_nan():
     chex.assert_tree_all_finite((state.stats.threshold, state.stats.scale))
 
 
+def test_zero_gradients_of_zero_weights_compute_no_nan_under_debug_nans():
+    """0/0 is never computed (eagerly, every operation is checked), so users debugging NaNs
+    with jax_debug_nans are not stopped here."""
+    params = {"w": jnp.zeros((2, 2))}
+    tx = clipx.agc(0.01, eps=0.0)
+    with jax.debug_nans(True):
+        updates, state = tx.update({"w": jnp.zeros((2, 2))}, tx.init(params), params)
+        jax.block_until_ready(state)
+    np.testing.assert_array_equal(updates["w"], 0.0)
+    assert float(state.stats.norm) == 0.0
+
+
 @pytest.mark.parametrize("eps", [1e-3, 0.0, jnp.float32(1e-3), jnp.float32(0.0)])
 def test_derivatives_for_zero_weight_units_are_finite(eps):
     """Units of zero weights: derivatives through the update, w.r.t. gradients and weights, stay finite."""
