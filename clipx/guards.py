@@ -30,7 +30,7 @@ def _guard_stats(stats: GuardStats, skip: jax.Array) -> GuardStats:
         GuardStats(
             skipped=skip,
             consecutive=jnp.where(skip, stats.consecutive + 1, 0).astype(jnp.int32),
-            total=(stats.total + skip).astype(jnp.int32),
+            total=(stats.total + skip.astype(stats.total.dtype)).astype(jnp.int32),
         ),
     )
 

@@ -255,3 +255,14 @@ def test_skip_spikes_keeps_its_loss_from_a_line_search_inside():
         params = optax.apply_updates(params, updates)
     assert float(fn(params)) < 1e-6
     assert int(state.loss.observations) >= 1  # the guard saw its loss
+
+
+@pytest.mark.parametrize("guard", [clipx.skip_nonfinite, clipx.skip_spikes])
+def test_guards_run_under_strict_dtype_promotion(guard):
+    """Users who turn on jax_numpy_dtype_promotion="strict" can still use the guards."""
+    tx = guard(clipx.global_norm(1.0))
+    grads = {"w": jnp.ones((3, 2)), "b": jnp.ones(2)}
+    with jax.numpy_dtype_promotion("strict"):
+        _, state = tx.update(grads, tx.init(grads), grads)
+        _, state = jax.jit(tx.update)(grads, state, grads)
+    assert int(clipx.stats(state)[f"{guard.__name__}/total"]) == 0
