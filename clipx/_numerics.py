@@ -64,6 +64,19 @@ def accumulation_dtype(dtype: Any) -> jnp.dtype:
     return jnp.dtype(jnp.float32)
 
 
+def summation_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype values of ``dtype`` are summed in: `accumulation_dtype`, complex for complex ``dtype``.
+
+    complex64 (and any narrower complex) sums in complex64, complex128 in
+    complex128. Written without type promotion, so it also holds under
+    ``jax_numpy_dtype_promotion="strict"``.
+    """
+    acc = accumulation_dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.complexfloating):
+        return acc
+    return jnp.dtype(jnp.complex128) if acc == jnp.dtype(jnp.float64) else jnp.dtype(jnp.complex64)
+
+
 def tree_accumulation_dtype(tree: PyTree) -> jnp.dtype:
     """The widest accumulation dtype of the leaves of ``tree`` (float32 if empty)."""
     dtypes = [accumulation_dtype(leaf.dtype) for leaf in jax.tree.leaves(tree)]

@@ -59,15 +59,9 @@ def _signs(shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
     return 1 - 2 * (mixed >> 31).astype(dtype)
 
 
-def _kept_dtype(x: jax.Array) -> jnp.dtype:
-    """The dtype a leaf is kept and sketched in: its accumulation dtype, complex for complex leaves."""
-    acc = _numerics.accumulation_dtype(x.dtype)
-    return jnp.result_type(acc, jnp.complex64) if jnp.iscomplexobj(x) else acc
-
-
 def whole(x: jax.Array) -> jax.Array:
     """A leaf kept whole, in its accumulation dtype: compared exactly, not estimated."""
-    return x.astype(_kept_dtype(x))
+    return x.astype(_numerics.summation_dtype(x.dtype))
 
 
 @_numerics.jit_when_traced
@@ -75,10 +69,10 @@ def sketch(x: jax.Array) -> jax.Array:
     """`S(x)` of one leaf (see the module docstring), in the accumulation dtype of ``x``."""
     if sketch_shape(x.shape) == x.shape:
         return whole(x)
-    acc = _kept_dtype(x)
+    acc = _numerics.summation_dtype(x.dtype)
     longest = x.shape.index(max(x.shape))
     others = tuple(axis for axis in range(x.ndim) if axis != longest)
-    return jnp.sum(x.astype(acc) * _signs(x.shape, _numerics.accumulation_dtype(x.dtype)), axis=others)
+    return jnp.sum(x.astype(acc) * _signs(x.shape, acc), axis=others)
 
 
 class Measures(NamedTuple):

@@ -270,9 +270,10 @@ def skip_spikes(
         norm = _numerics.tree_norm(updates, axis_name)
         std = jnp.maximum(jnp.sqrt(moments.var), jnp.asarray(min_std, dtype))
         log_threshold = jnp.where(ready, moments.mean + num_stds * std, jnp.inf)
-        log_norm = jnp.log(norm.astype(dtype))
-        reject = ~jnp.isfinite(norm) | (log_norm > log_threshold)
         observe = jnp.isfinite(norm) & (norm > 0)
+        # log is taken of observable norms only: log 0 = −∞ would trip jax_debug_infs.
+        log_norm = jnp.log(jnp.where(observe, norm, 1).astype(dtype))
+        reject = ~jnp.isfinite(norm) | (observe & (log_norm > log_threshold))
         if loss is not None:
             if jnp.ndim(loss) != 0:
                 raise ValueError(f"skip_spikes: loss= must be a scalar, got shape {jnp.shape(loss)}")

@@ -98,9 +98,7 @@ def _per_example_norms(grads: PyTree) -> jax.Array:
 
 def _weighted_sum(leaf: jax.Array, weights: jax.Array) -> jax.Array:
     """``Σ_i w_i · leaf_i`` over the batch axis, accumulated in float32 or wider, cast back once."""
-    acc = _numerics.accumulation_dtype(leaf.dtype)
-    if jnp.iscomplexobj(leaf):
-        acc = jnp.result_type(acc, jnp.complex64)
+    acc = _numerics.summation_dtype(leaf.dtype)
     return jnp.tensordot(weights.astype(acc), leaf.astype(acc), axes=1).astype(leaf.dtype)
 
 
@@ -329,7 +327,7 @@ def per_example_layer_norm(
         for leaf, threshold in zip(leaves, thresholds, strict=True):
             leaf_sum, _, multipliers = _clipped_sum(leaf, threshold)
             summed.append(leaf_sum)
-            clipped_counts.append(jnp.sum(multipliers < 1))
+            clipped_counts.append(jnp.sum(multipliers < 1, dtype=jnp.int32))
         total = jax.tree.map(lambda t: _across(t, axis_name), jax.tree.unflatten(treedef, summed))
         total, key = _maybe_noise(total, state.key, noise_multiplier, jnp.asarray(l2_norm_clip))
         pairs = sum(leaf.shape[0] for leaf in leaves)
@@ -431,7 +429,7 @@ def per_example_adaptive(
         total, key = _maybe_noise(total, key, noise_multiplier, threshold)
         # Non-finite per-example norms stay out of the count (and C stays put if none is finite).
         examples = _across(jnp.sum(jnp.isfinite(norms)).astype(jnp.float32), axis_name)
-        unclipped = _across(jnp.sum(norms <= threshold).astype(jnp.float32), axis_name)
+        unclipped = _across(jnp.sum(norms <= threshold.astype(norms.dtype)).astype(jnp.float32), axis_name)
         unclipped = unclipped + count_stddev * jax.random.normal(count_key, (), jnp.float32)
         below = unclipped / jnp.maximum(examples, 1)
         moved = threshold * jnp.exp(-learning_rate * (below - target_quantile))
@@ -525,8 +523,7 @@ def clipped_grad_sum(
         return jax.tree.map(lambda t, s: t + s.astype(t.dtype), total, chunk_sum), norms
 
     def accumulator(p):
-        acc = _numerics.accumulation_dtype(jnp.result_type(p))
-        return jnp.zeros(jnp.shape(p), jnp.result_type(acc, jnp.complex64) if jnp.iscomplexobj(p) else acc)
+        return jnp.zeros(jnp.shape(p), _numerics.summation_dtype(jnp.result_type(p)))
 
     total = jax.tree.map(accumulator, params)
     chunks, rest = divmod(size, chunk_size)

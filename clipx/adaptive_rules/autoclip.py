@@ -42,7 +42,7 @@ def _history_quantile(norms: jax.Array, count: jax.Array, quantile: Any) -> jax.
     """
     history = norms.shape[0]
     valid = jnp.minimum(count, history)
-    ordered = jnp.sort(jnp.where(jnp.arange(history) < valid, norms, jnp.inf))
+    ordered = jnp.sort(jnp.where(jnp.arange(history, dtype=valid.dtype) < valid, norms, jnp.inf))
     last = jnp.maximum(valid, 1) - 1
     position = jnp.asarray(quantile, norms.dtype) * last.astype(norms.dtype)
     lower = jnp.clip(jnp.floor(position).astype(jnp.int32), 0, last)

@@ -1,0 +1,94 @@
+"""Every transform under JAX's stricter global settings.
+
+Users turn these on to find faults in their own code; clipx must not be what
+trips them. Strict dtype promotion refuses every implicit mix of dtypes, so
+each rule must cast its own values (complex gradients, and the int64/float64
+values that x64 makes, against the state's int32/float32); jax_debug_infs
+stops at any infinite intermediate, so a finite step must compute none.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from test_sharding import BATCH, PER_EXAMPLE, TRANSFORMS
+
+import clipx
+
+ALL = TRANSFORMS | PER_EXAMPLE
+
+# "w" is large enough to be sketched by adaptive (not kept whole); "b" is kept whole.
+SHAPES = {"w": (130, 130), "b": (3,)}
+PER_EXAMPLE_SHAPES = {"w": (4, 3), "b": (3,)}
+
+
+def _params_and_gradients(name, dtype):
+    """Parameters, and 4 steps of gradients (per-example ones with a batch axis) of ``dtype``."""
+    per_example = name in PER_EXAMPLE
+    shapes = PER_EXAMPLE_SHAPES if per_example else SHAPES
+    params = {k: jnp.full(s, 0.5, dtype) for k, s in shapes.items()}
+    batch = (BATCH,) if per_example else ()
+
+    def gradient(key, shape, scale):
+        x = scale * jax.random.normal(key, (*batch, *shape))
+        return (jax.lax.complex(x, -x) if jnp.issubdtype(dtype, jnp.complexfloating) else x).astype(dtype)
+
+    keys = jax.random.split(jax.random.key(0), (4, len(shapes)))
+    return params, [
+        {k: gradient(keys[t, i], s, 1 + 3 * t) for i, (k, s) in enumerate(shapes.items())} for t in range(4)
+    ]
+
+
+def _run(name, params, steps):
+    """One step eagerly (op by op), then all steps jitted; every update must be finite."""
+    tx = ALL[name].make()
+    for update, run in ((tx.update, steps[:1]), (jax.jit(tx.update), steps)):
+        state = tx.init(params)
+        for g in run:
+            updates, state = update(g, state, params)
+            assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates)), name
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_complex_gradients_under_strict_dtype_promotion(name):
+    params, steps = _params_and_gradients(name, jnp.complex64)
+    with jax.numpy_dtype_promotion("strict"):
+        _run(name, params, steps)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_x64_under_strict_dtype_promotion(name, dtype):
+    """With x64 on, jnp makes int64 and float64 values that strict promotion will not mix with int32 state."""
+    with jax.enable_x64(True), jax.numpy_dtype_promotion("strict"):
+        params, steps = _params_and_gradients(name, jnp.dtype(dtype))
+        _run(name, params, steps)
+
+
+@pytest.mark.parametrize("dtype", [jnp.complex64, jnp.float32])
+def test_clipped_grad_sum_under_strict_dtype_promotion(dtype):
+    def loss(p, x):
+        return jnp.real(jnp.sum(jnp.conj(p) * x))
+
+    params = jnp.zeros(2, dtype)
+    batch = jnp.arange(10, dtype=jnp.float32).reshape(5, 2).astype(dtype)
+    expected, _ = clipx.clipped_grad_sum(loss, params, batch, 1.0, chunk_size=2)
+    with jax.numpy_dtype_promotion("strict"):
+        total, norms = clipx.clipped_grad_sum(loss, params, batch, 1.0, chunk_size=2)
+    assert total.dtype == jnp.dtype(dtype) and norms.shape == (5,)
+    assert jnp.allclose(total, expected)
+
+
+def test_skip_spikes_takes_no_log_of_a_zero_norm_under_debug_infs():
+    """After warm-up, a step of zero gradients is neither a spike nor an observation, and computes no −∞."""
+    tx = clipx.skip_spikes(optax.sgd(0.1), min_observations=1)
+    params = jnp.ones(2)
+    state = tx.init(params)
+    for _ in range(2):
+        _, state = tx.update(jnp.ones(2), state, params)
+    with jax.debug_infs(True):
+        updates, state = tx.update(jnp.zeros(2), state, params)
+    assert not bool(clipx.stats(state)["skip_spikes/skipped"])
+    assert jnp.array_equal(updates, jnp.zeros(2))
