@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import os
 import platform
 import random
@@ -29,6 +30,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,11 +48,20 @@ SIZES: dict[str, tuple[int, int]] = {
 
 @dataclass(frozen=True)
 class Candidate:
-    """One clipper to time: its label, the factory of its transform, and its family."""
+    """One clipper to time: its label, the factory of its transform, and its family.
+
+    A guard (``wraps``) is made around Adam, ``make()(adam)``; every other
+    clipper is chained before it, ``optax.chain(make(), adam)``.
+    """
 
     label: str
-    make: Callable[[], optax.GradientTransformation]
+    make: Callable[[], Any]
     family: str  # rows of one family are printed together (clipx first, then its counterpart)
+    wraps: bool = False
+
+    def optimizer(self) -> optax.GradientTransformation:
+        adam = optax.adam(1e-3)
+        return self.make()(adam) if self.wraps else optax.chain(self.make(), adam)
 
 
 def _optax_tensor_norm(max_norm: float) -> optax.GradientTransformation:
@@ -68,8 +79,8 @@ def candidates() -> list[Candidate]:
     have = set(getattr(clipx, "__all__", dir(clipx)))
     out: list[Candidate] = []
 
-    def add(name: str, make: Callable[[], optax.GradientTransformation], family: str) -> None:
-        out.append(Candidate(name, make, family))
+    def add(name: str, make: Callable[[], Any], family: str, wraps: bool = False) -> None:
+        out.append(Candidate(name, make, family, wraps))
 
     Factory = Callable[[], optax.GradientTransformation]
     pairs: list[tuple[str, Factory, str, Factory]] = [
@@ -107,6 +118,17 @@ def candidates() -> list[Candidate]:
             add(f"clipx.{name}", (lambda n=name: getattr(clipx, n)()), name)
     if "adaptive" in have and "direction_rate" in inspect.signature(clipx.adaptive).parameters:
         add("clipx.adaptive(direction_rate=None)", lambda: clipx.adaptive(direction_rate=None), "adaptive")
+    # The guards wrap Adam: a skipped step must leave Adam's moments and count untouched.
+    if "skip_nonfinite" in have:
+        add("clipx.skip_nonfinite(adam)", lambda: clipx.skip_nonfinite, "skip_nonfinite", wraps=True)
+    add(
+        "optax.apply_if_finite(adam, 10)",
+        lambda: lambda inner: optax.apply_if_finite(inner, 10),
+        "skip_nonfinite",
+        wraps=True,
+    )
+    if "skip_spikes" in have:
+        add("clipx.skip_spikes(adam)", lambda: clipx.skip_spikes, "skip_spikes", wraps=True)
     return out
 
 
@@ -176,18 +198,19 @@ def time_size(
     compiles included) visits the candidates in a freshly shuffled order.
     """
     shuffled = random.Random(0).sample
-    entries = [(BASELINE, lambda: optax.adam(1e-3))] + [
-        (c.label, lambda c=c: optax.chain(c.make(), optax.adam(1e-3))) for c in cands
-    ]
+    entries = [(BASELINE, lambda: optax.adam(1e-3))] + [(c.label, c.optimizer) for c in cands]
     grads = jax.tree.map(lambda p: 50.0 * p, make_params(total, leaves, seed=1))  # global norm well above 1
     compile_wall: dict[str, list[float]] = {label: [] for label, _ in entries}
     compile_cpu: dict[str, list[float]] = {label: [] for label, _ in entries}
+    temp_mib: dict[str, float] = {}
     runners = []
     for label, factory in shuffled(entries, len(entries)):
         tx = factory()
         params = make_params(total, leaves)
         opt_state = tx.init(params)
         step, wall, cpu = compile_step(tx, params, opt_state, grads)
+        memory = step.memory_analysis()
+        temp_mib[label] = math.nan if memory is None else memory.temp_size_in_bytes / 2**20
         compile_wall[label].append(wall)
         compile_cpu[label].append(cpu)
         for _ in range(2):  # warm up
@@ -223,6 +246,7 @@ def time_size(
             "compile_s": statistics.median(compile_wall[label]),
             "compile_wall_ratio": wall_ratio[label],
             "compile_cpu_ratio": cpu_ratio[label],
+            "temp_mib": temp_mib[label],
         }
         for label, _ in entries
     }
@@ -297,14 +321,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Size ({s}): {total / 1e6:g}M float32 parameters in {leaves} leaves\n")
         print(
             "| C in chain(C, adam) | step ms | step ratio (IQR) | compile s | compile ratio, wall (IQR) "
-            "| compile ratio, CPU time (IQR) |"
+            "| compile ratio, CPU time (IQR) | step's temporary memory, MiB |"
         )
-        print("|---|---:|---:|---:|---:|---:|")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for label in labels:
             r = res[label]
             print(
                 f"| {label} | {r['ms']:.1f} | {fmt_ratio(r['ratio'])} | {r['compile_s']:.2f} | "
-                f"{fmt_ratio(r['compile_wall_ratio'])} | {fmt_ratio(r['compile_cpu_ratio'])} |"
+                f"{fmt_ratio(r['compile_wall_ratio'])} | {fmt_ratio(r['compile_cpu_ratio'])} | "
+                f"{r['temp_mib']:.1f} |"
             )
         print(flush=True)
     print(

@@ -115,7 +115,7 @@ def skip_nonfinite(
 
     def update_fn(updates, state, params=None, **extra_args):
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
-        finite = _numerics.tree_all_finite(updates) & _numerics.tree_all_finite(new_updates)
+        finite = _numerics.tree_all_finite((updates, new_updates))
         if axis_name is not None:
             finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name) > 0
         skip = _skip_decision(~finite, state.stats, max_consecutive)

@@ -378,3 +378,30 @@ def test_largest_by_bits_keeps_nan_whatever_its_sign(dtype):
         assert np.isnan(float(largest)) and int(count) == 1
     largest, _ = _numerics.tree_reductions([values], largest_and_above, largest_and_count, dtypes)
     assert float(largest) == 2.0
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32, jnp.complex64])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, complex(0, np.inf), complex(np.nan, 0)])
+def test_tree_all_finite_finds_one_bad_entry_in_any_leaf(dtype, bad):
+    """One NaN or ±∞ anywhere (small leaves grouped by shape, a large leaf alone) makes it False."""
+    if isinstance(bad, complex) and not jnp.issubdtype(dtype, jnp.complexfloating):
+        pytest.skip("a complex value in a real leaf")
+    largest = float(jnp.finfo(jnp.dtype(dtype).type(0).real.dtype).max)  # finite, however large
+    shapes = [(7,), (7,), (7,), (3, 5), (129, 130), ()]
+    tree = [jnp.full(shape, largest, dtype) for shape in shapes]
+    assert bool(_numerics.tree_all_finite(tree))
+    assert bool(jax.jit(_numerics.tree_all_finite)(tree))
+    for leaf, shape in enumerate(shapes):
+        index = tuple(s - 1 for s in shape)
+        spoiled = list(tree)
+        spoiled[leaf] = tree[leaf].at[index].set(bad)
+        assert not bool(_numerics.tree_all_finite(spoiled)), (leaf, shape)
+        assert not bool(jax.jit(_numerics.tree_all_finite)(spoiled)), (leaf, shape)
+
+
+def test_tree_all_finite_of_an_empty_tree_and_float64():
+    assert bool(_numerics.tree_all_finite([]))
+    with jax.enable_x64(True):
+        huge = jnp.full(3, 1e300, jnp.float64)  # finite in float64, ∞ in float32
+        assert bool(_numerics.tree_all_finite([huge, jnp.ones(2, jnp.float32)]))
+        assert not bool(_numerics.tree_all_finite([huge.at[0].set(np.inf)]))
