@@ -78,6 +78,29 @@ PER_EXAMPLE: dict[str, Case] = {
     "per_example_adaptive": Case(lambda: clipx.per_example_adaptive(initial_threshold=1.0), BATCH),
 }
 
+# Small trees every table entry can run on, eagerly as well as jitted: "w" is large enough
+# for adaptive to sketch it (not keep it whole), "b" is kept whole.
+SMALL_SHAPES = {"w": (130, 130), "b": (3,)}
+SMALL_PER_EXAMPLE_SHAPES = {"w": (4, 3), "b": (3,)}
+
+
+def small_shapes(name: str) -> dict[str, tuple[int, ...]]:
+    """The parameter shapes of the small tree for table entry ``name``."""
+    return SMALL_PER_EXAMPLE_SHAPES if name in PER_EXAMPLE else SMALL_SHAPES
+
+
+def small_gradients(name: str, key: jax.Array, scale: float, dtype=jnp.float32) -> dict[str, jax.Array]:
+    """Normal gradients times ``scale`` on the small tree (a leading batch axis for per-example
+    entries); complex ``dtype`` gets ``x − ix``."""
+    batch = (BATCH,) if name in PER_EXAMPLE else ()
+
+    def gradient(i, shape):
+        x = scale * jax.random.normal(jax.random.fold_in(key, i), (*batch, *shape))
+        return (jax.lax.complex(x, -x) if jnp.issubdtype(dtype, jnp.complexfloating) else x).astype(dtype)
+
+    return {k: gradient(i, s) for i, (k, s) in enumerate(small_shapes(name).items())}
+
+
 # Public functions that are not transformations.
 NOT_TRANSFORMS = {"clipped_grad_sum", "state_shardings", "stats", "unitwise_norm"}
 

@@ -13,32 +13,18 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from test_sharding import BATCH, PER_EXAMPLE, TRANSFORMS
+from test_sharding import PER_EXAMPLE, TRANSFORMS, small_gradients, small_shapes
 
 import clipx
 
 ALL = TRANSFORMS | PER_EXAMPLE
 
-# "w" is large enough to be sketched by adaptive (not kept whole); "b" is kept whole.
-SHAPES = {"w": (130, 130), "b": (3,)}
-PER_EXAMPLE_SHAPES = {"w": (4, 3), "b": (3,)}
-
 
 def _params_and_gradients(name, dtype):
     """Parameters, and 4 steps of gradients (per-example ones with a batch axis) of ``dtype``."""
-    per_example = name in PER_EXAMPLE
-    shapes = PER_EXAMPLE_SHAPES if per_example else SHAPES
-    params = {k: jnp.full(s, 0.5, dtype) for k, s in shapes.items()}
-    batch = (BATCH,) if per_example else ()
-
-    def gradient(key, shape, scale):
-        x = scale * jax.random.normal(key, (*batch, *shape))
-        return (jax.lax.complex(x, -x) if jnp.issubdtype(dtype, jnp.complexfloating) else x).astype(dtype)
-
-    keys = jax.random.split(jax.random.key(0), (4, len(shapes)))
-    return params, [
-        {k: gradient(keys[t, i], s, 1 + 3 * t) for i, (k, s) in enumerate(shapes.items())} for t in range(4)
-    ]
+    params = {k: jnp.full(s, 0.5, dtype) for k, s in small_shapes(name).items()}
+    key = jax.random.key(0)
+    return params, [small_gradients(name, jax.random.fold_in(key, t), 1 + 3 * t, dtype) for t in range(4)]
 
 
 def _run(name, params, steps):

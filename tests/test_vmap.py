@@ -12,28 +12,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_sharding import BATCH, PER_EXAMPLE, TRANSFORMS
+from test_sharding import PER_EXAMPLE, TRANSFORMS, small_gradients, small_shapes
 
 import clipx
 
 ALL = TRANSFORMS | PER_EXAMPLE
 MEMBERS = 3
-# "w" is large enough to be sketched by adaptive; per-example gradients get a batch axis.
-SHAPES = {"w": (130, 130), "b": (3,)}
-PER_EXAMPLE_SHAPES = {"w": (4, 3), "b": (3,)}
 
 
 def _member_gradients(name, member, step):
     """Gradients of one member at one step: members differ in scale, so they clip differently."""
-    per_example = name in PER_EXAMPLE
-    shapes = PER_EXAMPLE_SHAPES if per_example else SHAPES
-    batch = (BATCH,) if per_example else ()
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), member), step)
-    scale = 1 + 5 * step * (member + 1)
-    return {
-        k: scale * jax.random.normal(jax.random.fold_in(key, i), (*batch, *s))
-        for i, (k, s) in enumerate(shapes.items())
-    }
+    return small_gradients(name, key, 1 + 5 * step * (member + 1))
 
 
 def _stack(trees):
@@ -42,8 +32,7 @@ def _stack(trees):
 
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_vmapped_members_match_members_run_alone(name):
-    shapes = PER_EXAMPLE_SHAPES if name in PER_EXAMPLE else SHAPES
-    params = [{k: jnp.full(s, 0.5 * (m + 1)) for k, s in shapes.items()} for m in range(MEMBERS)]
+    params = [{k: jnp.full(s, 0.5 * (m + 1)) for k, s in small_shapes(name).items()} for m in range(MEMBERS)]
     tx = optax.chain(ALL[name].make(), optax.adam(1e-2))
     alone = [tx.init(p) for p in params]
     together = jax.vmap(tx.init)(_stack(params))
