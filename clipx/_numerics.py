@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PyTree = Any
 AxisName = Any  # a hashable axis name, or a tuple of them, as jax.lax.psum takes
@@ -51,6 +52,16 @@ def jit_when_traced(fn: Callable) -> Callable:
         return jitted(*args) if traced else fn(*args)
 
     return call
+
+
+def as_dtype(value: Any, dtype: Any) -> jax.Array:
+    """``value`` as a ``dtype`` array; a Python number past the dtype's range becomes ``±∞``.
+
+    That is what the cast rounds it to, and for a threshold it means the same
+    (never clip); only NumPy's overflow warning is left out.
+    """
+    with np.errstate(over="ignore"):
+        return jnp.asarray(value, dtype)
 
 
 def accumulation_dtype(dtype: Any) -> jnp.dtype:
@@ -410,7 +421,7 @@ def clip_scale(norm: jax.Array, threshold: jax.Array) -> jax.Array:
     guard decides what to do with them).
     """
     norm = jnp.asarray(norm)
-    threshold = jnp.asarray(threshold, norm.dtype)
+    threshold = as_dtype(threshold, norm.dtype)
     above = norm > threshold
     return jnp.where(above, threshold / jnp.where(above, norm, 1), jnp.ones_like(norm))
 

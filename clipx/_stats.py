@@ -81,7 +81,7 @@ def clip_stats(norm: Any, threshold: Any, scale: Any, clipped: Any) -> ClipStats
     """
     return ClipStats(
         norm=jnp.asarray(norm, jnp.float32),
-        threshold=jnp.asarray(threshold, jnp.float32),
+        threshold=_numerics.as_dtype(threshold, jnp.float32),
         scale=jnp.asarray(scale, jnp.float32),
         clipped=jnp.asarray(clipped, bool),
     )

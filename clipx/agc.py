@@ -214,7 +214,7 @@ def agc(
         # Squared unit norms: the scale and the statistics need one square root, of the bound.
         units = _unit_axes(g.shape, axis)
         g_squared, w_squared = _numerics.sums_of_squares_together(g, w, axis=units)
-        floor_squared = jnp.maximum(w_squared, jnp.square(jnp.asarray(eps, g_squared.dtype)))
+        floor_squared = jnp.maximum(w_squared, jnp.square(_numerics.as_dtype(eps, g_squared.dtype)))
         bound = clipping * floor_root(floor_squared)
         clipped = _numerics.scale_leaf(g, _numerics.clip_scale_of_square(g_squared, bound))
         return clipped, g_squared, floor_squared
@@ -267,7 +267,8 @@ def agc(
         # `_numerics.tree_reductions`: per-leaf reductions dominated the compile time); those
         # of large leaves, few, are concatenated and reduced twice (one variadic reduction
         # over them made the step slower, see benchmarks/RESULTS.md).
-        limit = jnp.square(jnp.asarray(clipping, acc))
+        clipping_ = _numerics.as_dtype(clipping, acc)
+        limit = jnp.square(clipping_)
         largest_squared, clipped = _numerics.tree_reductions(
             small_ratios,
             lambda r: (r, (r > limit).astype(jnp.int32)),
@@ -286,7 +287,7 @@ def agc(
             units = jax.lax.psum(units, axis_name)
         stats = clip_stats(
             norm=largest,
-            threshold=jnp.asarray(clipping, acc),
+            threshold=clipping_,
             scale=(clipped / jnp.maximum(units, 1)).astype(acc),
             clipped=clipped > 0,
         )

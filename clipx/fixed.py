@@ -92,7 +92,7 @@ def value(
         return ValueState(stats=empty_clip_stats(scale=0.0))
 
     def bound(x: jax.Array) -> jax.Array:
-        return jnp.asarray(max_delta, x.dtype)  # a Python int past int32 too
+        return _numerics.as_dtype(max_delta, x.dtype)  # a Python int past int32 too
 
     def clip_real(x: jax.Array) -> jax.Array:
         c = bound(x)
@@ -136,7 +136,7 @@ def value(
             count, total = jax.lax.psum((count, total), axis_name)
         stats = clip_stats(
             norm=largest,
-            threshold=jnp.asarray(max_delta, acc),
+            threshold=_numerics.as_dtype(max_delta, acc),
             scale=(count / jnp.maximum(total, 1)).astype(acc),
             clipped=count > 0,
         )
@@ -258,10 +258,11 @@ def _per_leaf_clip(
             if leaves
             else jnp.zeros((0,), acc)
         )
-        clipped = measures > jnp.asarray(threshold, acc)
+        threshold_ = _numerics.as_dtype(threshold, acc)
+        clipped = measures > threshold_
         stats = clip_stats(
             norm=jnp.max(measures, initial=0),
-            threshold=jnp.asarray(threshold, acc),
+            threshold=threshold_,
             scale=jnp.mean(clipped, dtype=acc) if leaves else jnp.zeros((), acc),
             clipped=jnp.any(clipped),
         )

@@ -182,7 +182,7 @@ def _stats(
     max_norm = _across(jnp.max(norms, initial=0.0), axis_name, jax.lax.pmax)
     return clip_stats(
         norm=max_norm,
-        threshold=jnp.asarray(threshold, max_norm.dtype),
+        threshold=_numerics.as_dtype(threshold, max_norm.dtype),
         scale=clipped_fraction.astype(jnp.float32),
         clipped=clipped_fraction > 0,
     )
@@ -245,7 +245,7 @@ def per_example_global_norm(
         batch = _check_batched(updates, "per_example_global_norm")
         total, norms, multipliers = _clipped_sum(updates, l2_norm_clip)
         total = jax.tree.map(lambda t: _across(t, axis_name), total)
-        total, key = _maybe_noise(total, state.key, noise_multiplier, jnp.asarray(l2_norm_clip))
+        total, key = _maybe_noise(total, state.key, noise_multiplier, _numerics.as_dtype(l2_norm_clip, None))
         fraction = _fraction(jnp.sum(multipliers < 1), batch, axis_name)
         return total, PerExampleState(
             key=key, stats=replacing(state.stats, _stats(norms, l2_norm_clip, fraction, axis_name))
@@ -329,7 +329,7 @@ def per_example_layer_norm(
             summed.append(leaf_sum)
             clipped_counts.append(jnp.sum(multipliers < 1, dtype=jnp.int32))
         total = jax.tree.map(lambda t: _across(t, axis_name), jax.tree.unflatten(treedef, summed))
-        total, key = _maybe_noise(total, state.key, noise_multiplier, jnp.asarray(l2_norm_clip))
+        total, key = _maybe_noise(total, state.key, noise_multiplier, _numerics.as_dtype(l2_norm_clip, None))
         pairs = sum(leaf.shape[0] for leaf in leaves)
         fraction = _fraction(sum(clipped_counts, jnp.zeros((), jnp.int32)), pairs, axis_name)
         norms = _per_example_norms(updates)

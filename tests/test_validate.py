@@ -14,6 +14,8 @@ rank-6 array with no axis. Numbers of other types than Python floats (unsigned
 NumPy integers, bfloat16 scalars, fractions, integers past int64 or float
 range) act as the float they equal; counts and seeds past their int32/int64
 counters, factories given for ``inner`` and non-bool flags are refused.
+Every threshold that may be infinite also takes numbers past float32's range
+(2**63, 10**400, 1e200) and then never clips, with no NumPy overflow warning.
 """
 
 import math
@@ -263,15 +265,48 @@ def test_a_number_of_any_type_acts_as_the_float(make, number):
     np.testing.assert_allclose(run(make(number)), run(make(1.0)), rtol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "factory", [clipx.global_norm, clipx.tensor_norm, clipx.block_rms, clipx.value], ids=lambda f: f.__name__
-)
+# Every threshold that may be infinite, given as a number past float32's range: each runs one
+# step with NumPy's warnings as errors (the cast to float32 saturates to ∞ without one).
+THRESHOLDS_MAY_BE_INF = {
+    "value": lambda t: clipx.value(t),
+    "global_norm": lambda t: clipx.global_norm(t),
+    "tensor_norm": lambda t: clipx.tensor_norm(t),
+    "block_rms": lambda t: clipx.block_rms(t),
+    "agc-clipping": lambda t: clipx.agc(clipping=t),
+    "agc-eps": lambda t: clipx.agc(clipping=0.01, eps=t),
+    "zclip-max_norm": lambda t: clipx.zclip(max_norm=t),
+    "adagc-warmup_max_norm": lambda t: clipx.adagc(warmup_max_norm=t),
+}
+PER_EXAMPLE_THRESHOLDS = {
+    "per_example_global_norm": lambda t: clipx.per_example_global_norm(t),
+    "per_example_layer_norm": lambda t: clipx.per_example_layer_norm(t),
+}
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("build", THRESHOLDS_MAY_BE_INF.values(), ids=THRESHOLDS_MAY_BE_INF.keys())
 @pytest.mark.parametrize("threshold", [2**63, 10**400, 1e200], ids=["2**63", "10**400", "1e200"])
-def test_huge_thresholds_do_not_clip(factory, threshold):
+def test_huge_thresholds_do_not_clip(build, threshold):
     grads = {"w": jnp.array([3.0, -4.0])}
-    tx = factory(threshold)
-    updates, _ = tx.update(grads, tx.init(grads))
+    tx = build(threshold)
+    updates, _ = tx.update(grads, tx.init(grads), grads)
     np.testing.assert_array_equal(updates["w"], grads["w"])
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("build", PER_EXAMPLE_THRESHOLDS.values(), ids=PER_EXAMPLE_THRESHOLDS.keys())
+def test_huge_per_example_thresholds_do_not_clip(build):
+    grads = {"w": jnp.array([[3.0, -4.0], [1.0, 2.0]])}
+    tx = build(1e200)
+    updates, _ = tx.update(grads, tx.init(grads))
+    np.testing.assert_array_equal(updates["w"], grads["w"].sum(axis=0))
+
+
+@pytest.mark.filterwarnings("error")
+def test_clipped_grad_sum_with_a_huge_threshold_does_not_clip():
+    xs = jnp.array([[3.0, 4.0], [0.3, 0.4]])
+    total, _ = clipx.clipped_grad_sum(lambda w, x: jnp.dot(w, x), jnp.zeros(2), xs, 1e200)
+    np.testing.assert_allclose(total, xs.sum(axis=0))
 
 
 def test_per_example_layer_norm_uniform_must_be_a_bool():

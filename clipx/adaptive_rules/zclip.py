@@ -155,7 +155,7 @@ def zclip(
     def init_fn(params):
         dtype = _numerics.tree_accumulation_dtype(params)
         # jnp.array copies: a donated state must not take the caller's max_norm with it.
-        cap = jnp.array(jnp.inf if max_norm is None else max_norm, jnp.float32)
+        cap = jnp.array(_numerics.as_dtype(jnp.inf if max_norm is None else max_norm, jnp.float32))
         return ZClipState(
             warmup_norms=jnp.zeros((warmup_steps,), dtype),
             warmup_count=jnp.zeros((), jnp.int32),
@@ -171,7 +171,7 @@ def zclip(
         finite = jnp.isfinite(norm)
         ready = state.warmup_count >= warmup_steps
         mean, var = state.mean, state.var
-        cap = jnp.asarray(jnp.inf if max_norm is None else max_norm, dtype)
+        cap = _numerics.as_dtype(jnp.inf if max_norm is None else max_norm, dtype)
         z_thresh_ = jnp.asarray(z_thresh, dtype)
         std = _numerics.safe_sqrt(var)
 
