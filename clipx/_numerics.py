@@ -285,8 +285,8 @@ def tree_reductions(
     differently are moved to a common layout to be combined: at most
     ``SMALL_LEAF`` entries each, never a large gradient.
     """
-    totals, _ = _reduce_chunks(leaves, elementwise, reductions, dtypes, tie_large=False, partners=partners)
-    return totals
+    parts, _ = _reduce_chunks(leaves, elementwise, reductions, dtypes, tie_large=False, partners=partners)
+    return _totals(parts, reductions, dtypes)
 
 
 def tree_reductions_beside_leaves(
@@ -309,7 +309,9 @@ def tree_reductions_beside_leaves(
     tie was not measured, the leaves are returned untouched. The values
     are the same either way.
     """
-    return _reduce_chunks(leaves, elementwise, reductions, dtypes, tie_large=jax.default_backend() == "cpu")
+    tie_large = jax.default_backend() == "cpu"
+    parts, out = _reduce_chunks(leaves, elementwise, reductions, dtypes, tie_large=tie_large)
+    return _totals(parts, reductions, dtypes), out
 
 
 def _reduce_chunks(
@@ -319,8 +321,8 @@ def _reduce_chunks(
     dtypes: tuple[Any, ...],
     tie_large: bool,
     partners: list[jax.Array] | None = None,
-) -> tuple[tuple[jax.Array, ...], list[jax.Array]]:
-    """The totals of `tree_reductions`, and the leaves, each large one tied to its part if ``tie_large``."""
+) -> tuple[list[tuple[jax.Array, ...]], list[jax.Array]]:
+    """Each chunk's reductions (its part), and the leaves, each large one tied to its part if asked."""
     arity = 1 if partners is None else 2
     reduce_chunk = jit_when_traced(functools.partial(_reduce_chunk, elementwise, reductions, arity))
     keyed = [
@@ -344,11 +346,17 @@ def _reduce_chunks(
         if tie_large and not is_small(leaves[chunk[0]]):  # a large leaf is a chunk of its own
             out[chunk[0]], part = jax.lax.optimization_barrier((leaves[chunk[0]], part))
         parts.append(part)
-    totals = tuple(
+    return parts, out
+
+
+def _totals(
+    parts: list[tuple[jax.Array, ...]], reductions: tuple[Reduction, ...], dtypes: tuple[Any, ...]
+) -> tuple:
+    """The ``j``-th reduction over the ``j``-th value of every chunk's part (its identity for none)."""
+    return tuple(
         r.full(jnp.stack([p[j].astype(dtype) for p in parts])) if parts else jnp.asarray(r.identity, dtype)
         for j, (r, dtype) in enumerate(zip(reductions, dtypes, strict=True))
     )
-    return totals, out
 
 
 def _reduce_chunk(
@@ -506,13 +514,20 @@ def _finite_weight(x: jax.Array) -> jax.Array:
 def tree_all_finite(tree: PyTree) -> jax.Array:
     """Scalar bool: every entry of every leaf is finite (True for an empty tree).
 
-    Tested as ``isfinite(Σ |x|·2⁻¹⁰⁰)``: a NaN or ±∞ carries through the sum
-    (an ∞ stays ∞, no NaN is made), and finite entries cannot overflow it. A
-    float sum runs as a fast fused reduction on XLA's CPU backend (as the
-    norms do, `tree_reductions`); ``jnp.all(jnp.isfinite(x))``, a count of
+    Tested as ``isfinite(Σ |x|·2⁻¹⁰⁰)`` for each chunk of `tree_reductions`
+    (a large leaf, or small leaves of one shape): a NaN or ±∞ carries through
+    the sum (an ∞ stays ∞, no NaN is made), and finite entries cannot
+    overflow it. A float sum runs as a fast fused reduction on XLA's CPU
+    backend (as the norms do); ``jnp.all(jnp.isfinite(x))``, a count of
     ``~isfinite(x)`` or an integer maximum ran 2-3× slower there, and a float
-    ``jnp.max`` of 4096 entries or more lost a NaN (jax 0.10).
+    ``jnp.max`` of 4096 entries or more lost a NaN (jax 0.10). The chunks'
+    sums are tested one by one, not added: XLA copied the cheap scalar
+    additions of a total into every kernel that reads the result (each leaf
+    a guard keeps or rolls back), which took a guarded Adam step on 1000
+    leaves 111 s to compile instead of 14 s (benchmarks/RESULTS.md).
     """
     dtype = tree_accumulation_dtype(tree)
-    (total,) = tree_reductions(jax.tree.leaves(tree), lambda x: (_finite_weight(x),), (SUM,), (dtype,))
-    return jnp.isfinite(total)
+    parts, _ = _reduce_chunks(
+        jax.tree.leaves(tree), lambda x: (_finite_weight(x),), (SUM,), (dtype,), tie_large=False
+    )
+    return jnp.all(jnp.isfinite(jnp.stack([total for (total,) in parts]))) if parts else jnp.array(True)
