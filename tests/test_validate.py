@@ -14,8 +14,9 @@ rank-6 array with no axis. Numbers of other types than Python floats (unsigned
 NumPy integers, bfloat16 scalars, fractions, integers past int64 or float
 range) act as the float they equal; counts and seeds past their int32/int64
 counters, factories given for ``inner`` and non-bool flags are refused.
-Every threshold that may be infinite also takes numbers past float32's range
-(2**63, 10**400, 1e200) and then never clips, with no NumPy overflow warning.
+Every threshold that may be infinite also takes huge numbers (2**63, 10**400,
+1e200) and then never clips, with no NumPy overflow warning where the number
+is past float32's range.
 """
 
 import math
@@ -265,8 +266,8 @@ def test_a_number_of_any_type_acts_as_the_float(make, number):
     np.testing.assert_allclose(run(make(number)), run(make(1.0)), rtol=1e-6)
 
 
-# Every threshold that may be infinite, given as a number past float32's range: each runs one
-# step with NumPy's warnings as errors (the cast to float32 saturates to ∞ without one).
+# Every threshold that may be infinite, given as a huge number: each runs one step with NumPy's
+# warnings as errors (1e200, past float32's range, is cast to ∞ without one).
 THRESHOLDS_MAY_BE_INF = {
     "value": clipx.value,
     "global_norm": clipx.global_norm,
