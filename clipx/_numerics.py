@@ -64,6 +64,18 @@ def as_dtype(value: Any, dtype: Any) -> jax.Array:
         return jnp.asarray(value, dtype)
 
 
+def hyperparameter(value: Any, dtype: Any) -> Any:
+    """A hyperparameter ready to meet ``dtype`` values: a JAX array is cast to ``dtype``.
+
+    A Python number is returned as it is (weakly typed, it takes the dtype of
+    what it meets). A JAX array keeps its own dtype in arithmetic, and under
+    ``jax_numpy_dtype_promotion="strict"`` JAX will not mix, say, a bfloat16
+    array (``optax.inject_hyperparams(..., hyperparam_dtype=jnp.bfloat16)``)
+    with float32 statistics.
+    """
+    return value if isinstance(value, numbers.Number) else jnp.asarray(value, dtype)
+
+
 def accumulation_dtype(dtype: Any) -> jnp.dtype:
     """The real dtype norms of ``dtype`` values are accumulated in.
 

@@ -215,7 +215,7 @@ def agc(
         units = _unit_axes(g.shape, axis)
         g_squared, w_squared = _numerics.sums_of_squares_together(g, w, axis=units)
         floor_squared = jnp.maximum(w_squared, jnp.square(_numerics.as_dtype(eps, g_squared.dtype)))
-        bound = clipping * floor_root(floor_squared)
+        bound = _numerics.hyperparameter(clipping, floor_squared.dtype) * floor_root(floor_squared)
         clipped = _numerics.scale_leaf(g, _numerics.clip_scale_of_square(g_squared, bound))
         return clipped, g_squared, floor_squared
 

@@ -269,7 +269,8 @@ def skip_spikes(
         ready = moments.observations >= min_observations
         norm = _numerics.tree_norm(updates, axis_name)
         std = jnp.maximum(jnp.sqrt(moments.var), jnp.asarray(min_std, dtype))
-        log_threshold = jnp.where(ready, moments.mean + num_stds * std, jnp.inf)
+        stds = _numerics.hyperparameter(num_stds, dtype)
+        log_threshold = jnp.where(ready, moments.mean + stds * std, jnp.inf)
         observe = jnp.isfinite(norm) & (norm > 0)
         # log is taken of observable norms only: log 0 = −∞ would trip jax_debug_infs.
         log_norm = jnp.log(jnp.where(observe, norm, 1).astype(dtype))
@@ -279,7 +280,7 @@ def skip_spikes(
                 raise ValueError(f"skip_spikes: loss= must be a scalar, got shape {jnp.shape(loss)}")
             loss = jnp.asarray(loss, dtype)
             loss_ready = state.loss.observations >= min_observations
-            loss_threshold = state.loss.mean + num_stds * jnp.sqrt(state.loss.var)
+            loss_threshold = state.loss.mean + stds * jnp.sqrt(state.loss.var)
             reject |= ~jnp.isfinite(loss) | (loss_ready & (loss > loss_threshold))
             observe &= jnp.isfinite(loss)
         skip = _skip_decision(reject, state.stats, max_consecutive)

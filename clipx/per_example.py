@@ -141,7 +141,8 @@ def _maybe_noise(
     """
     if isinstance(noise_multiplier, (int, float)) and noise_multiplier == 0:
         return tree, key
-    std = jnp.where(jnp.asarray(noise_multiplier) == 0, 0.0, noise_multiplier * threshold)
+    multiplier = _numerics.hyperparameter(noise_multiplier, threshold.dtype)
+    std = jnp.where(multiplier == 0, 0.0, multiplier * threshold)
     return _add_noise(tree, key, std)
 
 
@@ -430,9 +431,11 @@ def per_example_adaptive(
         # Non-finite per-example norms stay out of the count (and C stays put if none is finite).
         examples = _across(jnp.sum(jnp.isfinite(norms)).astype(jnp.float32), axis_name)
         unclipped = _across(jnp.sum(norms <= threshold.astype(norms.dtype)).astype(jnp.float32), axis_name)
-        unclipped = unclipped + count_stddev * jax.random.normal(count_key, (), jnp.float32)
+        stddev = _numerics.hyperparameter(count_stddev, jnp.float32)
+        unclipped = unclipped + stddev * jax.random.normal(count_key, (), jnp.float32)
         below = unclipped / jnp.maximum(examples, 1)
-        moved = threshold * jnp.exp(-learning_rate * (below - target_quantile))
+        rate, target = (_numerics.hyperparameter(h, jnp.float32) for h in (learning_rate, target_quantile))
+        moved = threshold * jnp.exp(-rate * (below - target))
         # 0 would never grow back; ∞ would turn into NaN (∞·0) and clip nothing.
         moved = jnp.clip(moved, jnp.finfo(jnp.float32).tiny, jnp.finfo(jnp.float32).max)
         new_threshold = jnp.where(examples > 0, moved, threshold)

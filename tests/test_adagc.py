@@ -43,7 +43,9 @@ def assert_matches_oracle(results, expected):
 class AdaGCOracleTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_matches_oracle_jit_and_eager(self):
-        steps = oracles_adagc.random_steps(seed=0, num_steps=120)
+        # 60 steps hold every event of `random_steps` after the 20 of warm-up (the first NaN at
+        # step 41, the first inf at 53); the 520-step runs below are jitted only.
+        steps = oracles_adagc.random_steps(seed=0, num_steps=60)
         tx = clipx.adagc(warmup_steps=20)
         assert_matches_oracle(
             run(tx, steps, self.variant(tx.update)), oracles_adagc.adagc(steps, warmup_steps=20)

@@ -9,6 +9,8 @@ stops at any infinite intermediate, so a finite step must compute none.
 
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -27,9 +29,9 @@ def _params_and_gradients(name, dtype):
     return params, [small_gradients(name, jax.random.fold_in(key, t), 1 + 3 * t, dtype) for t in range(4)]
 
 
-def _run(name, params, steps):
+def _run(name, params, steps, tx=None):
     """One step eagerly (op by op), then all steps jitted; every update must be finite."""
-    tx = ALL[name].make()
+    tx = ALL[name].make() if tx is None else tx
     for update, run in ((tx.update, steps[:1]), (jax.jit(tx.update), steps)):
         state = tx.init(params)
         for g in run:
@@ -51,6 +53,52 @@ def test_x64_under_strict_dtype_promotion(name, dtype):
     with jax.enable_x64(True), jax.numpy_dtype_promotion("strict"):
         params, steps = _params_and_gradients(name, jnp.dtype(dtype))
         _run(name, params, steps)
+
+
+# Every rule with real-valued hyperparameters: its factory and the arguments it needs besides
+# them (as in the table of test_sharding: small enough that 4 steps reach every code path).
+HYPERPARAMETER_CASES = {
+    "value": (clipx.value, {"max_delta": 0.5}),
+    "global_norm": (clipx.global_norm, {"max_norm": 1.0}),
+    "tensor_norm": (clipx.tensor_norm, {"max_norm": 0.5}),
+    "block_rms": (clipx.block_rms, {"threshold": 0.5}),
+    "agc": (clipx.agc, {}),
+    "adaptive": (clipx.adaptive, {"warmup_steps": 2}),
+    "autoclip": (clipx.autoclip, {"quantile": 0.5, "history": 3}),
+    "zclip": (clipx.zclip, {"warmup_steps": 2, "max_norm": 5.0}),
+    "adagc": (clipx.adagc, {"warmup_steps": 2}),
+    "quantile_clip": (clipx.quantile_clip, {"initial_threshold": 1.0}),
+    "skip_spikes": (clipx.skip_spikes, {"inner": clipx.global_norm(1.0), "min_observations": 2}),
+    "per_example_global_norm": (
+        clipx.per_example_global_norm,
+        {"l2_norm_clip": 1.0, "noise_multiplier": 0.5},
+    ),
+    "per_example_layer_norm": (clipx.per_example_layer_norm, {"l2_norm_clip": 1.0, "uniform": False}),
+    "per_example_adaptive": (clipx.per_example_adaptive, {"initial_threshold": 1.0}),
+}
+
+
+def _with_array_hyperparameters(name, dtype):
+    """The rule ``name`` with each float hyperparameter that may be an array given as a ``dtype`` array."""
+    factory, kwargs = HYPERPARAMETER_CASES[name]
+    kwargs = dict(kwargs)
+    for p in inspect.signature(factory).parameters.values():
+        value = kwargs.get(p.name, p.default)
+        if "jax.Array" in str(p.annotation) and isinstance(value, float):
+            kwargs[p.name] = jnp.asarray(value, dtype)
+    return factory(**kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(HYPERPARAMETER_CASES))
+def test_array_hyperparameters_of_another_dtype_under_strict_dtype_promotion(name):
+    """bfloat16 hyperparameters (``inject_hyperparams(..., hyperparam_dtype=jnp.bfloat16)``) with
+    float32 gradients, and float32 ones with float64 gradients under x64: each rule casts them."""
+    with jax.numpy_dtype_promotion("strict"):
+        params, steps = _params_and_gradients(name, jnp.float32)
+        _run(name, params, steps, _with_array_hyperparameters(name, jnp.bfloat16))
+    with jax.enable_x64(True), jax.numpy_dtype_promotion("strict"):
+        params, steps = _params_and_gradients(name, jnp.float64)
+        _run(name, params, steps, _with_array_hyperparameters(name, jnp.float32))
 
 
 @pytest.mark.parametrize("dtype", [jnp.complex64, jnp.float32])

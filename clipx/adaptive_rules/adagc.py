@@ -137,11 +137,14 @@ def adagc(
         """
         tensor_norm = _numerics.safe_sqrt(squared_norm)
         warm = warmup | (gamma == 0)
-        threshold = (relative_threshold * gamma).astype(tensor_norm.dtype)
-        scale = jnp.where(warm, global_scale, _numerics.clip_scale(tensor_norm + eps, threshold))
+        dtype = gamma.dtype
+        threshold = (_numerics.hyperparameter(relative_threshold, dtype) * gamma).astype(tensor_norm.dtype)
+        tensor_eps = _numerics.hyperparameter(eps, tensor_norm.dtype)
+        scale = jnp.where(warm, global_scale, _numerics.clip_scale(tensor_norm + tensor_eps, threshold))
         clipped = (scale * tensor_norm).astype(gamma.dtype)
         initial = jnp.where(gamma == 0, clipped, jnp.minimum(gamma, clipped))
-        average = decay * gamma + (1 - decay) * clipped
+        decay_ = _numerics.hyperparameter(decay, dtype)
+        average = decay_ * gamma + (1 - decay_) * clipped
         observe = finite & (squared_norm > 0)
         # A seen tensor's γ_i never underflows to 0, which would put it back on the warm-up rule.
         seen = jnp.maximum(jnp.where(warm, initial, average), jnp.finfo(gamma.dtype).tiny)
@@ -154,10 +157,10 @@ def adagc(
         Counted from the stacked values, not from the scales: stacking the
         scales cost a kernel per tensor.
         """
-        thresholds = (relative_threshold * gammas).astype(squared_norms.dtype)
-        above = jnp.where(
-            warmup | (gammas == 0), global_scale < 1, _numerics.safe_sqrt(squared_norms) + eps > thresholds
-        )
+        relative = _numerics.hyperparameter(relative_threshold, gammas.dtype)
+        thresholds = (relative * gammas).astype(squared_norms.dtype)
+        norms = _numerics.safe_sqrt(squared_norms) + _numerics.hyperparameter(eps, squared_norms.dtype)
+        above = jnp.where(warmup | (gammas == 0), global_scale < 1, norms > thresholds)
         return jnp.sum(above, dtype=jnp.int32)
 
     def update_fn(updates, state, params=None):
@@ -177,7 +180,7 @@ def adagc(
         norm = _numerics.safe_sqrt(jnp.sum(stacked_squares))
         finite = jnp.isfinite(norm)
         warmup = state.finite_steps < warmup_steps
-        global_scale = _numerics.clip_scale(norm + eps, warmup_max_norm)
+        global_scale = _numerics.clip_scale(norm + _numerics.hyperparameter(eps, acc), warmup_max_norm)
         steps = [
             tensor_step(q, gamma, warmup, finite, global_scale)
             for q, gamma in zip(squares, gammas, strict=True)
@@ -188,7 +191,11 @@ def adagc(
         gamma_norm = _numerics.safe_sqrt(jnp.sum(jnp.square(stacked_gammas)))
         stats = clip_stats(
             norm=norm.astype(jnp.float32),
-            threshold=jnp.where(warmup, warmup_max_norm, relative_threshold * gamma_norm).astype(jnp.float32),
+            threshold=jnp.where(
+                warmup,
+                _numerics.as_dtype(warmup_max_norm, acc),
+                _numerics.hyperparameter(relative_threshold, acc) * gamma_norm,
+            ).astype(jnp.float32),
             scale=(num_clipped / max(len(leaves), 1)).astype(jnp.float32),
             clipped=num_clipped > 0,
         )

@@ -105,7 +105,8 @@ def quantile_clip(
         norm = _numerics.tree_norm(updates, axis_name)
         scale = _numerics.clip_scale(norm, threshold.astype(norm.dtype))
         below = (norm <= threshold).astype(threshold.dtype)
-        step = -learning_rate * (below - target_quantile)
+        rate = _numerics.hyperparameter(learning_rate, threshold.dtype)
+        step = -rate * (below - _numerics.hyperparameter(target_quantile, threshold.dtype))
         stats = global_clip_stats(norm, threshold, scale)
         log_threshold = jnp.where(jnp.isfinite(norm), state.log_threshold + step, state.log_threshold)
         new_state = QuantileClipState(

@@ -333,7 +333,7 @@ def adaptive(
         log_threshold = jnp.where(
             moments.observations < warmup_steps,
             moments.mean + jnp.log(jnp.asarray(warmup_factor, dtype)),
-            moments.mean + num_stds * std,
+            moments.mean + _numerics.hyperparameter(num_stds, dtype) * std,
         )
         observe = jnp.isfinite(norm) & (norm > 0)
         log_norm = jnp.log(jnp.where(norm > 0, norm, 1).astype(dtype))
@@ -387,7 +387,7 @@ def _follow_direction(
     # and ‖g‖·⟨g, g'⟩ ~ ‖g‖³ from 10^13, where the cosine would be lost.
     cosine = jnp.where(known, inner / jnp.where(known, norm, 1) / jnp.where(known, previous_norm, 1), 0)
     log_multiplier = jnp.clip(
-        direction.log_multiplier + rate * jnp.clip(cosine, -1, 1),
+        direction.log_multiplier + _numerics.hyperparameter(rate, dtype) * jnp.clip(cosine, -1, 1),
         jnp.log(jnp.asarray(min_multiplier, dtype)),
         direction.log_ceiling,
     ).astype(dtype)  # a float64 rate under x64 must not widen the state (lax.scan needs one type)

@@ -173,6 +173,7 @@ def zclip(
         mean, var = state.mean, state.var
         cap = _numerics.as_dtype(jnp.inf if max_norm is None else max_norm, dtype)
         z_thresh_ = jnp.asarray(z_thresh, dtype)
+        eps_, alpha_, clip_factor_ = (_numerics.hyperparameter(h, dtype) for h in (eps, alpha, clip_factor))
         std = _numerics.safe_sqrt(var)
 
         # The threshold T, whether this step is a spike, and the spike boundary.
@@ -181,12 +182,12 @@ def zclip(
             is_spike = norm > spike_threshold
             boundary = spike_threshold
         else:
-            z = (norm - mean) / (std + eps)
+            z = (norm - mean) / (std + eps_)
             is_spike = z > z_thresh_
-            boundary = mean + z_thresh_ * (std + eps)
+            boundary = mean + z_thresh_ * (std + eps_)
             if clip_option == "adaptive_scaling":
                 eta = jnp.where(is_spike, z, z_thresh_) / z_thresh_
-                spike_threshold = (mean + z_thresh_ * std / eta) * clip_factor
+                spike_threshold = (mean + z_thresh_ * std / eta) * clip_factor_
             else:
                 spike_threshold = mean
         spike = ready & is_spike
@@ -197,8 +198,8 @@ def zclip(
 
         # EMA statistics after warm-up (x = T on a spike, else the norm).
         x = jnp.where(spike, spike_threshold, norm)
-        ema_mean = alpha * mean + (1 - alpha) * x
-        ema_var = alpha * var + (1 - alpha) * jnp.square(x - ema_mean)
+        ema_mean = alpha_ * mean + (1 - alpha_) * x
+        ema_var = alpha_ * var + (1 - alpha_) * jnp.square(x - ema_mean)
         update_ema = ready & finite
         if skip_update_on_spike:
             update_ema = update_ema & ~spike
