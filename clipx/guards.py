@@ -130,7 +130,8 @@ class GradNormRecord(NamedTuple):
     """What `skip_spikes` measured: the gradient norm against its spike threshold.
 
     ``stats.norm`` is the global gradient norm, ``stats.threshold`` the norm
-    above which the step is a spike (``inf`` while too few steps were seen),
+    above which the step is a spike (the norm itself while too few steps
+    were seen, when no step is a spike),
     ``stats.scale`` 0 on a skipped step and 1 otherwise, ``stats.clipped``
     whether the step was skipped.
     """
@@ -270,11 +271,11 @@ def skip_spikes(
         norm = _numerics.tree_norm(updates, axis_name)
         std = jnp.maximum(jnp.sqrt(moments.var), jnp.asarray(min_std, dtype))
         stds = _numerics.hyperparameter(num_stds, dtype)
-        log_threshold = jnp.where(ready, moments.mean + stds * std, jnp.inf)
+        log_threshold = moments.mean + stds * std  # used once `ready`: no ∞ for "none yet"
         observe = jnp.isfinite(norm) & (norm > 0)
         # log is taken of observable norms only: log 0 = −∞ would trip jax_debug_infs.
         log_norm = jnp.log(jnp.where(observe, norm, 1).astype(dtype))
-        reject = ~jnp.isfinite(norm) | (observe & (log_norm > log_threshold))
+        reject = ~jnp.isfinite(norm) | (ready & observe & (log_norm > log_threshold))
         if loss is not None:
             if jnp.ndim(loss) != 0:
                 raise ValueError(f"skip_spikes: loss= must be a scalar, got shape {jnp.shape(loss)}")
@@ -289,7 +290,7 @@ def skip_spikes(
         new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
         record = clip_stats(
             norm=norm.astype(jnp.float32),
-            threshold=jnp.exp(log_threshold).astype(jnp.float32),
+            threshold=jnp.where(ready, jnp.exp(log_threshold), norm).astype(jnp.float32),
             scale=jnp.where(skip, 0.0, 1.0).astype(jnp.float32),
             clipped=skip,
         )

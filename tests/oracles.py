@@ -44,7 +44,7 @@ def _clip(leaves: list[np.ndarray], norm: float, threshold: float) -> tuple[list
 
 
 class AutoClipOracle:
-    """AutoClip: clip to the q-quantile of the previous min(t, history) finite norms."""
+    """AutoClip: clip to the q-quantile of the previous min(t, history) finite norms (none yet: the norm)."""
 
     def __init__(self, quantile: float = 0.9, history: int = 1000, per_tensor: bool = False):
         self.quantile, self.history, self.per_tensor = quantile, history, per_tensor
@@ -58,7 +58,7 @@ class AutoClipOracle:
         for group, past in zip(groups, self.past, strict=True):
             norm = norm_of(group)
             recent = past[-self.history :]
-            threshold = float(np.quantile(np.array(recent), self.quantile)) if recent else math.inf
+            threshold = float(np.quantile(np.array(recent), self.quantile)) if recent else norm
             clipped, scale = _clip(group, norm, threshold)
             if math.isfinite(norm):
                 past.append(norm)
@@ -115,7 +115,12 @@ class ZClipOracle:
 
     def step(self, leaves: list[np.ndarray]) -> tuple[list[np.ndarray], dict[str, float]]:
         norm = norm_of(leaves)
-        cap = math.inf if self.max_norm is None else self.max_norm
+        # With no cap a step is clipped to its own norm (not at all), and that is what is reported.
+        cap = norm if self.max_norm is None else self.max_norm
+
+        def capped(threshold: float) -> float:
+            return threshold if self.max_norm is None else min(threshold, self.max_norm)
+
         if self.mean is None or self.var is None:  # warm-up
             if math.isfinite(norm):
                 self.buffer.append(norm)
@@ -141,9 +146,9 @@ class ZClipOracle:
                 else:
                     spike_threshold = self.mean
         if spike_threshold is None:
-            clip_to, reported = cap, min(boundary, cap)
+            clip_to, reported = cap, capped(boundary)
         else:
-            clip_to = reported = min(spike_threshold, cap)
+            clip_to = reported = capped(spike_threshold)
         clipped, scale = _clip(leaves, norm, clip_to)
 
         if math.isfinite(norm) and not (spike_threshold is not None and self.skip):
@@ -203,13 +208,15 @@ class AdaptiveOracle:
     def step(self, leaves: list[np.ndarray]) -> tuple[list[np.ndarray], dict[str, float]]:
         norm = norm_of(leaves)
         usable = math.isfinite(norm) and norm > 0
-        if self.logs_seen == 0:
-            log_threshold = math.log(norm) if usable and self.rate is not None else math.inf
+        if self.logs_seen == 0:  # c = ‖g‖ (1 for a norm that is 0 or not finite)
+            log_threshold = math.log(norm) if usable else 0.0
         elif self.logs_seen < self.warmup_steps:
             log_threshold = self.mean + math.log(self.warmup_factor)
         else:
             log_threshold = self.mean + self.num_stds * max(math.sqrt(self.var), self.min_std)
         threshold = math.exp(log_threshold) * self.multiplier
+        if self.logs_seen == 0 and self.rate is None and math.isfinite(norm):
+            threshold = norm  # no multiplier: the first step is not clipped
         clipped, scale = _clip(leaves, norm, threshold)
         if self.rate is not None:
             second_norm = usable and self.logs_seen == 1 and self.jump_ratio is not None

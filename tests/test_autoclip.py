@@ -43,7 +43,7 @@ def test_matches_reference(quantile, history, per_tensor, seed):
     updates, stats, _ = run_transform(tx, grads)
     expected_updates, expected_stats = run_oracle(AutoClipOracle(quantile, history, per_tensor), grads)
     assert_matches(updates, stats, expected_updates, expected_stats)
-    assert np.isinf(stats["threshold"][0]) and not stats["clipped"][0]
+    assert stats["threshold"][0] == stats["norm"][0] and not stats["clipped"][0]
     assert stats["clipped"].any() and not stats["clipped"].all()
 
 
@@ -159,9 +159,9 @@ def test_properties(norms, per_tensor):
     finite = np.isfinite(norms)
     seen_before = np.cumsum(finite) - finite > 0
     threshold = np.asarray(stats.threshold)
-    # Positive and finite once a finite norm has been recorded, inf before.
+    # Positive and finite once a finite norm has been recorded, the step's own norm before.
     assert np.all(threshold[seen_before] > 0) and np.all(np.isfinite(threshold[seen_before]))
-    assert np.all(np.isinf(threshold[~seen_before]))
+    np.testing.assert_array_equal(threshold[~seen_before], np.asarray(stats.norm)[~seen_before])
     # The clipped update (each leaf, per tensor) never exceeds its threshold.
     leaf_norms = [np.sqrt(np.sum(np.square(v).reshape(STEPS, -1), axis=1)) for v in updates.values()]
     clipped = [np.sqrt(sum(n**2 for n in leaf_norms))] if not per_tensor else leaf_norms

@@ -115,6 +115,23 @@ def test_clipped_grad_sum_under_strict_dtype_promotion(dtype):
     assert jnp.allclose(total, expected)
 
 
+# Beside the table: a rule whose "no threshold" was once an ∞.
+UNCAPPED = {"zclip_uncapped": lambda: clipx.zclip(warmup_steps=2, max_norm=None)}
+
+
+@pytest.mark.parametrize("name", sorted(ALL) + sorted(UNCAPPED))
+def test_finite_steps_make_no_inf_under_debug_infs(name):
+    """jax_debug_infs stops at the first ∞ an operation makes (eagerly) or a jitted step returns, so
+    no rule may stand for "no threshold yet" (warm-up, an empty history, no cap) with an ∞."""
+    params, steps = _params_and_gradients(name, jnp.float32)
+    tx = UNCAPPED[name]() if name in UNCAPPED else ALL[name].make()
+    with jax.debug_infs(True):
+        for update in (tx.update, jax.jit(tx.update)):
+            state = tx.init(params)
+            for g in steps:
+                _, state = update(g, state, params)
+
+
 def test_skip_spikes_takes_no_log_of_a_zero_norm_under_debug_infs():
     """After warm-up, a step of zero gradients is neither a spike nor an observation, and computes no −∞."""
     tx = clipx.skip_spikes(optax.sgd(0.1), min_observations=1)

@@ -33,24 +33,26 @@ class AutoClipState(NamedTuple):
     stats_name = "autoclip"  # type: ignore[misc]  # a class attribute, not a field
 
 
-def _history_quantile(norms: jax.Array, count: jax.Array, quantile: Any) -> jax.Array:
-    """The ``quantile`` of the valid entries of one ring buffer; +inf when it is empty.
+def _history_quantile(norms: jax.Array, count: jax.Array, quantile: Any, norm: jax.Array) -> jax.Array:
+    """The ``quantile`` of the valid entries of one ring buffer; ``norm`` (the step's own) when it is empty.
 
     Linear interpolation between order statistics at virtual index
     ``q·(n−1)``, as ``numpy.quantile``'s default method. Empty slots are sorted
-    to the end as +inf and never reached, so the shapes never change.
+    to the end as the largest float (recorded norms are finite) and never
+    reached, so the shapes never change. No ∞ is computed: jax_debug_infs
+    would stop at it.
     """
     history = norms.shape[0]
     valid = jnp.minimum(count, history)
-    ordered = jnp.sort(jnp.where(jnp.arange(history, dtype=valid.dtype) < valid, norms, jnp.inf))
+    empty = jnp.finfo(norms.dtype).max
+    ordered = jnp.sort(jnp.where(jnp.arange(history, dtype=valid.dtype) < valid, norms, empty))
     last = jnp.maximum(valid, 1) - 1
     position = jnp.asarray(quantile, norms.dtype) * last.astype(norms.dtype)
     lower = jnp.clip(jnp.floor(position).astype(jnp.int32), 0, last)
     upper = jnp.minimum(lower + 1, last)
     fraction = position - lower.astype(norms.dtype)
     low, high = ordered[lower], ordered[upper]
-    spread = jnp.where(valid > 0, high - low, 0)  # empty: inf − inf, whose NaN would reach derivatives
-    return jnp.where(valid > 0, low + fraction * spread, jnp.inf)
+    return jnp.where(valid > 0, low + fraction * (high - low), norm.astype(norms.dtype))
 
 
 def _record(norms: jax.Array, count: jax.Array, norm: jax.Array) -> jax.Array:
@@ -69,12 +71,13 @@ def _advance(count: jax.Array, norm: jax.Array, history: int) -> jax.Array:
 def _per_tensor_stats(norms: list, thresholds: list, scales: list) -> ClipStats:
     """Reports the tensor with the largest ``norm / threshold`` and the fraction clipped."""
     if not norms:  # no tensor, none clipped
-        return empty_clip_stats(scale=0.0)._replace(threshold=jnp.array(jnp.inf, jnp.float32))
+        return empty_clip_stats(scale=0.0)
     norm = jnp.stack([n.astype(jnp.float32) for n in norms])
     threshold = jnp.stack([t.astype(jnp.float32) for t in thresholds])
     clipped = jnp.stack([s < 1 for s in scales])
     positive = threshold > 0
-    ratio = jnp.where(positive, norm / jnp.where(positive, threshold, 1), jnp.where(norm > 0, jnp.inf, 0))
+    above_zero = jnp.where(norm > 0, jnp.finfo(jnp.float32).max, 0)  # the largest ratio, and no ∞
+    ratio = jnp.where(positive, norm / jnp.where(positive, threshold, 1), above_zero)
     worst = jnp.argmax(ratio)
     return clip_stats(
         norm=norm[worst],
@@ -102,8 +105,9 @@ def autoclip(
         \qquad g_t \leftarrow g_t \cdot \min\left(1, \frac{c_t}{\lVert g_t \rVert}\right),
 
     with linear interpolation between order statistics (``numpy.quantile``'s
-    default). The first step has no history and is not clipped (its reported
-    threshold is ``inf``). The history is a fixed-size ring buffer in the state,
+    default). Until a finite norm has been recorded there is no history: the
+    step is not clipped (the authors' package does not clip the first step
+    either), and the threshold reported is its own norm. The history is a fixed-size ring buffer in the state,
     so the quantile is computed on device with no recompilation as it fills.
     With ``per_tensor=True`` every leaf keeps its own history of its own norm
     and is clipped to its own threshold, as the authors' ``global_threshold=False``.
@@ -163,9 +167,7 @@ def autoclip(
 
     def init_fn(params):
         # Per tensor, `scale` is the fraction of tensors clipped: none before the first step.
-        stats = empty_clip_stats(scale=0.0 if per_tensor else 1.0)._replace(
-            threshold=jnp.array(jnp.inf, jnp.float32)
-        )
+        stats = empty_clip_stats(scale=0.0 if per_tensor else 1.0)
         if per_tensor:
             norms = jax.tree.map(lambda p: empty_history(_numerics.accumulation_dtype(p.dtype)), params)
             count = jax.tree.map(lambda p: jnp.zeros((), jnp.int32), params)
@@ -176,7 +178,7 @@ def autoclip(
 
     def update_global(updates, state):
         norm = _numerics.tree_norm(updates, axis_name)
-        threshold = _history_quantile(state.norms, state.count, quantile)
+        threshold = _history_quantile(state.norms, state.count, quantile, norm)
         scale = _numerics.clip_scale(norm, threshold)
         stats = global_clip_stats(norm, threshold, scale)
         new_state = AutoClipState(
@@ -189,7 +191,9 @@ def autoclip(
     def update_per_tensor(updates, state):
         _validate.check_same_structure(state.norms, updates, "autoclip(per_tensor=True) state vs updates")
         norms = _numerics.leaf_norms(updates, axis_name)
-        thresholds = jax.tree.map(lambda b, c: _history_quantile(b, c, quantile), state.norms, state.count)
+        thresholds = jax.tree.map(
+            lambda b, c, n: _history_quantile(b, c, quantile, n), state.norms, state.count, norms
+        )
         scales = jax.tree.map(_numerics.clip_scale, norms, thresholds)
         stats = _per_tensor_stats(*(jax.tree.leaves(t) for t in (norms, thresholds, scales)))
         new_state = AutoClipState(

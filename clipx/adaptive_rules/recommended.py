@@ -339,12 +339,15 @@ def adaptive(
         log_norm = jnp.log(jnp.where(norm > 0, norm, 1).astype(dtype))
         # With nothing observed yet, c is the norm itself, so only the multiplier shortens the step;
         # a norm that overflows gets a finite threshold (and so a zero scale), as at later steps.
-        first = jnp.inf if state.direction is None else jnp.where(observe, log_norm, jnp.inf)
-        first = jnp.where(jnp.isposinf(norm), 0.0, first)
-        log_threshold = jnp.where(moments.observations > 0, log_threshold, first)
+        # No ∞ stands for "no threshold": jax_debug_infs would stop at it.
+        log_threshold = jnp.where(
+            moments.observations > 0, log_threshold, jnp.where(norm > jnp.finfo(dtype).max, 0.0, log_norm)
+        )
         direction = state.direction
         if direction is None:
-            threshold = jnp.exp(log_threshold)
+            # Unclipped at first: c = ‖g‖ itself, as exp(log ‖g‖) may round below it.
+            first = (moments.observations == 0) & jnp.isfinite(norm)
+            threshold = jnp.where(first, norm.astype(dtype), jnp.exp(log_threshold))
         else:
             threshold = jnp.exp(log_threshold + direction.log_multiplier)
             if jump_ratio is not None:

@@ -94,7 +94,7 @@ def zclip(
 
     The reported ``threshold`` is the norm the update is clipped down to: the
     update leaves with norm :math:`\min(\lVert g\rVert, \text{threshold})`. It is
-    ``max_norm`` (``inf`` if None) during warm-up, :math:`\min(T,
+    ``max_norm`` during warm-up (the norm itself if None: 0 before the first step), :math:`\min(T,
     \text{max\_norm})` on a spike, and otherwise the norm at which this step
     would have counted as a spike, capped at ``max_norm``:
     :math:`\mu + z_\text{thresh}(\sigma + \epsilon)` in "zscore" mode,
@@ -155,7 +155,7 @@ def zclip(
     def init_fn(params):
         dtype = _numerics.tree_accumulation_dtype(params)
         # jnp.array copies: a donated state must not take the caller's max_norm with it.
-        cap = jnp.array(_numerics.as_dtype(jnp.inf if max_norm is None else max_norm, jnp.float32))
+        cap = jnp.array(_numerics.as_dtype(0.0 if max_norm is None else max_norm, jnp.float32))
         return ZClipState(
             warmup_norms=jnp.zeros((warmup_steps,), dtype),
             warmup_count=jnp.zeros((), jnp.int32),
@@ -171,7 +171,11 @@ def zclip(
         finite = jnp.isfinite(norm)
         ready = state.warmup_count >= warmup_steps
         mean, var = state.mean, state.var
-        cap = _numerics.as_dtype(jnp.inf if max_norm is None else max_norm, dtype)
+        cap = None if max_norm is None else _numerics.as_dtype(max_norm, dtype)
+
+        def capped(threshold: jax.Array) -> jax.Array:
+            return threshold if cap is None else jnp.minimum(threshold, cap)
+
         z_thresh_ = jnp.asarray(z_thresh, dtype)
         eps_, alpha_, clip_factor_ = (_numerics.hyperparameter(h, dtype) for h in (eps, alpha, clip_factor))
         std = _numerics.safe_sqrt(var)
@@ -192,9 +196,11 @@ def zclip(
                 spike_threshold = mean
         spike = ready & is_spike
 
-        applied = jnp.where(spike, jnp.minimum(spike_threshold, cap), cap)
+        # With no cap, a step that is no spike is clipped to its own norm (not at all): no ∞ for
+        # "no threshold", which would stop jax_debug_infs.
+        applied = jnp.where(spike, capped(spike_threshold), norm if cap is None else cap)
         scale = _numerics.clip_scale(norm, applied)
-        reported = jnp.where(ready & ~spike, jnp.minimum(boundary, cap), applied)
+        reported = jnp.where(ready & ~spike, capped(boundary), applied)
 
         # EMA statistics after warm-up (x = T on a spike, else the norm).
         x = jnp.where(spike, spike_threshold, norm)
