@@ -120,12 +120,14 @@ UNCAPPED = {"zclip_uncapped": lambda: clipx.zclip(warmup_steps=2, max_norm=None)
 
 
 @pytest.mark.parametrize("name", sorted(ALL) + sorted(UNCAPPED))
-def test_finite_steps_make_no_inf_under_debug_infs(name):
-    """jax_debug_infs stops at the first ∞ an operation makes (eagerly) or a jitted step returns, so
-    no rule may stand for "no threshold yet" (warm-up, an empty history, no cap) with an ∞."""
+def test_finite_steps_make_no_inf_or_nan_under_debug_infs_and_nans(name):
+    """jax_debug_infs/nans stop at the first ∞/NaN an operation makes (eagerly) or a jitted step
+    returns, so no rule may stand for "no threshold yet" (warm-up, an empty history, no cap) with an
+    ∞, nor divide 0 by 0 on a step of zero gradients."""
     params, steps = _params_and_gradients(name, jnp.float32)
+    steps = [*steps, jax.tree.map(jnp.zeros_like, steps[0])]
     tx = UNCAPPED[name]() if name in UNCAPPED else ALL[name].make()
-    with jax.debug_infs(True):
+    with jax.debug_infs(True), jax.debug_nans(True):
         for update in (tx.update, jax.jit(tx.update)):
             state = tx.init(params)
             for g in steps:
