@@ -3,8 +3,10 @@
 Users turn these on to find faults in their own code; clipx must not be what
 trips them. Strict dtype promotion refuses every implicit mix of dtypes, so
 each rule must cast its own values (complex gradients, and the int64/float64
-values that x64 makes, against the state's int32/float32); jax_debug_infs
-stops at any infinite intermediate, so a finite step must compute none.
+values that x64 makes, against the state's int32/float32, and array
+hyperparameters of another dtype); jax_debug_infs and jax_debug_nans stop at
+any infinite or NaN intermediate, so a finite step must compute none; rank
+promotion set to "raise" refuses implicit broadcasts.
 """
 
 from __future__ import annotations
@@ -120,14 +122,15 @@ UNCAPPED = {"zclip_uncapped": lambda: clipx.zclip(warmup_steps=2, max_norm=None)
 
 
 @pytest.mark.parametrize("name", sorted(ALL) + sorted(UNCAPPED))
-def test_finite_steps_make_no_inf_or_nan_under_debug_infs_and_nans(name):
+def test_finite_steps_pass_under_debug_infs_nans_and_rank_checks(name):
     """jax_debug_infs/nans stop at the first ∞/NaN an operation makes (eagerly) or a jitted step
     returns, so no rule may stand for "no threshold yet" (warm-up, an empty history, no cap) with an
-    ∞, nor divide 0 by 0 on a step of zero gradients."""
+    ∞, nor divide 0 by 0 on a step of zero gradients; jax_numpy_rank_promotion="raise" refuses every
+    implicit broadcast between arrays of different ranks."""
     params, steps = _params_and_gradients(name, jnp.float32)
     steps = [*steps, jax.tree.map(jnp.zeros_like, steps[0])]
     tx = UNCAPPED[name]() if name in UNCAPPED else ALL[name].make()
-    with jax.debug_infs(True), jax.debug_nans(True):
+    with jax.debug_infs(True), jax.debug_nans(True), jax.numpy_rank_promotion("raise"):
         for update in (tx.update, jax.jit(tx.update)):
             state = tx.init(params)
             for g in steps:
