@@ -472,7 +472,7 @@ def _make_steps(model: TextClassifier, tx: optax.GradientTransformation) -> tupl
         )
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels)
         total = jnp.maximum(batch.weights.sum(), 1.0)
-        correct = (jnp.argmax(logits, -1) == batch.labels) * batch.weights
+        correct = jnp.where(jnp.argmax(logits, -1) == batch.labels, batch.weights, 0)
         return (losses * batch.weights).sum() / total, correct.sum() / total
 
     @jax.jit
@@ -487,7 +487,7 @@ def _make_steps(model: TextClassifier, tx: optax.GradientTransformation) -> tupl
     def eval_step(params, batch):
         logits = model.apply({"params": params}, batch.tokens, batch.lengths)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch.labels)
-        correct = (jnp.argmax(logits, -1) == batch.labels) * batch.weights
+        correct = jnp.where(jnp.argmax(logits, -1) == batch.labels, batch.weights, 0)
         return (losses * batch.weights).sum(), correct.sum(), batch.weights.sum()
 
     return train_step, eval_step
