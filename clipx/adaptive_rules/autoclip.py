@@ -107,8 +107,9 @@ def autoclip(
     with linear interpolation between order statistics (``numpy.quantile``'s
     default). Until a finite norm has been recorded there is no history: the
     step is not clipped (the authors' package does not clip the first step
-    either), and the threshold reported is its own norm. The history is a fixed-size ring buffer in the state,
-    so the quantile is computed on device with no recompilation as it fills.
+    either), and the threshold reported is its own norm. The history is a
+    fixed-size ring buffer in the state, so the quantile is computed on device
+    with no recompilation as it fills.
     With ``per_tensor=True`` every leaf keeps its own history of its own norm
     and is clipped to its own threshold, as the authors' ``global_threshold=False``.
 

@@ -94,9 +94,10 @@ def zclip(
 
     The reported ``threshold`` is the norm the update is clipped down to: the
     update leaves with norm :math:`\min(\lVert g\rVert, \text{threshold})`. It is
-    ``max_norm`` during warm-up (the norm itself if None: 0 before the first step), :math:`\min(T,
-    \text{max\_norm})` on a spike, and otherwise the norm at which this step
-    would have counted as a spike, capped at ``max_norm``:
+    ``max_norm`` during warm-up (if None, the norm itself: the step is not
+    clipped; 0 before the first step), :math:`\min(T, \text{max\_norm})` on a
+    spike, and otherwise the norm at which this step would have counted as a
+    spike, capped at ``max_norm``:
     :math:`\mu + z_\text{thresh}(\sigma + \epsilon)` in "zscore" mode,
     :math:`\mu + z_\text{thresh}\sigma` in "percentile" mode.
 
