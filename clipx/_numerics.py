@@ -65,7 +65,7 @@ def as_dtype(value: Any, dtype: Any) -> jax.Array:
 
 
 def hyperparameter(value: Any, dtype: Any) -> Any:
-    """A hyperparameter ready to meet ``dtype`` values: a JAX array is cast to ``dtype``.
+    """A hyperparameter ready to meet ``dtype`` values: a JAX array is cast to ``dtype`` (`as_dtype`).
 
     A Python number is returned as it is (weakly typed, it takes the dtype of
     what it meets). A JAX array keeps its own dtype in arithmetic, and under
@@ -73,7 +73,7 @@ def hyperparameter(value: Any, dtype: Any) -> Any:
     array (``optax.inject_hyperparams(..., hyperparam_dtype=jnp.bfloat16)``)
     with float32 statistics.
     """
-    return value if isinstance(value, numbers.Number) else jnp.asarray(value, dtype)
+    return value if isinstance(value, numbers.Number) else as_dtype(value, dtype)
 
 
 def accumulation_dtype(dtype: Any) -> jnp.dtype:
