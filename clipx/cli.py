@@ -27,6 +27,7 @@ import pathlib
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -49,6 +50,7 @@ from clipx.workload.train import (
 )
 
 _console = rich.console.Console()
+_PACKAGE = pathlib.Path(clipx.__file__).resolve().parent  # where clipx's own checks raise
 
 # Model flags: (flag, ModelConfig field, type, help); the default shown is ModelConfig's.
 _MODEL_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
@@ -511,6 +513,20 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _is_bad_input(error: ValueError | OSError) -> bool:
+    """Whether ``error`` reports bad settings or data rather than a fault.
+
+    Bad input is an ``OSError`` (a file that cannot be read, a folder that
+    cannot be written) or a ``ValueError`` raised by clipx's own checks. A
+    ``ValueError`` raised inside JAX, NumPy or another library (say a
+    ``TypePromotionError`` while tracing) is a fault: it keeps its traceback.
+    """
+    if isinstance(error, OSError):
+        return True
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and pathlib.Path(frames[-1].filename).resolve().is_relative_to(_PACKAGE)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``clipx <command>``; returns the exit status (errors in settings give 2 and a message)."""
     args = build_parser().parse_args(argv)
@@ -524,7 +540,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "a sweep when run again)"
         )
         return 130
-    except (ValueError, OSError) as error:  # bad settings or data; a folder that cannot be written
+    except (ValueError, OSError) as error:
+        if not _is_bad_input(error):
+            raise
         _console.print(f"[red]clipx {args.command}: {error}[/red]")
         if isinstance(error, ValueError) and "unknown clipper" in str(error):
             _console.print(f"available clippers: {', '.join(available_clippers())}")

@@ -10,8 +10,11 @@ import sys
 import threading
 import time
 
+import jax
+import jax.numpy as jnp
 import pytest
 
+import clipx
 from clipx import cli
 
 TINY_TRAIN = [
@@ -71,6 +74,25 @@ def test_unknown_clipper_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["train", *TINY_TRAIN, "--clip", "nope", "--out", str(tmp_path)]) == 2
     printed = capsys.readouterr().out
     assert "unknown clipper 'nope'" in printed and "global_norm" in printed
+
+
+def _raises_inside_jax(args):
+    del args
+    with jax.numpy_dtype_promotion("strict"):
+        return jnp.ones(2, jnp.bfloat16) * jnp.ones(2, jnp.float32)  # a TypePromotionError
+
+
+def test_a_value_error_raised_inside_jax_is_a_fault_not_bad_settings(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_cmd_train", _raises_inside_jax)
+    with pytest.raises(jax.dtypes.TypePromotionError):  # its traceback kept, not exit 2 and one line
+        cli.main(["train", *TINY_TRAIN, "--out", str(tmp_path / "run")])
+    assert "bfloat16" not in capsys.readouterr().out
+
+
+def test_a_value_error_from_clipx_checks_is_bad_settings(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_cmd_train", lambda args: clipx.global_norm(-1.0))
+    assert cli.main(["train", *TINY_TRAIN, "--out", str(tmp_path / "run")]) == 2
+    assert "max_norm" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("wrapper", ["skip_nonfinite", "skip_spikes", "without_stats"])
