@@ -64,6 +64,19 @@ def whole(x: jax.Array) -> jax.Array:
     return x.astype(_numerics.summation_dtype(x.dtype))
 
 
+def _sums_over_leading_axes(y: jax.Array) -> jax.Array:
+    """``y`` summed over every axis but the last, as a product with a vector of ones.
+
+    XLA's CPU backend sums the leading axes of a row-major array one entry
+    at a time, with no vector instructions: on a 2-core CPU, 460 ms for a
+    768×50257 leaf (a Dense kernel onto a vocabulary), where its sum of
+    squares takes 11 ms. As a matrix-vector product it takes 65 ms,
+    the signed entries written out once included.
+    """
+    rows = y.reshape(-1, y.shape[-1])
+    return jnp.ones(rows.shape[0], y.dtype) @ rows
+
+
 @_numerics.jit_when_traced
 def sketch(x: jax.Array) -> jax.Array:
     """`S(x)` of one leaf (see the module docstring), in the accumulation dtype of ``x``."""
@@ -72,7 +85,12 @@ def sketch(x: jax.Array) -> jax.Array:
     acc = _numerics.summation_dtype(x.dtype)
     longest = x.shape.index(max(x.shape))
     others = tuple(axis for axis in range(x.ndim) if axis != longest)
-    return jnp.sum(x.astype(acc) * _signs(x.shape, acc), axis=others)
+    signed = x.astype(acc) * _signs(x.shape, acc)
+    if longest == x.ndim - 1:  # other backends sum the signed entries where they are made
+        return jax.lax.platform_dependent(
+            signed, cpu=_sums_over_leading_axes, default=lambda y: jnp.sum(y, axis=others)
+        )
+    return jnp.sum(signed, axis=others)
 
 
 class Measures(NamedTuple):

@@ -158,25 +158,28 @@ class ZClipOracle:
         return clipped, {"norm": norm, "threshold": reported, "scale": scale, "clipped": scale < 1}
 
 
-def sketch_of(x: np.ndarray) -> np.ndarray:
-    """clipx's signed sketch of one leaf (module ``clipx._sketch``), in float64, from its definition.
-
-    Leaves of rank ≤ 1 or below 16384 entries are kept whole; otherwise the entries,
-    times signs ``1 − 2·(top bit of lowbias32(i))`` of their flat index ``i``, are summed
-    over every axis but the (first) longest.
-    """
-    x = np.asarray(x, np.complex128 if np.iscomplexobj(x) else np.float64)
-    if x.ndim <= 1 or x.size < 16384:
-        return x
-    h = np.arange(x.size, dtype=np.uint64)
+def sketch_signs(shape: tuple[int, ...]) -> np.ndarray:
+    """The signs ``1 − 2·(top bit of lowbias32(i))`` of the entries of a leaf, ``i`` their flat index."""
+    h = np.arange(int(np.prod(shape)), dtype=np.uint64)
     h ^= h >> 16
     h = (h * 0x7FEB352D) % 2**32
     h ^= h >> 15
     h = (h * 0x846CA68B) % 2**32
     h ^= h >> 16
-    signs = (1 - 2 * (h >> 31).astype(np.int64)).reshape(x.shape)
+    return (1 - 2 * (h >> 31).astype(np.int64)).reshape(shape)
+
+
+def sketch_of(x: np.ndarray) -> np.ndarray:
+    """clipx's signed sketch of one leaf (module ``clipx._sketch``), in float64, from its definition.
+
+    Leaves of rank ≤ 1 or below 16384 entries are kept whole; otherwise the entries,
+    times their `sketch_signs`, are summed over every axis but the (first) longest.
+    """
+    x = np.asarray(x, np.complex128 if np.iscomplexobj(x) else np.float64)
+    if x.ndim <= 1 or x.size < 16384:
+        return x
     longest = int(np.argmax(x.shape))
-    return np.sum(x * signs, axis=tuple(a for a in range(x.ndim) if a != longest))
+    return np.sum(x * sketch_signs(x.shape), axis=tuple(a for a in range(x.ndim) if a != longest))
 
 
 class AdaptiveOracle:

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from oracles import sketch_of
+from oracles import sketch_of, sketch_signs
 
 from clipx import _sketch
 
@@ -35,6 +35,27 @@ def test_matches_the_definition(shape, dtype):
     assert got.dtype == (jnp.complex64 if dtype == jnp.complex64 else jnp.float32)  # accumulated in float32
     np.testing.assert_allclose(got, sketch_of(np.asarray(x)), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(jax.jit(_sketch.sketch)(x), got, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(150, 120), (120, 150), (3, 50, 120)], ids=str)
+def test_derivatives_and_vmap_follow_the_definition_whichever_axis_is_kept(shape):
+    # The last axis kept is summed another way on the CPU (a product with a vector of ones).
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    weights = jnp.asarray(rng.normal(size=_sketch.sketch_shape(shape)), jnp.float32)
+    longest = shape.index(max(shape))
+    others = tuple(axis for axis in range(len(shape)) if axis != longest)
+    expected = sketch_signs(shape) * np.expand_dims(np.asarray(weights), others)  # d⟨w, S(x)⟩/dx_i = s_i·w_j
+    for fn in (_sketch.sketch, jax.jit(_sketch.sketch)):
+        got = jax.grad(lambda x, fn=fn: jnp.vdot(weights, fn(x)))(x)
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+    batch = jnp.stack([x, -x, 2 * x])
+    np.testing.assert_allclose(
+        jax.vmap(_sketch.sketch)(batch),
+        np.stack([sketch_of(np.asarray(b)) for b in batch]),
+        rtol=1e-5,
+        atol=1e-4,
+    )
 
 
 def test_small_leaves_and_vectors_are_kept_whole_and_larger_ones_along_their_longest_axis():
