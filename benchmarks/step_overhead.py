@@ -39,10 +39,13 @@ import optax
 
 import clipx
 
-# Problem sizes: name -> (total float32 parameters, number of leaves).
-SIZES: dict[str, tuple[int, int]] = {
-    "a": (20_000_000, 50),
-    "b": (4_000_000, 1000),
+# Problem sizes: name -> (total float32 parameters, number of leaves, leaves wider than tall).
+# Size (c) is (a) with every leaf transposed, 100 rows of 4000 entries: the layout of Dense kernels
+# (in, out) with more outputs than inputs (MLP up-projections, heads onto a vocabulary).
+SIZES: dict[str, tuple[int, int, bool]] = {
+    "a": (20_000_000, 50, False),
+    "b": (4_000_000, 1000, False),
+    "c": (20_000_000, 50, True),
 }
 
 
@@ -138,15 +141,19 @@ def leaf_size(total: int, leaves: int) -> int:
     return per_leaf - per_leaf % 100 if per_leaf >= 100 else per_leaf
 
 
-def make_params(total: int, leaves: int, seed: int = 0) -> dict[str, jax.Array]:
-    """``leaves`` float32 matrices of `leaf_size` entries (rows of 100 columns from 100 entries up)."""
+def make_params(total: int, leaves: int, seed: int = 0, wide: bool = False) -> dict[str, jax.Array]:
+    """``leaves`` float32 matrices of `leaf_size` entries (rows of 100 columns from 100 entries up).
+
+    With ``wide`` each matrix is transposed: 100 rows (from 100 entries up).
+    """
     per_leaf = leaf_size(total, leaves)
     cols = 100 if per_leaf >= 100 else 1
+    shape = (cols, per_leaf // cols) if wide else (per_leaf // cols, cols)
     key = jax.random.PRNGKey(seed)
     params = {}
     for i in range(leaves):
         key, sub = jax.random.split(key)
-        params[f"layer{i:04d}"] = 0.02 * jax.random.normal(sub, (per_leaf // cols, cols), jnp.float32)
+        params[f"layer{i:04d}"] = 0.02 * jax.random.normal(sub, shape, jnp.float32)
     return params
 
 
@@ -188,7 +195,7 @@ BASELINE = "optax.adam (baseline)"
 
 
 def time_size(
-    cands: list[Candidate], total: int, leaves: int, repeats: int, compile_repeats: int, log
+    cands: list[Candidate], total: int, leaves: int, wide: bool, repeats: int, compile_repeats: int, log
 ) -> dict[str, dict]:
     """Compile and step timing of plain Adam and every ``chain(candidate, adam)`` on one problem size.
 
@@ -199,14 +206,15 @@ def time_size(
     """
     shuffled = random.Random(0).sample
     entries = [(BASELINE, lambda: optax.adam(1e-3))] + [(c.label, c.optimizer) for c in cands]
-    grads = jax.tree.map(lambda p: 50.0 * p, make_params(total, leaves, seed=1))  # global norm well above 1
+    # Gradients with a global norm well above 1.
+    grads = jax.tree.map(lambda p: 50.0 * p, make_params(total, leaves, seed=1, wide=wide))
     compile_wall: dict[str, list[float]] = {label: [] for label, _ in entries}
     compile_cpu: dict[str, list[float]] = {label: [] for label, _ in entries}
     temp_mib: dict[str, float] = {}
     runners = []
     for label, factory in shuffled(entries, len(entries)):
         tx = factory()
-        params = make_params(total, leaves)
+        params = make_params(total, leaves, wide=wide)
         opt_state = tx.init(params)
         step, wall, cpu = compile_step(tx, params, opt_state, grads)
         memory = step.memory_analysis()
@@ -278,7 +286,9 @@ def fmt_ratio(q: tuple[float, float, float]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--sizes", default="a,b", help="comma-separated sizes: a (20M/50 leaves), b (4M/1000)"
+        "--sizes",
+        default="a,b",
+        help="comma-separated sizes: a (20M/50 leaves), b (4M/1000), c (a's leaves transposed)",
     )
     parser.add_argument("--repeats", type=int, default=30, help="round-robin rounds of step timing per size")
     parser.add_argument(
@@ -298,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     if not sizes or any(s not in SIZES for s in sizes):
         parser.error(f"--sizes must name one or more of {', '.join(SIZES)}, got {args.sizes!r}")
     for s in sizes:
-        total, leaves = SIZES[s]
+        total, leaves, _ = SIZES[s]
         if not (args.scale > 0 and int(total * args.scale) >= leaves):
             parser.error(f"--scale must leave at least one parameter per leaf ({leaves} leaves in size {s})")
 
@@ -314,11 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{machine()}\n", flush=True)
     labels = [BASELINE] + [c.label for c in cands]
     for s in sizes:
-        total, leaves = SIZES[s]
+        total, leaves, wide = SIZES[s]
         total = leaf_size(int(total * args.scale), leaves) * leaves
-        log(f"size {s}: {total:,} parameters in {leaves} leaves")
-        res = time_size(cands, total, leaves, args.repeats, args.compile_repeats, log)
-        print(f"Size ({s}): {total / 1e6:g}M float32 parameters in {leaves} leaves\n")
+        layout = ", each transposed (100 rows)" if wide else ""
+        log(f"size {s}: {total:,} parameters in {leaves} leaves{layout}")
+        res = time_size(cands, total, leaves, wide, args.repeats, args.compile_repeats, log)
+        print(f"Size ({s}): {total / 1e6:g}M float32 parameters in {leaves} leaves{layout}\n")
         print(
             "| C in chain(C, adam) | step ms | step ratio (IQR) | compile s | compile ratio, wall (IQR) "
             "| compile ratio, CPU time (IQR) | step's temporary memory, MiB |"

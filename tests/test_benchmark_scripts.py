@@ -26,7 +26,7 @@ def step_overhead():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--sizes", "c"], "--sizes must name"),
+        (["--sizes", "d"], "--sizes must name"),
         (["--sizes", ""], "--sizes must name"),
         (["--repeats", "0"], "--repeats must be at least 1"),
         (["--compile-repeats", "0"], "--compile-repeats must be at least 1"),
@@ -49,5 +49,7 @@ def test_step_overhead_builds_the_size_it_reports(step_overhead):
     assert step_overhead.leaf_size(246_000, 50) == 4900  # rounded down to rows of 100
     params = step_overhead.make_params(246_000, 50)
     assert {p.shape for p in params.values()} == {(49, 100)}
-    assert step_overhead.leaf_size(*step_overhead.SIZES["a"]) == 400_000
-    assert step_overhead.leaf_size(*step_overhead.SIZES["b"]) == 4000
+    assert {p.shape for p in step_overhead.make_params(246_000, 50, wide=True).values()} == {(100, 49)}
+    assert step_overhead.leaf_size(*step_overhead.SIZES["a"][:2]) == 400_000
+    assert step_overhead.leaf_size(*step_overhead.SIZES["b"][:2]) == 4000
+    assert step_overhead.SIZES["c"] == (*step_overhead.SIZES["a"][:2], True)
