@@ -64,24 +64,6 @@ def whole(x: jax.Array) -> jax.Array:
     return x.astype(_numerics.summation_dtype(x.dtype))
 
 
-_COLUMNS = 8192  # the longest last axis XLA's CPU backend sums over the leading axes at speed
-
-
-def _sums_in_slices(y: jax.Array) -> jax.Array:
-    """``y`` summed over every axis but the last, in slices of `_COLUMNS` entries of the last.
-
-    XLA's CPU backend sums the leading axes of a row-major array slowly once
-    the last axis is long: on a 2-core CPU the sketch of a 768×50257 float32
-    leaf (a Dense kernel onto a vocabulary) took 460–590 ms, its sum of
-    squares 11–14 ms, and 70–83 ms in slices (the signed entries, written
-    out once, are a temporary the size of the leaf).
-    """
-    rows = y.reshape(-1, y.shape[-1])
-    return jnp.concatenate(
-        [jnp.sum(rows[:, i : i + _COLUMNS], axis=0) for i in range(0, rows.shape[1], _COLUMNS)]
-    )
-
-
 @_numerics.jit_when_traced
 def sketch(x: jax.Array) -> jax.Array:
     """`S(x)` of one leaf (see the module docstring), in the accumulation dtype of ``x``."""
@@ -90,12 +72,7 @@ def sketch(x: jax.Array) -> jax.Array:
     acc = _numerics.summation_dtype(x.dtype)
     longest = x.shape.index(max(x.shape))
     others = tuple(axis for axis in range(x.ndim) if axis != longest)
-    signed = x.astype(acc) * _signs(x.shape, acc)
-    if longest == x.ndim - 1 and x.shape[-1] > _COLUMNS:
-        return jax.lax.platform_dependent(
-            signed, cpu=_sums_in_slices, default=lambda y: jnp.sum(y, axis=others)
-        )
-    return jnp.sum(signed, axis=others)
+    return _numerics.sum_over(x.astype(acc) * _signs(x.shape, acc), axis=others)
 
 
 class Measures(NamedTuple):

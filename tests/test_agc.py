@@ -116,6 +116,7 @@ def test_agc_matches_optax_on_small_and_large_leaves(jit):
         "vector": (20000,),
         "conv": (3, 4, 8, 200),
         "tiny": (3,),
+        "vocab": (3, 9000),  # units along a last axis over 8192 entries: rows added in pairs on the CPU
     }
     params = {k: normal(shape) for k, shape in shapes.items()}
     grads = {k: unit_scaled_normal(shape) for k, shape in shapes.items()}
@@ -124,14 +125,14 @@ def test_agc_matches_optax_on_small_and_large_leaves(jit):
     actual, _ = update(grads, tx.init(params), params)
     expected, _ = optax.adaptive_grad_clip(0.01).update(grads, optax.EmptyState(), params)
     chex.assert_trees_all_close(actual, expected, rtol=1e-5, atol=1e-8)
-    for k in ("small", "large", "conv"):  # some units clipped, some not, in each
+    for k in ("small", "large", "conv", "vocab"):  # some units clipped, some not, in each
         assert not np.array_equal(actual[k], grads[k])
         assert np.any(np.all(np.asarray(actual[k] == grads[k]), axis=tuple(range(len(shapes[k]) - 1))))
 
 
 def test_agc_derivatives_match_optax_on_small_and_large_leaves():
     """Derivatives through the update, w.r.t. gradients and weights, are those of Optax's rule."""
-    shapes = {"small": (8, 16), "large": (130, 128), "tiny": ()}
+    shapes = {"small": (8, 16), "large": (130, 128), "tiny": (), "vocab": (3, 9000)}
     params = {k: normal(shape) for k, shape in shapes.items()}
     grads = {k: unit_scaled_normal(shape) for k, shape in shapes.items()}
     weights = jax.tree.map(lambda g: normal(g.shape), grads)

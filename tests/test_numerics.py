@@ -409,3 +409,27 @@ def test_tree_all_finite_of_an_empty_tree_and_float64():
         huge = jnp.full(3, 1e300, jnp.float64)  # finite in float64, ∞ in float32
         assert bool(_numerics.tree_all_finite([huge, jnp.ones(2, jnp.float32)]))
         assert not bool(_numerics.tree_all_finite([huge.at[0].set(np.inf)]))
+
+
+@pytest.mark.parametrize("shape", [(7, 9000), (2, 3, 8200), (1, 9000), (6, 8192), (5, 9000, 2)], ids=str)
+def test_sums_over_the_leading_axes_of_long_rows_are_the_plain_sums(shape):
+    # On the CPU a last axis over 8192 entries has its rows added in pairs (odd counts too).
+    x = np.random.default_rng(0).standard_normal(shape)
+    leading = tuple(range(len(shape) - 1))
+    for keepdims in (False, True):
+        expected = np.sum(x, axis=leading, keepdims=keepdims)
+        for fn in (_numerics.sum_over, jax.jit(_numerics.sum_over, static_argnums=(1, 2))):
+            got = fn(jnp.asarray(x, jnp.float32), leading, keepdims)
+            assert got.shape == expected.shape
+            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+        squares = _numerics.sum_of_squares(jnp.asarray(x, jnp.float16), leading, keepdims)
+        assert squares.dtype == jnp.float32  # accumulated in float32
+        np.testing.assert_allclose(
+            squares, np.sum(np.float16(x).astype(np.float64) ** 2, leading, keepdims=keepdims), rtol=1e-4
+        )
+    gradient = jax.grad(
+        lambda y: jnp.vdot(jnp.arange(shape[-1], dtype=jnp.float32), _numerics.sum_over(y, leading))
+    )
+    np.testing.assert_array_equal(
+        gradient(jnp.asarray(x, jnp.float32)), np.broadcast_to(np.arange(shape[-1]), shape)
+    )

@@ -446,23 +446,21 @@ def test_adaptive_sketches_of_large_fsdp_leaves_stay_on_their_devices():
     # Leaves of 16384 entries or more are kept as sketches along their longest axis; sharded
     # like that axis, storing them moves nothing: only the per-device partial scalars cross.
     mesh, _ = make_mesh("fsdp")
-    params = {"embed": jnp.ones((1024, 64)) * 0.01, "dense": jnp.ones((64, 256)) * 0.01}
-    specs = {"embed": P("fsdp", None), "dense": P(None, "fsdp")}
+    # "head" is kept along a last axis over 8192 entries: summed by adding rows on the CPU.
+    shapes = {"embed": (1024, 64), "dense": (64, 256), "head": (4, 16400)}
+    params = {name: jnp.ones(shape) * 0.01 for name, shape in shapes.items()}
+    specs = {"embed": P("fsdp", None), "dense": P(None, "fsdp"), "head": P(None, "fsdp")}
     param_sh = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
     tx = optax.chain(clipx.adaptive(), optax.adam(1e-3))
     state_sh = clipx.state_shardings(tx, params, param_sh)
     assert jax.tree.map(lambda x: x.shape, tx.init(params)[0].direction.previous) == {
         "embed": (1024,),
         "dense": (256,),
+        "head": (16400,),
     }
-    assert jax.tree.map(lambda sh: sh.spec, state_sh[0].direction.previous) == {
-        "embed": P("fsdp"),
-        "dense": P("fsdp"),
-    }
-    assert clipx.state_shardings(tx, params, specs)[0].direction.previous == {
-        "embed": P("fsdp"),
-        "dense": P("fsdp"),
-    }
+    on_devices = {"embed": P("fsdp"), "dense": P("fsdp"), "head": P("fsdp")}
+    assert jax.tree.map(lambda sh: sh.spec, state_sh[0].direction.previous) == on_devices
+    assert clipx.state_shardings(tx, params, specs)[0].direction.previous == on_devices
     update = jax.jit(
         tx.update, in_shardings=(param_sh, state_sh, param_sh), out_shardings=(param_sh, state_sh)
     )
