@@ -116,7 +116,7 @@ def test_agc_matches_optax_on_small_and_large_leaves(jit):
         "vector": (20000,),
         "conv": (3, 4, 8, 200),
         "tiny": (3,),
-        "vocab": (3, 9000),  # units along a last axis over 8192 entries: rows added in pairs on the CPU
+        "vocab": (3, 9000),  # units along a last axis over 8192 entries: a matrix-vector product on the CPU
     }
     params = {k: normal(shape) for k, shape in shapes.items()}
     grads = {k: unit_scaled_normal(shape) for k, shape in shapes.items()}

@@ -446,7 +446,7 @@ def test_adaptive_sketches_of_large_fsdp_leaves_stay_on_their_devices():
     # Leaves of 16384 entries or more are kept as sketches along their longest axis; sharded
     # like that axis, storing them moves nothing: only the per-device partial scalars cross.
     mesh, _ = make_mesh("fsdp")
-    # "head" is kept along a last axis over 8192 entries: summed by adding rows on the CPU.
+    # "head" is kept along a last axis over 8192 entries: summed as a matrix-vector product on the CPU.
     shapes = {"embed": (1024, 64), "dense": (64, 256), "head": (4, 16400)}
     params = {name: jnp.ones(shape) * 0.01 for name, shape in shapes.items()}
     specs = {"embed": P("fsdp", None), "dense": P(None, "fsdp"), "head": P(None, "fsdp")}
@@ -466,6 +466,25 @@ def test_adaptive_sketches_of_large_fsdp_leaves_stay_on_their_devices():
     )
     hlo = update.lower(params, tx.init(params), params).compile(compiler_options=FAST_COMPILE).as_text()
     assert set(collectives(hlo)) <= {("all-reduce", 1), ("all-gather", 8)}, collectives(hlo)
+
+
+@pytest.mark.parametrize("name", ["adaptive", "agc"])
+def test_long_rows_sharded_along_their_leading_axis_move_one_vector(name):
+    # Summed over the leading axis (the sketch; AGC's unit norms), a last axis over 8192 entries
+    # is summed another way on the CPU; split across devices by rows, it still moves only the
+    # per-device partial sums, one vector of the last axis's length, as a plain sum would.
+    mesh, _ = make_mesh("fsdp")
+    params = {"head": jnp.ones((16, 16400)) * 0.01}
+    param_sh = {"head": NamedSharding(mesh, P("fsdp", None))}
+    tx = optax.chain(clipx.adaptive() if name == "adaptive" else clipx.agc(0.01), optax.adam(1e-3))
+    state_sh = clipx.state_shardings(tx, params, param_sh)
+    update = jax.jit(
+        tx.update, in_shardings=(param_sh, state_sh, param_sh), out_shardings=(param_sh, state_sh)
+    )
+    hlo = update.lower(params, tx.init(params), params).compile(compiler_options=FAST_COMPILE).as_text()
+    moved = collectives(hlo)
+    assert {op for op, _ in moved} <= {"all-reduce", "all-gather"}, moved
+    assert max(n for _, n in moved) <= 16400, moved
 
 
 def test_reducing_transforms_take_keyword_axis_name():

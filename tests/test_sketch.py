@@ -19,7 +19,7 @@ SHAPES = [
     (128, 128),
     (200, 90),
     (90, 200),
-    (3, 20000),  # a last axis kept above 8192 entries: summed in slices on the CPU
+    (3, 20000),  # a last axis kept above 8192 entries: a matrix-vector product on the CPU
     (3, 50, 120),
     (8, 8, 16, 20),
 ]
