@@ -122,7 +122,7 @@ _LONG_ROW = 8192
 def _sum_of_rows(y: jax.Array) -> jax.Array:
     """``y`` summed over every axis but the last, as the product of a vector of ones with its rows."""
     rows = y.reshape(-1, y.shape[-1])
-    return jnp.ones(rows.shape[0], rows.dtype) @ rows
+    return jnp.dot(jnp.ones(rows.shape[0], rows.dtype), rows, precision=jax.lax.Precision.HIGHEST)
 
 
 def sum_over(y: jax.Array, axis: int | tuple[int, ...] | None = None, keepdims: bool = False) -> jax.Array:
