@@ -117,6 +117,7 @@ def test_agc_matches_optax_on_small_and_large_leaves(jit):
         "conv": (3, 4, 8, 200),
         "tiny": (3,),
         "vocab": (3, 9000),  # units along a last axis over 8192 entries: a matrix-vector product on the CPU
+        "heads": (2, 3, 6000),  # (in, heads, out): 18000 units, the same
     }
     params = {k: normal(shape) for k, shape in shapes.items()}
     grads = {k: unit_scaled_normal(shape) for k, shape in shapes.items()}

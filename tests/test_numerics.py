@@ -411,11 +411,16 @@ def test_tree_all_finite_of_an_empty_tree_and_float64():
         assert not bool(_numerics.tree_all_finite([huge.at[0].set(np.inf)]))
 
 
-@pytest.mark.parametrize("shape", [(7, 9000), (2, 3, 8200), (1, 9000), (6, 8192), (5, 9000, 2)], ids=str)
-def test_sums_over_the_leading_axes_of_long_rows_are_the_plain_sums(shape):
-    # On the CPU a last axis over 8192 entries is summed as a matrix-vector product.
+@pytest.mark.parametrize(
+    ("shape", "leading"),
+    [((7, 9000), 1), ((2, 3, 8200), 2), ((1, 9000), 1), ((6, 8192), 1), ((5, 9000, 2), 2), ((4, 3, 3000), 1)],
+    ids=str,
+)
+def test_sums_over_the_leading_axes_of_long_rows_are_the_plain_sums(shape, leading):
+    # On the CPU a sum over leading axes that leaves over 8192 entries is a matrix-vector product.
     x = np.random.default_rng(0).standard_normal(shape)
-    leading = tuple(range(len(shape) - 1))
+    leading = tuple(range(leading))
+    kept = shape[len(leading) :]
     for keepdims in (False, True):
         expected = np.sum(x, axis=leading, keepdims=keepdims)
         for fn in (_numerics.sum_over, jax.jit(_numerics.sum_over, static_argnums=(1, 2))):
@@ -427,9 +432,6 @@ def test_sums_over_the_leading_axes_of_long_rows_are_the_plain_sums(shape):
         np.testing.assert_allclose(
             squares, np.sum(np.float16(x).astype(np.float64) ** 2, leading, keepdims=keepdims), rtol=1e-4
         )
-    gradient = jax.grad(
-        lambda y: jnp.vdot(jnp.arange(shape[-1], dtype=jnp.float32), _numerics.sum_over(y, leading))
-    )
-    np.testing.assert_array_equal(
-        gradient(jnp.asarray(x, jnp.float32)), np.broadcast_to(np.arange(shape[-1]), shape)
-    )
+    weights = np.arange(np.prod(kept), dtype=np.float32).reshape(kept)
+    gradient = jax.grad(lambda y: jnp.vdot(weights, _numerics.sum_over(y, leading)))
+    np.testing.assert_array_equal(gradient(jnp.asarray(x, jnp.float32)), np.broadcast_to(weights, shape))
