@@ -177,8 +177,9 @@ def zclip(
         def capped(threshold: jax.Array) -> jax.Array:
             return threshold if cap is None else jnp.minimum(threshold, cap)
 
-        z_thresh_ = jnp.asarray(z_thresh, dtype)
-        eps_, alpha_, clip_factor_ = (_numerics.hyperparameter(h, dtype) for h in (eps, alpha, clip_factor))
+        z_thresh_, eps_, alpha_, clip_factor_ = (
+            _numerics.hyperparameter(h, dtype) for h in (z_thresh, eps, alpha, clip_factor)
+        )
         std = _numerics.safe_sqrt(var)
 
         # The threshold T, whether this step is a spike, and the spike boundary.
