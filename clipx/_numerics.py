@@ -215,7 +215,13 @@ def _fused_reduce(operands: tuple[jax.Array, ...], reductions: tuple[Reduction, 
 
     @run.defjvp
     def run_jvp(primals: tuple, tangents: tuple) -> tuple:
-        separate = lambda *ops: tuple(r.full(x) for r, x in zip(reductions, ops, strict=True))  # noqa: E731
+        def separate(*ops: jax.Array) -> tuple:
+            # A zero-size operand has its reduction's identity (jnp.max refuses one).
+            return tuple(
+                r.full(x) if x.size else jnp.asarray(r.identity, x.dtype)
+                for r, x in zip(reductions, ops, strict=True)
+            )
+
         return run(*primals), jax.jvp(separate, primals, tangents)[1]
 
     return run(*operands)

@@ -103,6 +103,19 @@ def test_meta_gradients_are_finite(name, scale):
     chex.assert_tree_all_finite(d_zero)
 
 
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_derivatives_ignore_a_zero_size_leaf(name):
+    grads = {"a": jnp.array([3.0, -0.2]), "b": jnp.array([[1.0, 2.0]])}
+
+    def outcome(g):
+        updates, state = apply(name, 0.5, g)
+        return sum(jnp.sum(u**2) for u in jax.tree.leaves(updates)) + state.stats.norm
+
+    with_empty = jax.grad(outcome)({**grads, "empty": jnp.zeros((0, 3))})
+    chex.assert_trees_all_close({k: with_empty[k] for k in grads}, jax.grad(outcome)(grads))
+    assert with_empty["empty"].shape == (0, 3)
+
+
 ADAPTIVE_HYPERPARAMETERS = {
     "autoclip": lambda q: clipx.autoclip(quantile=q),
     "autoclip_per_tensor": lambda q: clipx.autoclip(quantile=q, per_tensor=True),
