@@ -144,6 +144,39 @@ def test_meta_gradients_of_adaptive_rules_are_finite_from_the_first_step(name):
         chex.assert_tree_all_finite(jax.grad(outcome)(jnp.float32(value), steps))
 
 
+ADAPTIVE_RULES = {
+    "autoclip": lambda: clipx.autoclip(),
+    "autoclip_per_tensor": lambda: clipx.autoclip(per_tensor=True),
+    "zclip": lambda: clipx.zclip(warmup_steps=2),
+    "zclip_eps_0": lambda: clipx.zclip(warmup_steps=2, eps=0.0),
+    "adagc": lambda: clipx.adagc(warmup_steps=2),
+    "quantile_clip": lambda: clipx.quantile_clip(),
+    "adaptive": lambda: clipx.adaptive(warmup_steps=2),
+    "adaptive_without_direction": lambda: clipx.adaptive(warmup_steps=2, direction_rate=None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ADAPTIVE_RULES))
+def test_derivatives_of_adaptive_rules_with_respect_to_the_gradients_are_finite(name):
+    # After one observation the running variance is exactly 0: a square root or a division there
+    # must not put inf · 0 = NaN into the derivatives.
+    params = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([[0.5, -0.5]])}
+    factors = (1.0, 2.0, 2.0, 0.5, 8.0)
+
+    def outcome(size, steps):
+        tx = ADAPTIVE_RULES[name]()
+        state, total = tx.init(params), 0.0
+        for factor in factors[:steps]:
+            updates, state = tx.update(
+                jax.tree.map(lambda p, f=factor: size * f * (p + 1.0), params), state, params
+            )
+            total = total + sum(jnp.sum(u**2) for u in jax.tree.leaves(updates))
+        return total
+
+    for steps in range(1, len(factors) + 1):
+        chex.assert_tree_all_finite(jax.grad(outcome)(jnp.float32(1.0), steps))
+
+
 @pytest.mark.parametrize("name", ["global_norm", "tensor_norm"])
 @pytest.mark.parametrize("as_array", [False, True], ids=["python-threshold", "array-threshold"])
 def test_derivative_at_the_threshold_is_the_unclipped_sides(name, as_array):

@@ -329,7 +329,7 @@ def adaptive(
             )
             measures = _sketch.measure(updates, state.direction.previous, axis_name)
             norm = measures.norm
-        std = jnp.maximum(jnp.sqrt(moments.var), jnp.asarray(min_std, dtype))
+        std = jnp.maximum(_numerics.safe_sqrt(moments.var), jnp.asarray(min_std, dtype))
         log_threshold = jnp.where(
             moments.observations < warmup_steps,
             moments.mean + jnp.log(jnp.asarray(warmup_factor, dtype)),

@@ -188,12 +188,14 @@ def zclip(
             is_spike = norm > spike_threshold
             boundary = spike_threshold
         else:
-            z = (norm - mean) / (std + eps_)
-            is_spike = z > z_thresh_
-            boundary = mean + z_thresh_ * (std + eps_)
+            # z > z_thresh, and z_thresh / z on a spike, without dividing by σ + ε: with ε = 0 and
+            # σ = 0 (as in warm-up) a division would put NaN into the derivatives.
+            excess, spread = norm - mean, std + eps_
+            is_spike = excess > z_thresh_ * spread
+            boundary = mean + z_thresh_ * spread
             if clip_option == "adaptive_scaling":
-                eta = jnp.where(is_spike, z, z_thresh_) / z_thresh_
-                spike_threshold = (mean + z_thresh_ * std / eta) * clip_factor_
+                inverse_eta = jnp.where(is_spike, z_thresh_ * spread / jnp.where(is_spike, excess, 1), 1)
+                spike_threshold = (mean + z_thresh_ * std * inverse_eta) * clip_factor_
             else:
                 spike_threshold = mean
         spike = ready & is_spike
