@@ -21,6 +21,11 @@ def init_moments(dtype: jnp.dtype) -> Moments:
     return Moments(mean=jnp.zeros((), dtype), var=jnp.zeros((), dtype), observations=jnp.zeros((), jnp.int32))
 
 
+def count_up(count: jax.Array, when: jax.Array) -> jax.Array:
+    """``count + 1`` where ``when``, saturating at the largest value of its integer dtype (no wrap)."""
+    return count + (when & (count < jnp.iinfo(count.dtype).max)).astype(count.dtype)
+
+
 def update_moments(moments: Moments, x: jax.Array, observe: jax.Array, decay: float | jax.Array) -> Moments:
     r"""Adds ``x`` to the running mean and variance where ``observe`` is True.
 
@@ -36,10 +41,10 @@ def update_moments(moments: Moments, x: jax.Array, observe: jax.Array, decay: fl
     population variance (Welford's update, so no bias correction is needed);
     after that an exponential moving average with weight ``1 − decay``. Where
     ``observe`` is False nothing changes, whatever ``x`` is (NaN and ±inf
-    included).
+    included). The count of observations stops at 2³¹ − 1 instead of wrapping.
     """
     dtype = moments.mean.dtype
-    observations = moments.observations + 1
+    observations = count_up(moments.observations, jnp.asarray(True))
     alpha = jnp.maximum(1 / observations.astype(dtype), 1 - jnp.asarray(decay, dtype))
     delta = jnp.where(observe, jnp.asarray(x, dtype), moments.mean) - moments.mean
     mean = moments.mean + alpha * delta

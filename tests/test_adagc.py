@@ -200,3 +200,35 @@ def test_the_fraction_of_tensors_clipped_starts_at_zero():
     tx = clipx.autoclip(per_tensor=True)
     _, state = tx.update({}, tx.init({}))
     assert float(clipx.stats(state)["autoclip/scale"]) == 0.0  # no tensor, none clipped
+
+
+@pytest.mark.parametrize("after_warm_up", [False, True])
+def test_a_zero_tensor_is_never_counted_as_clipped(after_warm_up):
+    # The global norm is above warmup_max_norm, so a tensor on the warm-up rule is scaled
+    # down; a zero tensor (frozen, or never seen) is not changed by that.
+    tx = clipx.adagc(warmup_steps=2, warmup_max_norm=10.0)
+    state = tx.init({"w": jnp.zeros(2), "frozen": jnp.zeros(3)})
+    for _ in range(2 if after_warm_up else 0):
+        _, state = tx.update({"w": jnp.array([12.0, 16.0]), "frozen": jnp.zeros(3)}, state)
+    grads = {
+        "w": jnp.array([6.12, 8.16]) if after_warm_up else jnp.array([12.0, 16.0]),
+        "frozen": jnp.zeros(3),
+    }
+    updates, state = tx.update(grads, state)
+    clipped = not np.array_equal(updates["w"], grads["w"])
+    assert clipped is not after_warm_up  # 10.2 is within 1.04 × γ = 10.4; 20 is above 10
+    assert float(state.stats.scale) == (0.5 if clipped else 0.0)  # "w" alone, of two tensors
+    assert bool(state.stats.clipped) is clipped
+
+
+def test_the_count_of_finite_steps_stops_at_the_int32_limit():
+    tx = clipx.adagc(warmup_steps=2)
+    grads = {"a": jnp.array([0.3, 0.4]), "b": jnp.array([0.3, 0.4])}
+    state = tx.init(grads)
+    for _ in range(3):
+        _, state = tx.update(grads, state)
+    state = state._replace(finite_steps=jnp.int32(2**31 - 2))
+    for _ in range(3):  # a spike of "a", clipped by its own γ, never by the warm-up rule
+        updates, state = tx.update({"a": jnp.array([30.0, 40.0]), "b": grads["b"]}, state)
+        assert float(jnp.linalg.norm(updates["a"])) < 0.6
+    assert int(state.finite_steps) == 2**31 - 1

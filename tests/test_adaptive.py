@@ -411,3 +411,15 @@ def test_float64_hyperparameters_under_x64_keep_the_state_types(factory, kwargs)
 
         final, _ = jax.lax.scan(step, state, jnp.array([1.0, 3.0, 0.5, 20.0, 1.0], jnp.float32))
         chex.assert_trees_all_equal_dtypes(final, state)
+
+
+def test_the_count_of_observations_stops_at_the_int32_limit():
+    tx = clipx.adaptive(direction_rate=None, warmup_steps=2)
+    state = tx.init(jnp.zeros(2))
+    for _ in range(30):
+        _, state = tx.update(jnp.array([0.6, 0.8]), state)
+    state = state._replace(log_norm=state.log_norm._replace(observations=jnp.int32(2**31 - 2)))
+    for _ in range(3):  # a 1000× spike stays clipped near the usual norm
+        updates, state = tx.update(jnp.array([600.0, 800.0]), state)
+        assert float(jnp.linalg.norm(updates)) < 2.0
+    assert int(state.log_norm.observations) == 2**31 - 1

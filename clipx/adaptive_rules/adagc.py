@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clipx import _numerics, _validate
+from clipx import _numerics, _running, _validate
 from clipx._stats import ClipStats, clip_stats, empty_clip_stats, replacing
 
 
@@ -155,12 +155,13 @@ def adagc(
         """How many tensors `tensor_step` clips, from the stacked ``‖g_i‖²`` and ``γ_i``.
 
         Counted from the stacked values, not from the scales: stacking the
-        scales cost a kernel per tensor.
+        scales cost a kernel per tensor. A zero tensor is never clipped: its
+        update is zero whatever its scale.
         """
         relative = _numerics.hyperparameter(relative_threshold, gammas.dtype)
         thresholds = (relative * gammas).astype(squared_norms.dtype)
         norms = _numerics.safe_sqrt(squared_norms) + _numerics.hyperparameter(eps, squared_norms.dtype)
-        above = jnp.where(warmup | (gammas == 0), global_scale < 1, norms > thresholds)
+        above = jnp.where(warmup | (gammas == 0), global_scale < 1, norms > thresholds) & (squared_norms != 0)
         return jnp.sum(above, dtype=jnp.int32)
 
     def update_fn(updates, state, params=None):
@@ -200,7 +201,7 @@ def adagc(
             clipped=num_clipped > 0,
         )
         new_state = AdaGCState(
-            finite_steps=state.finite_steps + finite.astype(jnp.int32),
+            finite_steps=_running.count_up(state.finite_steps, finite),
             gamma=jax.tree.unflatten(jax.tree.structure(state.gamma), [gamma for _, gamma in steps]),
             stats=replacing(state.stats, stats),
         )
