@@ -13,6 +13,10 @@ from clipx import _sketch
 
 PyTree = Any
 
+# What `_mirror` returns for a node that does not mirror the parameters (None cannot say it:
+# a None parameter is mirrored by a None node).
+_NOT_MIRRORED = object()
+
 
 def _is_clipx_state(node: Any) -> bool:
     """Whether ``node`` is one of clipx's state NamedTuples."""
@@ -100,6 +104,7 @@ def state_shardings(
         )
     init: Callable[[PyTree], PyTree] = getattr(tx, "init", tx)
     state = jax.eval_shape(init, params)
+    params = jax.eval_shape(lambda tree: tree, params)  # shapes, for Python numbers among the leaves too
     if replicated is None:
         sharding_leaves = jax.tree.structure(params).flatten_up_to(param_shardings)  # type: ignore[attr-defined]
         if not sharding_leaves:
@@ -110,9 +115,9 @@ def state_shardings(
     def assign_tree(tree: PyTree, sketches: bool = False) -> PyTree:
         def mirror(node: Any) -> Any:
             if not has_params:
-                return None
+                return _NOT_MIRRORED
             mirrored = _mirror(node, params, param_shardings, replicated, sketches)
-            if mirrored is None and isinstance(params, optax.LookaheadParams):
+            if mirrored is _NOT_MIRRORED and isinstance(params, optax.LookaheadParams):
                 mirrored = _mirror(node, params.fast, param_shardings.fast, replicated, sketches)
             return mirrored
 
@@ -122,10 +127,10 @@ def state_shardings(
                     *(assign_field(node, f, v) for f, v in zip(node._fields, node, strict=True))
                 )
             mirrored = mirror(node)
-            return replicated if mirrored is None else mirrored
+            return replicated if mirrored is _NOT_MIRRORED else mirrored
 
         return jax.tree.map(
-            assign, tree, is_leaf=lambda node: _is_clipx_state(node) or mirror(node) is not None
+            assign, tree, is_leaf=lambda node: _is_clipx_state(node) or mirror(node) is not _NOT_MIRRORED
         )
 
     def assign_field(node: Any, field: str, value: Any) -> Any:
@@ -144,7 +149,7 @@ def _children(tree: Any) -> tuple[list, Any]:
 
 
 def _mirror(node: Any, param: Any, sharding: Any, replicated: Any, sketches: bool) -> Any:
-    """The shardings of ``node`` if it mirrors the parameter subtree ``param``, else None.
+    """The shardings of ``node`` if it mirrors the parameter subtree ``param``, else `_NOT_MIRRORED`.
 
     ``node`` mirrors ``param`` if it has its structure, where an
     ``optax.MaskedNode`` stands for any masked-out subtree (``optax.masked``,
@@ -157,7 +162,7 @@ def _mirror(node: Any, param: Any, sharding: Any, replicated: Any, sketches: boo
         return node
     if hasattr(param, "shape"):
         if not hasattr(node, "shape"):
-            return None
+            return _NOT_MIRRORED
         if node.shape == param.shape:
             return sharding
         if sketches and node.shape == _sketch.sketch_shape(param.shape):
@@ -166,13 +171,13 @@ def _mirror(node: Any, param: Any, sharding: Any, replicated: Any, sketches: boo
     node_children, node_def = _children(node)
     param_children, param_def = _children(param)
     if node_def != param_def:
-        return None
+        return _NOT_MIRRORED
     sharding_children = param_def.flatten_up_to(sharding)
     mirrored = [
         _mirror(n, p, s, replicated, sketches)
         for n, p, s in zip(node_children, param_children, sharding_children, strict=True)
     ]
-    return None if any(m is None for m in mirrored) else node_def.unflatten(mirrored)
+    return _NOT_MIRRORED if any(m is _NOT_MIRRORED for m in mirrored) else node_def.unflatten(mirrored)
 
 
 def _along_longest_axis(sharding: Any, shape: tuple[int, ...], replicated: Any) -> Any:

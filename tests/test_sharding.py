@@ -544,3 +544,13 @@ def test_state_shardings_names_a_factory_given_for_the_transformation():
         clipx.state_shardings(clipx.value, params, {"w": P("d", None)})
     init_only = clipx.state_shardings(clipx.value(1.0).init, params, {"w": P("d", None)})
     assert init_only.stats.norm == P()  # an init function is still accepted
+
+
+def test_state_shardings_of_parameters_with_none_and_python_number_leaves():
+    # optax.adam accepts both: None leaves stay None in its moments, a Python number gets an array.
+    params = {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32), "frozen": None, "temperature": 1.0}
+    specs = {"w": P("d", None), "frozen": None, "temperature": P()}
+    tx = optax.chain(clipx.adaptive(), optax.adam(1e-3))
+    adaptive_state, (adam_state, _) = clipx.state_shardings(tx, params, specs)
+    assert adam_state.mu == adam_state.nu == specs
+    assert adaptive_state.direction.previous == specs
