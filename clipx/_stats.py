@@ -26,11 +26,14 @@ class ClipStats(NamedTuple):
 
     Attributes:
       norm: the measured norm before clipping (float32 or wider). Global rules
-        report the global norm; per-tensor or per-unit rules report the largest
-        per-tensor (per-unit) quantity compared with the threshold.
+        report the global norm; most per-tensor or per-unit rules report the
+        largest per-tensor (per-unit) quantity compared with the threshold
+        (`adagc` the global norm, ``autoclip(per_tensor=True)`` the leaf
+        furthest above its threshold: see each rule's Returns).
       threshold: the threshold used this step.
       scale: the factor applied to the whole update (global rules) or the
-        fraction of tensors/units that were clipped (per-tensor/per-unit rules).
+        fraction of entries/tensors/units/examples that were clipped (rules
+        that clip them apart).
       clipped: whether anything was clipped this step.
     """
 

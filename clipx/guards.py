@@ -195,8 +195,9 @@ def skip_spikes(
     ``max_consecutive`` skipped steps in a row the next step is accepted
     (and enters the statistics if finite); ``None`` never lets one through.
 
-    Defaults follow Levanter and OLMo (``k = 6``, a window of about 100
-    steps, 64 observations before the first skip), with the statistics of
+    Defaults follow Levanter and OLMo (``k = 6``, 64 observations before the
+    first skip; a moving average of about 100 steps where Levanter keeps a
+    window of 128), with the statistics of
     ``log‖g‖`` as in Lingvo's ``GradNormTracker``, which makes the test
     independent of the scale of the loss; ``min_std = 0.1`` means a step is
     never skipped for a norm less than ``e^{0.6} ≈ 1.8`` times its typical

@@ -378,7 +378,8 @@ def per_example_adaptive(
     Args:
       target_quantile: ``γ ∈ [0, 1]``, the fraction of examples meant to be unclipped.
       learning_rate: ``η ≥ 0`` of the geometric update.
-      initial_threshold: ``C₀ > 0``, the clip norm of the first step.
+      initial_threshold: ``C₀``, the clip norm of the first step: a normal
+        float32 (in [1.2e-38, 3.4e38]).
       noise_multiplier: ``σ ≥ 0``; noise of standard deviation ``σ·C`` on the sum.
       count_stddev: ``σ_b ≥ 0``, the standard deviation (in examples) of the
         noise added to the unclipped count.

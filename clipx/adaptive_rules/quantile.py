@@ -68,7 +68,7 @@ def quantile_clip(
     Args:
       target_quantile: ``γ`` in ``[0, 1]``.
       learning_rate: ``η ≥ 0``, the step of the geometric update.
-      initial_threshold: ``C₀ > 0``.
+      initial_threshold: ``C₀``, a normal float32 (in [1.2e-38, 3.4e38]).
       axis_name: inside ``shard_map``/``pmap``, the mapped axis to sum the
         squared norm over (as in `clipx.global_norm`).
 

@@ -74,7 +74,8 @@ def adaptive(
     steps that overshoot.
 
     With ``x = log‖g‖`` and ``μ``, ``σ²`` the running mean and variance of
-    the logs of the *clipped* norms, the threshold at a step is ``m·c``,
+    the logs of the norms *capped at* ``c`` (before the multiplier), the
+    threshold at a step is ``m·c``,
 
     .. math::
 
@@ -161,7 +162,7 @@ def adaptive(
       later), and a lasting 5× rise of the norms is followed more slowly
       (89% of steps still clipped 500–600 steps after it, against 66% with
       ``w = 4``);
-    * ``min_std`` keeps the threshold at least ``e^{k·σ_min}`` (10%) above
+    * ``min_std`` keeps ``c`` at least ``e^{k·σ_min}`` (10%) above
       the typical norm, so very steady norms are not clipped at every small
       rise. It must be above 0: the censored statistics of steady or rising
       warm-up norms have ``σ = 0``, and with no floor the threshold would
