@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import dataclasses
 import inspect
-import json
 import pathlib
 import signal
 import sys
@@ -44,7 +43,9 @@ from clipx.workload.train import (
     check_folder,
     check_range,
     parse_clip_args,
+    read_config,
     read_log,
+    read_settings,
     resume_file,
     train,
 )
@@ -82,7 +83,7 @@ _TRAIN_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--batch-size", "batch_size", int, "examples per step"),
     ("--epochs", "epochs", int, "passes over the training split"),
     ("--max-steps", "max_steps", int, "stop after N steps"),
-    ("--seed", "seed", int, "seed of initialisation, data order and dropout"),
+    ("--seed", "seed", int, "seed of initialisation, data order and dropout, 0 to 2³²−1"),
     ("--eval-every", "eval_every", int, "evaluate every N steps besides each epoch's end"),
     ("--checkpoint-every", "checkpoint_every", int, "write a checkpoint every N steps"),
 )
@@ -177,7 +178,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 f"--resume continues the run in {out} with its saved settings; {', '.join(given)} "
                 "would change them. Leave them out, or start a new run in another --out."
             )
-        config = TrainConfig.from_json(json.loads(resume_file(out, "config.json").read_text()))
+        config = read_config(resume_file(out, "config.json"))
     else:
         config = _train_config(args)
     summary = train(config, out, resume=args.resume, stop_after=args.stop_after, progress=not args.quiet)
@@ -187,7 +188,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     for key, value in summary.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     _console.print(table)
-    for name in plots.ONE_RUN_FIGURES:  # no figure of an earlier run in this folder stays
+    # Redrawn from the whole log. `train` removed an earlier run's figures when this run
+    # started; a resumed run's own, drawn from fewer steps, go now.
+    for name in plots.ONE_RUN_FIGURES:
         (out / name).unlink(missing_ok=True)
     if any("loss" in record for record in read_log(out)):
         _console.print(f"plots: {', '.join(map(str, _plot_runs([out], None, out)))}")
@@ -204,12 +207,7 @@ def _setting_parts(config_file: pathlib.Path) -> list[str]:
     """A run's settings as short phrases for plot titles: data, cell, optimizer, clipper, seed."""
     if not config_file.is_file():
         return []
-    try:
-        recorded = json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_file} is not a run's settings ({error})") from None
-    if not isinstance(recorded, dict):
-        raise ValueError(f"{config_file} is not a run's settings (not a JSON object)")
+    recorded = read_settings(config_file)
     config = {**_field_defaults(TrainConfig), "model": {}, "clip_args": {}, **recorded}
     cell = {**_field_defaults(model_lib.ModelConfig), **config["model"]}["cell"]
     optimizer = OPTIMIZER_NAMES.get(config["optimizer"], config["optimizer"])
@@ -305,7 +303,7 @@ def _add_demo_parser(subparsers) -> None:
     )
     p.add_argument("--lr", type=float, default=0.05, help="learning rate (default: 0.05)")
     p.add_argument("--task-length", type=int, default=50, help="words per sentence, 50-400 (default: 50)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every run (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every run, 0 to 2³²−1 (default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -16,6 +16,7 @@ import pytest
 
 import clipx
 from clipx import cli
+from clipx.workload import train as train_lib
 
 TINY_TRAIN = [
     "--task-length", "50", "--task-train", "48", "--cell", "simple", "--embed-dim", "8",
@@ -44,6 +45,42 @@ def test_a_new_run_in_a_used_folder_leaves_nothing_of_the_old_one(tmp_path):
     assert "summary.json" not in left and "threshold.png" not in left  # unfinished, and no clipper
     assert json.loads((out / "config.json").read_text())["seed"] == 3
     assert len((out / "log.jsonl").read_text().splitlines()) == 1
+
+
+def _interrupt_at_step(monkeypatch, step):
+    """Makes the next `train` stop at its ``step``-th step as at Ctrl-C."""
+    to_python, calls = train_lib._to_python, []
+
+    def interrupted(metrics):
+        calls.append(None)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return to_python(metrics)
+
+    monkeypatch.setattr(train_lib, "_to_python", interrupted)
+
+
+def test_an_interrupted_new_run_leaves_no_figure_of_the_old_one(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    argv = ["train", *TINY_TRAIN, "--eval-every", "1", "--out", str(out)]
+    assert cli.main([*argv, "--clip", "global_norm", "--clip-arg", "max_norm=0.5"]) == 0
+    figures = set(cli.plots.ONE_RUN_FIGURES)
+    assert figures <= {p.name for p in out.iterdir()}
+    _interrupt_at_step(monkeypatch, 2)
+    assert cli.main([*argv, "--seed", "3"]) == 130
+    assert not figures & {p.name for p in out.iterdir()}
+    assert json.loads((out / "config.json").read_text())["seed"] == 3
+
+
+def test_an_interrupted_resumed_run_keeps_its_own_figures(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    argv = ["train", *TINY_TRAIN, "--clip", "global_norm", "--clip-arg", "max_norm=0.5", "--out", str(out)]
+    assert cli.main([*argv, "--stop-after", "1"]) == 0
+    drawn = sorted(p.name for p in out.glob("*.png"))
+    assert "threshold.png" in drawn
+    _interrupt_at_step(monkeypatch, 1)
+    assert cli.main(["train", "--resume", "--out", str(out), "--quiet"]) == 130
+    assert sorted(p.name for p in out.glob("*.png")) == drawn  # of its own first step
 
 
 def test_train_preset_sets_defaults_and_flags_override():
@@ -136,8 +173,16 @@ def _printed(capsys, message):
         (["--train-limit", "0"], "train_limit must be at least 1; got 0"),
         (["--dev-limit", "0"], "dev_limit must be at least 1; got 0"),
         (["--stop-after", "0"], "stop_after must be at least 1; got 0"),
-        (["--seed", "-1"], "seed must be at least 0; got -1"),
+        (["--seed", "-1"], "seed must lie in [0, 4294967295]; got -1"),
+        (["--seed", "4294967296"], "seed must lie in [0, 4294967295]; got 4294967296"),
+        (["--seed", "99999999999999999999"], "seed must lie in [0, 4294967295]; got 99999999999999999999"),
+        (["--max-vocab", "0"], "max_vocab must be at least 2; got 0"),
+        (["--boundaries", "--max-vocab", "3"], "max_vocab must be at least 4; got 3"),
         (["--clip", "value", "--clip-arg", "max_delta=abc"], "clipx.value: max_delta must be a real number"),
+        (
+            ["--clip", "global_norm", "--clip-arg", "max_norm=1e39"],
+            "clipper argument 'max_norm=1e39': beyond float32's range (at most 3.4028235e+38 in size;",
+        ),
     ),
 )
 def test_train_refuses_bad_settings_before_training(tmp_path, capsys, flags, message):
@@ -225,6 +270,8 @@ def test_plot_bad_inputs_are_clear_errors(tmp_path, capsys):
     assert "line 2: not a JSON record" in error(str(empty))
     (empty / "log.jsonl").write_text('{"step": 1, "loss": 0.5}\n[1, 2]\n')
     assert "line 2: not a log record" in error(str(empty))
+    (empty / "log.jsonl").write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": "abc"}\n')
+    assert f"{empty / 'log.jsonl'}, line 2: not a log record ('loss' is 'abc'" in error(str(empty))
     squeezed = lambda text: "".join(text.split())  # noqa: E731  # rich wraps long lines
     (run / "config.json").write_text('{"model": {"cell"')
     assert squeezed(f"{run / 'config.json'} is not a run's settings (Expecting") in squeezed(error(str(run)))
@@ -382,14 +429,16 @@ def test_sweep_settings_written_before_optimizer_and_cell_mean_adam_and_lstm(tmp
     settings = dataclasses.asdict(cli.sweep.SweepConfig(datasets=("task",), task_train=32, max_steps=1))
     del settings["optimizer"], settings["cell"]
     recorded = {"sweep": settings, "model": lstm_model}
-    (tmp_path / "settings.json").write_text(json.dumps(recorded))
     argv = [
         "sweep", "--out", str(tmp_path), "--datasets", "task", "--clippers", "none", "--lrs", "0.1",
         "--seeds", "1", "--task-train", "32", "--max-steps", "1",
     ]  # fmt: skip
-    assert cli.main([*argv, "--optimizer", "sgd"]) == 2
-    assert cli.main([*argv, "--cell", "gru"]) == 2
-    assert cli.main(argv) == 0
+    assert cli.main(argv) == 0  # a run of Adam and an LSTM, recorded as before those settings existed:
+    (tmp_path / "settings.json").write_text(json.dumps(recorded))
+    other_runs = [*argv, "--lrs", "0.2"]  # settings.json alone tells what the folder's runs were made with
+    assert cli.main([*other_runs, "--optimizer", "sgd"]) == 2
+    assert cli.main([*other_runs, "--cell", "gru"]) == 2
+    assert cli.main(other_runs) == 0
 
 
 def test_sweep_refuses_a_corrupt_settings_file(tmp_path, capsys):
@@ -399,6 +448,16 @@ def test_sweep_refuses_a_corrupt_settings_file(tmp_path, capsys):
         assert cli.main(argv) == 2
         assert "settings.json is not a sweep settings file" in capsys.readouterr().out.replace("\n", "")
     assert not list(tmp_path.glob("task__*.json"))
+
+
+def test_a_sweep_that_made_no_run_binds_no_settings(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli.sweep, "MODEL", TINY_MODEL)
+    failed = ["--datasets", "imdb", "--data-root", str(tmp_path / "absent"), "--max-length", "64"]
+    assert cli.main(_tiny_sweep_argv(tmp_path / "sweep", *failed)) == 2
+    assert _printed(capsys, f"clipx sweep: {tmp_path / 'absent' / 'imdb' / 'train.tsv'}: file not found")
+    assert cli.main(_tiny_sweep_argv(tmp_path / "sweep")) == 0  # other settings, and no run to mix them with
+    recorded = json.loads((tmp_path / "sweep" / "settings.json").read_text())["sweep"]
+    assert recorded["datasets"] == ["task"] and recorded["max_length"] == 128
 
 
 def test_sweep_settings_are_validated():
@@ -420,7 +479,8 @@ def test_sweep_settings_are_validated():
         ({"clippers": ()}, "clippers must list at least one entry; got none"),
         ({"datasets": ("task", "task")}, "datasets must list each entry once; got 'task' 2 times"),
         ({"datasets": ()}, "datasets must list at least one entry; got none"),
-        ({"seeds": 0}, "seeds must be at least 1; got 0"),
+        ({"seeds": 0}, "seeds must lie in [1, 4294967296]; got 0"),
+        ({"seeds": 2**32 + 1}, "seeds must lie in [1, 4294967296]; got 4294967297"),  # seed 2³² is 0's
         ({"max_steps": 0}, "max_steps must be at least 1; got 0"),
         ({"train_limit": 0}, "train_limit must be at least 1; got 0"),
         ({"dev_limit": 0}, "dev_limit must be at least 1; got 0"),
@@ -446,7 +506,7 @@ TINY_SWEEP = [
         (["--lrs", "-1"], "learning_rates[0] must be finite and above 0; got -1.0"),
         (["--lrs", "nan"], "learning_rates[0] must be finite and above 0; got nan"),
         (["--lrs", "0.1,abc"], "--lrs: 'abc' is not a number"),
-        (["--seeds", "0"], "seeds must be at least 1; got 0"),
+        (["--seeds", "0"], "seeds must lie in [1, 4294967296]; got 0"),
         (["--max-steps", "0"], "max_steps must be at least 1; got 0"),
         (["--clippers", "none,none"], "clippers must list each entry once; got 'none' 2 times"),
         (["--lrs", "0.01,0.01"], "learning_rates must list each entry once; got '0.01' 2 times"),
@@ -471,7 +531,9 @@ def test_sweep_refuses_bad_settings_before_running(tmp_path, capsys, monkeypatch
     _named_by_flags(
         (["--steps", "0"], "--steps must be at least 1; got 0"),
         (["--steps", "-5"], "--steps must be at least 1; got -5"),
-        (["--seed", "-1"], "seed must be at least 0; got -1"),
+        (["--seed", "-1"], "seed must lie in [0, 4294967295]; got -1"),
+        (["--seed", "4294967296"], "seed must lie in [0, 4294967295]; got 4294967296"),
+        (["--seed", "99999999999999999999"], "seed must lie in [0, 4294967295]; got 99999999999999999999"),
         (["--lr", "-1"], "learning_rate must be finite and above 0; got -1.0"),
         (["--lr", "nan"], "learning_rate must be finite and above 0; got nan"),
         (["--task-length", "10"], "task_length must lie in [50, 400]; got 10"),
@@ -538,6 +600,24 @@ def test_resume_refuses_settings_given_beside_it(tmp_path, capsys, flags, named)
         f"clipx train: --resume continues the run in {out} with its saved settings; "
         f"{named} would change them.",
     )
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        ('{"lr": ', "(Expecting value"),
+        ("[1]", "(not a JSON object)"),
+        ('{"lr": 0.1, "max_length": 100}', "(settings this clipx does not take: lr)"),
+    ],
+    ids=["corrupt", "not_an_object", "unknown_setting"],
+)
+def test_resume_names_a_config_file_that_holds_no_settings(tmp_path, capsys, content, why):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(content)
+    assert cli.main(["train", "--resume", "--out", str(out), "--quiet"]) == 2
+    assert _printed(capsys, f"clipx train: {out / 'config.json'} is not a run's settings {why}")
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
 
 

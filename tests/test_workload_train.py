@@ -1,5 +1,6 @@
 """The training loop: clipper lookup, logging, divergence, checkpoints and exact resumption."""
 
+import dataclasses
 import json
 import re
 
@@ -9,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from clipx.workload import data as data_lib
 from clipx.workload import train as train_lib
 from clipx.workload.train import TrainConfig, load_data, make_clipper, read_log, train
 
@@ -32,6 +34,8 @@ def _write_data_folder(folder):
 
 def test_one_logit_with_more_than_two_classes_names_the_data(tmp_path):
     _write_data_folder(tmp_path)
+    with (tmp_path / "train.tsv").open("a") as train_file:
+        train_file.write("fine\t2\n")
     (tmp_path / "dev.tsv").write_text("sentence\tlabel\nfine\t2\n")
     config = TrainConfig(data=str(tmp_path), model=dict(TINY["model"], single_logit=True), batch_size=4)
     with pytest.raises(
@@ -87,7 +91,11 @@ BAD_SETTINGS = [
     ("task_length", 49, "task_length must lie in [50, 400]; got 49"),
     ("task_length", 401, "task_length must lie in [50, 400]; got 401"),
     ("min_count", 0, "min_count must be at least 1; got 0"),
-    ("seed", -1, "seed must be at least 0; got -1"),
+    ("seed", -1, "seed must lie in [0, 4294967295]; got -1"),
+    ("seed", 2**32, "seed must lie in [0, 4294967295]; got 4294967296"),  # JAX's key of seed 0
+    ("seed", 10**20, "seed must lie in [0, 4294967295]; got 100000000000000000000"),
+    ("max_vocab", 1, "max_vocab must be at least 2; got 1"),
+    ("max_vocab", 0, "max_vocab must be at least 2; got 0"),
 ]
 
 
@@ -102,7 +110,13 @@ def test_config_rejects_settings_out_of_range(name, value, message):
 def test_config_accepts_the_edges_of_the_ranges():
     TrainConfig(learning_rate=1e-30, momentum=0.0, weight_decay=0.0, seed=0, max_steps=1, eval_every=1)
     TrainConfig(task_length=50, train_limit=1, dev_limit=1, max_length=1, pad_multiple=1, task_dev=1)
-    TrainConfig(task_length=400, momentum=0.999)
+    TrainConfig(task_length=400, momentum=0.999, seed=2**32 - 1, max_vocab=2)
+    TrainConfig(boundaries=True, max_vocab=4)
+
+
+def test_max_vocab_counts_the_boundary_tokens():
+    with pytest.raises(ValueError, match=r"^max_vocab must be at least 4; got 3$"):
+        TrainConfig(boundaries=True, max_vocab=3)
 
 
 def test_train_rejects_stop_after_below_1_before_training(tmp_path):
@@ -306,3 +320,113 @@ def test_workload_clippers_take_no_axis_name():
 def test_clipper_arguments_must_be_finite():
     with pytest.raises(ValueError, match=r"'max_norm=1e999': not a finite number"):
         train_lib.parse_clip_args(["max_norm=1e999"])
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["max_norm=1e39", "max_norm=-3.5e38", f"max_norm={10**39}", "axis=(0, 1e39)"],
+    ids=["float", "negative", "int", "in_a_tuple"],
+)
+def test_clipper_arguments_must_be_finite_in_float32(text):
+    with pytest.raises(ValueError, match=rf"^clipper argument '{re.escape(text)}': beyond float32's range"):
+        train_lib.parse_clip_args([text])
+
+
+def test_clipper_arguments_up_to_float32_largest_are_kept():
+    largest = float(np.finfo(np.float32).max)
+    assert train_lib.parse_clip_args([f"max_norm={largest!r}"]) == {"max_norm": largest}
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        ('{"lr": ', "(Expecting value"),
+        ("[1, 2]", "(not a JSON object)"),
+        ('{"lr": 0.1, "seed": 0}', "(settings this clipx does not take: lr)"),
+        ('{"model": {"cells": "lstm"}}', "(settings this clipx does not take: model.cells)"),
+        ('{"clip_args": [1]}', "(clip_args is not a JSON object)"),
+        ('{"seed": 4294967296}', "(seed must lie in [0, 4294967295]; got 4294967296)"),
+        ('{"learning_rate": "fast"}', "('>' not supported"),
+    ],
+    ids=["corrupt", "not_an_object", "unknown", "unknown_model", "clip_args", "out_of_range", "wrong_type"],
+)
+def test_a_config_file_that_holds_no_settings_is_named(tmp_path, content, why):
+    config_file = tmp_path / "config.json"
+    config_file.write_text(content)
+    with pytest.raises(ValueError, match=re.escape(f"{config_file} is not a run's settings {why}")):
+        train_lib.read_config(config_file)
+
+
+def test_resume_names_a_corrupt_config_file(tmp_path):
+    train(TrainConfig(**TINY), tmp_path, stop_after=1)
+    config_file = tmp_path / "config.json"
+    config_file.write_text('{"lr": ')
+    with pytest.raises(ValueError, match=re.escape(f"{config_file} is not a run's settings (Expecting")):
+        train(TrainConfig(**TINY), tmp_path, resume=True)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"step": 2, "loss": "abc"}', "not a log record ('loss' is 'abc', not a number or null)"),
+        ('{"step": 2, "grad_norm": [1.0]}', "not a log record ('grad_norm' is [1.0], not a number or null)"),
+        ('{"step": 2, "loss": true}', "not a log record ('loss' is True, not a number or null)"),
+        ('{"step": true, "loss": 0.5}', "not a log record (an object with an integer 'step')"),
+    ],
+    ids=["string", "list", "bool", "bool_step"],
+)
+def test_a_log_line_of_other_values_than_numbers_is_named(tmp_path, line, message):
+    log_file = tmp_path / "log.jsonl"
+    log_file.write_text('{"step": 1, "epoch": 0, "loss": 0.5, "dev_loss": null}\n' + line + "\n")
+    with pytest.raises(ValueError, match=f"^{re.escape(f'{log_file}, line 2: {message}')}$"):
+        read_log(tmp_path)
+
+
+def _write_labelled(folder, train_labels, dev_labels):
+    """train.tsv and dev.tsv whose examples carry ``train_labels`` and ``dev_labels``."""
+    for name, labels in (("train.tsv", train_labels), ("dev.tsv", dev_labels)):
+        rows = "".join(f"film {i}\t{label}\n" for i, label in enumerate(labels))
+        (folder / name).write_text("sentence\tlabel\n" + rows)
+
+
+def test_a_dev_label_no_training_example_has_names_the_dev_line(tmp_path):
+    _write_labelled(tmp_path, [0, 1, 0, 2], [0, 1, 1, 3, 4])
+    config = TrainConfig(data=str(tmp_path), model=TINY["model"], batch_size=2)
+    message = (
+        f"{tmp_path / 'dev.tsv'}:5: label 3 is not among the labels of {tmp_path / 'train.tsv'} (0, 1, 2)"
+    )
+    with pytest.raises(data_lib.DataError, match=f"^{re.escape(message)}"):
+        load_data(config)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_dev_label_beyond_the_training_limit_is_named(tmp_path):
+    _write_labelled(tmp_path, [0, 0, 1, 1], [0, 1])
+    config = TrainConfig(data=str(tmp_path), model=TINY["model"], batch_size=2, train_limit=2)
+    message = (
+        f"dev.tsv:3: label 1 is not among the labels of the first 2 examples of {tmp_path / 'train.tsv'} (0)"
+    )
+    with pytest.raises(data_lib.DataError, match=re.escape(message)):
+        load_data(config)
+    assert load_data(dataclasses.replace(config, train_limit=3)).num_classes == 2
+
+
+def test_the_classes_are_the_training_labels(tmp_path):
+    _write_labelled(tmp_path, [0, 2, 1, 2], [2, 0, 0])
+    assert load_data(TrainConfig(data=str(tmp_path), batch_size=2)).num_classes == 3
+    _write_labelled(tmp_path, [0, 0], [0])  # one class: still two outputs, as before
+    assert load_data(TrainConfig(data=str(tmp_path), batch_size=2)).num_classes == 2
+
+
+@pytest.mark.parametrize("task_train", [1, 2, 64])
+def test_the_embedded_task_has_two_classes_however_small(task_train):
+    data = load_data(TrainConfig(task_train=task_train, task_length=50, task_dev=32))
+    assert data.num_classes == 2 and set(data.dev.labels.tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize(("name", "dev"), [("sst2", "dev.tsv"), ("imdb", "test.tsv")])
+def test_the_shared_data_loads_with_two_classes(data_dir, name, dev):
+    config = TrainConfig(data=str(data_dir / name), train_limit=5000, dev_limit=1000, max_length=8)
+    assert load_data(config).num_classes == 2

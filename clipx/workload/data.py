@@ -145,6 +145,15 @@ def tokenize(text: str, style: str = "words") -> list[str]:
     raise ValueError(f"tokenizer style must be one of {', '.join(TOKENIZERS)}; got {style!r}")
 
 
+def special_tokens(boundaries: bool = False) -> list[str]:
+    """The tokens a vocabulary starts with: ``<pad>``, ``<unk>``, and ``<s>``, ``</s>`` with ``boundaries``.
+
+    >>> special_tokens(boundaries=True)
+    ['<pad>', '<unk>', '<s>', '</s>']
+    """
+    return [PAD, UNK, BOS, EOS] if boundaries else [PAD, UNK]
+
+
 class Vocabulary:
     """Token ↔ id mapping with ``<pad>`` = 0 and ``<unk>`` = 1.
 
@@ -176,7 +185,7 @@ class Vocabulary:
 
         With ``boundaries``, ``<s>`` and ``</s>`` follow ``<unk>`` (see `encode`).
         """
-        specials = [PAD, UNK, BOS, EOS] if boundaries else [PAD, UNK]
+        specials = special_tokens(boundaries)
         if min_count < 1:
             raise ValueError(f"min_count must be at least 1; got {min_count}")
         if max_size is not None and max_size < len(specials):

@@ -34,6 +34,7 @@ from clipx.workload.model import CELLS
 from clipx.workload.train import (
     OPTIMIZER_NAMES,
     OPTIMIZERS,
+    SEED_MAX,
     TrainConfig,
     check_folder,
     check_range,
@@ -84,7 +85,7 @@ class SweepConfig:
       ValueError: an unknown name, an empty or repeated entry of ``datasets``,
         ``clippers`` or ``learning_rates``, or a setting out of its range (a
         learning rate must be finite and above 0, ``task_length`` in 50..400,
-        the counts and sizes at least 1).
+        ``seeds`` in 1..2³², the counts and sizes at least 1).
     """
 
     data_root: str = "../shared/data"
@@ -131,8 +132,9 @@ class SweepConfig:
                 )
         low, high = data_lib.TASK_LENGTHS
         check_range("task_length", self.task_length, low, high, high_open=False)
-        for name in ("seeds", "max_length", "train_limit", "dev_limit", "task_train", "max_steps"):
+        for name in ("max_length", "train_limit", "dev_limit", "task_train", "max_steps"):
             check_range(name, getattr(self, name), 1)
+        check_range("seeds", self.seeds, 1, SEED_MAX + 1, high_open=False)  # seeds 0..SEED_MAX
 
     @property
     def model(self) -> dict[str, Any]:
@@ -298,6 +300,8 @@ def _differences(old: dict[str, Any], new: dict[str, Any], keys: Sequence[str]) 
     )
 
 
+# The run files, as `_run_name` names them.
+_RUN_FILES = "*__*.json"
 # What every run file holds (`summarize` reads these).
 _RUN_KEYS = ("dataset", "clipper", "lr", "seed", "config", "dev_accuracy", "diverged")
 
@@ -353,7 +357,8 @@ def _check_same_run_settings(path: pathlib.Path, settings: dict[str, Any]) -> No
 
     Only the grid's extent may change between invocations on one folder (more
     seeds, learning rates, clippers); a setting missing from an older file
-    had its default value.
+    had its default value. Settings recorded beside no run (an invocation
+    that failed before its first, say on missing data) bind nothing.
     """
     if not path.is_file():
         return
@@ -363,6 +368,8 @@ def _check_same_run_settings(path: pathlib.Path, settings: dict[str, Any]) -> No
         recorded = None
     if not isinstance(recorded, dict):
         raise ValueError(f"{path} is not a sweep settings file; move it or use another folder")
+    if not _holds_runs(path.parent):
+        return
     old = {**dataclasses.asdict(SweepConfig()), **recorded.get("sweep", {}), "model": recorded.get("model")}
     new = {**settings["sweep"], "model": settings["model"]}
     details = _differences(old, new, [key for key in new if key not in _GRID_EXTENT])
@@ -373,13 +380,19 @@ def _check_same_run_settings(path: pathlib.Path, settings: dict[str, Any]) -> No
         )
 
 
+def _holds_runs(folder: pathlib.Path) -> bool:
+    """Whether ``folder`` holds a run file (the files `summarize` reads)."""
+    return any(folder.glob(_RUN_FILES))
+
+
 def _extended(path: pathlib.Path, settings: dict[str, Any]) -> dict[str, Any]:
     """``settings`` with its grid widened to cover the one recorded in ``path`` (if any).
 
     A folder's ``settings.json`` then describes every run the folder holds
-    (the runs `summarize` tables), not only those of the latest invocation.
+    (the runs `summarize` tables), not only those of the latest invocation;
+    a grid recorded beside no run is replaced.
     """
-    if not path.is_file():
+    if not path.is_file() or not _holds_runs(path.parent):
         return settings
     recorded = {**dataclasses.asdict(SweepConfig()), **json.loads(path.read_text()).get("sweep", {})}
     sweep = dict(settings["sweep"])
@@ -393,7 +406,7 @@ def _extended(path: pathlib.Path, settings: dict[str, Any]) -> dict[str, Any]:
 def summarize(out_dir: str | pathlib.Path) -> dict[str, Any]:
     """Aggregates the run files in ``out_dir``; writes ``results.md``, ``results.json`` and ``sweep.png``."""
     out = pathlib.Path(out_dir)
-    results = [_read_run(p) for p in sorted(out.glob("*__*.json"))]
+    results = [_read_run(p) for p in sorted(out.glob(_RUN_FILES))]
     table: dict[str, dict[str, dict[float, list[float]]]] = {}
     rows = []
     groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}

@@ -73,6 +73,10 @@ def json_text(value: Any, indent: int | None = None) -> str:
     return json.dumps(_finite_or_none(value), indent=indent, allow_nan=False) + "\n"
 
 
+#: The largest seed: JAX's keys take 32 bits of it (2³² would give the key of 0).
+SEED_MAX = 2**32 - 1
+
+
 def check_range(
     name: str,
     value: float | None,
@@ -97,6 +101,9 @@ def check_range(
     >>> check_range("momentum", 1.5, 0, 1)
     Traceback (most recent call last):
     ValueError: momentum must lie in [0, 1); got 1.5
+    >>> check_range("seed", 2**32, 0, SEED_MAX, high_open=False)
+    Traceback (most recent call last):
+    ValueError: seed must lie in [0, 4294967295]; got 4294967296
     """
     if value is None:
         return
@@ -104,11 +111,15 @@ def check_range(
     below_high = value < high if high_open else value <= high
     if above_low and below_high:
         return
+
+    def shown(bound: float) -> str:  # an integer in full, not as 4.29497e+09
+        return str(bound) if isinstance(bound, int) else f"{bound:g}"
+
     if high == math.inf and high_open:
-        bound = f"{'above' if low_open else 'at least'} {low:g}"
+        bound = f"{'above' if low_open else 'at least'} {shown(low)}"
         allowed = f"be {bound}" if isinstance(value, int) else f"be finite and {bound}"
     else:
-        allowed = f"lie in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        allowed = f"lie in {'(' if low_open else '['}{shown(low)}, {shown(high)}{')' if high_open else ']'}"
     raise ValueError(f"{name} must {allowed}; got {value}")
 
 
@@ -152,7 +163,9 @@ class TrainConfig:
         does); ``max_length`` counts the tokens between them.
       pad_multiple: batches are padded to a multiple of this many tokens (each
         distinct width costs one jit compilation).
-      min_count, max_vocab: vocabulary built from the training split.
+      min_count, max_vocab: vocabulary built from the training split
+        (``max_vocab`` counts ``<pad>`` and ``<unk>``, and ``<s>``, ``</s>``
+        with ``boundaries``).
       model: keyword arguments of `ModelConfig` (``vocab_size`` and
         ``num_classes`` come from the data).
       optimizer: ``sgd``, ``momentum`` (SGD with momentum), ``rmsprop`` or ``adam``.
@@ -163,16 +176,18 @@ class TrainConfig:
       batch_size, epochs: training length; ``max_steps`` caps the step count.
       clip, clip_args: the name of a clipx factory (``"none"`` for no clipping)
         and its keyword arguments.
-      seed: seeds initialisation, data order and dropout.
+      seed: seeds initialisation, data order and dropout; in [0, 2³² − 1].
       eval_every: evaluate on the dev split every this many steps (besides the
         end of each epoch); ``None`` for epoch ends only.
       checkpoint_every: write a checkpoint every this many steps.
 
     Raises:
       ValueError: a setting is out of its range (the message names it and the
-        range): the counts and sizes must be at least 1, ``seed`` at least 0,
-        ``task_length`` in 50..400, ``learning_rate`` finite and above 0,
-        ``momentum`` in [0, 1), ``weight_decay`` finite and at least 0.
+        range): the counts and sizes must be at least 1, ``max_vocab`` at
+        least its special tokens (2, or 4 with ``boundaries``), ``seed`` in
+        [0, 2³² − 1], ``task_length`` in 50..400, ``learning_rate`` finite
+        and above 0, ``momentum`` in [0, 1), ``weight_decay`` finite and at
+        least 0.
     """
 
     data: str | None = None
@@ -227,7 +242,8 @@ class TrainConfig:
         check_range("learning_rate", self.learning_rate, 0, low_open=True)
         check_range("momentum", self.momentum, 0, 1)
         check_range("weight_decay", self.weight_decay, 0)
-        check_range("seed", self.seed, 0)
+        check_range("seed", self.seed, 0, SEED_MAX, high_open=False)
+        check_range("max_vocab", self.max_vocab, len(data_lib.special_tokens(self.boundaries)))
 
     def to_json(self) -> dict[str, Any]:
         """The settings as a JSON-ready dict."""
@@ -235,12 +251,51 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, recorded: dict[str, Any]) -> TrainConfig:
-        """The settings `to_json` gave, read back from JSON (whose lists were tuples in ``clip_args``)."""
+        """The settings `to_json` gave, read back from JSON (whose lists were tuples in ``clip_args``).
+
+        Raises:
+          ValueError: ``recorded`` names a setting this clipx does not take (as
+            the settings of another clipx version may), ``model`` or
+            ``clip_args`` is not an object, or a setting is out of its range.
+        """
+        for name in ("model", "clip_args"):
+            if not isinstance(recorded.get(name, {}), dict):
+                raise ValueError(f"{name} is not a JSON object")
+        model_fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size", "num_classes"}
+        unknown = sorted(set(recorded) - {f.name for f in dataclasses.fields(cls)})
+        unknown += [f"model.{name}" for name in sorted(set(recorded.get("model", {})) - model_fields)]
+        if unknown:
+            raise ValueError(f"settings this clipx does not take: {', '.join(unknown)}")
         clip_args = {
             key: tuple(value) if isinstance(value, list) else value
             for key, value in recorded.get("clip_args", {}).items()
         }
         return cls(**{**recorded, "clip_args": clip_args})
+
+
+def read_settings(path: pathlib.Path) -> dict[str, Any]:
+    """The JSON object in ``path``, a run's ``config.json``; ``ValueError`` naming the file otherwise."""
+    try:
+        recorded = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a run's settings ({error})") from None
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{path} is not a run's settings (not a JSON object)")
+    return recorded
+
+
+def read_config(path: pathlib.Path) -> TrainConfig:
+    """The `TrainConfig` recorded in ``path``, a run's ``config.json``.
+
+    Raises:
+      ValueError: ``path`` is not JSON, or not settings this clipx takes (the
+        message names the file and why).
+    """
+    recorded = read_settings(path)
+    try:
+        return TrainConfig.from_json(recorded)
+    except (TypeError, ValueError) as error:  # TypeError: a value of the wrong type met a range check
+        raise ValueError(f"{path} is not a run's settings ({error})") from None
 
 
 # ---------------------------------------------------------------------------
@@ -299,11 +354,22 @@ def make_clipper(name: str, args: dict[str, Any] | None = None) -> optax.Gradien
         raise ValueError(f"clipx.{name}: {error}") from None
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _beyond_float32(value: Any) -> bool:
+    """Whether ``value`` is a number larger in size than float32's largest, or a tuple or list holding one."""
+    if isinstance(value, (tuple, list)):
+        return any(_beyond_float32(item) for item in value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > _FLOAT32_MAX
+
+
 def parse_clip_args(items: list[str]) -> dict[str, Any]:
     """Parses ``["max_norm=1.0", "mode=zscore"]`` into ``{"max_norm": 1.0, "mode": "zscore"}``.
 
     Values are Python literals (numbers, ``True``, ``None``, tuples) when they
-    parse as such, otherwise strings.
+    parse as such, otherwise strings. Numbers must be finite in float32, where
+    the clippers compute: a larger one would be ∞ there.
 
     >>> parse_clip_args(["max_norm=1", "mode=zscore", "max_grad_norm=None"])
     {'max_norm': 1, 'mode': 'zscore', 'max_grad_norm': None}
@@ -319,6 +385,11 @@ def parse_clip_args(items: list[str]) -> dict[str, Any]:
             value = text
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"clipper argument {item!r}: not a finite number (--clip none does not clip)")
+        if _beyond_float32(value):
+            raise ValueError(
+                f"clipper argument {item!r}: beyond float32's range (at most {_FLOAT32_MAX:.8g} in size; "
+                "--clip none does not clip)"
+            )
         parsed[key.strip()] = value
     return parsed
 
@@ -360,8 +431,29 @@ def _dev_file(folder: pathlib.Path) -> pathlib.Path:
     raise data_lib.DataError(f"{folder}: found neither dev.tsv nor test.tsv")
 
 
+def _check_dev_labels(train: data_lib.Split, dev: data_lib.Split, train_file: str, dev_file: str) -> None:
+    """Raises `DataError` naming the first line of ``dev_file`` whose label no training example has.
+
+    ``train_file`` names where the training examples come from; ``dev`` is
+    the start of ``dev_file`` (its first example on line 2).
+    """
+    labels = np.unique(train.labels)
+    unseen = np.flatnonzero(~np.isin(dev.labels, labels))
+    if unseen.size:
+        index = int(unseen[0])
+        raise data_lib.DataError(
+            f"{dev_file}:{index + 2}: label {dev.labels[index]} is not among the labels of {train_file} "
+            f"({', '.join(map(str, labels.tolist()))}); every dev label must occur in training"
+        )
+
+
 def load_data(config: TrainConfig) -> Data:
-    """Reads (or generates) and encodes the data ``config`` names."""
+    """Reads (or generates) and encodes the data ``config`` names.
+
+    Raises:
+      DataError: a file is missing or malformed, or a dev label is not one of
+        the training labels (the message names the file and line).
+    """
     if config.data is None:
         train = data_lib.temporal_order(config.task_train, config.task_length, seed=10_000 + config.seed)
         dev = data_lib.temporal_order(config.task_dev, config.task_length, seed=20_000 + config.seed)
@@ -369,15 +461,21 @@ def load_data(config: TrainConfig) -> Data:
         folder = pathlib.Path(config.data)
         train = data_lib.read_tsv(folder / "train.tsv")
         dev = data_lib.read_tsv(_dev_file(folder))
+    limited = config.train_limit is not None and config.train_limit < len(train)
     train = data_lib.Split(train.sentences[: config.train_limit], train.labels[: config.train_limit])
     dev = data_lib.Split(dev.sentences[: config.dev_limit], dev.labels[: config.dev_limit])
+    num_classes = 2  # the task's two orders, whichever of them a small split happens to hold
+    if config.data is not None:
+        train_file = folder / "train.tsv"
+        where = f"the first {len(train)} examples of {train_file}" if limited else str(train_file)
+        _check_dev_labels(train, dev, where, str(_dev_file(folder)))
+        num_classes = max(int(train.labels.max()) + 1, 2)
     vocab = data_lib.Vocabulary.build(
         (data_lib.tokenize(s, config.tokenizer) for s in train.sentences),
         min_count=config.min_count,
         max_size=config.max_vocab,
         boundaries=config.boundaries,
     )
-    num_classes = int(max(train.labels.max(), dev.labels.max())) + 1
 
     def encode(split: data_lib.Split) -> data_lib.Encoded:
         return data_lib.encode(
@@ -388,12 +486,7 @@ def load_data(config: TrainConfig) -> Data:
             boundaries=config.boundaries,
         )
 
-    return Data(
-        encode(train),
-        encode(dev),
-        vocab,
-        max(num_classes, 2),
-    )
+    return Data(encode(train), encode(dev), vocab, num_classes)
 
 
 def _epoch_batches(config: TrainConfig, train: data_lib.Encoded, epoch: int) -> Iterator[data_lib.Batch]:
@@ -535,6 +628,11 @@ class _Progress:
             self._bar.update(self._task, advance=1, info=info)
 
 
+def _is_number(value: Any, kind: type | tuple[type, ...] = (int, float)) -> bool:
+    """Whether ``value`` is a JSON number of ``kind`` (``true`` and ``false`` are not numbers)."""
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
 def _read_log(path: pathlib.Path, up_to_step: int) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -546,8 +644,13 @@ def _read_log(path: pathlib.Path, up_to_step: int) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}, line {number}: not a JSON record ({error.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        if not isinstance(record, dict) or not _is_number(record.get("step"), int):
             raise ValueError(f"{path}, line {number}: not a log record (an object with an integer 'step')")
+        key = next((key for key, value in record.items() if not (value is None or _is_number(value))), None)
+        if key is not None:
+            raise ValueError(
+                f"{path}, line {number}: not a log record ({key!r} is {record[key]!r}, not a number or null)"
+            )
         records.append({key: math.nan if value is None else value for key, value in record.items()})
     return [r for r in records if r["step"] <= up_to_step]
 
@@ -581,7 +684,9 @@ def train(
       writes ``summary.json``).
 
     Raises:
-      ValueError: ``stop_after`` is below 1, or ``out_dir`` is not a folder.
+      ValueError: ``stop_after`` is below 1, ``out_dir`` is not a folder, the
+        ``config.json`` to resume is not a run's settings, or the data are
+        missing or malformed (`DataError`, see `load_data`).
       FileNotFoundError: ``resume`` without a run in ``out_dir``.
     """
     check_range("stop_after", stop_after, 1)
@@ -591,7 +696,7 @@ def train(
     if resume:
         resume_file(out, "checkpoint.msgpack")
         config_file = resume_file(out, "config.json")
-        if json.loads(config_file.read_text()) != json.loads(json.dumps(config.to_json())):
+        if read_settings(config_file) != json.loads(json.dumps(config.to_json())):
             raise ValueError(f"{config_file} differs from the requested settings; resume with the same ones")
 
     data = load_data(config)
@@ -625,8 +730,13 @@ def train(
         if resume:
             state = load_checkpoint(out / "checkpoint.msgpack", state)
             log_records = _read_log(out / "log.jsonl", int(state.step))
-        else:  # a fresh run replaces whatever run the folder held
-            for name in ("summary.json", "checkpoint.msgpack"):
+        else:  # a fresh run replaces whatever run the folder held, its figures too
+            from clipx.workload import plots  # matplotlib: only for a run written to a folder
+
+            # Removed now, not when the run ends: an interrupted run leaves no figure of
+            # another run beside its own log. A resumed run keeps its figures, of its own
+            # earlier steps, until `clipx train` redraws them at the end.
+            for name in ("summary.json", "checkpoint.msgpack", *plots.ONE_RUN_FIGURES):
                 (out / name).unlink(missing_ok=True)
             (out / "config.json").write_text(json_text(config.to_json(), indent=2))
         (out / "log.jsonl").write_text("".join(json_text(r) for r in log_records))
