@@ -730,3 +730,17 @@ def test_the_legend_says_which_runs_are_smoothed(tmp_path, monkeypatch, lengths,
     runs = {f"run{n}": [{"step": s, "loss": 1.0 / s} for s in range(1, n + 1)] for n in lengths}
     cli.plots.plot_losses(runs, tmp_path / "loss.png", "title")
     assert shown["t"] == legend
+
+
+def test_step_axes_of_a_short_run_tick_whole_steps_only(tmp_path, monkeypatch):
+    ticks = []
+    finish = cli.plots._finish_step_plot
+
+    def spy(fig, ax, *args, **kwargs):
+        finish(fig, ax, *args, **kwargs)
+        ticks.extend(ax.get_xticks())
+
+    monkeypatch.setattr(cli.plots, "_finish_step_plot", spy)
+    runs = {"run": [{"step": step, "loss": 1.0 / step} for step in (1, 2, 3)]}
+    cli.plots.plot_losses(runs, tmp_path / "loss.png", "title")
+    assert ticks and all(float(tick).is_integer() for tick in ticks), ticks

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def _is_finite(value: Any) -> bool:
@@ -48,6 +49,7 @@ def _finish_step_plot(
     if log_scale:
         ax.set_yscale("log")
     ax.set_xlabel("training step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no tick at 1.25
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(title=legend_title, title_fontsize="small")
