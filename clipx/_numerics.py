@@ -227,6 +227,20 @@ def _fused_reduce(operands: tuple[jax.Array, ...], reductions: tuple[Reduction, 
     return run(*operands)
 
 
+def max_nonnegative(x: jax.Array, axis_name: AxisName | None = None) -> jax.Array:
+    """The largest entry of ``x``, whose entries are ≥ 0 or NaN: NaN if one is, 0 if there is none.
+
+    Reduced as integers (`MAX_NONNEGATIVE`): XLA's CPU backend drops NaN from a
+    float maximum over a few thousand entries or more, and from one across
+    devices. With ``axis_name``, over the devices of that mapped axis too. The
+    derivative is that of ``jnp.max`` (none across devices).
+    """
+    (largest,) = _fused_reduce((jnp.asarray(x),), (MAX_NONNEGATIVE,))
+    if axis_name is not None:
+        largest = jax.lax.bitcast_convert_type(jax.lax.pmax(_ordered_bits(largest), axis_name), largest.dtype)
+    return largest
+
+
 def _chunks(keyed: list[tuple[int, Any]]) -> list[list[int]]:
     """Indices of ``(index, key)`` pairs grouped by key, at most ``_LEAVES_PER_REDUCTION`` per chunk.
 

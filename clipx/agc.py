@@ -277,12 +277,12 @@ def agc(
         )
         if large_ratios:
             ratios = jnp.concatenate([r.ravel() for r in large_ratios])
-            largest_squared = jnp.maximum(largest_squared, jnp.max(ratios))
+            largest_squared = jnp.maximum(largest_squared, _numerics.max_nonnegative(ratios))
             clipped = clipped + jnp.sum(ratios > limit, dtype=jnp.int32).astype(acc)
         largest = _numerics.safe_sqrt(largest_squared)
         units = float(sum(r.size for r in small_ratios + large_ratios))  # counts may pass 2³¹
         if axis_name is not None:
-            largest = jax.lax.pmax(largest, axis_name)
+            largest = _numerics.max_nonnegative(largest, axis_name)
             clipped = jax.lax.psum(clipped, axis_name)
             units = jax.lax.psum(units, axis_name)
         stats = clip_stats(

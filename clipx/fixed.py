@@ -126,13 +126,13 @@ def value(
         )
         for i in giant:
             leaf_largest, above = largest_and_above(leaves[i])
-            largest = jnp.maximum(largest, jnp.max(leaf_largest))
+            largest = jnp.maximum(largest, _numerics.max_nonnegative(leaf_largest))
             count = count + _count_true(above, acc)
         tied = iter(rest)
         leaves = [leaf if i in giant else next(tied) for i, leaf in enumerate(leaves)]
         total = jnp.asarray(float(sum(leaf.size for leaf in leaves)), acc)
         if axis_name is not None:
-            largest = jax.lax.pmax(largest, axis_name)
+            largest = _numerics.max_nonnegative(largest, axis_name)
             count, total = jax.lax.psum((count, total), axis_name)
         stats = clip_stats(
             norm=largest,
@@ -261,7 +261,7 @@ def _per_leaf_clip(
         threshold_ = _numerics.as_dtype(threshold, acc)
         clipped = measures > threshold_
         stats = clip_stats(
-            norm=jnp.max(measures, initial=0),
+            norm=_numerics.max_nonnegative(measures),
             threshold=threshold_,
             scale=jnp.mean(clipped, dtype=acc) if leaves else jnp.zeros((), acc),
             clipped=jnp.any(clipped),

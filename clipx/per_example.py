@@ -146,9 +146,9 @@ def _maybe_noise(
     return _add_noise(tree, key, std)
 
 
-def _across(x: jax.Array, axis_name: _numerics.AxisName | None, reduce=jax.lax.psum) -> jax.Array:
-    """``reduce(x, axis_name)`` when the batch is split over a mapped axis, else ``x``."""
-    return x if axis_name is None else reduce(x, axis_name)
+def _across(x: jax.Array, axis_name: _numerics.AxisName | None) -> jax.Array:
+    """``psum(x, axis_name)`` when the batch is split over a mapped axis, else ``x``."""
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
 def _fraction(count: jax.Array, total: int, axis_name: _numerics.AxisName | None) -> jax.Array:
@@ -172,7 +172,7 @@ def _fixed_threshold_init(
 
     def init_fn(params):
         del params
-        return PerExampleState(key=_initial_key(seed), stats=empty_clip_stats())
+        return PerExampleState(key=_initial_key(seed), stats=empty_clip_stats(scale=0.0))
 
     return init_fn, l2_norm_clip, noise_multiplier
 
@@ -180,7 +180,7 @@ def _fixed_threshold_init(
 def _stats(
     norms: jax.Array, threshold: jax.Array, clipped_fraction: jax.Array, axis_name: _numerics.AxisName | None
 ) -> ClipStats:
-    max_norm = _across(jnp.max(norms, initial=0.0), axis_name, jax.lax.pmax)
+    max_norm = _numerics.max_nonnegative(norms, axis_name)
     return clip_stats(
         norm=max_norm,
         threshold=_numerics.as_dtype(threshold, max_norm.dtype),
@@ -418,7 +418,7 @@ def per_example_adaptive(
         return PerExampleAdaptiveState(
             threshold=jnp.array(initial_threshold, jnp.float32),  # a copy, so donating the state leaves it
             key=_initial_key(seed),
-            stats=empty_clip_stats(),
+            stats=empty_clip_stats(scale=0.0),  # the fraction of examples clipped: none yet
         )
 
     def update_fn(updates, state, params=None):

@@ -321,7 +321,7 @@ def test_agc_properties_float64(data, clipping):
         check_agc_properties(params, grads, clipping)
 
 
-@pytest.mark.parametrize("shape", [(2, 3), (200, 100)], ids=["small", "large"])
+@pytest.mark.parametrize("shape", [(2, 3), (200, 100), (3, 8000)], ids=["small", "large", "many_units"])
 def test_statistics_report_a_nan_gradient(shape):
     params = {"w": jnp.ones(shape)}
     grads = {"w": jnp.full(shape, 0.001).at[0, 0].set(jnp.nan)}

@@ -481,3 +481,14 @@ def test_sums_over_the_leading_axes_of_long_rows_are_the_plain_sums(shape, leadi
     weights = np.arange(np.prod(kept), dtype=np.float32).reshape(kept)
     gradient = jax.grad(lambda y: jnp.vdot(weights, _numerics.sum_over(y, leading)))
     np.testing.assert_array_equal(gradient(jnp.asarray(x, jnp.float32)), np.broadcast_to(weights, shape))
+
+
+@pytest.mark.parametrize("size", [0, 5, 10_000])
+def test_max_nonnegative_keeps_nan_in_long_arrays(size):
+    # XLA's CPU backend drops NaN from a float maximum over a few thousand entries.
+    x = jnp.linspace(0.0, 2.0, size, dtype=jnp.float32)
+    assert float(_numerics.max_nonnegative(x)) == (2.0 if size else 0.0)
+    if size:
+        assert np.isnan(float(jax.jit(_numerics.max_nonnegative)(x.at[size // 3].set(jnp.nan))))
+        weights = jax.grad(_numerics.max_nonnegative)(x)
+        np.testing.assert_array_equal(weights, jax.grad(jnp.max)(x))

@@ -312,3 +312,35 @@ def test_per_example_adaptive_threshold_stays_finite_under_a_large_rate():
     assert np.isfinite(state.threshold)
     total, _ = tx.update(jnp.array([[1000.0], [0.0], [0.0], [0.0]]), state)
     assert float(total[0]) <= float(state.threshold) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [lambda: clipx.per_example_global_norm(1.0), lambda: clipx.per_example_adaptive()],
+    ids=["global_norm", "adaptive"],
+)
+def test_the_fraction_of_examples_clipped_starts_at_zero(factory):
+    state = factory().init(None)
+    assert float(state.stats.scale) == 0.0 and not bool(state.stats.clipped)
+
+
+@pytest.mark.parametrize("split", ["shard_map", "sharded_jit"])
+def test_a_nan_example_on_one_device_makes_the_largest_norm_nan(split):
+    # XLA's CPU backend drops NaN from a float maximum across devices.
+    mesh = jax.sharding.Mesh(jax.devices()[:2], ("batch",))
+    grads = {"w": jnp.array([[3.0, 4.0], [0.3, 0.4], [1.0, 1.0], [jnp.nan, 0.2]])}
+    tx = clipx.per_example_global_norm(1.0, axis_name="batch" if split == "shard_map" else None)
+    state = tx.init(None)
+    if split == "shard_map":
+        specs = jax.tree.map(lambda _: jax.sharding.PartitionSpec(), state)
+        update = jax.shard_map(
+            tx.update,
+            mesh=mesh,
+            in_specs=({"w": jax.sharding.PartitionSpec("batch")}, specs),
+            out_specs=({"w": jax.sharding.PartitionSpec()}, specs),
+        )
+    else:
+        update = tx.update
+        grads = jax.device_put(grads, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
+    _, state = jax.jit(update)(grads, state)
+    assert np.isnan(float(state.stats.norm))
