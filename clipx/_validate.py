@@ -179,6 +179,16 @@ def check_same_structure(
         )
 
 
+def check_state_made_by(made_alike: bool, what: str, hint: str) -> None:
+    """Raises ``ValueError`` unless a restored state is one this transform's settings make (at trace time).
+
+    A checkpoint restored into another transform's state keeps its own buffers'
+    shapes, which nothing else would check. ``hint`` ends the message.
+    """
+    if not made_alike:
+        raise ValueError(f"{what}. {hint}")
+
+
 _INT32_MAX = 2**31 - 1
 
 

@@ -16,7 +16,9 @@ range) act as the float they equal; counts and seeds past their int32/int64
 counters, factories given for ``inner`` and non-bool flags are refused.
 Every threshold that may be infinite also takes huge numbers (2**63, 10**400,
 1e200) and then never clips, with no NumPy overflow warning where the number
-is past float32's range.
+is past float32's range. A state restored into a transform with other
+settings (zclip's warm-up length, autoclip's history or per_tensor, adaptive
+with or without its direction rule) is refused at the first update.
 """
 
 import math
@@ -345,3 +347,28 @@ def test_per_example_rules_take_an_injected_seed():
     clipx.per_example_global_norm(1.0, seed=-1)  # jax.random.key takes any int64
     with pytest.raises(ValueError, match="seed must be an int within int64"):
         clipx.per_example_global_norm(1.0, seed=2**63)
+
+
+@pytest.mark.parametrize(
+    ("made_by", "used_by", "message"),
+    [
+        (lambda: clipx.zclip(warmup_steps=6), lambda: clipx.zclip(warmup_steps=3), "another warmup_steps"),
+        (lambda: clipx.autoclip(history=8), lambda: clipx.autoclip(history=4), "another history"),
+        (
+            lambda: clipx.autoclip(history=8, per_tensor=True),
+            lambda: clipx.autoclip(history=4, per_tensor=True),
+            "another history",
+        ),
+        (lambda: clipx.autoclip(per_tensor=True), lambda: clipx.autoclip(), r"autoclip\(per_tensor=True\)"),
+        (lambda: clipx.autoclip(), lambda: clipx.autoclip(per_tensor=True), "for the global norm"),
+        (lambda: clipx.adaptive(), lambda: clipx.adaptive(direction_rate=None), "direction_rate set"),
+        (lambda: clipx.adaptive(direction_rate=None), lambda: clipx.adaptive(), "direction_rate None"),
+    ],
+)
+def test_a_state_made_by_other_settings_is_refused(made_by, used_by, message):
+    # As after restoring a checkpoint into a transform built with other settings: the
+    # buffers keep their shapes, and a zclip would average over the wrong number of norms.
+    params = {"w": jnp.ones(3), "b": jnp.ones(2)}
+    with pytest.raises(ValueError, match=message):
+        used_by().update(params, made_by().init(params))
+    used_by().update(params, used_by().init(params))  # its own state is fine

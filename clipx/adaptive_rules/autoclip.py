@@ -190,7 +190,13 @@ def autoclip(
         return _numerics.scale_tree(updates, scale), new_state
 
     def update_per_tensor(updates, state):
-        _validate.check_same_structure(state.norms, updates, "autoclip(per_tensor=True) state vs updates")
+        _validate.check_same_structure(
+            state.norms,
+            updates,
+            "autoclip(per_tensor=True) state vs updates",
+            "Was this state created by init() for a different parameter tree, or by autoclip() "
+            "for the global norm?",
+        )
         norms = _numerics.leaf_norms(updates, axis_name)
         thresholds = jax.tree.map(
             lambda b, c, n: _history_quantile(b, c, quantile, n), state.norms, state.count, norms
@@ -206,6 +212,18 @@ def autoclip(
 
     def update_fn(updates, state, params=None):
         del params
+        shapes = [jnp.shape(buffer) for buffer in jax.tree.leaves(state.norms)]
+        _validate.check_state_made_by(
+            per_tensor or jax.tree_util.treedef_is_leaf(jax.tree.structure(state.norms)),
+            "autoclip: the state holds a history per tensor, this autoclip one for the global norm",
+            "Was it made by autoclip(per_tensor=True)?",
+        )
+        _validate.check_state_made_by(
+            all(shape == (history,) for shape in shapes),
+            f"autoclip: the state holds norm histories of shapes {sorted(set(shapes))}, "
+            f"this autoclip keeps ({history},)",
+            "Was it made by an autoclip with another history?",
+        )
         return update_per_tensor(updates, state) if per_tensor else update_global(updates, state)
 
     return optax.GradientTransformation(init_fn, update_fn)

@@ -318,6 +318,15 @@ def adaptive(
 
     def update_fn(updates, state, params=None):
         del params
+        _validate.check_state_made_by(
+            (state.direction is None) == (direction_rate is None),
+            "adaptive: the state "
+            + ("keeps no previous gradient" if state.direction is None else "keeps the previous gradient")
+            + f", which this adaptive (direction_rate={direction_rate}) "
+            + ("needs" if state.direction is None else "does not use"),
+            "Was it made by an adaptive with direction_rate "
+            + ("None?" if state.direction is None else "set?"),
+        )
         moments = state.log_norm
         dtype = moments.mean.dtype
         if state.direction is None:

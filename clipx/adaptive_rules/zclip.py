@@ -167,6 +167,12 @@ def zclip(
 
     def update_fn(updates, state, params=None):
         del params
+        _validate.check_state_made_by(
+            jnp.shape(state.warmup_norms) == (warmup_steps,),
+            f"zclip: the state's warm-up buffer has shape {jnp.shape(state.warmup_norms)}, "
+            f"this zclip's ({warmup_steps},)",
+            "Was it made by a zclip with another warmup_steps?",
+        )
         dtype = state.mean.dtype
         norm = _numerics.tree_norm(updates, axis_name).astype(dtype)
         finite = jnp.isfinite(norm)
