@@ -158,8 +158,19 @@ def _fraction(count: jax.Array, total: int, axis_name: _numerics.AxisName | None
     return count / jnp.maximum(total_all, 1)
 
 
-def _initial_key(seed: int) -> jax.Array:
-    return jax.random.key_data(jax.random.key(seed))
+def _initial_key(seed: Any) -> jax.Array:
+    """The raw key of ``seed``: distinct for every int64 seed, that of ``jax.random.key`` in [0, 2³²).
+
+    Without 64-bit mode ``jax.random.key`` keeps the low 32 bits of a Python
+    int, so ``2**32`` (or ``-2**32``) would give the key of 0: a seed's high 32
+    bits, when not 0, are folded into the key of its low ones.
+    """
+    if isinstance(seed, jax.Array):  # as optax.inject_hyperparams passes it: 32 bits at most
+        return jax.random.key_data(jax.random.key(seed))
+    seed = int(seed)
+    key = jax.random.key(seed & 0xFFFFFFFF)
+    high = (seed >> 32) & 0xFFFFFFFF
+    return jax.random.key_data(jax.random.fold_in(key, high) if high else key)
 
 
 def _fixed_threshold_init(

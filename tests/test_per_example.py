@@ -344,3 +344,17 @@ def test_a_nan_example_on_one_device_makes_the_largest_norm_nan(split):
         grads = jax.device_put(grads, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
     _, state = jax.jit(update)(grads, state)
     assert np.isnan(float(state.stats.norm))
+
+
+def test_every_int64_seed_draws_its_own_noise():
+    # Without 64-bit mode jax.random.key keeps a seed's low 32 bits: 2**32 would be seed 0.
+    grads = {"w": jnp.zeros((2, 8))}
+    seeds = [0, 2**32 - 1, 2**32, 2**40, -1, -(2**63), 2**63 - 1]
+    noise = []
+    for seed in seeds:
+        tx = clipx.per_example_adaptive(noise_multiplier=1.0, seed=seed)
+        noise.append(tuple(np.asarray(tx.update(grads, tx.init(None))[0]["w"]).tolist()))
+    assert len(set(noise)) == len(seeds)
+    for seed in (0, 7, 2**32 - 1):  # below 2**32, the key jax.random.key makes
+        state = clipx.per_example_global_norm(1.0, seed=seed).init(None)
+        np.testing.assert_array_equal(state.key, jax.random.key_data(jax.random.key(seed)))
