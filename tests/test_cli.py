@@ -744,3 +744,23 @@ def test_step_axes_of_a_short_run_tick_whole_steps_only(tmp_path, monkeypatch):
     runs = {"run": [{"step": step, "loss": 1.0 / step} for step in (1, 2, 3)]}
     cli.plots.plot_losses(runs, tmp_path / "loss.png", "title")
     assert ticks and all(float(tick).is_integer() for tick in ticks), ticks
+
+
+def test_sweep_plot_gives_a_clipper_one_colour_in_every_panel(tmp_path, monkeypatch):
+    # The panels may show different clippers (a folder extended clipper by clipper).
+    figures = []
+    monkeypatch.setattr(cli.plots.Figure, "savefig", lambda fig, *args, **kwargs: figures.append(fig))
+    table = {
+        "imdb": {"none": {0.1: [0.5]}, "global_norm 1": {0.1: [0.6]}, "adaptive": {0.1: [0.7]}},
+        "task": {"none": {0.1: [0.5]}, "adaptive": {0.1: [0.9]}},
+    }
+    cli.plots.plot_sweep(table, tmp_path / "sweep.png", "title")
+    (fig,) = figures
+    colours = {}
+    for ax, (dataset, by_clipper) in zip(fig.axes, table.items(), strict=True):
+        legend = [text.get_text() for text in ax.get_legend().get_texts()]
+        assert legend == list(by_clipper), dataset  # each panel names what it shows
+        for line in ax.get_lines():
+            colour = colours.setdefault(line.get_label(), line.get_color())
+            assert colour == line.get_color(), line.get_label()
+    assert len(set(colours.values())) == 3

@@ -212,25 +212,29 @@ def plot_sweep(
     """Dev accuracy against learning rate, one panel per dataset, one line per clipper.
 
     ``table[dataset][clipper][lr]`` lists the final accuracies of the seeds; the
-    line is their mean and the band spans their minimum and maximum.
+    line is their mean and the band spans their minimum and maximum. A clipper
+    has one colour (and line style) in every panel, and each panel's legend
+    names the clippers it shows: panels may show different ones.
     """
     fig = Figure(figsize=(6 * len(table), 4.5))
     axes = np.atleast_1d(fig.subplots(1, len(table)))
+    clippers = list(dict.fromkeys(clipper for by_clipper in table.values() for clipper in by_clipper))
+    styles = {c: (f"C{i % 10}", ("-", "--", ":")[i // 10 % 3]) for i, c in enumerate(clippers)}
     for ax, (dataset, by_clipper) in zip(axes, table.items(), strict=True):
         for clipper, by_lr in by_clipper.items():
             lrs = sorted(by_lr)
             values = [np.asarray(by_lr[lr], dtype=float) for lr in lrs]
             means = [v.mean() for v in values]
-            (line,) = ax.plot(lrs, means, marker="o", markersize=3, label=clipper)
-            ax.fill_between(
-                lrs, [v.min() for v in values], [v.max() for v in values], color=line.get_color(), alpha=0.12
-            )
+            color, linestyle = styles[clipper]
+            ax.plot(lrs, means, color=color, linestyle=linestyle, marker="o", markersize=3, label=clipper)
+            low, high = [v.min() for v in values], [v.max() for v in values]
+            ax.fill_between(lrs, low, high, color=color, alpha=0.12)
         ax.set_xscale("log")
         ax.set_xlabel("learning rate (log scale)")
         ax.set_ylabel("final dev accuracy")
         ax.set_title(dataset)
         ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize="small", loc="best")
+        ax.legend(fontsize="small", loc="best")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
