@@ -17,8 +17,9 @@ def _select(keep_new: jax.Array, new: Any, old: Any) -> Any:
 
     def pick(n: jax.Array, o: jax.Array) -> jax.Array:
         chosen = jnp.where(keep_new, n, o)
+        dtype = jnp.result_type(o)  # a Python number in a state made eagerly has no .dtype
         # Typed PRNG keys (extended dtypes) have no astype; `where` keeps their dtype anyway.
-        return chosen if jax.dtypes.issubdtype(o.dtype, jax.dtypes.extended) else chosen.astype(o.dtype)
+        return chosen if jax.dtypes.issubdtype(dtype, jax.dtypes.extended) else chosen.astype(dtype)
 
     return jax.tree.map(pick, new, old)
 
@@ -174,7 +175,7 @@ def skip_spikes(
     r"""Skips a step whose gradient norm (or loss) is an outlier of the recent ones.
 
     Keeps the running mean ``μ`` and standard deviation ``σ`` of ``log‖g‖``
-    over accepted steps (weights ``max(1/n, 1 − decay)``: the exact mean and
+    over accepted steps with a norm above 0 (weights ``max(1/n, 1 − decay)``: the exact mean and
     variance of the first ``1/(1 − decay)`` steps, an exponential moving
     average after) and skips the step when
 
@@ -270,35 +271,42 @@ def skip_spikes(
         dtype = moments.mean.dtype
         ready = moments.observations >= min_observations
         norm = _numerics.tree_norm(updates, axis_name)
-        std = jnp.maximum(jnp.sqrt(moments.var), jnp.asarray(min_std, dtype))
+        std = jnp.maximum(_numerics.safe_sqrt(moments.var), jnp.asarray(min_std, dtype))
         stds = _numerics.hyperparameter(num_stds, dtype)
         log_threshold = moments.mean + stds * std  # used once `ready`: no ∞ for "none yet"
-        observe = jnp.isfinite(norm) & (norm > 0)
+        finite = jnp.isfinite(norm)
+        observe = finite & (norm > 0)
         # log is taken of observable norms only: log 0 = −∞ would trip jax_debug_infs.
         log_norm = jnp.log(jnp.where(observe, norm, 1).astype(dtype))
-        reject = ~jnp.isfinite(norm) | (ready & observe & (log_norm > log_threshold))
+        reject = ~finite | (ready & observe & (log_norm > log_threshold))
         if loss is not None:
             if jnp.ndim(loss) != 0:
                 raise ValueError(f"skip_spikes: loss= must be a scalar, got shape {jnp.shape(loss)}")
             loss = jnp.asarray(loss, dtype)
             loss_ready = state.loss.observations >= min_observations
-            loss_threshold = state.loss.mean + stds * jnp.sqrt(state.loss.var)
+            loss_threshold = state.loss.mean + stds * _numerics.safe_sqrt(state.loss.var)
             reject |= ~jnp.isfinite(loss) | (loss_ready & (loss > loss_threshold))
-            observe &= jnp.isfinite(loss)
+            finite &= jnp.isfinite(loss)
         skip = _skip_decision(reject, state.stats, max_consecutive)
-        observe &= ~skip
+        # An accepted step enters the statistics if its norm and loss are finite; a zero norm
+        # enters the loss's only (its log is −∞).
+        observe &= finite & ~skip
+        observe_loss = finite & ~skip
 
         new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
         record = clip_stats(
             norm=norm.astype(jnp.float32),
-            threshold=jnp.where(ready, jnp.exp(log_threshold), norm).astype(jnp.float32),
+            # e^88 ≈ 1.7e38 stands for any threshold beyond float32's range: no ∞ from finite norms.
+            threshold=jnp.where(ready, jnp.exp(jnp.minimum(log_threshold, 88.0)), norm).astype(jnp.float32),
             scale=jnp.where(skip, 0.0, 1.0).astype(jnp.float32),
             clipped=skip,
         )
         new_state = SkipSpikesState(
             inner_state=_select(~skip, new_inner, state.inner_state),
             log_norm=_running.update_moments(moments, log_norm, observe, decay),
-            loss=state.loss if loss is None else _running.update_moments(state.loss, loss, observe, decay),
+            loss=(
+                state.loss if loss is None else _running.update_moments(state.loss, loss, observe_loss, decay)
+            ),
             grad_norm=GradNormRecord(stats=replacing(state.grad_norm.stats, record)),
             stats=_guard_stats(state.stats, skip),
         )

@@ -266,3 +266,26 @@ def test_guards_run_under_strict_dtype_promotion(guard):
         _, state = tx.update(grads, tx.init(grads), grads)
         _, state = jax.jit(tx.update)(grads, state, grads)
     assert int(clipx.stats(state)[f"{guard.__name__}/total"]) == 0
+
+
+def test_skip_spikes_watches_the_loss_of_steps_with_zero_gradients():
+    # A zero norm stays out of the norm's statistics (its log is −∞), not out of the loss's.
+    tx = clipx.skip_spikes(optax.sgd(0.1), min_observations=3)
+    params = jnp.ones(2)
+    state = tx.init(params)
+    for _ in range(5):
+        _, state = tx.update(jnp.zeros(2), state, params, loss=2.0)
+    assert int(state.loss.observations) == 5 and int(state.log_norm.observations) == 0
+    _, state = tx.update(jnp.zeros(2), state, params, loss=100.0)
+    assert bool(state.stats.skipped)
+
+
+@pytest.mark.parametrize("guard", [clipx.skip_nonfinite, clipx.skip_spikes])
+def test_guards_take_an_inner_state_holding_a_python_number_without_jit(guard):
+    # As optax.apply_if_finite does: a custom transformation's init may return Python numbers.
+    counter = optax.GradientTransformation(lambda p: {"n": 0.0}, lambda u, s, p=None: (u, {"n": s["n"] + 1}))
+    tx = guard(counter)
+    state = tx.init(jnp.zeros(2))
+    for _ in range(2):
+        _, state = tx.update(jnp.ones(2), state)
+    assert float(state.inner_state["n"]) == 2.0

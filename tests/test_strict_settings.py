@@ -148,3 +148,15 @@ def test_skip_spikes_takes_no_log_of_a_zero_norm_under_debug_infs():
         updates, state = tx.update(jnp.zeros(2), state, params)
     assert not bool(clipx.stats(state)["skip_spikes/skipped"])
     assert jnp.array_equal(updates, jnp.zeros(2))
+
+
+@pytest.mark.parametrize("num_stds", [6.0, 1000.0])
+def test_skip_spikes_reports_no_infinite_threshold_for_finite_norms(num_stds):
+    """μ + k·σ of log‖g‖ beyond float32's range (a huge k, or norms e^±15 in warm-up) is no ∞."""
+    tx = clipx.skip_spikes(optax.sgd(0.1), num_stds=num_stds, min_observations=1 if num_stds > 6 else 64)
+    params = jnp.ones(2)
+    state = tx.init(params)
+    with jax.debug_infs(True):
+        for log_norm in (-15.0, 15.0, -15.0, 15.0):
+            _, state = tx.update(jnp.array([jnp.exp(log_norm), 0.0]), state, params)
+    assert jnp.isfinite(clipx.stats(state)["skip_spikes/grad_norm/threshold"])
