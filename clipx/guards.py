@@ -218,7 +218,9 @@ def skip_spikes(
       max_consecutive: ``None``, or how many steps in a row may be skipped
         before one is accepted.
       axis_name: inside ``shard_map``/``pmap``, the mapped axis to sum the
-        squared norm over.
+        squared norm over. ``loss=`` is taken as given: pass one loss for all
+        devices (``jax.lax.pmean`` of theirs), or the devices may decide
+        apart.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``; its ``update`` takes an
