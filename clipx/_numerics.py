@@ -101,8 +101,8 @@ def summation_dtype(dtype: Any) -> jnp.dtype:
 
 
 def tree_accumulation_dtype(tree: PyTree) -> jnp.dtype:
-    """The widest accumulation dtype of the leaves of ``tree`` (float32 if empty)."""
-    dtypes = [accumulation_dtype(leaf.dtype) for leaf in jax.tree.leaves(tree)]
+    """The widest accumulation dtype of the leaves of ``tree`` (float32 if empty; Python numbers too)."""
+    dtypes = [accumulation_dtype(jnp.result_type(leaf)) for leaf in jax.tree.leaves(tree)]
     return jnp.dtype(jnp.float64) if jnp.dtype(jnp.float64) in dtypes else jnp.dtype(jnp.float32)
 
 

@@ -111,18 +111,23 @@ _STATIC_HINT = (
 )
 
 
-def check_int(name: str, value: Any, low: int = 0, high: int | None = None) -> None:
-    """A Python or NumPy integer in ``[low, high]`` (not a bool, not a float)."""
+def check_int(name: str, value: Any, low: int = 0, high: int | None = None) -> int:
+    """A Python or NumPy integer in ``[low, high]`` (not a bool, not a float), returned as a Python int.
+
+    A NumPy integer is not kept: ``2 * np.uint8(200)`` wraps to 144.
+    """
     if isinstance(value, np.ndarray) and value.ndim == 0 and np.issubdtype(value.dtype, np.integer):
         value = int(value)
     if isinstance(value, jax.Array):
         raise TypeError(f"{name} must be a Python int, got a JAX array; {_STATIC_HINT}")
     if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
     if value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if high is not None and int(value) > high:
+    if high is not None and value > high:
         raise ValueError(f"{name} must be an int <= {high} (counted in int32), got {value!r}")
+    return value
 
 
 def check_seed(name: str, value: Any) -> None:
@@ -192,19 +197,24 @@ def check_state_made_by(made_alike: bool, what: str, hint: str) -> None:
 _INT32_MAX = 2**31 - 1
 
 
-def check_steps(name: str, value: Any, low: int = 0) -> None:
+def check_steps(name: str, value: Any, low: int = 0) -> int | jax.Array:
     """A step count: a Python int in ``[low, 2³¹ − 1]`` (checked; it is compared with int32
-    counters), or a scalar integer JAX array (passed through).
+    counters), or a scalar integer JAX array (not checked), returned as int32.
 
     ``optax.inject_hyperparams`` turns every numeric argument, counts included,
     into an array, so counts that are only compared inside traced code accept one.
+    An array of another integer dtype is cast to the counters' int32 (saturating
+    at 2³¹ − 1), so it compares with them under strict dtype promotion too.
     """
     if isinstance(value, jax.Array):
         if value.ndim != 0 or not np.issubdtype(value.dtype, np.integer):
             raise ValueError(
                 f"{name} must be a scalar integer, got an array of shape {value.shape}, dtype {value.dtype}"
             )
-        return
-    check_int(name, value, low)
+        if np.iinfo(value.dtype).max > _INT32_MAX:
+            value = jnp.minimum(value, jnp.asarray(_INT32_MAX, value.dtype))
+        return value.astype(jnp.int32)
+    value = check_int(name, value, low)
     if value > _INT32_MAX:
         raise ValueError(f"{name} must be at most 2**31 - 1 (steps are counted in int32), got {value!r}")
+    return value

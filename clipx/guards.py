@@ -107,7 +107,7 @@ def skip_nonfinite(
       {'skip_nonfinite/skipped': 1, 'skip_nonfinite/consecutive': 1, 'skip_nonfinite/total': 1}
     """
     if max_consecutive is not None:
-        _validate.check_steps("max_consecutive", max_consecutive)
+        max_consecutive = _validate.check_steps("max_consecutive", max_consecutive)
     _validate.check_transformation("inner", inner)
     inner = optax.with_extra_args_support(inner)
 
@@ -248,10 +248,10 @@ def skip_spikes(
     """
     num_stds = _validate.check_finite_positive("num_stds", num_stds)
     decay = _validate.check_range("decay", decay, 0.0, 1.0, high_open=True)
-    _validate.check_steps("min_observations", min_observations, low=1)
+    min_observations = _validate.check_steps("min_observations", min_observations, low=1)
     min_std = _validate.check_finite_nonnegative("min_std", min_std)
     if max_consecutive is not None:
-        _validate.check_steps("max_consecutive", max_consecutive)
+        max_consecutive = _validate.check_steps("max_consecutive", max_consecutive)
     _validate.check_transformation("inner", inner)
     inner = optax.with_extra_args_support(inner)
 

@@ -522,7 +522,7 @@ def clipped_grad_sum(
       ([0.9, 2.2], [5.0, 0.5, 2.0])
     """
     l2_norm_clip = _validate.check_nonnegative("l2_norm_clip", l2_norm_clip)
-    _validate.check_int("chunk_size", chunk_size, low=1)
+    chunk_size = _validate.check_int("chunk_size", chunk_size, low=1)
     batch_leaves = jax.tree.leaves(batch)
     sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in batch_leaves}
     if not batch_leaves or None in sizes or len(sizes) != 1:

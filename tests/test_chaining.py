@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from test_sharding import TRANSFORMS
 
 import clipx
 
@@ -49,3 +50,21 @@ def test_clipping_in_a_chain(clipper, optimizer):
     )
     # adam nearly undoes a uniform rescale of every step (only the change of scale between steps shows)
     assert difference > (1e-4 if optimizer == "adam" else 1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_a_python_number_among_the_parameters(name):
+    """``{"w": array, "temperature": 1.0}`` is a parameter tree ``jax.grad`` and ``optax.adam``
+    take; every rule takes it too and treats the number as the float32 scalar it becomes."""
+    tx = optax.chain(TRANSFORMS[name].make(), optax.adam(0.1))
+    grads = {"w": jnp.array([[3.0, -4.0], [0.5, 2.0]]), "temperature": jnp.asarray(2.5)}
+
+    def run(temperature):
+        params = {"w": jnp.ones((2, 2)), "temperature": temperature}
+        state = tx.init(params)
+        for scale in (1.0, 2.0, 3.0):
+            step_grads = {k: scale * g for k, g in grads.items()}
+            updates, state = jax.jit(tx.update)(step_grads, state, params)
+        return updates, state
+
+    chex.assert_trees_all_close(run(1.0), run(jnp.asarray(1.0)))

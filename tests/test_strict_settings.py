@@ -15,6 +15,7 @@ import inspect
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from test_sharding import PER_EXAMPLE, TRANSFORMS, small_gradients, small_shapes
@@ -160,3 +161,18 @@ def test_skip_spikes_reports_no_infinite_threshold_for_finite_norms(num_stds):
         for log_norm in (-15.0, 15.0, -15.0, 15.0):
             _, state = tx.update(jnp.array([jnp.exp(log_norm), 0.0]), state, params)
     assert jnp.isfinite(clipx.stats(state)["skip_spikes/grad_norm/threshold"])
+
+
+@pytest.mark.parametrize(
+    "count", [np.uint8(2), np.int16(2), jnp.asarray(2, jnp.uint32), jnp.asarray(2, jnp.int8)], ids=repr
+)
+def test_counts_of_another_integer_dtype_under_strict_dtype_promotion(count):
+    """A count given as a NumPy integer or an integer array of another dtype is compared with
+    the int32 counters as int32."""
+    with jax.numpy_dtype_promotion("strict"):
+        params, steps = _params_and_gradients("adaptive", jnp.float32)
+        _run("adaptive", params, steps, clipx.adaptive(warmup_steps=count))
+        _run("adagc", params, steps, clipx.adagc(warmup_steps=count))
+        for guard in (clipx.skip_nonfinite, clipx.skip_spikes):
+            _run("adaptive", params, steps, guard(optax.sgd(0.1), max_consecutive=count))
+        _run("adaptive", params, steps, clipx.skip_spikes(optax.sgd(0.1), min_observations=count))

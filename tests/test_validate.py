@@ -23,6 +23,8 @@ with or without its direction rule) is refused at the first update.
 
 import math
 
+import chex
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -170,6 +172,32 @@ def test_counts_accept_zero_dimensional_numpy_integers():
     clipx.skip_spikes(clipx.global_norm(1.0), min_observations=np.array(3), max_consecutive=np.array(2))
     with pytest.raises(ValueError, match=r"must be a scalar integer, got an array of shape \(2,\)"):
         clipx.skip_spikes(clipx.global_norm(1.0), min_observations=jnp.array([1, 2]))
+
+
+@pytest.mark.parametrize("history", [np.uint8(200), np.int8(100), np.int16(100)], ids=repr)
+def test_numpy_integer_counts_count_as_python_ints(history):
+    """``2 * np.uint8(200)`` wraps to 144: a count kept as a NumPy integer broke AutoClip's ring
+    buffer after 2·history wrapped (the count went negative and a spike passed unclipped)."""
+    steps = 2 * int(history) + 10
+
+    def run(tx):
+        def step(state, g):
+            return tx.update(g, state)[1], None
+
+        gradients = jnp.ones((steps, 2)).at[-1].mul(1000.0)
+        return jax.lax.scan(step, tx.init(jnp.zeros(2)), gradients)[0]
+
+    expected, actual = run(clipx.autoclip(history=int(history))), run(clipx.autoclip(history=history))
+    chex.assert_trees_all_equal(actual, expected)
+    assert float(clipx.stats(actual)["autoclip/scale"]) < 0.01  # the spike was clipped
+
+
+def test_clipped_grad_sum_takes_a_numpy_integer_chunk_size():
+    total, norms = clipx.clipped_grad_sum(
+        lambda p, x: jnp.sum(p * x), jnp.zeros(2), jnp.ones((300, 2)), 10.0, chunk_size=np.uint8(7)
+    )
+    assert norms.shape == (300,)
+    np.testing.assert_allclose(total, [300.0, 300.0])
 
 
 def test_flags_accept_numpy_bools_and_refuse_numbers():

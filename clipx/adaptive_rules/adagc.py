@@ -116,7 +116,7 @@ def adagc(
     """
     relative_threshold = _validate.check_finite_positive("relative_threshold", relative_threshold)
     decay = _validate.check_range("decay", decay, 0.0, 1.0, high_open=True)
-    _validate.check_steps("warmup_steps", warmup_steps, low=1)
+    warmup_steps = _validate.check_steps("warmup_steps", warmup_steps, low=1)
     warmup_max_norm = _validate.check_nonnegative("warmup_max_norm", warmup_max_norm)
     eps = _validate.check_finite_nonnegative("eps", eps)
 

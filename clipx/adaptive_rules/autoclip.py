@@ -160,7 +160,7 @@ def autoclip(
       [-1.8, -2.4]
     """
     quantile = _validate.check_range("quantile", quantile, 0.0, 1.0)
-    _validate.check_int("history", history, low=1, high=2**30 - 1)  # its count runs up to 2·history
+    history = _validate.check_int("history", history, low=1, high=2**30 - 1)  # its count runs up to 2·history
     per_tensor = _validate.as_bool("per_tensor", per_tensor)
 
     def empty_history(dtype: Any) -> jax.Array:
@@ -170,7 +170,9 @@ def autoclip(
         # Per tensor, `scale` is the fraction of tensors clipped: none before the first step.
         stats = empty_clip_stats(scale=0.0 if per_tensor else 1.0)
         if per_tensor:
-            norms = jax.tree.map(lambda p: empty_history(_numerics.accumulation_dtype(p.dtype)), params)
+            norms = jax.tree.map(
+                lambda p: empty_history(_numerics.accumulation_dtype(jnp.result_type(p))), params
+            )
             count = jax.tree.map(lambda p: jnp.zeros((), jnp.int32), params)
         else:
             norms = empty_history(_numerics.tree_accumulation_dtype(params))

@@ -286,7 +286,7 @@ def adaptive(
     """
     num_stds = _validate.check_finite_positive("num_stds", num_stds)
     decay = _validate.check_range("decay", decay, 0.0, 1.0, high_open=True)
-    _validate.check_steps("warmup_steps", warmup_steps, low=1)
+    warmup_steps = _validate.check_steps("warmup_steps", warmup_steps, low=1)
     warmup_factor = _validate.check_range("warmup_factor", warmup_factor, 1.0, math.inf, high_open=True)
     min_std = _validate.check_finite_positive("min_std", min_std)
     if direction_rate is not None:

@@ -146,7 +146,7 @@ def zclip(
     z_thresh = _validate.check_finite_positive("z_thresh", z_thresh)
     if max_norm is not None:
         max_norm = _validate.check_nonnegative("max_norm", max_norm)
-    _validate.check_int("warmup_steps", warmup_steps, low=1, high=2**31 - 1)
+    warmup_steps = _validate.check_int("warmup_steps", warmup_steps, low=1, high=2**31 - 1)
     _validate.check_choice("mode", mode, _MODES)
     _validate.check_choice("clip_option", clip_option, _CLIP_OPTIONS)
     clip_factor = _validate.check_finite_positive("clip_factor", clip_factor)
