@@ -554,7 +554,8 @@ def scale_leaf(leaf: jax.Array, scale: jax.Array) -> jax.Array:
     """
     if jnp.iscomplexobj(leaf):
         return jax.lax.complex(scale_leaf(leaf.real, scale), scale_leaf(leaf.imag, scale))
-    return (leaf.astype(accumulation_dtype(leaf.dtype)) * scale).astype(leaf.dtype)
+    acc = accumulation_dtype(leaf.dtype)
+    return (leaf.astype(acc) * jnp.asarray(scale).astype(acc)).astype(leaf.dtype)
 
 
 def scale_tree(tree: PyTree, scale: jax.Array) -> PyTree:
@@ -594,4 +595,5 @@ def tree_all_finite(tree: PyTree) -> jax.Array:
     parts, _ = _reduce_chunks(
         jax.tree.leaves(tree), lambda x: (_finite_weight(x),), (SUM,), (dtype,), tie_large=False
     )
-    return jnp.all(jnp.isfinite(jnp.stack([total for (total,) in parts]))) if parts else jnp.array(True)
+    totals = [total.astype(dtype) for (total,) in parts]  # float64 and float32 chunks under x64
+    return jnp.all(jnp.isfinite(jnp.stack(totals))) if parts else jnp.array(True)

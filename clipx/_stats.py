@@ -25,12 +25,14 @@ class ClipStats(NamedTuple):
     """What a clipping transform did at its last step (all scalars).
 
     Attributes:
-      norm: the measured norm before clipping (float32 or wider). Global rules
-        report the global norm; most per-tensor or per-unit rules report the
-        largest per-tensor (per-unit) quantity compared with the threshold
-        (`adagc` the global norm, ``autoclip(per_tensor=True)`` the leaf
-        furthest above its threshold: see each rule's Returns).
-      threshold: the threshold used this step.
+      norm: the measured norm before clipping (accumulated in float32 or
+        wider, reported in float32 as every field is). Global rules report
+        the global norm; most per-tensor or per-unit rules report the largest
+        per-tensor (per-unit) quantity compared with the threshold (`adagc`
+        the global norm, ``autoclip(per_tensor=True)`` the leaf furthest
+        above its threshold: see each rule's Returns).
+      threshold: the threshold used this step (float32: under x64 a float64
+        threshold below float32's range reads 0).
       scale: the factor applied to the whole update (global rules) or the
         fraction of entries/tensors/units/examples that were clipped (rules
         that clip them apart).

@@ -53,7 +53,8 @@ def value(
     is clipped at the float16 value nearest ``c``). Complex leaves, which
     ``optax.clip`` rejects, have their real and imaginary parts clipped
     separately, so ``|Re g|, |Im g| ≤ c``. Below the threshold entries are
-    returned bit for bit; NaN entries stay NaN.
+    returned bit for bit (but for subnormal floats, which XLA's CPU backend
+    flushes to 0 in any arithmetic); NaN entries stay NaN.
 
     Args:
       max_delta: the bound ``c ≥ 0`` (a number, or a scalar array for
@@ -167,7 +168,8 @@ def global_norm(
     ``clip_grad_norm_``, with safer numerics: the norm is accumulated in float32
     (float64 for float64 leaves), so float16 gradients do not overflow; a zero
     norm or a zero threshold gives no NaN; below the threshold the update is
-    returned bit for bit. A non-finite gradient gives a non-finite update (wrap
+    returned bit for bit (but for subnormal floats, which XLA's CPU backend
+    flushes to 0 in any arithmetic). A non-finite gradient gives a non-finite update (wrap
     the chain in `clipx.skip_nonfinite` to drop such steps).
 
     Args:
@@ -284,7 +286,8 @@ def tensor_norm(
     Keras' ``clipnorm`` and TensorFlow's ``tf.clip_by_norm`` applied tensor by
     tensor. Norms are accumulated in float32 (float64 for float64 leaves); a
     zero norm or a zero threshold gives no NaN; leaves below the threshold are
-    returned bit for bit.
+    returned bit for bit (but for subnormal floats on XLA's CPU backend, as
+    for `global_norm`).
 
     Args:
       max_norm: the per-leaf threshold ``c ≥ 0`` (a number, or a scalar array

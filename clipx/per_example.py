@@ -96,17 +96,25 @@ def _per_example_norms(grads: PyTree) -> jax.Array:
     return jax.vmap(_numerics.tree_norm)(grads)
 
 
-def _weighted_sum(leaf: jax.Array, weights: jax.Array) -> jax.Array:
-    """``Σ_i w_i · leaf_i`` over the batch axis, accumulated in float32 or wider, cast back once."""
+def _weighted_sum(leaf: jax.Array, weights: jax.Array, cast_back: bool = True) -> jax.Array:
+    """``Σ_i w_i · leaf_i`` over the batch axis, accumulated in float32 or wider and cast back
+    once to ``leaf.dtype`` (left in the accumulation dtype without ``cast_back``)."""
     acc = _numerics.summation_dtype(leaf.dtype)
-    return jnp.tensordot(weights.astype(acc), leaf.astype(acc), axes=1).astype(leaf.dtype)
+    total = jnp.tensordot(weights.astype(acc), leaf.astype(acc), axes=1)
+    return total.astype(leaf.dtype) if cast_back else total
 
 
-def _clipped_sum(grads: PyTree, threshold: jax.Array) -> tuple[PyTree, jax.Array, jax.Array]:
-    """Clips each example to global norm ``threshold`` and sums: ``(sum, norms, multipliers)``."""
+def _clipped_sum(
+    grads: PyTree, threshold: jax.Array, cast_back: bool = True
+) -> tuple[PyTree, jax.Array, jax.Array]:
+    """Clips each example to global norm ``threshold`` and sums: ``(sum, norms, multipliers)``.
+
+    The sum is in each leaf's dtype, or without ``cast_back`` in its accumulation dtype.
+    """
     norms = _per_example_norms(grads)
     multipliers = jax.vmap(_numerics.clip_scale, in_axes=(0, None))(norms, threshold)
-    return jax.tree.map(lambda g: _weighted_sum(g, multipliers), grads), norms, multipliers
+    sums = jax.tree.map(lambda g: _weighted_sum(g, multipliers, cast_back), grads)
+    return sums, norms, multipliers
 
 
 def _add_noise(tree: PyTree, key: jax.Array, std: jax.Array) -> tuple[PyTree, jax.Array]:
@@ -534,7 +542,9 @@ def clipped_grad_sum(
     per_example_grads = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))
 
     def add_chunk(total, examples):
-        chunk_sum, norms, _ = _clipped_sum(per_example_grads(params, examples), l2_norm_clip)
+        # Each chunk's sum stays in the accumulator's dtype: rounded to float16 first, two
+        # chunks of ±60000 entries overflowed to ±∞ and added up to NaN.
+        chunk_sum, norms, _ = _clipped_sum(per_example_grads(params, examples), l2_norm_clip, cast_back=False)
         return jax.tree.map(lambda t, s: t + s.astype(t.dtype), total, chunk_sum), norms
 
     def accumulator(p):

@@ -358,3 +358,21 @@ def test_every_int64_seed_draws_its_own_noise():
     for seed in (0, 7, 2**32 - 1):  # below 2**32, the key jax.random.key makes
         state = clipx.per_example_global_norm(1.0, seed=seed).init(None)
         np.testing.assert_array_equal(state.key, jax.random.key_data(jax.random.key(seed)))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "examples", "chunk_size", "expected"),
+    [
+        # Chunks of 32 examples of +60000 (and of -60000): each chunk's sum is beyond float16.
+        (jnp.float16, np.where(np.arange(64) % 2 == 0, 60000.0, -60000.0), 32, 0.0),
+        # The chunk {1, 2⁻⁹} is 1 in bfloat16; the float32 total keeps the 2⁻⁹.
+        (jnp.bfloat16, np.array([1.0, -1.0, 2.0**-9, 0.0]), 2, 2.0**-9),
+    ],
+)
+def test_clipped_grad_sum_adds_chunks_in_float32(dtype, examples, chunk_size, expected):
+    """Each chunk's clipped sum enters the float32 total unrounded: cast back once, at the end."""
+    xs = jnp.asarray(examples[:, None], dtype)
+    loss = lambda w, x: jnp.sum(w * x)  # noqa: E731
+    total, _ = clipx.clipped_grad_sum(loss, jnp.zeros(1, dtype), xs, 1e6, chunk_size=chunk_size)
+    assert total.dtype == dtype
+    assert float(total[0]) == expected

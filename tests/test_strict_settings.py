@@ -176,3 +176,13 @@ def test_counts_of_another_integer_dtype_under_strict_dtype_promotion(count):
         for guard in (clipx.skip_nonfinite, clipx.skip_spikes):
             _run("adaptive", params, steps, guard(optax.sgd(0.1), max_consecutive=count))
         _run("adaptive", params, steps, clipx.skip_spikes(optax.sgd(0.1), min_observations=count))
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_float32_and_float64_leaves_in_one_tree_under_strict_dtype_promotion(name):
+    """Under x64 a float64 norm scales a float32 leaf, and float32 and float64 sums are tested together."""
+    with jax.enable_x64(True), jax.numpy_dtype_promotion("strict"):
+        params32, steps32 = _params_and_gradients(name, jnp.float32)
+        params64, steps64 = _params_and_gradients(name, jnp.float64)
+        mixed = {"float32": params32, "float64": params64}
+        _run(name, mixed, [{"float32": a, "float64": b} for a, b in zip(steps32, steps64, strict=True)])
