@@ -31,8 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clipx import _devices
+from clipx._devices import AxisName
+
 PyTree = Any
-AxisName = Any  # a hashable axis name, or a tuple of them, as jax.lax.psum takes
 
 
 def jit_when_traced(fn: Callable) -> Callable:
@@ -448,8 +450,14 @@ def tree_sum_of_squares(tree: PyTree, axis_name: AxisName | None = None) -> jax.
     `leaf_sums_of_squares`.
     """
     acc = tree_accumulation_dtype(tree)
-    (total,) = tree_reductions(jax.tree.leaves(tree), lambda x: (squared(x),), (SUM,), (acc,))
-    return total if axis_name is None else jax.lax.psum(total, axis_name)
+    leaves = jax.tree.leaves(tree)
+
+    def total(indices: list[int]) -> jax.Array:
+        return tree_reductions([leaves[i] for i in indices], lambda x: (squared(x),), (SUM,), (acc,))[0]
+
+    if axis_name is None:
+        return total(list(range(len(leaves))))
+    return _devices.sum_of_parts(leaves, axis_name, total)
 
 
 def tree_norm(tree: PyTree, axis_name: AxisName | None = None) -> jax.Array:
@@ -458,7 +466,8 @@ def tree_norm(tree: PyTree, axis_name: AxisName | None = None) -> jax.Array:
     ``None`` and ``optax.MaskedNode`` leaves contribute nothing; an empty tree
     has norm 0. The result is float32 (float64 if any leaf is float64). Inside
     ``shard_map``/``pmap``, ``axis_name`` names the mapped axis whose shards
-    together hold the tree: only the scalar sum of squares crosses devices.
+    together hold the tree: only the scalar sum of squares crosses devices
+    (a leaf replicated over it is counted once under ``shard_map``: `_devices`).
     """
     return safe_sqrt(tree_sum_of_squares(tree, axis_name))
 
@@ -474,8 +483,11 @@ def real_product(x: jax.Array, y: jax.Array) -> jax.Array:
 
 def leaf_squared_norms(leaves: list[jax.Array], axis_name: AxisName | None = None) -> list[jax.Array]:
     """``‖x‖² = Σ |x|²`` of each array in ``leaves`` (summed over ``axis_name`` if given), as scalars."""
-    totals = leaf_sums_of_squares(leaves)
-    return totals if axis_name is None else jax.lax.psum(totals, axis_name)
+    if axis_name is None:
+        return leaf_sums_of_squares(leaves)
+    return _devices.sum_each(
+        leaves, axis_name, lambda indices: leaf_sums_of_squares([leaves[i] for i in indices])
+    )
 
 
 def leaf_norms(tree: PyTree, axis_name: AxisName | None = None) -> PyTree:

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple, cast
 import jax
 import jax.numpy as jnp
 
-from clipx import _numerics
+from clipx import _devices, _numerics
 
 
 def sketch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -93,7 +93,8 @@ def measure(tree: Any, previous: Any, axis_name: _numerics.AxisName | None = Non
     the same grouped reductions as its product with the kept sketch; a
     sketched leaf is read once for its squares and once for its
     sketch. Inside ``shard_map``/``pmap`` the sums are summed over
-    ``axis_name`` (each device compares its own shards).
+    ``axis_name`` (each device compares its own shards; a leaf replicated
+    over it counts once, see `_devices`).
     """
     leaves, treedef = jax.tree.flatten(tree)
     kept = cast(Any, treedef).flatten_up_to(previous)  # jax's PyTreeDef stubs lack flatten_up_to
@@ -105,34 +106,40 @@ def measure(tree: Any, previous: Any, axis_name: _numerics.AxisName | None = Non
                 f"expected {sketch_shape(jnp.shape(x))} (its sketch) or the leaf's own shape (kept whole). "
                 "Was the state made for other shapes, or outside shard_map/pmap without axis_name?"
             )
-    whole = [i for i, flag in enumerate(kept_whole) if flag]
-    large = [i for i, flag in enumerate(kept_whole) if not flag]
-    sketches = list(leaves)
-    for i in large:
-        sketches[i] = sketch(leaves[i])
+    sketches = [x if flag else sketch(x) for x, flag in zip(leaves, kept_whole, strict=True)]
     acc = _numerics.tree_accumulation_dtype(tree)
     both = (_numerics.SUM, _numerics.SUM)
 
     def squares_and_products(x: jax.Array, p: jax.Array) -> tuple[jax.Array, jax.Array]:
         return _numerics.squared(x), _numerics.real_product(x, p)
 
-    whole_sq, whole_inner = _numerics.tree_reductions(
-        [leaves[i] for i in whole], squares_and_products, both, (acc, acc), partners=[kept[i] for i in whole]
-    )
-    (large_sq,) = _numerics.tree_reductions(
-        [leaves[i] for i in large], lambda x: (_numerics.squared(x),), (_numerics.SUM,), (acc,)
-    )
-    sketch_sq, sketch_inner = _numerics.tree_reductions(
-        [sketches[i] for i in large],
-        squares_and_products,
-        both,
-        (acc, acc),
-        partners=[kept[i] for i in large],
-    )
-    totals = (whole_sq + large_sq, whole_sq + sketch_sq, whole_inner + sketch_inner)
-    if axis_name is not None:
-        totals = jax.lax.psum(totals, axis_name)
-    norm, sketch_norm, inner = totals
+    def sums(indices: list[int]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(‖g‖², ‖sketch‖², ⟨sketch, kept⟩) over ``leaves[indices]``."""
+        whole = [i for i in indices if kept_whole[i]]
+        large = [i for i in indices if not kept_whole[i]]
+        whole_sq, whole_inner = _numerics.tree_reductions(
+            [leaves[i] for i in whole],
+            squares_and_products,
+            both,
+            (acc, acc),
+            partners=[kept[i] for i in whole],
+        )
+        (large_sq,) = _numerics.tree_reductions(
+            [leaves[i] for i in large], lambda x: (_numerics.squared(x),), (_numerics.SUM,), (acc,)
+        )
+        sketch_sq, sketch_inner = _numerics.tree_reductions(
+            [sketches[i] for i in large],
+            squares_and_products,
+            both,
+            (acc, acc),
+            partners=[kept[i] for i in large],
+        )
+        return whole_sq + large_sq, whole_sq + sketch_sq, whole_inner + sketch_inner
+
+    if axis_name is None:
+        norm, sketch_norm, inner = sums(list(range(len(leaves))))
+    else:
+        norm, sketch_norm, inner = _devices.sum_of_parts(leaves, axis_name, sums)
     return Measures(
         _numerics.safe_sqrt(norm),
         _numerics.safe_sqrt(sketch_norm),

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from clipx import _numerics, _validate
+from clipx import _devices, _numerics, _validate
 from clipx._stats import ClipStats, clip_stats, empty_clip_stats, replacing
 
 Axis = int | tuple[int, ...] | None
@@ -165,7 +166,9 @@ def agc(
         the statistics (largest ratio, fraction of units clipped) are
         combined, so every device reports the same values. Each device clips
         the units it holds: shard parameters along a kept (output) axis so
-        that units stay whole.
+        that units stay whole, and keep vectors (one unit each) replicated.
+        Under ``shard_map`` a replicated unit is counted once (see
+        `global_norm`).
 
     Returns:
       An ``optax.GradientTransformation`` whose state reports `ClipStats`:
@@ -252,7 +255,7 @@ def agc(
         )
         leaves, treedef = jax.tree.flatten(updates)
         acc = _numerics.tree_accumulation_dtype(updates)
-        new_leaves, small_ratios, large_ratios = [], [], []
+        new_leaves, all_ratios = [], []
         for g, w in zip(leaves, jax.tree.leaves(params), strict=True):
             if jnp.shape(g) != jnp.shape(w):
                 raise ValueError(
@@ -260,31 +263,43 @@ def agc(
                 )
             clipped_leaf, g_squared, floor_squared = clip_leaf(g, w)
             new_leaves.append(clipped_leaf)
-            ratios = ratio_squared(g_squared, floor_squared).astype(acc)
-            (small_ratios if _numerics.is_small(g) else large_ratios).append(ratios)
-        # The statistics: the largest ratio, and how many units exceed λ (‖G_i‖² > (λ·floor)²).
-        # Unit arrays of small leaves are combined by shape, one reduction per group (see
-        # `_numerics.tree_reductions`: per-leaf reductions dominated the compile time); those
-        # of large leaves, few, are concatenated and reduced twice (one variadic reduction
-        # over them made the step slower, see benchmarks/RESULTS.md).
+            all_ratios.append(ratio_squared(g_squared, floor_squared).astype(acc))
         clipping_ = _numerics.as_dtype(clipping, acc)
         limit = jnp.square(clipping_)
-        largest_squared, clipped = _numerics.tree_reductions(
-            small_ratios,
-            lambda r: (r, (r > limit).astype(jnp.int32)),
-            (_numerics.MAX_NONNEGATIVE, _numerics.SUM),
-            (acc, acc),
-        )
-        if large_ratios:
-            ratios = jnp.concatenate([r.ravel() for r in large_ratios])
-            largest_squared = jnp.maximum(largest_squared, _numerics.max_nonnegative(ratios))
-            clipped = clipped + jnp.sum(ratios > limit, dtype=jnp.int32).astype(acc)
-        largest = _numerics.safe_sqrt(largest_squared)
-        units = float(sum(r.size for r in small_ratios + large_ratios))  # counts may pass 2³¹
-        if axis_name is not None:
-            largest = _numerics.max_nonnegative(largest, axis_name)
-            clipped = jax.lax.psum(clipped, axis_name)
-            units = jax.lax.psum(units, axis_name)
+        largests = []
+
+        def count_clipped(indices: list[int]) -> tuple[jax.Array, Any]:
+            """(units above λ, units) of ``leaves[indices]``; their largest ratio² into ``largests``.
+
+            A unit exceeds λ when ‖G_i‖² > (λ·floor)². Unit arrays of small leaves are
+            combined by shape, one reduction per group (see `_numerics.tree_reductions`:
+            per-leaf reductions dominated the compile time); those of large leaves, few, are
+            concatenated and reduced twice (one variadic reduction over them made the step
+            slower, see benchmarks/RESULTS.md).
+            """
+            ratios = [all_ratios[i] for i in indices]
+            small = [r for r, i in zip(ratios, indices, strict=True) if _numerics.is_small(leaves[i])]
+            large = [r for r, i in zip(ratios, indices, strict=True) if not _numerics.is_small(leaves[i])]
+            largest_squared, clipped = _numerics.tree_reductions(
+                small,
+                lambda r: (r, (r > limit).astype(jnp.int32)),
+                (_numerics.MAX_NONNEGATIVE, _numerics.SUM),
+                (acc, acc),
+            )
+            if large:
+                joined = jnp.concatenate([r.ravel() for r in large])
+                largest_squared = jnp.maximum(largest_squared, _numerics.max_nonnegative(joined))
+                clipped = clipped + jnp.sum(joined > limit, dtype=jnp.int32).astype(acc)
+            largests.append(largest_squared)
+            return clipped, float(sum(r.size for r in ratios))  # counts may pass 2³¹
+
+        if axis_name is None:
+            clipped, units = count_clipped(list(range(len(leaves))))
+            largest = _numerics.safe_sqrt(largests[0])
+        else:  # a unit kept whole on every device (a vector, say) is counted once: see `_devices`
+            clipped, units = _devices.sum_of_parts(leaves, axis_name, count_clipped)
+            largest_squared = _numerics.max_nonnegative(functools.reduce(jnp.maximum, largests), axis_name)
+            largest = _numerics.safe_sqrt(largest_squared)
         stats = clip_stats(
             norm=largest,
             threshold=clipping_,

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from clipx import _numerics, _validate
+from clipx import _devices, _numerics, _validate
 from clipx._stats import ClipStats, clip_stats, empty_clip_stats, global_clip_stats, replacing
 
 
@@ -60,8 +60,9 @@ def value(
       max_delta: the bound ``c ≥ 0`` (a number, or a scalar array for
         ``optax.inject_hyperparams``).
       axis_name: inside ``shard_map``/``pmap`` where each device holds a shard
-        of every gradient, the mapped axis the reported statistics are reduced
-        over (the clip itself is element-wise and needs no communication).
+        of the gradients, the mapped axis the reported statistics are reduced
+        over (the clip itself is element-wise and needs no communication); a
+        replicated leaf counts once, as in `global_norm`.
 
     Returns:
       An ``optax.GradientTransformation`` whose state reports `ClipStats`:
@@ -115,26 +116,39 @@ def value(
             above = functools.reduce(jnp.logical_or, [a > c for a, c in parts])
             return largest, above.astype(jnp.int32)
 
-        # One pass over the gradients (one kernel per large leaf or per group of small leaves)
-        # for both statistics, each large leaf clipped after its pass (see the helper).
-        giant = {i for i, leaf in enumerate(leaves) if leaf.size >= 2 * _COUNT_BLOCK}
-        rest = [leaf for i, leaf in enumerate(leaves) if i not in giant]
-        (largest, count), rest = _numerics.tree_reductions_beside_leaves(
-            rest,
-            largest_and_above,
-            (_numerics.MAX_NONNEGATIVE, _numerics.SUM),
-            (acc, acc),
-        )
-        for i in giant:
-            leaf_largest, above = largest_and_above(leaves[i])
-            largest = jnp.maximum(largest, _numerics.max_nonnegative(leaf_largest))
-            count = count + _count_true(above, acc)
-        tied = iter(rest)
-        leaves = [leaf if i in giant else next(tied) for i, leaf in enumerate(leaves)]
-        total = jnp.asarray(float(sum(leaf.size for leaf in leaves)), acc)
-        if axis_name is not None:
-            largest = _numerics.max_nonnegative(largest, axis_name)
-            count, total = jax.lax.psum((count, total), axis_name)
+        tied = list(leaves)
+        largests = []
+
+        def count_above(indices: list[int]) -> tuple[jax.Array, jax.Array]:
+            """(entries above c, entries) of ``leaves[indices]``; their largest |g| into ``largests``.
+
+            One pass over the gradients (one kernel per large leaf or per group of small
+            leaves) for both statistics, each large leaf clipped after its pass (see the helper).
+            """
+            giant = [i for i in indices if leaves[i].size >= 2 * _COUNT_BLOCK]
+            rest = [i for i in indices if leaves[i].size < 2 * _COUNT_BLOCK]
+            (largest, count), rest_tied = _numerics.tree_reductions_beside_leaves(
+                [leaves[i] for i in rest],
+                largest_and_above,
+                (_numerics.MAX_NONNEGATIVE, _numerics.SUM),
+                (acc, acc),
+            )
+            for i, leaf in zip(rest, rest_tied, strict=True):
+                tied[i] = leaf
+            for i in giant:
+                leaf_largest, above = largest_and_above(leaves[i])
+                largest = jnp.maximum(largest, _numerics.max_nonnegative(leaf_largest))
+                count = count + _count_true(above, acc)
+            largests.append(largest)
+            return count, jnp.asarray(float(sum(leaves[i].size for i in indices)), acc)
+
+        if axis_name is None:
+            count, total = count_above(list(range(len(leaves))))
+            largest = largests[0]
+        else:
+            count, total = _devices.sum_of_parts(leaves, axis_name, count_above)
+            largest = _numerics.max_nonnegative(functools.reduce(jnp.maximum, largests), axis_name)
+        leaves = tied
         stats = clip_stats(
             norm=largest,
             threshold=_numerics.as_dtype(max_delta, acc),
@@ -176,9 +190,12 @@ def global_norm(
       max_norm: the threshold ``c ≥ 0`` (a number, or a scalar array for
         ``optax.inject_hyperparams``).
       axis_name: inside ``shard_map``/``pmap`` where each device holds a shard
-        of every gradient, the mapped axis to sum squared norms over. Leave it
-        ``None`` under plain ``jax.jit`` with sharded arrays: XLA partitions
-        the reduction itself.
+        of the gradients, the mapped axis to sum squared norms over. A leaf
+        every device holds whole is counted once under ``shard_map`` (its
+        ``check_vma`` says which leaves vary over the axis); under ``pmap`` or
+        ``check_vma=False`` every leaf must be split over it (docs/scale.md).
+        Leave it ``None`` under plain ``jax.jit`` with sharded arrays: XLA
+        partitions the reduction itself.
 
     Returns:
       An ``optax.GradientTransformation`` whose state reports `ClipStats`
@@ -250,7 +267,7 @@ def _per_leaf_clip(
         squares = _numerics.leaf_squared_norms(leaves, axis_name)
         counts: list[Any] = [float(leaf.size) if per_entry else 1.0 for leaf in leaves]  # may pass 2³¹
         if per_entry and axis_name is not None:
-            counts = jax.lax.psum(counts, axis_name)
+            counts = _devices.sum_each(leaves, axis_name, lambda indices: [counts[i] for i in indices])
         scaled = [clip_leaf(leaf, q, n) for leaf, q, n in zip(leaves, squares, counts, strict=True)]
         # Statistics from the stacked sums, divided by the counts afterwards (dividing each
         # sum first cost a kernel per leaf): one kernel for all leaves.
@@ -293,7 +310,8 @@ def tensor_norm(
       max_norm: the per-leaf threshold ``c ≥ 0`` (a number, or a scalar array
         for ``optax.inject_hyperparams``).
       axis_name: inside ``shard_map``/``pmap`` where each device holds a shard
-        of every leaf, the mapped axis to sum each leaf's squares over.
+        of the leaves, the mapped axis to sum each leaf's squares over (a
+        replicated leaf counts once, as in `global_norm`).
 
     Returns:
       An ``optax.GradientTransformation`` whose state reports `ClipStats`:
@@ -338,7 +356,8 @@ def block_rms(
       threshold: the largest RMS ``c ≥ 0`` a leaf keeps (a number, or a scalar
         array for ``optax.inject_hyperparams``).
       axis_name: inside ``shard_map``/``pmap`` where each device holds a shard
-        of every leaf, the mapped axis to sum squares and entry counts over.
+        of the leaves, the mapped axis to sum squares and entry counts over (a
+        replicated leaf counts once, as in `global_norm`).
 
     Returns:
       An ``optax.GradientTransformation`` whose state reports `ClipStats`:

@@ -1,11 +1,11 @@
 """Every clipx transform inside ``jax.shard_map`` on 8 host devices equals the unsharded computation.
 
 Each device holds a slice of every gradient (split along the leaf's largest
-axis); transforms built with ``axis_name`` reduce across devices and must give
-the single-device result. Scalar state must come out identical on every device
-(``out_specs=P()`` with ``check_vma`` proves it at trace time). Per-example
-transforms get a slice of the batch instead. The transform table is the one of
-``tests/test_sharding.py``.
+axis), or some leaves whole (replicated); transforms built with ``axis_name``
+reduce across devices and must give the single-device result. Scalar state
+must come out identical on every device (``out_specs=P()`` with ``check_vma``
+proves it at trace time). Per-example transforms get a slice of the batch
+instead. The transform table is the one of ``tests/test_sharding.py``.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ import clipx
 
 AXIS = "devices"
 MESH = Mesh(np.array(jax.devices()[:8]), (AXIS,))
-# Every leaf divides by 8 along its largest axis: a leaf replicated on all devices would be counted
-# once per device by a psum over the axis.
+# Every leaf divides by 8 along its largest axis (and by 8 along its first, for pmap).
 SHAPES = {"embed": (64, 16), "kernel": (16, 64), "bias": (64,), "head": (8, 16)}
 STEPS = 4
 
@@ -177,11 +176,53 @@ def test_agc_updates_need_no_axis_name_when_units_stay_whole():
     assert_tree_close(updates, run(tx, params, grads)[0])
 
 
-def test_agc_statistics_replicated_under_shard_map():
+@pytest.mark.parametrize("clipping", [0.01, 3.0])
+def test_agc_statistics_replicated_under_shard_map(clipping):
+    """The vectors, one unit each, are kept whole on every device and counted once."""
     params, grads = data()
     specs = tree_of_shapes(unit_axis_spec)
-    mapped = run(clipx.agc(0.01, axis_name=AXIS), params, grads, (specs, specs))
-    assert_tree_close(mapped, run(clipx.agc(0.01), params, grads))
+    mapped = run(clipx.agc(clipping, axis_name=AXIS), params, grads, (specs, specs))
+    reference = run(clipx.agc(clipping), params, grads)
+    assert_tree_close(mapped, reference)
+    if clipping == 3.0:  # some units clipped, some not: a unit counted twice would show
+        assert 0 < float(clipx.stats(reference[1])["agc/scale"]) < 1
+
+
+def test_replicated_leaves_with_axis_name_count_once_under_shard_map():
+    """A leaf every device holds whole (here the bias and the head) enters each sum once:
+    shard_map's check_vma says it does not vary over the axis."""
+    params, grads = data()
+    specs = tree_of_shapes(largest_axis_spec) | {"bias": P(), "head": P()}
+    mapped = run(group(WITH_AXIS_NAME, axis_name=AXIS), params, grads, (specs, specs))
+    assert_same(mapped, run(group(WITH_AXIS_NAME), params, grads), WITH_AXIS_NAME)
+
+
+def test_leaves_split_over_part_of_a_two_dimensional_mesh():
+    """With ``axis_name=("rows", "columns")``, a leaf split over "rows" only is summed over "rows"."""
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("rows", "columns"))
+    params, grads = data()
+    specs = {
+        "embed": P("rows", "columns"),
+        "kernel": P(None, ("rows", "columns")),
+        "bias": P("rows"),
+        "head": P(),
+    }
+    names = ["global_norm", "tensor_norm", "block_rms", "value", "adaptive"]
+    tx = group(names, axis_name=("rows", "columns"))
+    state_specs = clipx.state_shardings(tx, params, specs)
+    step = jax.jit(
+        jax.shard_map(
+            tx.update,
+            mesh=mesh,
+            in_specs=(specs, state_specs, specs),
+            out_specs=({n: specs for n in names}, state_specs),
+        )
+    )
+    state, outputs = tx.init(params), []
+    for g in grads:
+        updates, state = step(g, state, params)
+        outputs.append(updates)
+    assert_same((outputs, state), run(group(names), params, grads), names)
 
 
 def test_adaptive_keeps_large_leaves_whole_under_shard_map():
@@ -220,3 +261,32 @@ def test_adaptive_state_made_for_sketches_is_refused_under_shard_map():
     )
     with pytest.raises(ValueError, match=r"kept sketch has shape \(1024,\).*without axis_name"):
         step(params, sketched, params)
+
+
+def test_per_example_rules_with_the_batch_split_match_unsharded():
+    """Each device holds 2 of the 16 examples; the clipped sum (and its noise) is the same."""
+    params, grads = data(batch=16)
+    param_specs = tree_of_shapes(lambda shape: P())
+    grad_specs = tree_of_shapes(lambda shape: P(AXIS))
+    names = sorted(PER_EXAMPLE)
+    mapped = run(group(names, axis_name=AXIS), params, grads, (param_specs, grad_specs))
+    assert_same(mapped, run(group(names), params, grads), names)
+
+
+def test_pmap_with_axis_name_matches_unsharded():
+    """Under ``pmap`` (no ``check_vma``) every leaf is a part: here each is split along its first axis."""
+    params, grads = data()
+    names = ["global_norm", "tensor_norm", "value", "zclip"]
+    tx = group(names, axis_name=AXIS)
+
+    def split(x):
+        return x.reshape(8, x.shape[0] // 8, *x.shape[1:])
+
+    step = jax.pmap(tx.update, axis_name=AXIS, in_axes=(0, None, 0))
+    state, outputs = tx.init(params), []
+    for g in grads:
+        updates, states = step(jax.tree.map(split, g), state, jax.tree.map(split, params))
+        state = jax.tree.map(lambda x: x[0], states)  # the same on every device
+        assert_tree_close(states, jax.tree.map(lambda x: np.broadcast_to(x, (8, *x.shape)), state))
+        outputs.append(jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), updates))
+    assert_same((outputs, state), run(group(names), params, grads), names)

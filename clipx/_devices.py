@@ -1,0 +1,71 @@
+"""Sums over the devices of a mapped axis, with each leaf counted once.
+
+Inside ``shard_map``, a transform built with ``axis_name`` holds either a part
+of each leaf (the leaf split over the axis) or all of it (replicated: a bias
+kept whole, an AGC unit that must not be split). ``psum`` adds one value per
+device, so a sum taken over a replicated leaf would be counted once per
+device. ``shard_map``'s ``check_vma`` (on by default) types every array with
+the mapped axes it varies over. Values of leaves that vary over none of
+``axis_name``'s axes are therefore added once, and the others are summed
+over the axes they vary over.
+
+Under ``pmap`` or ``shard_map(check_vma=False)`` JAX does not track this.
+There every leaf counts as a part, and a replicated leaf is counted once per
+device (docs/scale.md).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+AxisName = Any  # a hashable axis name, or a tuple of them, as jax.lax.psum takes
+
+
+def _varying_axes(x: Any) -> frozenset:
+    """The mapped axes ``x`` varies over, as ``check_vma`` types it (empty where untracked)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # jax 0.10; earlier releases name it `vma`
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
+
+
+def parts(arrays: Sequence[Any], axis_name: AxisName) -> list[tuple[tuple, list[int]]]:
+    """The indices of ``arrays``, grouped by the names of ``axis_name`` each is split over.
+
+    Where no array varies over ``axis_name`` (``pmap``, ``check_vma=False``),
+    all count as split over all of it: one group.
+    """
+    names = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
+    split = [tuple(n for n in names if n in _varying_axes(x)) for x in arrays]
+    if not any(split):
+        split = [names] * len(arrays)
+    groups: dict[tuple, list[int]] = {}
+    for i, axes in enumerate(split):
+        groups.setdefault(axes, []).append(i)
+    return list(groups.items())
+
+
+def _psum(x: Any, axes: tuple) -> Any:
+    return jax.lax.psum(x, axes) if axes else x
+
+
+def sum_each(arrays: Sequence[Any], axis_name: AxisName, sums: Callable[[list[int]], list[Any]]) -> list[Any]:
+    """One sum per array: ``sums(indices)[k]`` sums over ``arrays[indices[k]]`` (called once per
+    group, so it may combine the arrays of a group), then over the devices holding parts of it."""
+    out: list[Any] = [None] * len(arrays)
+    for axes, indices in parts(arrays, axis_name):
+        for i, total in zip(indices, _psum(sums(indices), axes), strict=True):
+            out[i] = total
+    return out
+
+
+def sum_of_parts(arrays: Sequence[Any], axis_name: AxisName, total: Callable[[list[int]], Any]) -> Any:
+    """``Σ_groups psum(total(group))``: ``total`` sums over the arrays of a group of indices
+    (a pytree of sums), which is then summed over the devices holding parts of them."""
+    groups = parts(arrays, axis_name) or [((), [])]
+    sums = [_psum(total(indices), axes) for axes, indices in groups]
+    return functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), sums)
