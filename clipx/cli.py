@@ -209,19 +209,22 @@ def _setting_parts(config_file: pathlib.Path) -> list[str]:
         return []
     recorded = read_settings(config_file)
     config = {**_field_defaults(TrainConfig), "model": {}, "clip_args": {}, **recorded}
-    cell = {**_field_defaults(model_lib.ModelConfig), **config["model"]}["cell"]
-    optimizer = OPTIMIZER_NAMES.get(config["optimizer"], config["optimizer"])
-    if config["optimizer"] == "momentum":
-        optimizer = f"SGD+momentum {config['momentum']:g}"
-    clip_args = ", ".join(f"{key}={value}" for key, value in config["clip_args"].items())
-    data = config["data"]
-    return [
-        f"data {pathlib.Path(data).name}" if data else f"{config['task_length']}-word temporal order",
-        _CELL_NAMES.get(cell, cell),
-        f"{optimizer} lr {config['learning_rate']:g}",
-        "no clipping" if config["clip"] == "none" else f"clipx.{config['clip']}({clip_args})",
-        f"seed {config['seed']}",
-    ]
+    try:
+        cell = {**_field_defaults(model_lib.ModelConfig), **config["model"]}["cell"]
+        optimizer = OPTIMIZER_NAMES.get(config["optimizer"], config["optimizer"])
+        if config["optimizer"] == "momentum":
+            optimizer = f"SGD+momentum {config['momentum']:g}"
+        clip_args = ", ".join(f"{key}={value}" for key, value in config["clip_args"].items())
+        data = config["data"]
+        return [
+            f"data {pathlib.Path(data).name}" if data else f"{config['task_length']}-word temporal order",
+            _CELL_NAMES.get(cell, cell),
+            f"{optimizer} lr {config['learning_rate']:g}",
+            "no clipping" if config["clip"] == "none" else f"clipx.{config['clip']}({clip_args})",
+            f"seed {config['seed']}",
+        ]
+    except (TypeError, ValueError, AttributeError) as error:  # a setting of the wrong type
+        raise ValueError(f"{config_file} is not a run's settings ({error})") from None
 
 
 def _plot_runs(

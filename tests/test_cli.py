@@ -162,11 +162,11 @@ def _printed(capsys, message):
 @pytest.mark.parametrize(
     "flags, message",
     _named_by_flags(
-        (["--lr", "-1"], "learning_rate must be finite and above 0; got -1.0"),
-        (["--lr", "nan"], "learning_rate must be finite and above 0; got nan"),
+        (["--lr", "-1"], "learning_rate must lie in (0, 3.40282e+38]; got -1.0"),
+        (["--lr", "nan"], "learning_rate must lie in (0, 3.40282e+38]; got nan"),
         (["--optimizer", "momentum", "--momentum", "1.5"], "momentum must lie in [0, 1); got 1.5"),
-        (["--weight-decay", "-1"], "weight_decay must be finite and at least 0; got -1.0"),
-        (["--weight-decay", "nan"], "weight_decay must be finite and at least 0; got nan"),
+        (["--weight-decay", "-1"], "weight_decay must lie in [0, 3.40282e+38]; got -1.0"),
+        (["--weight-decay", "nan"], "weight_decay must lie in [0, 3.40282e+38]; got nan"),
         (["--max-steps", "-3"], "max_steps must be at least 1; got -3"),
         (["--max-steps", "0"], "max_steps must be at least 1; got 0"),
         (["--eval-every", "0"], "eval_every must be at least 1; got 0"),
@@ -277,6 +277,14 @@ def test_plot_bad_inputs_are_clear_errors(tmp_path, capsys):
     assert squeezed(f"{run / 'config.json'} is not a run's settings (Expecting") in squeezed(error(str(run)))
     (run / "config.json").write_text("[1]")
     assert squeezed("is not a run's settings (not a JSON object)") in squeezed(error(str(run)))
+    wrong_types = (
+        '{"model": null}',
+        '{"momentum": null, "optimizer": "momentum"}',
+        '{"learning_rate": "0.1"}',
+    )
+    for wrong_type in wrong_types:
+        (run / "config.json").write_text(wrong_type)
+        assert squeezed(f"{run / 'config.json'} is not a run's settings (") in squeezed(error(str(run)))
     (run / "config.json").write_text("{}")  # every setting at its default
     assert cli.main(["plot", str(run), "--out", str(tmp_path / "plots")]) == 0
 
@@ -470,8 +478,8 @@ def test_sweep_settings_are_validated():
 @pytest.mark.parametrize(
     "settings, message",
     _named_by_settings(
-        ({"learning_rates": (0.1, -1.0)}, "learning_rates[1] must be finite and above 0; got -1.0"),
-        ({"learning_rates": (float("nan"),)}, "learning_rates[0] must be finite and above 0; got nan"),
+        ({"learning_rates": (0.1, -1.0)}, "learning_rates[1] must lie in (0, 3.40282e+38]; got -1.0"),
+        ({"learning_rates": (float("nan"),)}, "learning_rates[0] must lie in (0, 3.40282e+38]; got nan"),
         ({"learning_rates": (0.01, 0.01)}, "learning_rates must list each entry once; got '0.01' 2 times"),
         ({"learning_rates": (0.01, 0.0100000001)}, "learning_rates must list each entry once"),
         ({"learning_rates": ()}, "learning_rates must list at least one entry; got none"),
@@ -503,8 +511,8 @@ TINY_SWEEP = [
 @pytest.mark.parametrize(
     "flags, message",
     _named_by_flags(
-        (["--lrs", "-1"], "learning_rates[0] must be finite and above 0; got -1.0"),
-        (["--lrs", "nan"], "learning_rates[0] must be finite and above 0; got nan"),
+        (["--lrs", "-1"], "learning_rates[0] must lie in (0, 3.40282e+38]; got -1.0"),
+        (["--lrs", "nan"], "learning_rates[0] must lie in (0, 3.40282e+38]; got nan"),
         (["--lrs", "0.1,abc"], "--lrs: 'abc' is not a number"),
         (["--seeds", "0"], "seeds must lie in [1, 4294967296]; got 0"),
         (["--max-steps", "0"], "max_steps must be at least 1; got 0"),
@@ -534,8 +542,8 @@ def test_sweep_refuses_bad_settings_before_running(tmp_path, capsys, monkeypatch
         (["--seed", "-1"], "seed must lie in [0, 4294967295]; got -1"),
         (["--seed", "4294967296"], "seed must lie in [0, 4294967295]; got 4294967296"),
         (["--seed", "99999999999999999999"], "seed must lie in [0, 4294967295]; got 99999999999999999999"),
-        (["--lr", "-1"], "learning_rate must be finite and above 0; got -1.0"),
-        (["--lr", "nan"], "learning_rate must be finite and above 0; got nan"),
+        (["--lr", "-1"], "learning_rate must lie in (0, 3.40282e+38]; got -1.0"),
+        (["--lr", "nan"], "learning_rate must lie in (0, 3.40282e+38]; got nan"),
         (["--task-length", "10"], "task_length must lie in [50, 400]; got 10"),
     ),
 )
@@ -713,6 +721,18 @@ def test_plot_of_a_run_that_logged_only_nan_and_of_a_short_run(tmp_path):
     (run / "log.jsonl").write_text("\n".join(lines) + "\n")
     assert cli.main(["plot", str(run)]) == 0
     assert sorted(p.name for p in run.glob("*.png")) == ["grad_norm.png", "loss.png"]
+
+
+def test_plot_of_a_log_missing_a_threshold_draws_it_as_a_gap(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [
+        {"step": 1, "loss": 0.5, "adaptive/norm": 2.0, "adaptive/threshold": 1.0, "adaptive/clipped": 1.0},
+        {"step": 2, "loss": 0.4, "adaptive/norm": 0.5},  # written by hand, or by another tool
+    ]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert cli.main(["plot", str(run)]) == 0
+    assert (run / "threshold.png").is_file()
 
 
 @pytest.mark.parametrize(

@@ -97,6 +97,8 @@ def test_single_logit_is_sigmoid_cross_entropy():
         ("pooling", "max", "pooling must be"),
         ("dropout", 1.0, "dropout"),
         ("embed_init_std", 0.0, "embed_init_std must be positive"),
+        ("embed_init_std", float("inf"), "embed_init_std must be positive and finite in float32"),
+        ("embed_init_std", 1e39, "embed_init_std must be positive and finite in float32"),  # ∞ in float32
     ],
 )
 def test_bad_settings_name_the_field(field, value, message):

@@ -68,17 +68,19 @@ def test_config_rejects_unknown_tokenizer():
 
 NAN, INF = float("nan"), float("inf")
 BAD_SETTINGS = [
-    ("learning_rate", -1.0, "learning_rate must be finite and above 0; got -1.0"),
-    ("learning_rate", 0.0, "learning_rate must be finite and above 0; got 0.0"),
-    ("learning_rate", NAN, "learning_rate must be finite and above 0; got nan"),
-    ("learning_rate", INF, "learning_rate must be finite and above 0; got inf"),
+    ("learning_rate", -1.0, "learning_rate must lie in (0, 3.40282e+38]; got -1.0"),
+    ("learning_rate", 0.0, "learning_rate must lie in (0, 3.40282e+38]; got 0.0"),
+    ("learning_rate", NAN, "learning_rate must lie in (0, 3.40282e+38]; got nan"),
+    ("learning_rate", INF, "learning_rate must lie in (0, 3.40282e+38]; got inf"),
+    ("learning_rate", 1e39, "learning_rate must lie in (0, 3.40282e+38]; got 1e+39"),  # ∞ in float32
     ("momentum", 1.5, "momentum must lie in [0, 1); got 1.5"),
     ("momentum", 1.0, "momentum must lie in [0, 1); got 1.0"),
     ("momentum", -0.1, "momentum must lie in [0, 1); got -0.1"),
     ("momentum", NAN, "momentum must lie in [0, 1); got nan"),
-    ("weight_decay", -1.0, "weight_decay must be finite and at least 0; got -1.0"),
-    ("weight_decay", NAN, "weight_decay must be finite and at least 0; got nan"),
-    ("weight_decay", INF, "weight_decay must be finite and at least 0; got inf"),
+    ("weight_decay", -1.0, "weight_decay must lie in [0, 3.40282e+38]; got -1.0"),
+    ("weight_decay", NAN, "weight_decay must lie in [0, 3.40282e+38]; got nan"),
+    ("weight_decay", INF, "weight_decay must lie in [0, 3.40282e+38]; got inf"),
+    ("weight_decay", 1e39, "weight_decay must lie in [0, 3.40282e+38]; got 1e+39"),
     ("max_steps", -3, "max_steps must be at least 1; got -3"),
     ("max_steps", 0, "max_steps must be at least 1; got 0"),
     ("eval_every", 0, "eval_every must be at least 1; got 0"),
@@ -310,6 +312,22 @@ def test_an_interrupted_run_checkpoints_its_last_step_and_resumes_exactly(tmp_pa
     assert int(saved["step"]) == 5  # the last completed step
     train(config, tmp_path / "parts", resume=True)
     assert read_log(tmp_path / "parts") == read_log(tmp_path / "whole")
+
+
+def test_resume_drops_a_last_log_line_cut_short(tmp_path):
+    """A write interrupted mid-record (a full disk, a power cut) leaves a last line without its
+    newline, after the checkpoint's step: resuming drops it; a broken line before it is refused."""
+    config = TrainConfig(**TINY)
+    train(config, tmp_path / "whole")
+    train(config, tmp_path / "parts", stop_after=4)
+    log = tmp_path / "parts" / "log.jsonl"
+    whole_lines = (tmp_path / "whole" / "log.jsonl").read_text().splitlines()
+    log.write_text(log.read_text() + whole_lines[len(log.read_text().splitlines())][:20])
+    train(config, tmp_path / "parts", resume=True)
+    assert read_log(tmp_path / "parts") == read_log(tmp_path / "whole")
+    log.write_text('{"step": 1, "lo\n' + log.read_text())
+    with pytest.raises(ValueError, match="line 1: not a JSON record"):
+        read_log(tmp_path / "parts")
 
 
 def test_workload_clippers_take_no_axis_name():

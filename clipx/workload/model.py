@@ -26,6 +26,7 @@ from typing import Literal, cast
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Cell = Literal["lstm", "gru", "simple"]
 Pooling = Literal["last", "mean", "attention"]
@@ -36,6 +37,8 @@ POOLINGS: tuple[str, ...] = ("last", "mean", "attention")
 HEADS: tuple[str, ...] = ("mlp", "linear")
 
 UNK_ID = 1
+#: The largest float32, the parameters' dtype: a larger setting would be ∞ at the first step.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +103,10 @@ class ModelConfig:
                 raise ValueError(f"{name} must be a positive integer; got {size}")
         if self.single_logit and self.num_classes != 2:
             raise ValueError(f"single_logit needs num_classes == 2; got {self.num_classes}")
-        if self.embed_init_std is not None and not self.embed_init_std > 0:
-            raise ValueError(f"embed_init_std must be positive or None; got {self.embed_init_std}")
+        if self.embed_init_std is not None and not 0 < self.embed_init_std <= FLOAT32_MAX:
+            raise ValueError(
+                f"embed_init_std must be positive and finite in float32, or None; got {self.embed_init_std}"
+            )
         for name, rate in (("dropout", self.dropout), ("word_dropout", self.word_dropout)):
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"{name} must lie in [0, 1); got {rate}")

@@ -6,6 +6,7 @@ PNGs, drawn with matplotlib's object API (no pyplot state).
 from __future__ import annotations
 
 import itertools
+import math
 import pathlib
 import re
 from collections.abc import Mapping, Sequence
@@ -130,7 +131,7 @@ def plot_threshold(
     rows = [r for r in records if f"{prefix}/norm" in r]
     steps = np.array([r["step"] for r in rows])
     norms = np.array([r[f"{prefix}/norm"] for r in rows], dtype=float)
-    thresholds = np.array([r[f"{prefix}/threshold"] for r in rows], dtype=float)
+    thresholds = np.array([r.get(f"{prefix}/threshold", math.nan) for r in rows], dtype=float)
     clipped = np.array([bool(r.get(f"{prefix}/clipped", 0.0)) for r in rows], dtype=bool)
     fig = Figure(figsize=(8, 4.5))
     ax = fig.subplots()

@@ -30,7 +30,7 @@ import numpy as np
 import clipx
 from clipx.workload import data as data_lib
 from clipx.workload import plots
-from clipx.workload.model import CELLS
+from clipx.workload.model import CELLS, FLOAT32_MAX
 from clipx.workload.train import (
     OPTIMIZER_NAMES,
     OPTIMIZERS,
@@ -84,7 +84,7 @@ class SweepConfig:
     Raises:
       ValueError: an unknown name, an empty or repeated entry of ``datasets``,
         ``clippers`` or ``learning_rates``, or a setting out of its range (a
-        learning rate must be finite and above 0, ``task_length`` in 50..400,
+        learning rate in (0, 3.4·10³⁸], float32's range, ``task_length`` in 50..400,
         ``seeds`` in 1..2³², the counts and sizes at least 1).
     """
 
@@ -115,7 +115,7 @@ class SweepConfig:
         if self.cell not in CELLS:
             raise ValueError(f"unknown sweep cell {self.cell!r}; known: {', '.join(CELLS)}")
         for index, lr in enumerate(self.learning_rates):
-            check_range(f"learning_rates[{index}]", lr, 0, low_open=True)
+            check_range(f"learning_rates[{index}]", lr, 0, FLOAT32_MAX, low_open=True, high_open=False)
         # Learning rates as the run files name them: two that print alike would share their runs.
         lr_names = tuple(f"{lr:g}" for lr in self.learning_rates)
         for name, entries in (

@@ -45,7 +45,7 @@ import optax
 
 import clipx
 from clipx.workload import data as data_lib
-from clipx.workload.model import ModelConfig, TextClassifier
+from clipx.workload.model import FLOAT32_MAX, ModelConfig, TextClassifier
 
 #: The optimizers by name, with the name shown in tables and plots (momentum at its default 0.9).
 OPTIMIZER_NAMES: dict[str, str] = {
@@ -239,9 +239,9 @@ class TrainConfig:
             "checkpoint_every",
         ):
             check_range(name, getattr(self, name), 1)
-        check_range("learning_rate", self.learning_rate, 0, low_open=True)
+        check_range("learning_rate", self.learning_rate, 0, FLOAT32_MAX, low_open=True, high_open=False)
         check_range("momentum", self.momentum, 0, 1)
-        check_range("weight_decay", self.weight_decay, 0)
+        check_range("weight_decay", self.weight_decay, 0, FLOAT32_MAX, high_open=False)
         check_range("seed", self.seed, 0, SEED_MAX, high_open=False)
         check_range("max_vocab", self.max_vocab, len(data_lib.special_tokens(self.boundaries)))
 
@@ -354,14 +354,11 @@ def make_clipper(name: str, args: dict[str, Any] | None = None) -> optax.Gradien
         raise ValueError(f"clipx.{name}: {error}") from None
 
 
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
 def _beyond_float32(value: Any) -> bool:
     """Whether ``value`` is a number larger in size than float32's largest, or a tuple or list holding one."""
     if isinstance(value, (tuple, list)):
         return any(_beyond_float32(item) for item in value)
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > _FLOAT32_MAX
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > FLOAT32_MAX
 
 
 def parse_clip_args(items: list[str]) -> dict[str, Any]:
@@ -387,7 +384,7 @@ def parse_clip_args(items: list[str]) -> dict[str, Any]:
             raise ValueError(f"clipper argument {item!r}: not a finite number (--clip none does not clip)")
         if _beyond_float32(value):
             raise ValueError(
-                f"clipper argument {item!r}: beyond float32's range (at most {_FLOAT32_MAX:.8g} in size; "
+                f"clipper argument {item!r}: beyond float32's range (at most {FLOAT32_MAX:.8g} in size; "
                 "--clip none does not clip)"
             )
         parsed[key.strip()] = value
@@ -637,12 +634,16 @@ def _read_log(path: pathlib.Path, up_to_step: int) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    text = path.read_text()
+    lines = text.splitlines()
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
+            if number == len(lines) and not text.endswith("\n"):  # cut short by a write that never ended
+                break
             raise ValueError(f"{path}, line {number}: not a JSON record ({error.msg})") from None
         if not isinstance(record, dict) or not _is_number(record.get("step"), int):
             raise ValueError(f"{path}, line {number}: not a log record (an object with an integer 'step')")
