@@ -220,3 +220,15 @@ def test_checkpoint_round_trip_resumes_bit_identically(per_tensor):
     tx = optax.chain(clipx.autoclip(0.7, 8, per_tensor), optax.adam(1e-2))
     grads = [jax.tree.map(lambda g: g[t], GRADS) for t in range(30)]  # noqa: B023
     run_resumed(tx, grads, PARAMS, split=15)
+
+
+@pytest.mark.parametrize("step", [0, 1])
+def test_per_tensor_reports_a_nan_norm_at_any_step(step):
+    """A NaN leaf is reported (norm NaN), on the first step too, where its threshold is its own norm."""
+    tx = clipx.autoclip(history=3, per_tensor=True)
+    clean = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([3.0])}
+    poisoned = {"a": jnp.array([jnp.nan, 2.0]), "b": jnp.array([3.0])}
+    state = tx.init(clean)
+    for grads in [clean] * step + [poisoned]:
+        _, state = jax.jit(tx.update)(grads, state)
+    assert np.isnan(float(clipx.stats(state)["autoclip/norm"]))

@@ -76,7 +76,9 @@ def _per_tensor_stats(norms: list, thresholds: list, scales: list) -> ClipStats:
     threshold = jnp.stack([t.astype(jnp.float32) for t in thresholds])
     clipped = jnp.stack([s < 1 for s in scales])
     positive = threshold > 0
-    above_zero = jnp.where(norm > 0, jnp.finfo(jnp.float32).max, 0)  # the largest ratio, and no ∞
+    # Over a zero threshold: the largest ratio (no ∞), 0 for a zero norm, NaN for a NaN norm (whose
+    # threshold on a first step is itself), so that argmax reports it.
+    above_zero = jnp.where(norm > 0, jnp.finfo(jnp.float32).max, norm)
     ratio = jnp.where(positive, norm / jnp.where(positive, threshold, 1), above_zero)
     worst = jnp.argmax(ratio)
     return clip_stats(
