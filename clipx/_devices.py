@@ -7,7 +7,9 @@ device, so a sum taken over a replicated leaf would be counted once per
 device. ``shard_map``'s ``check_vma`` (on by default) types every array with
 the mapped axes it varies over. Values of leaves that vary over none of
 ``axis_name``'s axes are therefore added once, and the others are summed
-over the axes they vary over.
+over the axes they vary over. "Whole" is the type, not the values: an input
+with ``P()``, a ``psum``/``pmean`` result, the gradient of a replicated
+parameter; an ``all_gather`` result is typed as varying and counts as a part.
 
 Under ``pmap`` or ``shard_map(check_vma=False)`` JAX does not track this.
 There every leaf counts as a part, and a replicated leaf is counted once per
@@ -36,12 +38,14 @@ def _varying_axes(x: Any) -> frozenset:
 def parts(arrays: Sequence[Any], axis_name: AxisName) -> list[tuple[tuple, list[int]]]:
     """The indices of ``arrays``, grouped by the names of ``axis_name`` each is split over.
 
-    Where no array varies over ``axis_name`` (``pmap``, ``check_vma=False``),
-    all count as split over all of it: one group.
+    Where JAX does not track varying axes (``pmap``, ``check_vma=False``: a
+    device's own index is not typed as varying), all count as split over all
+    of it: one group.
     """
     names = tuple(axis_name) if isinstance(axis_name, (tuple, list)) else (axis_name,)
-    split = [tuple(n for n in names if n in _varying_axes(x)) for x in arrays]
-    if not any(split):
+    if all(n in _varying_axes(jax.lax.axis_index(n)) for n in names):
+        split = [tuple(n for n in names if n in _varying_axes(x)) for x in arrays]
+    else:
         split = [names] * len(arrays)
     groups: dict[tuple, list[int]] = {}
     for i, axes in enumerate(split):
@@ -53,19 +57,30 @@ def _psum(x: Any, axes: tuple) -> Any:
     return jax.lax.psum(x, axes) if axes else x
 
 
-def sum_each(arrays: Sequence[Any], axis_name: AxisName, sums: Callable[[list[int]], list[Any]]) -> list[Any]:
+def _groups(arrays: Sequence[Any], axis_name: AxisName | None) -> list[tuple[tuple, list[int]]]:
+    """`parts`, or all arrays in one group summed over no axis when ``axis_name`` is ``None``."""
+    if axis_name is None or not arrays:
+        return [((), list(range(len(arrays))))]
+    return parts(arrays, axis_name)
+
+
+def sum_each(
+    arrays: Sequence[Any], axis_name: AxisName | None, sums: Callable[[list[int]], list[Any]]
+) -> list[Any]:
     """One sum per array: ``sums(indices)[k]`` sums over ``arrays[indices[k]]`` (called once per
     group, so it may combine the arrays of a group), then over the devices holding parts of it."""
     out: list[Any] = [None] * len(arrays)
-    for axes, indices in parts(arrays, axis_name):
+    for axes, indices in _groups(arrays, axis_name):
         for i, total in zip(indices, _psum(sums(indices), axes), strict=True):
             out[i] = total
     return out
 
 
-def sum_of_parts(arrays: Sequence[Any], axis_name: AxisName, total: Callable[[list[int]], Any]) -> Any:
+def sum_of_parts(arrays: Sequence[Any], axis_name: AxisName | None, total: Callable[[list[int]], Any]) -> Any:
     """``Σ_groups psum(total(group))``: ``total`` sums over the arrays of a group of indices
-    (a pytree of sums), which is then summed over the devices holding parts of them."""
-    groups = parts(arrays, axis_name) or [((), [])]
-    sums = [_psum(total(indices), axes) for axes, indices in groups]
+    (a pytree of sums), which is then summed over the devices holding parts of them.
+
+    Without ``axis_name``, ``total`` of all the arrays (of none, for no array).
+    """
+    sums = [_psum(total(indices), axes) for axes, indices in _groups(arrays, axis_name)]
     return functools.reduce(lambda a, b: jax.tree.map(jnp.add, a, b), sums)

@@ -455,8 +455,6 @@ def tree_sum_of_squares(tree: PyTree, axis_name: AxisName | None = None) -> jax.
     def total(indices: list[int]) -> jax.Array:
         return tree_reductions([leaves[i] for i in indices], lambda x: (squared(x),), (SUM,), (acc,))[0]
 
-    if axis_name is None:
-        return total(list(range(len(leaves))))
     return _devices.sum_of_parts(leaves, axis_name, total)
 
 
@@ -483,8 +481,6 @@ def real_product(x: jax.Array, y: jax.Array) -> jax.Array:
 
 def leaf_squared_norms(leaves: list[jax.Array], axis_name: AxisName | None = None) -> list[jax.Array]:
     """``‖x‖² = Σ |x|²`` of each array in ``leaves`` (summed over ``axis_name`` if given), as scalars."""
-    if axis_name is None:
-        return leaf_sums_of_squares(leaves)
     return _devices.sum_each(
         leaves, axis_name, lambda indices: leaf_sums_of_squares([leaves[i] for i in indices])
     )

@@ -136,10 +136,7 @@ def measure(tree: Any, previous: Any, axis_name: _numerics.AxisName | None = Non
         )
         return whole_sq + large_sq, whole_sq + sketch_sq, whole_inner + sketch_inner
 
-    if axis_name is None:
-        norm, sketch_norm, inner = sums(list(range(len(leaves))))
-    else:
-        norm, sketch_norm, inner = _devices.sum_of_parts(leaves, axis_name, sums)
+    norm, sketch_norm, inner = _devices.sum_of_parts(leaves, axis_name, sums)
     return Measures(
         _numerics.safe_sqrt(norm),
         _numerics.safe_sqrt(sketch_norm),

@@ -293,13 +293,12 @@ def agc(
             largests.append(largest_squared)
             return clipped, float(sum(r.size for r in ratios))  # counts may pass 2³¹
 
-        if axis_name is None:
-            clipped, units = count_clipped(list(range(len(leaves))))
-            largest = _numerics.safe_sqrt(largests[0])
-        else:  # a unit kept whole on every device (a vector, say) is counted once: see `_devices`
-            clipped, units = _devices.sum_of_parts(leaves, axis_name, count_clipped)
-            largest_squared = _numerics.max_nonnegative(functools.reduce(jnp.maximum, largests), axis_name)
-            largest = _numerics.safe_sqrt(largest_squared)
+        # A unit every device holds whole (a vector, say) is counted once: see `_devices`.
+        clipped, units = _devices.sum_of_parts(leaves, axis_name, count_clipped)
+        largest_squared = functools.reduce(jnp.maximum, largests)
+        if axis_name is not None:
+            largest_squared = _numerics.max_nonnegative(largest_squared, axis_name)
+        largest = _numerics.safe_sqrt(largest_squared)
         stats = clip_stats(
             norm=largest,
             threshold=clipping_,

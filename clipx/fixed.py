@@ -142,12 +142,10 @@ def value(
             largests.append(largest)
             return count, jnp.asarray(float(sum(leaves[i].size for i in indices)), acc)
 
-        if axis_name is None:
-            count, total = count_above(list(range(len(leaves))))
-            largest = largests[0]
-        else:
-            count, total = _devices.sum_of_parts(leaves, axis_name, count_above)
-            largest = _numerics.max_nonnegative(functools.reduce(jnp.maximum, largests), axis_name)
+        count, total = _devices.sum_of_parts(leaves, axis_name, count_above)
+        largest = functools.reduce(jnp.maximum, largests)
+        if axis_name is not None:
+            largest = _numerics.max_nonnegative(largest, axis_name)
         leaves = tied
         stats = clip_stats(
             norm=largest,
@@ -183,8 +181,8 @@ def global_norm(
     (float64 for float64 leaves), so float16 gradients do not overflow; a zero
     norm or a zero threshold gives no NaN; below the threshold the update is
     returned bit for bit (but for subnormal floats, which XLA's CPU backend
-    flushes to 0 in any arithmetic). A non-finite gradient gives a non-finite update (wrap
-    the chain in `clipx.skip_nonfinite` to drop such steps).
+    flushes to 0 in any arithmetic). A non-finite gradient gives a non-finite
+    update (wrap the chain in `clipx.skip_nonfinite` to drop such steps).
 
     Args:
       max_norm: the threshold ``c ≥ 0`` (a number, or a scalar array for

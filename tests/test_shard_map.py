@@ -188,11 +188,13 @@ def test_agc_statistics_replicated_under_shard_map(clipping):
         assert 0 < float(clipx.stats(reference[1])["agc/scale"]) < 1
 
 
-def test_replicated_leaves_with_axis_name_count_once_under_shard_map():
-    """A leaf every device holds whole (here the bias and the head) enters each sum once:
-    shard_map's check_vma says it does not vary over the axis."""
+@pytest.mark.parametrize("replicated", [("bias", "head"), tuple(SHAPES)], ids=["some", "all"])
+def test_replicated_leaves_with_axis_name_count_once_under_shard_map(replicated):
+    """A leaf every device holds whole enters each sum once: shard_map's check_vma says it does
+    not vary over the axis (all leaves whole too: gradients averaged before, or a transform
+    given only the replicated leaves by optax.masked or multi_transform)."""
     params, grads = data()
-    specs = tree_of_shapes(largest_axis_spec) | {"bias": P(), "head": P()}
+    specs = tree_of_shapes(largest_axis_spec) | {name: P() for name in replicated}
     mapped = run(group(WITH_AXIS_NAME, axis_name=AXIS), params, grads, (specs, specs))
     assert_same(mapped, run(group(WITH_AXIS_NAME), params, grads), WITH_AXIS_NAME)
 
