@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--sizes must name one or more of {', '.join(SIZES)}, got {args.sizes!r}")
     for s in sizes:
         total, leaves, _ = SIZES[s]
-        if not (args.scale > 0 and int(total * args.scale) >= leaves):
+        if not (math.isfinite(args.scale) and args.scale > 0 and int(total * args.scale) >= leaves):
             parser.error(f"--scale must leave at least one parameter per leaf ({leaves} leaves in size {s})")
 
     cands = candidates()
