@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import dataclasses
 import inspect
+import os
 import pathlib
 import signal
 import sys
@@ -42,11 +43,14 @@ from clipx.workload.train import (
     available_clippers,
     check_folder,
     check_range,
+    clear_stop,
     parse_clip_args,
     read_config,
     read_log,
     read_settings,
+    request_stop,
     resume_file,
+    stop_requested,
     train,
 )
 
@@ -497,21 +501,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM handled as Ctrl-C (``KeyboardInterrupt``): a run checkpoints its last step before it ends."""
+def _signals_stop_training() -> Iterator[None]:
+    """Ctrl-C (SIGINT) or SIGTERM stops training after the step in progress; a second one at once.
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+    A run then checkpoints its last step and the command ends with status 130.
+    The first signal only asks for the stop (`clipx.workload.train.request_stop`): a
+    ``KeyboardInterrupt`` raised inside an XLA compile could be lost (the run
+    went on to the end) or crash the interpreter at exit.
+    """
 
+    def stop(signum, frame):
+        if stop_requested():
+            raise KeyboardInterrupt(f"signal {signum}")
+        request_stop()
+
+    clear_stop()
     try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread: signals stay as they are
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        clear_stop()
 
 
 def _is_bad_input(error: ValueError | OSError) -> bool:
@@ -533,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"demo": _cmd_demo, "train": _cmd_train, "plot": _cmd_plot, "sweep": _cmd_sweep}
     try:
-        with _terminate_as_interrupt():
+        with _signals_stop_training():
             return commands[args.command](args)
     except KeyboardInterrupt:
         _console.print(
@@ -550,5 +565,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """The ``clipx`` command: `main`, ended without the interpreter's teardown after an interrupt.
+
+    An interrupt that lands inside an XLA compile can leave jaxlib so that the
+    interpreter's shutdown crashes (a segmentation fault, exit status 139 instead
+    of 130; measured with jax 0.10.2, without clipx too). By then the run has
+    written its checkpoint, so the process ends at once, with status 130.
+    """
+    status = main()
+    if status == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import pytest
@@ -684,14 +685,51 @@ def test_an_interrupt_ends_with_status_130_and_says_how_to_continue(tmp_path, ca
     assert _printed(capsys, "clipx train: interrupted (a train run continues with --resume")
 
 
-def test_sigterm_is_handled_as_an_interrupt():
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_asks_for_a_stop_and_a_second_one_interrupts(signum):
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signal handlers can be set in the main thread only")
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt), cli._terminate_as_interrupt():
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)  # the handler runs at the next bytecode; never reached
-    assert signal.getsignal(signal.SIGTERM) is before
+    before = signal.getsignal(signum)
+    with pytest.raises(KeyboardInterrupt), cli._signals_stop_training():
+        os.kill(os.getpid(), signum)
+        time.sleep(0.1)  # the handler runs at the next bytecode
+        assert train_lib.stop_requested()
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # never reached
+    assert signal.getsignal(signum) is before
+    assert not train_lib.stop_requested()
+
+
+def test_a_stop_request_ends_training_after_the_step_in_progress(tmp_path, monkeypatch):
+    """As a signal during step 3 would: step 3 ends, is checkpointed, and the command ends (130)."""
+    to_python, calls = train_lib._to_python, []
+
+    def asks_at_step_3(metrics):
+        calls.append(None)
+        if len(calls) == 3:
+            train_lib.request_stop()
+        return to_python(metrics)
+
+    monkeypatch.setattr(train_lib, "_to_python", asks_at_step_3)
+    out = tmp_path / "run"
+    assert cli.main(["train", *TINY_TRAIN, "--epochs", "2", "--out", str(out)]) == 130  # 6 steps
+    assert [r["step"] for r in train_lib.read_log(out) if "loss" in r] == [1, 2, 3]
+    saved = flax.serialization.msgpack_restore((out / "checkpoint.msgpack").read_bytes())
+    assert int(saved["step"]) == 3
+    assert not train_lib.stop_requested()
+
+
+def test_the_clipx_command_ends_an_interrupted_run_without_the_interpreter_teardown(monkeypatch):
+    exits = []
+    monkeypatch.setattr(cli, "main", lambda: 130)
+    monkeypatch.setattr(cli.os, "_exit", exits.append)  # returns, where os._exit ends the process
+    with pytest.raises(SystemExit):
+        cli.run()
+    assert exits == [130]
+    monkeypatch.setattr(cli, "main", lambda: 0)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run()
+    assert exit_info.value.code == 0
 
 
 def test_a_second_sweep_in_the_same_folder_is_refused(tmp_path, capsys, monkeypatch):

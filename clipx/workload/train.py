@@ -14,8 +14,8 @@ jitted train step. With an output folder it writes
 - ``summary.json``: the outcome.
 
 The files are strict JSON: a number that is not finite (a diverged loss) is
-written as ``null``. Interrupting a run (Ctrl-C) writes a checkpoint of the last
-completed step first.
+written as ``null``. Interrupting a run (Ctrl-C, or `request_stop`, which lets
+the step in progress end) writes a checkpoint of the last completed step first.
 
 Resuming loads the checkpoint and replays nothing: the batch order of every
 epoch and the dropout key of every step are pure functions of the seed, the
@@ -33,6 +33,7 @@ import inspect
 import json
 import math
 import pathlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -656,6 +657,31 @@ def _read_log(path: pathlib.Path, up_to_step: int) -> list[dict[str, Any]]:
     return [r for r in records if r["step"] <= up_to_step]
 
 
+# A stop asked for by a signal handler (`request_stop`); the command line clears it per command.
+_stop = threading.Event()
+
+
+def request_stop() -> None:
+    """Asks `train` to stop before its next step, as an interrupt does: it checkpoints and raises
+    ``KeyboardInterrupt``.
+
+    Safe to call from a signal handler. A ``KeyboardInterrupt`` raised wherever the signal
+    lands can fall inside an XLA compile, where jaxlib may lose it or crash at exit; this stop
+    waits for the step in progress. It holds until `clear_stop`.
+    """
+    _stop.set()
+
+
+def stop_requested() -> bool:
+    """Whether `request_stop` was called since the last `clear_stop`."""
+    return _stop.is_set()
+
+
+def clear_stop() -> None:
+    """Withdraws a `request_stop`."""
+    _stop.clear()
+
+
 def train(
     config: TrainConfig,
     out_dir: str | pathlib.Path | None = None,
@@ -762,6 +788,8 @@ def train(
             while step < end and not diverged:
                 epoch, skip = divmod(step, steps_per_epoch)
                 for batch in _epoch_batches(config, data.train, epoch):
+                    if _stop.is_set():
+                        raise KeyboardInterrupt("stop requested")
                     if skip:
                         skip -= 1
                         continue
