@@ -314,6 +314,17 @@ def test_an_interrupted_run_checkpoints_its_last_step_and_resumes_exactly(tmp_pa
     assert read_log(tmp_path / "parts") == read_log(tmp_path / "whole")
 
 
+@pytest.mark.parametrize(("max_steps", "evaluations"), [(6, [4, 6]), (8, [4, 8])])
+def test_the_summary_evaluation_is_in_the_log(tmp_path, max_steps, evaluations):
+    """A run ending between evaluations (step 6 of epochs of 4) logs the evaluation its summary
+    reports; one ending at an epoch's evaluation does not log it twice."""
+    summary = train(TrainConfig(**{**TINY, "max_steps": max_steps}), tmp_path)
+    dev = [r for r in read_log(tmp_path) if "dev_accuracy" in r]
+    assert [r["step"] for r in dev] == evaluations
+    assert dev[-1]["dev_accuracy"] == summary["dev_accuracy"]
+    assert dev[-1]["epoch"] == (max_steps - 1) // 4
+
+
 def test_resume_drops_a_last_log_line_cut_short(tmp_path):
     """A write interrupted mid-record (a full disk, a power cut) leaves a last line without its
     newline, after the checkpoint's step: resuming drops it; a broken line before it is refused."""

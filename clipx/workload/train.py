@@ -8,7 +8,8 @@ jitted train step. With an output folder it writes
 - ``config.json``: the settings;
 - ``log.jsonl``: one record per step (``loss``, ``accuracy``, ``grad_norm`` before
   clipping, and every entry of ``clipx.stats(opt_state)``) and one per evaluation
-  (``dev_accuracy``, ``dev_loss``);
+  (``dev_accuracy``, ``dev_loss``: each epoch's end, every ``eval_every`` steps,
+  and the last step of a finished run);
 - ``checkpoint.msgpack``: params, optimizer state, step and rng
   (``flax.serialization``), every ``checkpoint_every`` steps and at the end;
 - ``summary.json``: the outcome.
@@ -817,8 +818,6 @@ def train(
         checkpoint()
         raise
     checkpoint()
-    if out is not None:
-        log_file.close()
 
     final = (
         None if diverged else evaluate(eval_step, params, data.dev, config.batch_size, config.pad_multiple)
@@ -826,6 +825,12 @@ def train(
     if final is not None and not math.isfinite(final["dev_loss"]):  # the last step broke the weights
         diverged, final = True, None
     finished = diverged or step >= total
+    # A run that ends between evaluations (--max-steps mid-epoch) logs the summary's evaluation.
+    evaluated = any(r["step"] == step and "dev_accuracy" in r for r in log_records)
+    if finished and final is not None and not evaluated:
+        log({"step": step, "epoch": (step - 1) // steps_per_epoch, **final})
+    if out is not None:
+        log_file.close()
     losses = [r["loss"] for r in log_records if "loss" in r][-20:]
     summary = {
         "steps": step,
