@@ -113,27 +113,23 @@ def measure(tree: Any, previous: Any, axis_name: _numerics.AxisName | None = Non
     def squares_and_products(x: jax.Array, p: jax.Array) -> tuple[jax.Array, jax.Array]:
         return _numerics.squared(x), _numerics.real_product(x, p)
 
+    def against_kept(arrays: list[Any], indices: list[int]) -> tuple[jax.Array, jax.Array]:
+        """(Σ ‖x‖², Σ ⟨x, kept⟩) over ``arrays[indices]``, in the same grouped reductions."""
+        partners = [kept[i] for i in indices]
+        squares, products = _numerics.tree_reductions(
+            [arrays[i] for i in indices], squares_and_products, both, (acc, acc), partners=partners
+        )
+        return squares, products
+
     def sums(indices: list[int]) -> tuple[jax.Array, jax.Array, jax.Array]:
         """(‖g‖², ‖sketch‖², ⟨sketch, kept⟩) over ``leaves[indices]``."""
         whole = [i for i in indices if kept_whole[i]]
         large = [i for i in indices if not kept_whole[i]]
-        whole_sq, whole_inner = _numerics.tree_reductions(
-            [leaves[i] for i in whole],
-            squares_and_products,
-            both,
-            (acc, acc),
-            partners=[kept[i] for i in whole],
-        )
+        whole_sq, whole_inner = against_kept(leaves, whole)
         (large_sq,) = _numerics.tree_reductions(
             [leaves[i] for i in large], lambda x: (_numerics.squared(x),), (_numerics.SUM,), (acc,)
         )
-        sketch_sq, sketch_inner = _numerics.tree_reductions(
-            [sketches[i] for i in large],
-            squares_and_products,
-            both,
-            (acc, acc),
-            partners=[kept[i] for i in large],
-        )
+        sketch_sq, sketch_inner = against_kept(sketches, large)
         return whole_sq + large_sq, whole_sq + sketch_sq, whole_inner + sketch_inner
 
     norm, sketch_norm, inner = _devices.sum_of_parts(leaves, axis_name, sums)
