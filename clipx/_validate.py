@@ -165,6 +165,21 @@ def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def check_inexact_updates(updates: Any) -> None:
+    """Raises ``TypeError`` unless every leaf of ``updates`` is floating point or complex.
+
+    An integer or boolean update has no norm to clip to: rounded back to its dtype, a
+    scaled update is mostly 0, and an unsigned one negated wraps around.
+    """
+    for path, leaf in jax.tree_util.tree_leaves_with_path(updates):
+        dtype = jnp.result_type(leaf)
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            raise TypeError(
+                f"clipx clips floating-point or complex updates; the update {jax.tree_util.keystr(path)} "
+                f"has dtype {dtype}"
+            )
+
+
 def check_same_structure(
     expected: Any,
     actual: Any,

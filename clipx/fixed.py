@@ -50,7 +50,8 @@ def value(
 
     The seed rule of gradient clipping, and ``optax.clip`` with the same
     values. Each leaf keeps its dtype (``c`` is cast to it, so a float16 leaf
-    is clipped at the float16 value nearest ``c``). Complex leaves, which
+    is clipped at the float16 value nearest ``c``); integer and boolean
+    updates are refused, as by every clipx rule. Complex leaves, which
     ``optax.clip`` rejects, have their real and imaginary parts clipped
     separately, so ``|Re g|, |Im g| ≤ c``. Below the threshold entries are
     returned bit for bit (but for subnormal floats, which XLA's CPU backend
@@ -106,6 +107,7 @@ def value(
         return jax.lax.complex(*parts) if jnp.iscomplexobj(leaf) else parts[0]
 
     def update_fn(updates, state, params=None):
+        _validate.check_inexact_updates(updates)
         del params
         acc = _numerics.tree_accumulation_dtype(updates)
         leaves, treedef = jax.tree.flatten(updates)
@@ -218,6 +220,7 @@ def global_norm(
         return GlobalNormState(stats=empty_clip_stats())
 
     def update_fn(updates, state, params=None):
+        _validate.check_inexact_updates(updates)
         del params
         norm = _numerics.tree_norm(updates, axis_name)
         scale = _numerics.clip_scale(norm, max_norm)
@@ -260,6 +263,7 @@ def _per_leaf_clip(
         return _numerics.scale_leaf(leaf, _numerics.clip_scale_of_square(measure_squared, threshold))
 
     def update_fn(updates, state, params=None):
+        _validate.check_inexact_updates(updates)
         del params
         leaves, treedef = jax.tree.flatten(updates)
         squares = _numerics.leaf_squared_norms(leaves, axis_name)

@@ -266,6 +266,7 @@ def skip_spikes(
         )
 
     def update_fn(updates, state, params=None, *, loss=None, **extra_args):
+        _validate.check_inexact_updates(updates)
         # loss= is the guard's own: a line search inside would pass it to its value_fn and fail.
         new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
 

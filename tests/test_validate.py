@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from test_sharding import PER_EXAMPLE, TRANSFORMS
 
 import clipx
 
@@ -400,3 +401,17 @@ def test_a_state_made_by_other_settings_is_refused(made_by, used_by, message):
     with pytest.raises(ValueError, match=message):
         used_by().update(params, made_by().init(params))
     used_by().update(params, used_by().init(params))  # its own state is fine
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.uint8, jnp.bool_])
+@pytest.mark.parametrize("name", sorted(TRANSFORMS | PER_EXAMPLE))
+def test_integer_and_boolean_updates_are_refused(name, dtype):
+    """Before, `value` wrapped unsigned updates (uint8 [3, 200] clipped at 2.5 gave [254, 254]) and
+    the norm rules rounded scaled integer updates to 0. (`skip_nonfinite` and `without_stats`
+    refuse them through the rule they wrap.)"""
+    tx = (TRANSFORMS | PER_EXAMPLE)[name].make()
+    params = {"b": jnp.ones(3), "w": jnp.ones(2)}
+    batch = (4,) if name in PER_EXAMPLE else ()
+    updates = {"b": jnp.ones((*batch, 3)), "w": jnp.full((*batch, 2), 3).astype(dtype)}
+    with pytest.raises(TypeError, match=r"floating-point or complex updates; the update \['w'\] has dtype"):
+        tx.update(updates, tx.init(params), params)

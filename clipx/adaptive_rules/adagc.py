@@ -165,6 +165,7 @@ def adagc(
         return jnp.sum(above, dtype=jnp.int32)
 
     def update_fn(updates, state, params=None):
+        _validate.check_inexact_updates(updates)
         del params
         _validate.check_same_structure(state.gamma, updates, "clipx.adagc")
         leaves, treedef = jax.tree.flatten(updates)

@@ -166,6 +166,7 @@ def zclip(
         )
 
     def update_fn(updates, state, params=None):
+        _validate.check_inexact_updates(updates)
         del params
         _validate.check_state_made_by(
             jnp.shape(state.warmup_norms) == (warmup_steps,),
