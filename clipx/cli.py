@@ -505,19 +505,22 @@ def _signals_stop_training() -> Iterator[None]:
     """Ctrl-C (SIGINT) or SIGTERM stops training after the step in progress; a second one at once.
 
     A run then checkpoints its last step and the command ends with status 130.
-    The first signal only asks for the stop (`clipx.workload.train.request_stop`): a
-    ``KeyboardInterrupt`` raised inside an XLA compile could be lost (the run
-    went on to the end) or crash the interpreter at exit.
+    During training the first signal only asks for the stop
+    (`clipx.workload.train.request_stop`): a ``KeyboardInterrupt`` raised inside
+    an XLA compile could be lost (the run went on to the end) or crash the
+    interpreter at exit. Outside training (plotting, a final evaluation) a
+    signal interrupts at once. A signal ignored when clipx started (SIGINT of a
+    background job) stays ignored.
     """
 
     def stop(signum, frame):
-        if stop_requested():
+        if stop_requested() or not request_stop():
             raise KeyboardInterrupt(f"signal {signum}")
-        request_stop()
 
     clear_stop()
+    handled = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
     try:
-        previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, stop) for s in handled}
     except ValueError:  # not the main thread: signals stay as they are
         yield
         return

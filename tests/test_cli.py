@@ -685,11 +685,17 @@ def test_an_interrupt_ends_with_status_130_and_says_how_to_continue(tmp_path, ca
     assert _printed(capsys, "clipx train: interrupted (a train run continues with --resume")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_asks_for_a_stop_and_a_second_one_interrupts(signum):
+def _main_thread_only():
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signal handlers can be set in the main thread only")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_in_training_a_signal_asks_for_a_stop_and_a_second_one_interrupts(signum, monkeypatch):
+    _main_thread_only()
     before = signal.getsignal(signum)
+    monkeypatch.setattr(train_lib, "_looping", threading.Event())
+    train_lib._looping.set()  # as inside train's loop
     with pytest.raises(KeyboardInterrupt), cli._signals_stop_training():
         os.kill(os.getpid(), signum)
         time.sleep(0.1)  # the handler runs at the next bytecode
@@ -698,6 +704,34 @@ def test_a_signal_asks_for_a_stop_and_a_second_one_interrupts(signum):
         time.sleep(5)  # never reached
     assert signal.getsignal(signum) is before
     assert not train_lib.stop_requested()
+
+
+def test_outside_training_a_signal_interrupts_at_once(tmp_path, monkeypatch):
+    """`clipx plot`, or a run's final evaluation, has no step to stop after: status 130 at once."""
+    _main_thread_only()
+    run = tmp_path / "run"
+    assert cli.main(["train", *TINY_TRAIN, "--out", str(run)]) == 0
+    draw = cli._plot_runs
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "_plot_runs", interrupted)
+    assert cli.main(["plot", str(run), "--out", str(tmp_path / "plots")]) == 130
+    assert not (tmp_path / "plots").exists() or not list((tmp_path / "plots").glob("*.png"))
+
+
+def test_a_signal_ignored_at_the_start_stays_ignored():
+    """A background job of a non-interactive shell starts with SIGINT ignored."""
+    _main_thread_only()
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with cli._signals_stop_training():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_a_stop_request_ends_training_after_the_step_in_progress(tmp_path, monkeypatch):

@@ -658,19 +658,24 @@ def _read_log(path: pathlib.Path, up_to_step: int) -> list[dict[str, Any]]:
     return [r for r in records if r["step"] <= up_to_step]
 
 
-# A stop asked for by a signal handler (`request_stop`); the command line clears it per command.
+# A stop asked for by a signal handler (`request_stop`), taken while a training loop runs.
 _stop = threading.Event()
+_looping = threading.Event()
 
 
-def request_stop() -> None:
-    """Asks `train` to stop before its next step, as an interrupt does: it checkpoints and raises
-    ``KeyboardInterrupt``.
+def request_stop() -> bool:
+    """Asks the running `train` loop to stop before its next step, as an interrupt does: it
+    checkpoints and raises ``KeyboardInterrupt``. Returns whether a loop runs to take it.
 
     Safe to call from a signal handler. A ``KeyboardInterrupt`` raised wherever the signal
     lands can fall inside an XLA compile, where jaxlib may lose it or crash at exit; this stop
-    waits for the step in progress. It holds until `clear_stop`.
+    waits for the step in progress. Outside a training loop nothing is asked (False): the
+    caller interrupts otherwise. A request holds until `clear_stop`.
     """
+    if not _looping.is_set():
+        return False
     _stop.set()
+    return True
 
 
 def stop_requested() -> bool:
@@ -784,6 +789,7 @@ def train(
     diverged = any(not math.isfinite(r.get(key, 0.0)) for r in log_records for key in ("loss", "dev_loss"))
     started = time.perf_counter()
     params, opt_state = state.params, state.opt_state
+    _looping.set()
     try:
         with _Progress(progress, total, step, description) as bar:
             while step < end and not diverged:
@@ -814,9 +820,13 @@ def train(
                         break
                     if step % config.checkpoint_every == 0:
                         checkpoint()
+        if _stop.is_set():  # asked for during the last step
+            raise KeyboardInterrupt("stop requested")
     except KeyboardInterrupt:  # Ctrl-C: --resume continues from the last completed step
         checkpoint()
         raise
+    finally:
+        _looping.clear()
     checkpoint()
 
     final = (
