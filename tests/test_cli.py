@@ -734,8 +734,10 @@ def test_a_signal_ignored_at_the_start_stays_ignored():
         signal.signal(signal.SIGINT, before)
 
 
-def test_a_stop_request_ends_training_after_the_step_in_progress(tmp_path, monkeypatch):
-    """As a signal during step 3 would: step 3 ends, is checkpointed, and the command ends (130)."""
+@pytest.mark.parametrize("epochs", ["2", "1"], ids=["mid-run", "last step"])
+def test_a_stop_request_ends_training_after_the_step_in_progress(tmp_path, monkeypatch, epochs):
+    """As a signal during step 3 would: step 3 ends, is checkpointed, and the command ends (130),
+    also when step 3 is the run's last."""
     to_python, calls = train_lib._to_python, []
 
     def asks_at_step_3(metrics):
@@ -746,7 +748,8 @@ def test_a_stop_request_ends_training_after_the_step_in_progress(tmp_path, monke
 
     monkeypatch.setattr(train_lib, "_to_python", asks_at_step_3)
     out = tmp_path / "run"
-    assert cli.main(["train", *TINY_TRAIN, "--epochs", "2", "--out", str(out)]) == 130  # 6 steps
+    monkeypatch.setattr(train_lib, "_looping", threading.Event())
+    assert cli.main(["train", *TINY_TRAIN, "--epochs", epochs, "--out", str(out)]) == 130  # 3 steps an epoch
     assert [r["step"] for r in train_lib.read_log(out) if "loss" in r] == [1, 2, 3]
     saved = flax.serialization.msgpack_restore((out / "checkpoint.msgpack").read_bytes())
     assert int(saved["step"]) == 3
