@@ -35,6 +35,16 @@ def _varying_axes(x: Any) -> frozenset:
     return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
+def varying_like(x: Any, like: Any) -> Any:
+    """``x``, typed as varying over every mapped axis ``like`` varies over too.
+
+    The branches of a `jax.lax.cond` under ``shard_map`` must agree on these
+    types; where JAX does not track them, ``x`` is returned as it is.
+    """
+    missing = tuple(sorted(_varying_axes(like) - _varying_axes(x), key=str))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
 def parts(arrays: Sequence[Any], axis_name: AxisName) -> list[tuple[tuple, list[int]]]:
     """The indices of ``arrays``, grouped by the names of ``axis_name`` each is split over.
 

@@ -2,26 +2,50 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from clipx import _numerics, _running, _validate
+from clipx import _devices, _numerics, _running, _validate
 from clipx._stats import ClipStats, GuardStats, clip_stats, empty_clip_stats, empty_guard_stats, replacing
+
+
+def _cast_like(new: jax.Array, old: jax.Array) -> jax.Array:
+    """``new`` in ``old``'s dtype (a state leaf must keep its type from step to step)."""
+    dtype = jnp.result_type(old)  # a Python number in a state made eagerly has no .dtype
+    # Typed PRNG keys (extended dtypes) have no astype, and keep their dtype anyway.
+    return new if jax.dtypes.issubdtype(dtype, jax.dtypes.extended) else jnp.asarray(new).astype(dtype)
 
 
 def _select(keep_new: jax.Array, new: Any, old: Any) -> Any:
     """``new`` where ``keep_new`` else ``old``, leaf by leaf (bit-identical either way)."""
+    return jax.tree.map(lambda n, o: _cast_like(jnp.where(keep_new, n, o), o), new, old)
 
-    def pick(n: jax.Array, o: jax.Array) -> jax.Array:
-        chosen = jnp.where(keep_new, n, o)
-        dtype = jnp.result_type(o)  # a Python number in a state made eagerly has no .dtype
-        # Typed PRNG keys (extended dtypes) have no astype; `where` keeps their dtype anyway.
-        return chosen if jax.dtypes.issubdtype(dtype, jax.dtypes.extended) else chosen.astype(dtype)
 
-    return jax.tree.map(pick, new, old)
+def _unless(skip: jax.Array, step: Callable[[], tuple[Any, Any]], inner_state: Any) -> tuple[Any, Any]:
+    """``step()`` (the updates and the new inner state), or zero updates and ``inner_state`` if ``skip``.
+
+    A `jax.lax.cond`: the step runs only when it is taken, and its new state
+    may overwrite the old in place (under `jax.vmap` both run and one is selected).
+    """
+    update_types, state_types = jax.eval_shape(step)
+
+    def take(_):
+        new_updates, new_state = step()
+        return new_updates, jax.tree.map(
+            lambda n, o: _devices.varying_like(_cast_like(n, o), o), new_state, inner_state
+        )
+
+    def zero(_):
+        zeros = jax.tree.map(lambda t: _devices.varying_like(jnp.zeros(t.shape, t.dtype), t), update_types)
+        return zeros, jax.tree.map(_devices.varying_like, inner_state, state_types)
+
+    # In this order (the step as branch 1) XLA's CPU backend writes the new state in place;
+    # with the branches swapped it copies the whole state out of the branch after every step.
+    return jax.lax.cond(~skip, take, zero, None)
 
 
 def _guard_stats(stats: GuardStats, skip: jax.Array) -> GuardStats:
@@ -202,8 +226,10 @@ def skip_spikes(
     ``log‖g‖`` as in Lingvo's ``GradNormTracker``, which makes the test
     independent of the scale of the loss; ``min_std = 0.1`` means a step is
     never skipped for a norm less than ``e^{0.6} ≈ 1.8`` times its typical
-    value. Skipping costs the same as the inner update plus one norm and a
-    select over the inner state.
+    value. The decision needs the gradients only, so ``inner`` runs inside a
+    `jax.lax.cond`, on accepted steps alone: a step costs the inner update
+    plus one norm, and the inner state is updated in place (under `jax.vmap`
+    both branches run and one is selected).
 
     Statistics: `GuardStats` under ``"skip_spikes"`` and, under
     ``"skip_spikes/grad_norm"``, the norm and its threshold (`GradNormRecord`).
@@ -267,9 +293,6 @@ def skip_spikes(
 
     def update_fn(updates, state, params=None, *, loss=None, **extra_args):
         _validate.check_inexact_updates(updates)
-        # loss= is the guard's own: a line search inside would pass it to its value_fn and fail.
-        new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
-
         moments = state.log_norm
         dtype = moments.mean.dtype
         ready = moments.observations >= min_observations
@@ -296,7 +319,12 @@ def skip_spikes(
         observe &= finite & ~skip
         observe_loss = finite & ~skip
 
-        new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
+        # The decision needs only the gradients, so `inner` runs on accepted steps alone and
+        # its new state is written where the old one was (no copy of both to choose between).
+        # loss= is the guard's own: a line search inside would pass it to its value_fn and fail.
+        new_updates, inner_state = _unless(
+            skip, lambda: inner.update(updates, state.inner_state, params, **extra_args), state.inner_state
+        )
         record = clip_stats(
             norm=norm.astype(jnp.float32),
             # e^88 ≈ 1.7e38 stands for any threshold beyond float32's range: no ∞ from finite norms.
@@ -305,7 +333,7 @@ def skip_spikes(
             clipped=skip,
         )
         new_state = SkipSpikesState(
-            inner_state=_select(~skip, new_inner, state.inner_state),
+            inner_state=inner_state,
             log_norm=_running.update_moments(moments, log_norm, observe, decay),
             loss=(
                 state.loss if loss is None else _running.update_moments(state.loss, loss, observe_loss, decay)
