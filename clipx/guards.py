@@ -25,13 +25,14 @@ def _select(keep_new: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(lambda n, o: _cast_like(jnp.where(keep_new, n, o), o), new, old)
 
 
-def _unless(skip: jax.Array, step: Callable[[], tuple[Any, Any]], inner_state: Any) -> tuple[Any, Any]:
+def _unless(
+    skip: jax.Array, step: Callable[[], tuple[Any, Any]], gradients: Any, inner_state: Any
+) -> tuple[Any, Any]:
     """``step()`` (the updates and the new inner state), or zero updates and ``inner_state`` if ``skip``.
 
     A `jax.lax.cond`: the step runs only when it is taken, and its new state
     may overwrite the old in place (under `jax.vmap` both run and one is selected).
     """
-    update_types, state_types = jax.eval_shape(step)
 
     def take(_):
         new_updates, new_state = step()
@@ -39,13 +40,22 @@ def _unless(skip: jax.Array, step: Callable[[], tuple[Any, Any]], inner_state: A
             lambda n, o: _devices.varying_like(_cast_like(n, o), o), new_state, inner_state
         )
 
-    def zero(_):
-        zeros = jax.tree.map(lambda t: _devices.varying_like(jnp.zeros(t.shape, t.dtype), t), update_types)
-        return zeros, jax.tree.map(_devices.varying_like, inner_state, state_types)
+    def zero(update_types: Any, state_types: Any) -> Callable[[Any], tuple[Any, Any]]:
+        def branch(_):
+            zeros = jax.tree.map(lambda t: jnp.zeros(jnp.shape(t), t.dtype), update_types)
+            return jax.tree.map(_devices.varying_like, zeros, update_types), jax.tree.map(
+                _devices.varying_like, inner_state, state_types
+            )
+
+        return branch
 
     # In this order (the step as branch 1) XLA's CPU backend writes the new state in place;
     # with the branches swapped it copies the whole state out of the branch after every step.
-    return jax.lax.cond(~skip, take, zero, None)
+    try:  # Updates typed like the gradients, a state like the old one: `step` is traced once.
+        return jax.lax.cond(~skip, take, zero(gradients, inner_state), None)
+    except TypeError:  # they are not (or `step` fails, and fails again below)
+        pass
+    return jax.lax.cond(~skip, take, zero(*jax.eval_shape(step)), None)
 
 
 def _guard_stats(stats: GuardStats, skip: jax.Array) -> GuardStats:
@@ -323,7 +333,10 @@ def skip_spikes(
         # its new state is written where the old one was (no copy of both to choose between).
         # loss= is the guard's own: a line search inside would pass it to its value_fn and fail.
         new_updates, inner_state = _unless(
-            skip, lambda: inner.update(updates, state.inner_state, params, **extra_args), state.inner_state
+            skip,
+            lambda: inner.update(updates, state.inner_state, params, **extra_args),
+            updates,
+            state.inner_state,
         )
         record = clip_stats(
             norm=norm.astype(jnp.float32),

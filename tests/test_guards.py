@@ -216,6 +216,33 @@ def test_skip_spikes_writes_the_inner_state_in_place():
     chex.assert_trees_all_equal(new_state.inner_state, state.inner_state)
 
 
+def test_skip_spikes_traces_the_inner_update_once_when_its_updates_are_like_the_gradients():
+    """Compile time: ``inner.update`` is traced once, not again for the shapes of the skipped branch."""
+    traced = []
+    adam = optax.adam(1e-3)
+
+    def update(updates, state, params=None):
+        traced.append(1)
+        return adam.update(updates, state, params)
+
+    guard = clipx.skip_spikes(optax.GradientTransformation(adam.init, update))
+    jax.jit(guard.update).lower(grads(1.0), guard.init(PARAMS), PARAMS)
+    assert len(traced) == 1
+
+
+def test_skip_spikes_zeroes_updates_of_another_dtype_than_the_gradients():
+    to_bfloat16 = optax.stateless(lambda u, p: jax.tree.map(lambda x: x.astype(jnp.bfloat16), u))
+    guard = clipx.skip_spikes(optax.chain(optax.sgd(0.1), to_bfloat16))
+    state = guard.init(PARAMS)
+    taken, state = jax.jit(guard.update)(grads(1.0), state, PARAMS)
+    skipped, state = jax.jit(guard.update)(nan_grads(), state, PARAMS)
+    assert bool(state.stats.skipped)
+    for updates in (taken, skipped):
+        assert {u.dtype for u in jax.tree.leaves(updates)} == {jnp.dtype(jnp.bfloat16)}
+    chex.assert_trees_all_equal(skipped, jax.tree.map(jnp.zeros_like, taken))
+    chex.assert_trees_all_close(taken, jax.tree.map(lambda g: (-0.1 * g).astype(jnp.bfloat16), grads(1.0)))
+
+
 def test_skip_spikes_skips_nonfinite_and_lets_one_through_after_max_consecutive():
     scales = [1.0] * 12 + [1000.0] * 4 + [float("nan")]
     results = spike_run(clipx.skip_spikes(optax.sgd(0.1), min_observations=5, max_consecutive=2), scales)
