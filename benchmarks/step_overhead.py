@@ -123,6 +123,13 @@ def candidates() -> list[Candidate]:
     # The guards wrap Adam: a skipped step must leave Adam's moments and count untouched.
     if "skip_nonfinite" in have:
         add("clipx.skip_nonfinite(adam)", lambda: clipx.skip_nonfinite, "skip_nonfinite", wraps=True)
+        if "check_updates" in inspect.signature(clipx.skip_nonfinite).parameters:
+            add(
+                "clipx.skip_nonfinite(adam, check_updates=True)",
+                lambda: lambda inner: clipx.skip_nonfinite(inner, check_updates=True),
+                "skip_nonfinite",
+                wraps=True,
+            )
     add(
         "optax.apply_if_finite(adam, 10)",
         lambda: lambda inner: optax.apply_if_finite(inner, 10),

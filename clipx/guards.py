@@ -92,14 +92,24 @@ def skip_nonfinite(
     inner: optax.GradientTransformation,
     *,
     max_consecutive: int | jax.Array | None = None,
+    check_updates: bool = False,
     axis_name: _numerics.AxisName | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Skips every step whose gradients or updates contain NaN or ±inf.
+    """Skips every step whose gradients (or, optionally, updates) contain NaN or ±inf.
 
     On a skipped step the update is zero and the inner state stays exactly
     as it was (bit for bit: moments, counts and schedules do not advance),
-    as if the step had not happened. The check covers the incoming gradients
-    and the updates ``inner`` produces from them.
+    as if the step had not happened.
+
+    By default the check covers the incoming gradients, as
+    ``optax.apply_if_finite``'s does: it is made before ``inner`` runs, so
+    ``inner`` runs inside a `jax.lax.cond` on accepted steps only and updates
+    its state in place. With ``check_updates=True`` it also covers the
+    updates ``inner`` makes from finite gradients — NaN from a division by
+    a zero second moment, say, in a float16 Adam whose ``eps`` rounds to 0.
+    That check comes after ``inner`` has run, so the new state is computed
+    beside the old one and one of them chosen: two more gradient-sized
+    temporary buffers and, on a CPU, about twice the cost of the default.
 
     With ``max_consecutive=None`` (the default) non-finite steps are always
     skipped: training stalls visibly (``consecutive`` grows) instead of
@@ -118,6 +128,7 @@ def skip_nonfinite(
       inner: the transformation to guard (usually the whole optimizer chain).
       max_consecutive: ``None``, or how many non-finite steps in a row are
         skipped before one is let through (``≥ 0``).
+      check_updates: whether the updates ``inner`` makes are checked too.
       axis_name: inside ``shard_map``/``pmap``, the mapped axis whose devices
         decide together: a step is skipped on every device when any device
         holds a non-finite value, so the replicas never drift apart.
@@ -142,20 +153,31 @@ def skip_nonfinite(
     """
     if max_consecutive is not None:
         max_consecutive = _validate.check_steps("max_consecutive", max_consecutive)
+    check_updates = _validate.as_bool("check_updates", check_updates)
     _validate.check_transformation("inner", inner)
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
         return SkipNonfiniteState(inner_state=inner.init(params), stats=empty_guard_stats())
 
-    def update_fn(updates, state, params=None, **extra_args):
-        new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
-        finite = _numerics.tree_all_finite((updates, new_updates))
+    def skip_unless_finite(values, stats):
+        finite = _numerics.tree_all_finite(values)
         if axis_name is not None:
             finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name) > 0
-        skip = _skip_decision(~finite, state.stats, max_consecutive)
-        new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
-        inner_state = _select(~skip, new_inner, state.inner_state)
+        return _skip_decision(~finite, stats, max_consecutive)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        def step():
+            return inner.update(updates, state.inner_state, params, **extra_args)
+
+        if check_updates:
+            new_updates, new_inner = step()
+            skip = skip_unless_finite((updates, new_updates), state.stats)
+            new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
+            inner_state = _select(~skip, new_inner, state.inner_state)
+        else:
+            skip = skip_unless_finite(updates, state.stats)
+            new_updates, inner_state = _unless(skip, step, updates, state.inner_state)
         return new_updates, SkipNonfiniteState(inner_state=inner_state, stats=_guard_stats(state.stats, skip))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import optax.contrib
 import pytest
+from absl.testing import parameterized
 from hypothesis import given
 from hypothesis import strategies as st
 from machinery import run_resumed
@@ -41,9 +42,10 @@ def warm(tx, n=5):
 
 class SkipNonfiniteTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
-    def test_skipped_step_keeps_inner_state_bit_identical(self):
+    @parameterized.parameters(False, True)
+    def test_skipped_step_keeps_inner_state_bit_identical(self, check_updates):
         for make in INNERS.values():
-            tx = clipx.skip_nonfinite(make())
+            tx = clipx.skip_nonfinite(make(), check_updates=check_updates)
             update = self.variant(tx.update)
             state = warm(tx)
             for bad in (nan_grads(), jax.tree.map(lambda g: g * jnp.inf, grads(1.0))):
@@ -79,13 +81,15 @@ def test_never_lets_through_by_default():
     chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, PARAMS))
 
 
-def test_checks_the_updates_inner_produces():
-    # Finite gradients that the inner transformation turns into NaN are skipped too.
-    tx = clipx.skip_nonfinite(optax.scale_by_adam(eps=0.0, eps_root=0.0))
+@pytest.mark.parametrize("check_updates", [False, True])
+def test_checks_the_updates_inner_produces_when_asked(check_updates):
+    # Finite gradients that the inner transformation turns into NaN (0/0) are skipped with check_updates.
+    tx = clipx.skip_nonfinite(optax.scale_by_adam(eps=0.0, eps_root=0.0), check_updates=check_updates)
     state = tx.init(PARAMS)
     zeros = jax.tree.map(jnp.zeros_like, PARAMS)
-    _, state = tx.update(zeros, state, PARAMS)
-    assert bool(state.stats.skipped)
+    updates, state = tx.update(zeros, state, PARAMS)
+    assert bool(state.stats.skipped) == check_updates
+    assert all(bool(jnp.all(jnp.isnan(u))) != check_updates for u in jax.tree.leaves(updates))
 
 
 def test_stats_see_inner_clippers_and_extra_args_pass_through():
@@ -167,10 +171,8 @@ def test_guards_keep_typed_prng_keys_in_the_inner_state_without_jit(guard):
     eager, eager_state = tx.update(batched, state, PARAMS)
     jitted, jitted_state = jax.jit(tx.update)(batched, state, PARAMS)
     expected, _ = inner.update(batched, inner.init(PARAMS), PARAMS)
-    if guard is clipx.skip_nonfinite:
-        chex.assert_trees_all_equal(eager, expected)
-    else:  # skip_spikes runs `inner` inside lax.cond, compiled even when called eagerly
-        chex.assert_trees_all_close(eager, expected, rtol=1e-5)
+    # The guards run `inner` inside lax.cond, compiled even when called eagerly.
+    chex.assert_trees_all_close(eager, expected, rtol=1e-5)
     chex.assert_trees_all_close(jitted, expected, rtol=1e-5)  # XLA fuses the noise's arithmetic
     keys = [s.inner_state[0].rng_key for s in (eager_state, jitted_state)]
     assert keys[0].dtype == keys[1].dtype == state.inner_state[0].rng_key.dtype
@@ -196,7 +198,8 @@ def _step_temp_bytes(tx, params, grads):
     return memory.temp_size_in_bytes
 
 
-def test_skip_spikes_writes_the_inner_state_in_place():
+@pytest.mark.parametrize("guard", [clipx.skip_nonfinite, clipx.skip_spikes])
+def test_guards_write_the_inner_state_in_place(guard):
     """The decision comes before ``inner`` runs: Adam's new moments are never held beside the old.
 
     The step may hold the updates (one gradient's size) before adding them to
@@ -206,7 +209,7 @@ def test_skip_spikes_writes_the_inner_state_in_place():
     params = {f"w{i}": jnp.ones((256, 256)) for i in range(3)}
     size = sum(p.nbytes for p in params.values())
     grads = jax.tree.map(lambda p: 0.01 * p, params)
-    guard = clipx.skip_spikes(optax.adam(1e-3))
+    guard = guard(optax.adam(1e-3))
     temp = _step_temp_bytes(guard, params, grads)
     assert temp < 1.5 * size, f"the guarded step holds {temp / size:.2f}× the gradients' size"
     # A skipped step still zeroes the updates and keeps Adam's state.
@@ -216,7 +219,17 @@ def test_skip_spikes_writes_the_inner_state_in_place():
     chex.assert_trees_all_equal(new_state.inner_state, state.inner_state)
 
 
-def test_skip_spikes_traces_the_inner_update_once_when_its_updates_are_like_the_gradients():
+def test_skip_nonfinite_checking_the_updates_holds_the_new_moments_beside_the_old():
+    """What ``check_updates=True`` costs, as its docstring says: two more gradient-sized buffers."""
+    params = {f"w{i}": jnp.ones((256, 256)) for i in range(3)}
+    size = sum(p.nbytes for p in params.values())
+    grads = jax.tree.map(lambda p: 0.01 * p, params)
+    temp = _step_temp_bytes(clipx.skip_nonfinite(optax.adam(1e-3), check_updates=True), params, grads)
+    assert temp > 2.5 * size, f"the guarded step holds {temp / size:.2f}× the gradients' size"
+
+
+@pytest.mark.parametrize("guard", [clipx.skip_nonfinite, clipx.skip_spikes])
+def test_guards_trace_the_inner_update_once_when_its_updates_are_like_the_gradients(guard):
     """Compile time: ``inner.update`` is traced once, not again for the shapes of the skipped branch."""
     traced = []
     adam = optax.adam(1e-3)
@@ -225,14 +238,15 @@ def test_skip_spikes_traces_the_inner_update_once_when_its_updates_are_like_the_
         traced.append(1)
         return adam.update(updates, state, params)
 
-    guard = clipx.skip_spikes(optax.GradientTransformation(adam.init, update))
+    guard = guard(optax.GradientTransformation(adam.init, update))
     jax.jit(guard.update).lower(grads(1.0), guard.init(PARAMS), PARAMS)
     assert len(traced) == 1
 
 
-def test_skip_spikes_zeroes_updates_of_another_dtype_than_the_gradients():
+@pytest.mark.parametrize("guard", [clipx.skip_nonfinite, clipx.skip_spikes])
+def test_guards_zero_updates_of_another_dtype_than_the_gradients(guard):
     to_bfloat16 = optax.stateless(lambda u, p: jax.tree.map(lambda x: x.astype(jnp.bfloat16), u))
-    guard = clipx.skip_spikes(optax.chain(optax.sgd(0.1), to_bfloat16))
+    guard = guard(optax.chain(optax.sgd(0.1), to_bfloat16))
     state = guard.init(PARAMS)
     taken, state = jax.jit(guard.update)(grads(1.0), state, PARAMS)
     skipped, state = jax.jit(guard.update)(nan_grads(), state, PARAMS)

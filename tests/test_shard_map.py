@@ -140,8 +140,9 @@ def test_sharded_leaves_with_axis_name_match_unsharded():
     assert_same(mapped, run(group(WITH_AXIS_NAME), params, grads), WITH_AXIS_NAME)
 
 
+@pytest.mark.parametrize("check_updates", [False, True])
 @pytest.mark.parametrize("poisoned_device", [None, 0, 5])
-def test_skip_nonfinite_decides_together_under_shard_map(poisoned_device):
+def test_skip_nonfinite_decides_together_under_shard_map(poisoned_device, check_updates):
     """With a NaN on one device every device skips; the state stays replicated."""
     params, grads = data()
     if poisoned_device is not None:
@@ -149,7 +150,10 @@ def test_skip_nonfinite_decides_together_under_shard_map(poisoned_device):
         rows_per_device = SHAPES["embed"][0] // 8
         grads[1]["embed"][poisoned_device * rows_per_device, 0] = np.nan
     tx = optax.chain(
-        clipx.skip_nonfinite(clipx.global_norm(1.0, axis_name=AXIS), axis_name=AXIS), optax.adam(1e-2)
+        clipx.skip_nonfinite(
+            clipx.global_norm(1.0, axis_name=AXIS), check_updates=check_updates, axis_name=AXIS
+        ),
+        optax.adam(1e-2),
     )
     specs = tree_of_shapes(largest_axis_spec)
     mapped = run(tx, params, grads, (specs, specs))

@@ -206,6 +206,11 @@ def test_flags_accept_numpy_bools_and_refuse_numbers():
     clipx.autoclip(per_tensor=np.bool_(False))
     with pytest.raises(TypeError, match="per_tensor must be a bool, got int 1"):
         clipx.autoclip(per_tensor=1)
+    clipx.skip_nonfinite(optax.sgd(0.1), check_updates=np.True_)
+    with pytest.raises(TypeError, match="check_updates must be a bool, got str 'yes'"):
+        clipx.skip_nonfinite(optax.sgd(0.1), check_updates="yes")
+    with pytest.raises(TypeError, match="check_updates must be a Python bool, got a JAX array"):
+        clipx.skip_nonfinite(optax.sgd(0.1), check_updates=jnp.array(True))
 
 
 @pytest.mark.parametrize(
