@@ -367,3 +367,20 @@ def test_guards_take_an_inner_state_holding_a_python_number_without_jit(guard):
     for _ in range(2):
         _, state = tx.update(jnp.ones(2), state)
     assert float(state.inner_state["n"]) == 2.0
+
+
+@pytest.mark.parametrize("guard", [clipx.skip_nonfinite, clipx.skip_spikes])
+def test_guards_under_vmap_skip_only_the_members_with_bad_gradients(guard):
+    """Under `jax.vmap` the `lax.cond` becomes a choice per member: one member's NaN skips only its step."""
+    tx = guard(optax.adam(1e-2))
+    stack = lambda *trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)  # noqa: E731
+    member = lambda tree, m: jax.tree.map(lambda x: x[m], tree)  # noqa: E731
+    state = jax.vmap(tx.init)(stack(PARAMS, PARAMS))
+    update = jax.jit(jax.vmap(tx.update))
+    updates, after = update(stack(grads(1.0), nan_grads()), state, stack(PARAMS, PARAMS))
+    np.testing.assert_array_equal(after.stats.skipped, [False, True])
+    alone_updates, alone_state = tx.update(grads(1.0), tx.init(PARAMS), PARAMS)
+    chex.assert_trees_all_close(member(updates, 0), alone_updates, rtol=1e-6)
+    chex.assert_trees_all_close(member(after.inner_state, 0), alone_state.inner_state, rtol=1e-6)
+    chex.assert_trees_all_equal(member(updates, 1), jax.tree.map(jnp.zeros_like, PARAMS))
+    chex.assert_trees_all_equal(member(after.inner_state, 1), member(state.inner_state, 1))
