@@ -80,7 +80,8 @@ CLIPPERS: dict[str, tuple[Callable[[Optimizer], Optimizer], bool]] = {
     "zclip": (_before(clipx.zclip), True),
     "quantile_clip": (_before(clipx.quantile_clip), True),
     "adagc": (_before(clipx.adagc), False),
-    "skip_nonfinite": (clipx.skip_nonfinite, False),  # around Adam: a skipped step keeps its moments
+    # The guards wrap Adam: a skipped step keeps its moments.
+    "skip_nonfinite": (clipx.skip_nonfinite, False),
     "skip_spikes": (clipx.skip_spikes, True),
 }
 

@@ -184,6 +184,12 @@ def test_guards_keep_typed_prng_keys_in_the_inner_state_without_jit(guard):
     )
 
 
+def _adam_sized_case():
+    """Parameters, their total size in bytes, and gradients for the temporary-memory tests."""
+    params = {f"w{i}": jnp.ones((256, 256)) for i in range(3)}
+    return params, sum(p.nbytes for p in params.values()), jax.tree.map(lambda p: 0.01 * p, params)
+
+
 def _step_temp_bytes(tx, params, grads):
     """Temporary memory of the compiled step ``(params, state) -> (params, state)``, both donated."""
 
@@ -206,9 +212,7 @@ def test_guards_write_the_inner_state_in_place(guard):
     the parameters, as ``optax.apply_if_finite`` does; choosing between the new
     moments and the old would hold two more.
     """
-    params = {f"w{i}": jnp.ones((256, 256)) for i in range(3)}
-    size = sum(p.nbytes for p in params.values())
-    grads = jax.tree.map(lambda p: 0.01 * p, params)
+    params, size, grads = _adam_sized_case()
     guard = guard(optax.adam(1e-3))
     temp = _step_temp_bytes(guard, params, grads)
     assert temp < 1.5 * size, f"the guarded step holds {temp / size:.2f}× the gradients' size"
@@ -221,9 +225,7 @@ def test_guards_write_the_inner_state_in_place(guard):
 
 def test_skip_nonfinite_checking_the_updates_holds_the_new_moments_beside_the_old():
     """What ``check_updates=True`` costs, as its docstring says: two more gradient-sized buffers."""
-    params = {f"w{i}": jnp.ones((256, 256)) for i in range(3)}
-    size = sum(p.nbytes for p in params.values())
-    grads = jax.tree.map(lambda p: 0.01 * p, params)
+    params, size, grads = _adam_sized_case()
     temp = _step_temp_bytes(clipx.skip_nonfinite(optax.adam(1e-3), check_updates=True), params, grads)
     assert temp > 2.5 * size, f"the guarded step holds {temp / size:.2f}× the gradients' size"
 
