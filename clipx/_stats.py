@@ -173,6 +173,7 @@ def without_stats(inner: optax.GradientTransformation) -> optax.GradientTransfor
         return WithoutStatsState(inner_state=inner.init(params))
 
     def update_fn(updates, state, params=None, **extra_args):
+        _validate.check_state(state, WithoutStatsState)
         updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
         kept = jax.tree.map(
             lambda new, old: old if _is_clip_stats(new) else new,

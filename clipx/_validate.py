@@ -165,19 +165,37 @@ def check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def check_inexact_updates(updates: Any) -> None:
-    """Raises ``TypeError`` unless every leaf of ``updates`` is floating point or complex.
+def check_update(updates: Any, state: Any, state_type: type) -> None:
+    """Raises ``TypeError`` unless ``update``'s arguments are ones a clipx rule can use.
 
-    An integer or boolean update has no norm to clip to: rounded back to its dtype, a
-    scaled update is mostly 0, and an unsigned one negated wraps around.
+    Every leaf of ``updates`` must be a floating-point or complex array: an
+    integer or boolean update has no norm to clip to (rounded back to its
+    dtype, a scaled update is mostly 0, and an unsigned one negated wraps
+    around), and a Python number has no shape. ``state`` is checked by
+    `check_state`.
     """
     for path, leaf in jax.tree_util.tree_leaves_with_path(updates):
-        dtype = jnp.result_type(leaf)
-        if not jnp.issubdtype(dtype, jnp.inexact):
-            raise TypeError(
-                f"clipx clips floating-point or complex updates; the update {jax.tree_util.keystr(path)} "
-                f"has dtype {dtype}"
-            )
+        where = f"the update {jax.tree_util.keystr(path)}"
+        if not isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
+            raise TypeError(f"clipx clips arrays; {where} is a {type(leaf).__name__} (use jnp.asarray)")
+        if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+            raise TypeError(f"clipx clips floating-point or complex updates; {where} has dtype {leaf.dtype}")
+    check_state(state, state_type)
+
+
+def check_state(state: Any, state_type: type) -> None:
+    """Raises ``TypeError`` unless ``state`` is the ``state_type`` that ``init`` returns.
+
+    clipx transforms keep their statistics in their state, so Optax's
+    ``update(updates, None)`` for stateless transforms does not apply, and a
+    checkpoint restored without its target comes back as dicts.
+    """
+    if not isinstance(state, state_type):
+        raise TypeError(
+            f"the state must be the {state_type.__name__} that init(params) returns, got a "
+            f"{type(state).__name__}. clipx transforms keep their statistics in their state: pass "
+            "tx.init(params)'s result (or a checkpoint restored into it), not None."
+        )
 
 
 def check_same_structure(

@@ -242,7 +242,7 @@ def agc(
         return AGCState(stats=empty_clip_stats(scale=0.0))
 
     def update_fn(updates, state, params=None):
-        _validate.check_inexact_updates(updates)
+        _validate.check_update(updates, state, AGCState)
         if params is None:
             raise ValueError(
                 "agc clips relative to the parameters: pass them as the third argument, "

@@ -107,7 +107,7 @@ def value(
         return jax.lax.complex(*parts) if jnp.iscomplexobj(leaf) else parts[0]
 
     def update_fn(updates, state, params=None):
-        _validate.check_inexact_updates(updates)
+        _validate.check_update(updates, state, ValueState)
         del params
         acc = _numerics.tree_accumulation_dtype(updates)
         leaves, treedef = jax.tree.flatten(updates)
@@ -220,7 +220,7 @@ def global_norm(
         return GlobalNormState(stats=empty_clip_stats())
 
     def update_fn(updates, state, params=None):
-        _validate.check_inexact_updates(updates)
+        _validate.check_update(updates, state, GlobalNormState)
         del params
         norm = _numerics.tree_norm(updates, axis_name)
         scale = _numerics.clip_scale(norm, max_norm)
@@ -263,7 +263,7 @@ def _per_leaf_clip(
         return _numerics.scale_leaf(leaf, _numerics.clip_scale_of_square(measure_squared, threshold))
 
     def update_fn(updates, state, params=None):
-        _validate.check_inexact_updates(updates)
+        _validate.check_update(updates, state, state_type)
         del params
         leaves, treedef = jax.tree.flatten(updates)
         squares = _numerics.leaf_squared_norms(leaves, axis_name)

@@ -167,6 +167,9 @@ def skip_nonfinite(
         return _skip_decision(~finite, stats, max_consecutive)
 
     def update_fn(updates, state, params=None, **extra_args):
+        _validate.check_state(state, SkipNonfiniteState)
+        updates = jax.tree.map(jnp.asarray, updates)  # Python numbers too: the inner transform may take them
+
         def step():
             return inner.update(updates, state.inner_state, params, **extra_args)
 
@@ -324,7 +327,7 @@ def skip_spikes(
         )
 
     def update_fn(updates, state, params=None, *, loss=None, **extra_args):
-        _validate.check_inexact_updates(updates)
+        _validate.check_update(updates, state, SkipSpikesState)
         moments = state.log_norm
         dtype = moments.mean.dtype
         ready = moments.observations >= min_observations

@@ -261,7 +261,7 @@ def per_example_global_norm(
     init_fn, l2_norm_clip, noise_multiplier = _fixed_threshold_init(l2_norm_clip, noise_multiplier, seed)
 
     def update_fn(updates, state, params=None):
-        _validate.check_inexact_updates(updates)
+        _validate.check_update(updates, state, PerExampleState)
         del params
         batch = _check_batched(updates, "per_example_global_norm")
         total, norms, multipliers = _clipped_sum(updates, l2_norm_clip)
@@ -340,7 +340,7 @@ def per_example_layer_norm(
     uniform = _validate.as_bool("uniform", uniform)
 
     def update_fn(updates, state, params=None):
-        _validate.check_inexact_updates(updates)
+        _validate.check_update(updates, state, PerExampleState)
         del params
         _check_batched(updates, "per_example_layer_norm")
         leaves, treedef = jax.tree.flatten(updates)
@@ -443,7 +443,7 @@ def per_example_adaptive(
         )
 
     def update_fn(updates, state, params=None):
-        _validate.check_inexact_updates(updates)
+        _validate.check_update(updates, state, PerExampleAdaptiveState)
         del params
         batch = _check_batched(updates, "per_example_adaptive")
         threshold = state.threshold

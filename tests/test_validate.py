@@ -18,7 +18,9 @@ Every threshold that may be infinite also takes huge numbers (2**63, 10**400,
 1e200) and then never clips, with no NumPy overflow warning where the number
 is past float32's range. A state restored into a transform with other
 settings (zclip's warm-up length, autoclip's history or per_tensor, adaptive
-with or without its direction rule) is refused at the first update.
+with or without its direction rule) is refused at the first update, and so
+is a state that ``init`` did not make (None, ``optax.EmptyState()``, a dict,
+another rule's state); Python numbers as update leaves are refused.
 """
 
 import math
@@ -420,3 +422,43 @@ def test_integer_and_boolean_updates_are_refused(name, dtype):
     updates = {"b": jnp.ones((*batch, 3)), "w": jnp.full((*batch, 2), 3).astype(dtype)}
     with pytest.raises(TypeError, match=r"floating-point or complex updates; the update \['w'\] has dtype"):
         tx.update(updates, tx.init(params), params)
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS | PER_EXAMPLE))
+@pytest.mark.parametrize(
+    "bad", [None, optax.EmptyState(), {"stats": None}], ids=["None", "EmptyState", "dict"]
+)
+def test_a_state_that_is_not_inits_is_refused(name, bad):
+    """Optax's ``update(grads, None)`` for stateless clippers, or a checkpoint restored without
+    its target: before, an AttributeError such as "'NoneType' object has no attribute 'stats'"."""
+    tx = (TRANSFORMS | PER_EXAMPLE)[name].make()
+    params = {"b": jnp.ones(3), "w": jnp.ones(2)}
+    batch = (4,) if name in PER_EXAMPLE else ()
+    updates = jax.tree.map(lambda p: jnp.ones((*batch, *p.shape)), params)
+    state_type = type(tx.init(params)).__name__
+    with pytest.raises(TypeError, match=rf"the state must be the {state_type} that init\(params\) returns"):
+        tx.update(updates, bad, params)
+
+
+def test_a_state_of_another_rule_is_refused():
+    params = {"w": jnp.ones(3)}
+    with pytest.raises(TypeError, match=r"the state must be the GlobalNormState .* got a ValueState"):
+        clipx.global_norm(1.0).update(params, clipx.value(1.0).init(params))
+
+
+@pytest.mark.parametrize("name", sorted(set(TRANSFORMS) - {"skip_nonfinite"}))
+def test_python_number_updates_are_refused(name):
+    """Before, an AttributeError ("'float' object has no attribute 'size'") from inside the rule.
+    (`skip_nonfinite` passes them to the transform it wraps, as ``optax.apply_if_finite`` does.)"""
+    tx = TRANSFORMS[name].make()
+    params = {"b": jnp.ones(3), "w": jnp.ones(())}
+    with pytest.raises(TypeError, match=r"clipx clips arrays; the update \['w'\] is a float"):
+        tx.update({"b": jnp.ones(3), "w": 3.0}, tx.init(params), params)
+
+
+def test_skip_nonfinite_passes_python_numbers_to_its_inner_transform():
+    grads = {"b": jnp.ones(3), "w": 3.0}
+    ours = clipx.skip_nonfinite(optax.adam(0.1))
+    theirs = optax.apply_if_finite(optax.adam(0.1), 3)
+    expected, _ = theirs.update(grads, theirs.init(grads))
+    chex.assert_trees_all_close(ours.update(grads, ours.init(grads))[0], expected)

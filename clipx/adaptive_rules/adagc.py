@@ -165,7 +165,7 @@ def adagc(
         return jnp.sum(above, dtype=jnp.int32)
 
     def update_fn(updates, state, params=None):
-        _validate.check_inexact_updates(updates)
+        _validate.check_update(updates, state, AdaGCState)
         del params
         _validate.check_same_structure(state.gamma, updates, "clipx.adagc")
         leaves, treedef = jax.tree.flatten(updates)

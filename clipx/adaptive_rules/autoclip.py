@@ -215,7 +215,7 @@ def autoclip(
         return jax.tree.map(_numerics.scale_leaf, updates, scales), new_state
 
     def update_fn(updates, state, params=None):
-        _validate.check_inexact_updates(updates)
+        _validate.check_update(updates, state, AutoClipState)
         del params
         shapes = [jnp.shape(buffer) for buffer in jax.tree.leaves(state.norms)]
         _validate.check_state_made_by(

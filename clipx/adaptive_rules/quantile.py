@@ -100,7 +100,7 @@ def quantile_clip(
         return QuantileClipState(log_threshold=log_threshold, stats=empty_clip_stats())
 
     def update_fn(updates, state, params=None):
-        _validate.check_inexact_updates(updates)
+        _validate.check_update(updates, state, QuantileClipState)
         del params
         threshold = jnp.exp(state.log_threshold)
         norm = _numerics.tree_norm(updates, axis_name)

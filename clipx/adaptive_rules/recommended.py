@@ -317,7 +317,7 @@ def adaptive(
         )
 
     def update_fn(updates, state, params=None):
-        _validate.check_inexact_updates(updates)
+        _validate.check_update(updates, state, AdaptiveState)
         del params
         _validate.check_state_made_by(
             (state.direction is None) == (direction_rate is None),

@@ -166,7 +166,7 @@ def zclip(
         )
 
     def update_fn(updates, state, params=None):
-        _validate.check_inexact_updates(updates)
+        _validate.check_update(updates, state, ZClipState)
         del params
         _validate.check_state_made_by(
             jnp.shape(state.warmup_norms) == (warmup_steps,),
