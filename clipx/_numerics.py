@@ -56,12 +56,27 @@ def jit_when_traced(fn: Callable) -> Callable:
     return call
 
 
+@functools.cache
+def _has_infinity(dtype: Any) -> bool:
+    """Whether the floating ``dtype`` has ``±∞`` (the float8 formats ``e4m3fn`` and ``*fnuz`` do not)."""
+    with np.errstate(invalid="ignore"):
+        return bool(np.isinf(np.asarray(np.inf, np.float32).astype(dtype)))
+
+
 def as_dtype(value: Any, dtype: Any) -> jax.Array:
-    """``value`` as a ``dtype`` array; a Python number past the dtype's range becomes ``±∞``.
+    """``value`` as a ``dtype`` array; a number past the dtype's range becomes ``±∞``.
 
     That is what the cast rounds it to, and for a threshold it means the same
-    (never clip); only NumPy's overflow warning is left out.
+    (never clip); only NumPy's overflow warning is left out. A dtype without
+    infinities would turn such a number into NaN; it becomes the dtype's
+    largest value instead, which bounds every entry as ``∞`` would.
     """
+    if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and not _has_infinity(dtype):
+        largest = float(jnp.finfo(dtype).max)
+        if isinstance(value, jax.Array):
+            value = jnp.clip(value, -largest, largest)
+        else:
+            value = min(max(value, -largest), largest)
     with np.errstate(over="ignore"):
         return jnp.asarray(value, dtype)
 

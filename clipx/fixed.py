@@ -50,7 +50,9 @@ def value(
 
     The seed rule of gradient clipping, and ``optax.clip`` with the same
     values. Each leaf keeps its dtype (``c`` is cast to it, so a float16 leaf
-    is clipped at the float16 value nearest ``c``); integer and boolean
+    is clipped at the float16 value nearest ``c``, and a ``c`` past the range
+    of a float8 format without infinities at its largest value, which bounds
+    nothing); integer and boolean
     updates are refused, as by every clipx rule. Complex leaves, which
     ``optax.clip`` rejects, have their real and imaginary parts clipped
     separately, so ``|Re g|, |Im g| ≤ c``. Below the threshold entries are

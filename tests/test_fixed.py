@@ -96,6 +96,21 @@ def test_value_keeps_float16_dtype():
     np.testing.assert_array_equal(updates, jnp.array([1.0, -0.25], jnp.float16))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e4m3fnuz, jnp.float8_e5m2])
+@pytest.mark.parametrize("max_delta", [float("inf"), 1000.0, jnp.array(1e6)], ids=["inf", "1000", "array"])
+def test_value_past_a_float8_range_leaves_entries_as_they_are(dtype, max_delta):
+    # e4m3fn and e4m3fnuz have no infinity: a bound past their range cast as it is would be
+    # NaN, and every entry with it.
+    grads = jnp.array([100.0, -2.0, 0.5, -240.0], dtype)
+    tx = clipx.value(max_delta)
+    updates, state = tx.update(grads, tx.init(grads))
+    assert updates.dtype == dtype
+    np.testing.assert_array_equal(updates.astype(jnp.float32), grads.astype(jnp.float32))
+    assert not bool(state.stats.clipped)
+    clipped, _ = clipx.value(1.0).update(grads, tx.init(grads))
+    np.testing.assert_array_equal(clipped.astype(jnp.float32), [1.0, -1.0, 0.5, -1.0])
+
+
 # --- stats ---------------------------------------------------------------------------------------------
 
 
