@@ -56,7 +56,7 @@ def quantile_clip(steps, target_quantile=0.5, learning_rate=0.2, initial_thresho
     """Online quantile tracking (Andrew et al., 2021), one norm per step.
 
     Clip to the current ``C``; ``b = 1`` if ``‖g‖ ≤ C`` else 0; then
-    ``C ← C exp(−η (b − γ))``. A non-finite norm leaves ``C`` as it is.
+    ``C ← C exp(−η (b − γ))``. A non-finite or zero norm leaves ``C`` as it is.
 
     Returns a list of ``(clipped_leaves or None, threshold used, threshold after)``.
     """
@@ -70,7 +70,8 @@ def quantile_clip(steps, target_quantile=0.5, learning_rate=0.2, initial_thresho
             continue
         scale = 1.0 if total <= threshold else threshold / total
         below = 1.0 if total <= threshold else 0.0
-        threshold = threshold * math.exp(-learning_rate * (below - target_quantile))
+        if total > 0:
+            threshold = threshold * math.exp(-learning_rate * (below - target_quantile))
         out.append(([scale * g.astype(np.float64) for g in leaves], used, threshold))
     return out
 

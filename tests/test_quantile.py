@@ -122,3 +122,17 @@ def test_inject_hyperparams_multisteps_and_serialization():
     np.testing.assert_allclose(
         float(jnp.exp(a.inner_opt_state[0].inner_state.log_threshold)), moved, rtol=1e-5
     )
+
+
+def test_a_run_of_zero_gradients_leaves_the_threshold_as_it_was():
+    # Before, each zero norm counted as below C: after 2000 of them C was exp(-202) = 0 in
+    # float32, and about 1500 later updates were zeroed.
+    tx = clipx.quantile_clip(initial_threshold=1.0)
+    update = jax.jit(tx.update)
+    state = tx.init(jnp.zeros(2))
+    for _ in range(2000):
+        _, state = update(jnp.zeros(2), state)
+    assert float(state.log_threshold) == 0.0
+    grads = jnp.array([0.3, 0.4])
+    updates, _ = update(grads, state)
+    np.testing.assert_array_equal(updates, grads)

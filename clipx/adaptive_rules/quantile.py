@@ -60,7 +60,10 @@ def quantile_clip(
     Defaults are those of TensorFlow Federated: ``γ = 0.5`` (the median),
     ``η = 0.2``, ``C₀ = 0.1``.
 
-    A non-finite norm leaves ``C`` unchanged. A gradient holding NaN or ±inf
+    A non-finite or zero norm leaves ``C`` unchanged: a run of zero gradients
+    (a masked loss, say) would otherwise shrink ``C`` by ``e^{−η(1−γ)}`` a
+    step, to 0 in float32 after about 900 steps, and every later update
+    would be zero for as many steps again. A gradient holding NaN or ±inf
     gives a non-finite update (wrap the optimizer in `clipx.skip_nonfinite` to
     drop such steps); a finite one whose norm overflows (entries above about
     1.8·10¹⁹ in float32) is scaled to zero.
@@ -109,7 +112,8 @@ def quantile_clip(
         rate = _numerics.hyperparameter(learning_rate, threshold.dtype)
         step = -rate * (below - _numerics.hyperparameter(target_quantile, threshold.dtype))
         stats = global_clip_stats(norm, threshold, scale)
-        log_threshold = jnp.where(jnp.isfinite(norm), state.log_threshold + step, state.log_threshold)
+        observed = jnp.isfinite(norm) & (norm > 0)
+        log_threshold = jnp.where(observed, state.log_threshold + step, state.log_threshold)
         new_state = QuantileClipState(
             log_threshold=log_threshold.astype(threshold.dtype), stats=replacing(state.stats, stats)
         )
