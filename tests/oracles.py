@@ -115,8 +115,10 @@ class ZClipOracle:
 
     def step(self, leaves: list[np.ndarray]) -> tuple[list[np.ndarray], dict[str, float]]:
         norm = norm_of(leaves)
-        # With no cap a step is clipped to its own norm (not at all), and that is what is reported.
-        cap = norm if self.max_norm is None else self.max_norm
+        # With no cap a step is clipped to its own norm (not at all), and that is what is reported;
+        # clipx caps it at the largest float32, so that an infinite norm is scaled to zero (the
+        # authors' package passes such a step as it is: non-finite either way).
+        cap = min(norm, float(np.finfo(np.float32).max)) if self.max_norm is None else self.max_norm
 
         def capped(threshold: float) -> float:
             return threshold if self.max_norm is None else min(threshold, self.max_norm)

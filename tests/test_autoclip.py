@@ -159,9 +159,11 @@ def test_properties(norms, per_tensor):
     finite = np.isfinite(norms)
     seen_before = np.cumsum(finite) - finite > 0
     threshold = np.asarray(stats.threshold)
-    # Positive and finite once a finite norm has been recorded, the step's own norm before.
+    # Positive and finite once a finite norm has been recorded, the step's own norm before (at most
+    # the largest float, so that a norm that overflows is above it).
     assert np.all(threshold[seen_before] > 0) and np.all(np.isfinite(threshold[seen_before]))
-    np.testing.assert_array_equal(threshold[~seen_before], np.asarray(stats.norm)[~seen_before])
+    own = np.minimum(np.asarray(stats.norm), np.finfo(np.float32).max)
+    np.testing.assert_array_equal(threshold[~seen_before], own[~seen_before])
     # The clipped update (each leaf, per tensor) never exceeds its threshold.
     leaf_norms = [np.sqrt(np.sum(np.square(v).reshape(STEPS, -1), axis=1)) for v in updates.values()]
     clipped = [np.sqrt(sum(n**2 for n in leaf_norms))] if not per_tensor else leaf_norms
@@ -232,3 +234,16 @@ def test_per_tensor_reports_a_nan_norm_at_any_step(step):
     for grads in [clean] * step + [poisoned]:
         _, state = jax.jit(tx.update)(grads, state)
     assert np.isnan(float(clipx.stats(state)["autoclip/norm"]))
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_an_overflowing_norm_is_scaled_to_zero_from_the_first_step(per_tensor):
+    # Before, the empty history's threshold was the step's own norm, ∞, and the step passed unscaled.
+    tx = clipx.autoclip(per_tensor=per_tensor)
+    grads = jnp.array([3e19, 4e19], jnp.float32)  # finite, ‖g‖ = ∞ in float32
+    updates, state = tx.update(grads, tx.init(jnp.zeros(2)))
+    np.testing.assert_array_equal(updates, [0.0, 0.0])
+    assert bool(state.stats.clipped)
+    assert int(jax.tree.leaves(state.count)[0]) == 0  # not recorded
+    updates, _ = tx.update(jnp.array([3.0, 4.0]), state)
+    np.testing.assert_array_equal(updates, [3.0, 4.0])  # the next first finite norm is not clipped

@@ -200,3 +200,13 @@ def test_warmup_variance_of_huge_norms_does_not_overflow():
     for norm in [1.8e19, 0.0] * 3:
         _, state = tx.update(jnp.array([norm], jnp.float32), state)
     assert float(state.var) == pytest.approx(8.1e37, rel=1e-5)
+
+
+def test_without_a_cap_an_overflowing_norm_is_scaled_to_zero_in_warmup():
+    # Before, with no cap a warm-up step was clipped to its own norm, ∞, and passed unscaled.
+    tx = clipx.zclip(max_norm=None)
+    updates, state = tx.update(jnp.array([3e19, 4e19], jnp.float32), tx.init(jnp.zeros(2)))
+    np.testing.assert_array_equal(updates, [0.0, 0.0])
+    assert bool(state.stats.clipped)
+    updates, _ = tx.update(jnp.array([3.0, 4.0]), state)
+    np.testing.assert_array_equal(updates, [3.0, 4.0])

@@ -36,6 +36,9 @@ class AutoClipState(NamedTuple):
 def _history_quantile(norms: jax.Array, count: jax.Array, quantile: Any, norm: jax.Array) -> jax.Array:
     """The ``quantile`` of the valid entries of one ring buffer; ``norm`` (the step's own) when it is empty.
 
+    An empty buffer's threshold ``norm`` is capped at the largest float, so a
+    norm that overflows is still above it and scaled to zero.
+
     Linear interpolation between order statistics at virtual index
     ``q·(n−1)``, as ``numpy.quantile``'s default method. Empty slots are sorted
     to the end as the largest float (recorded norms are finite) and never
@@ -52,7 +55,7 @@ def _history_quantile(norms: jax.Array, count: jax.Array, quantile: Any, norm: j
     upper = jnp.minimum(lower + 1, last)
     fraction = position - lower.astype(norms.dtype)
     low, high = ordered[lower], ordered[upper]
-    return jnp.where(valid > 0, low + fraction * (high - low), norm.astype(norms.dtype))
+    return jnp.where(valid > 0, low + fraction * (high - low), jnp.minimum(norm.astype(norms.dtype), empty))
 
 
 def _record(norms: jax.Array, count: jax.Array, norm: jax.Array) -> jax.Array:
@@ -109,7 +112,11 @@ def autoclip(
     with linear interpolation between order statistics (``numpy.quantile``'s
     default). Until a finite norm has been recorded there is no history: the
     step is not clipped (the authors' package does not clip the first step
-    either), and the threshold reported is its own norm. The history is a
+    either), and the threshold reported is its own norm. Zero norms are
+    recorded like any other, as the authors' package does: after a run of
+    zero gradients (a masked loss, say) as long as ``(1 − q)·H`` steps the
+    quantile is 0, and each update is zero until enough nonzero norms have
+    entered the window. The history is a
     fixed-size ring buffer in the state, so the quantile is computed on device
     with no recompilation as it fills.
     With ``per_tensor=True`` every leaf keeps its own history of its own norm

@@ -208,8 +208,10 @@ def zclip(
         spike = ready & is_spike
 
         # With no cap, a step that is no spike is clipped to its own norm (not at all): no ∞ for
-        # "no threshold", which would stop jax_debug_infs.
-        applied = jnp.where(spike, capped(spike_threshold), norm if cap is None else cap)
+        # "no threshold", which would stop jax_debug_infs. A norm that overflows is above the
+        # largest float, so scaled to zero.
+        unclipped = jnp.minimum(norm, jnp.finfo(norm.dtype).max)
+        applied = jnp.where(spike, capped(spike_threshold), unclipped if cap is None else cap)
         scale = _numerics.clip_scale(norm, applied)
         reported = jnp.where(ready & ~spike, capped(boundary), applied)
 
