@@ -54,7 +54,7 @@ from clipx.workload.train import (
     train,
 )
 
-_console = rich.console.Console()
+_console = rich.console.Console(markup=False)  # paths, data lines and labels may hold [brackets]
 _PACKAGE = pathlib.Path(clipx.__file__).resolve().parent  # where clipx's own checks raise
 
 # Model flags: (flag, ModelConfig field, type, help); the default shown is ModelConfig's.
@@ -555,14 +555,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return commands[args.command](args)
     except KeyboardInterrupt:
         _console.print(
-            f"[red]clipx {args.command}: interrupted[/red] (a train run continues with --resume, "
-            "a sweep when run again)"
+            f"clipx {args.command}: interrupted "
+            "(a train run continues with --resume, a sweep when run again)",
+            style="red",
         )
         return 130
     except (ValueError, OSError) as error:
         if not _is_bad_input(error):
             raise
-        _console.print(f"[red]clipx {args.command}: {error}[/red]")
+        _console.print(f"clipx {args.command}: {error}", style="red")
         if isinstance(error, ValueError) and "unknown clipper" in str(error):
             _console.print(f"available clippers: {', '.join(available_clippers())}")
         return 2

@@ -859,3 +859,37 @@ def test_sweep_plot_gives_a_clipper_one_colour_in_every_panel(tmp_path, monkeypa
             colour = colours.setdefault(line.get_label(), line.get_color())
             assert colour == line.get_color(), line.get_label()
     assert len(set(colours.values())) == 3
+
+
+def test_brackets_in_data_and_paths_are_printed_as_they_are(tmp_path, capsys):
+    # Printed as rich markup before: "[/sic]" closed no tag and the error handler itself raised
+    # a MarkupError; a run in a folder named "run[/b]" crashed on its table after training.
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.tsv").write_text('sentence\tlabel\ngood\t1\nthe "best" [sic] film\t1 [/sic]\n')
+    (data / "dev.tsv").write_text("sentence\tlabel\ngood\t1\n")
+    assert cli.main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert _printed(capsys, "train.tsv:3: label '1 [/sic]' is not")
+    out = tmp_path / "run[/b]"
+    assert cli.main(["train", *TINY_TRAIN, "--max-steps", "1", "--out", str(out)]) == 0
+    assert _printed(capsys, f"clipx train → {out}")
+
+
+def test_duplicate_and_unknown_clipper_arguments_are_named(tmp_path, capsys):
+    argv = ["train", *TINY_TRAIN, "--out", str(tmp_path / "run"), "--clip", "global_norm"]
+    assert cli.main([*argv, "--clip-arg", "max_norm=1", "--clip-arg", "max_norm=2"]) == 2
+    assert _printed(capsys, "clipper argument 'max_norm' is given twice")
+    assert cli.main([*argv, "--clip-arg", "foo=1"]) == 2
+    assert _printed(capsys, "has no argument 'foo'")  # not "missing a required argument: 'max_norm'"
+
+
+def test_sweep_checks_the_data_of_every_dataset_before_its_first_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli.sweep, "MODEL", TINY_MODEL)
+    argv = [
+        "sweep", "--out", str(tmp_path / "sweep"), "--datasets", "task,imdb", "--clippers", "none",
+        "--lrs", "0.1", "--seeds", "1", "--task-train", "32", "--max-steps", "1",
+        "--data-root", str(tmp_path / "nowhere"),
+    ]  # fmt: skip
+    assert cli.main(argv) == 2
+    assert _printed(capsys, f"{tmp_path / 'nowhere' / 'imdb' / 'train.tsv'}: file not found")
+    assert not list((tmp_path / "sweep").glob("task__*.json"))  # no task run before the refusal

@@ -459,3 +459,28 @@ def test_the_embedded_task_has_two_classes_however_small(task_train):
 def test_the_shared_data_loads_with_two_classes(data_dir, name, dev):
     config = TrainConfig(data=str(data_dir / name), train_limit=5000, dev_limit=1000, max_length=8)
     assert load_data(config).num_classes == 2
+
+
+@pytest.mark.parametrize(
+    ("labels", "line", "label", "absent"), [([0, 1, 0, 5000000], 5, 5000000, 2), ([0, 10, 1], 3, 10, 2)]
+)
+def test_a_class_without_training_examples_below_the_largest_label_is_refused(
+    tmp_path, labels, line, label, absent
+):
+    # Before, a typo of 10 for 1 made an 11-class head and a stray label 5000000 one of 5000001 classes.
+    _write_labelled(tmp_path, labels, [0, 1])
+    message = f"{tmp_path / 'train.tsv'}:{line}: label {label}, but no training example has label {absent};"
+    with pytest.raises(data_lib.DataError, match=f"^{re.escape(message)}"):
+        load_data(TrainConfig(data=str(tmp_path), batch_size=2))
+    _write_labelled(tmp_path, [1, 1], [1])  # two outputs whatever the binary labels seen
+    assert load_data(TrainConfig(data=str(tmp_path), batch_size=2)).num_classes == 2
+
+
+def test_a_log_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    config = TrainConfig(**TINY, max_steps=2)
+    train(config, tmp_path / "run")
+    with open(tmp_path / "run" / "log.jsonl", "ab") as log:
+        log.write(b'\xff\xfe{"step": 3}\n')
+    lines = (tmp_path / "run" / "log.jsonl").read_bytes().count(b"\n")
+    with pytest.raises(data_lib.DataError, match=rf"log.jsonl:{lines}: not UTF-8 text \(byte 0xff\)"):
+        read_log(tmp_path / "run")

@@ -78,6 +78,19 @@ class Split:
         return len(self.sentences)
 
 
+def read_utf8(path: pathlib.Path) -> str:
+    """The text of the file ``path``; `DataError` naming the line of its first byte that is not UTF-8.
+
+    A byte-order mark, which some editors write, is skipped.
+    """
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        bad_line = raw[: error.start].count(b"\n") + 1
+        raise DataError(f"{path}:{bad_line}: not UTF-8 text (byte {raw[error.start]:#04x})") from None
+
+
 def read_tsv(path: str | pathlib.Path) -> Split:
     """Reads a ``sentence<TAB>label`` TSV file.
 
@@ -91,12 +104,7 @@ def read_tsv(path: str | pathlib.Path) -> Split:
     path = pathlib.Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")  # a byte-order mark, which some editors write, is skipped
-    except UnicodeDecodeError as error:
-        bad_line = raw[: error.start].count(b"\n") + 1
-        raise DataError(f"{path}:{bad_line}: not UTF-8 text (byte {raw[error.start]:#04x})") from None
+    text = read_utf8(path)
     # Lines end at "\n" (or "\r\n") only: str.splitlines would also split a sentence at
     # characters such as U+2028 or U+0085, which web text holds.
     lines = [line.removesuffix("\r") for line in text.split("\n")]
@@ -288,7 +296,9 @@ def batches(
     batches, each pool sorted by length and cut into batches, and the batch
     order shuffled again. Without ``rng``, examples keep their order. Every
     batch has ``batch_size`` rows; a short last batch is padded with rows of
-    weight 0, or dropped with ``drop_remainder``.
+    weight 0, or dropped with ``drop_remainder``. Shuffled, the short batch
+    holds the longest examples of the last pool: each epoch drops up to
+    ``batch_size − 1`` of them, other ones every epoch.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1; got {batch_size}")

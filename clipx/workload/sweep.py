@@ -39,6 +39,7 @@ from clipx.workload.train import (
     check_folder,
     check_range,
     json_text,
+    load_checked_data,
     train,
 )
 
@@ -268,6 +269,10 @@ def _run_grid(
             done[path] = _read_run(path)
             _check_same_clipper(path, done[path], clipper_arguments(clipper))
             _check_same_config(path, done[path], run_config(sweep, dataset, clipper, lr, seed))
+    # So is the data of every dataset with a run to do: missing data would stop the sweep at
+    # its first run on that dataset, after the runs before it.
+    for dataset in dict.fromkeys(d for d, c, lr, s in grid if out / _run_name(d, c, lr, s) not in done):
+        load_checked_data(run_config(sweep, dataset, sweep.clippers[0], sweep.learning_rates[0], 0))
     (out / "settings.json").write_text(json_text(_extended(out / "settings.json", settings), indent=2))
     for dataset, clipper, lr, seed in grid:
         path = out / _run_name(dataset, clipper, lr, seed)
@@ -310,7 +315,7 @@ def _read_run(path: pathlib.Path) -> dict[str, Any]:
     """The run recorded in ``path``; ``ValueError`` naming the file if it holds no run record."""
     try:
         result = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path} is not a run record ({error}); delete it to run it again") from None
     missing = [key for key in _RUN_KEYS if key not in result] if isinstance(result, dict) else list(_RUN_KEYS)
     if missing:
@@ -364,7 +369,7 @@ def _check_same_run_settings(path: pathlib.Path, settings: dict[str, Any]) -> No
         return
     try:
         recorded = json.loads(path.read_text())
-    except json.JSONDecodeError:
+    except (UnicodeDecodeError, json.JSONDecodeError):
         recorded = None
     if not isinstance(recorded, dict):
         raise ValueError(f"{path} is not a sweep settings file; move it or use another folder")

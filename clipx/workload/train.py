@@ -346,6 +346,9 @@ def make_clipper(name: str, args: dict[str, Any] | None = None) -> optax.Gradien
         raise ValueError("axis_name is for steps mapped over devices; this workload trains on one device")
     factory = getattr(clipx, name)
     signature = inspect.signature(factory)
+    unknown = sorted(set(args) - set(signature.parameters))
+    if unknown:
+        raise ValueError(f"clipx.{name}{signature} has no argument {', '.join(map(repr, unknown))}")
     try:
         signature.bind(**args)
     except TypeError as error:
@@ -389,6 +392,8 @@ def parse_clip_args(items: list[str]) -> dict[str, Any]:
                 f"clipper argument {item!r}: beyond float32's range (at most {FLOAT32_MAX:.8g} in size; "
                 "--clip none does not clip)"
             )
+        if key.strip() in parsed:
+            raise ValueError(f"clipper argument {key.strip()!r} is given twice")
         parsed[key.strip()] = value
     return parsed
 
@@ -430,28 +435,63 @@ def _dev_file(folder: pathlib.Path) -> pathlib.Path:
     raise data_lib.DataError(f"{folder}: found neither dev.tsv nor test.tsv")
 
 
-def _check_dev_labels(train: data_lib.Split, dev: data_lib.Split, train_file: str, dev_file: str) -> None:
-    """Raises `DataError` naming the first line of ``dev_file`` whose label no training example has.
+def _check_labels(
+    train: data_lib.Split, dev: data_lib.Split, train_file: str, where: str, dev_file: str
+) -> None:
+    """Raises `DataError` unless the labels are classes ``0, 1, …, K − 1`` the training examples all show.
 
-    ``train_file`` names where the training examples come from; ``dev`` is
-    the start of ``dev_file`` (its first example on line 2).
+    The classifier has ``K`` outputs, one more than the largest training
+    label (at least 2): a stray large label (a typo, say, of ``10`` for ``1``)
+    would silently add a class for every number below it. So a class below
+    the largest with no training example is refused where ``K > 2``, naming
+    the first line of ``train_file`` above it, as is a dev label that no
+    training example has. ``train`` and ``dev`` are the starts of
+    ``train_file`` and ``dev_file`` (first example on line 2), ``where``
+    says which part of ``train_file`` ``train`` is.
     """
-    labels = np.unique(train.labels)
+    labels = np.unique(train.labels)  # sorted: the first class absent is the first i with labels[i] > i
+    gaps = np.flatnonzero(labels != np.arange(labels.size))
+    if labels[-1] >= 2 and gaps.size:
+        absent = int(gaps[0])
+        index = int(np.flatnonzero(train.labels > absent)[0])
+        raise data_lib.DataError(
+            f"{train_file}:{index + 2}: label {train.labels[index]}, but no training example has label "
+            f"{absent}; the labels must be the classes 0, 1, ..., K-1, each with training examples"
+        )
     unseen = np.flatnonzero(~np.isin(dev.labels, labels))
     if unseen.size:
         index = int(unseen[0])
         raise data_lib.DataError(
-            f"{dev_file}:{index + 2}: label {dev.labels[index]} is not among the labels of {train_file} "
+            f"{dev_file}:{index + 2}: label {dev.labels[index]} is not among the labels of {where} "
             f"({', '.join(map(str, labels.tolist()))}); every dev label must occur in training"
         )
+
+
+def load_checked_data(config: TrainConfig) -> Data:
+    """`load_data`, and ``ValueError`` if the data cannot train ``config``'s model.
+
+    That is: fewer training examples than ``batch_size``, or ``single_logit``
+    with other than two classes.
+    """
+    data = load_data(config)
+    if len(data.train) < config.batch_size:
+        raise ValueError(f"batch_size {config.batch_size} exceeds the {len(data.train)} training examples")
+    if config.model.get("single_logit") and data.num_classes != 2:
+        raise ValueError(
+            f"single_logit needs two classes (labels 0 and 1); the labels of {config.data} "
+            f"go up to {data.num_classes - 1}"
+        )
+    return data
 
 
 def load_data(config: TrainConfig) -> Data:
     """Reads (or generates) and encodes the data ``config`` names.
 
     Raises:
-      DataError: a file is missing or malformed, or a dev label is not one of
-        the training labels (the message names the file and line).
+      DataError: a file is missing or malformed, a class below the largest
+        training label has no training example (more than two classes), or
+        a dev label is not one of the training labels (the message names the
+        file and line).
     """
     if config.data is None:
         train = data_lib.temporal_order(config.task_train, config.task_length, seed=10_000 + config.seed)
@@ -467,7 +507,7 @@ def load_data(config: TrainConfig) -> Data:
     if config.data is not None:
         train_file = folder / "train.tsv"
         where = f"the first {len(train)} examples of {train_file}" if limited else str(train_file)
-        _check_dev_labels(train, dev, where, str(_dev_file(folder)))
+        _check_labels(train, dev, str(train_file), where, str(_dev_file(folder)))
         num_classes = max(int(train.labels.max()) + 1, 2)
     vocab = data_lib.Vocabulary.build(
         (data_lib.tokenize(s, config.tokenizer) for s in train.sentences),
@@ -605,11 +645,11 @@ class _Progress:
             import rich.progress
 
             self._bar = rich.progress.Progress(
-                rich.progress.TextColumn("{task.description}"),
+                rich.progress.TextColumn("{task.description}", markup=False),
                 rich.progress.BarColumn(),
                 rich.progress.MofNCompleteColumn(),
                 rich.progress.TimeRemainingColumn(),
-                rich.progress.TextColumn("{task.fields[info]}"),
+                rich.progress.TextColumn("{task.fields[info]}", markup=False),
             )
             self._task = self._bar.add_task(description, total=total, completed=completed, info="")
 
@@ -636,7 +676,7 @@ def _read_log(path: pathlib.Path, up_to_step: int) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     records = []
-    text = path.read_text()
+    text = data_lib.read_utf8(path)
     lines = text.splitlines()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -732,12 +772,7 @@ def train(
         if read_settings(config_file) != json.loads(json.dumps(config.to_json())):
             raise ValueError(f"{config_file} differs from the requested settings; resume with the same ones")
 
-    data = load_data(config)
-    if config.model.get("single_logit") and data.num_classes != 2:
-        raise ValueError(
-            f"single_logit needs two classes (labels 0 and 1); the labels of {config.data} "
-            f"go up to {data.num_classes - 1}"
-        )
+    data = load_checked_data(config)
     model = TextClassifier(
         ModelConfig(vocab_size=len(data.vocab), num_classes=data.num_classes, **config.model)
     )
@@ -750,8 +785,6 @@ def train(
     state = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), dropout_key)
 
     steps_per_epoch = len(data.train) // config.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch_size {config.batch_size} exceeds the {len(data.train)} training examples")
     total = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total = min(total, config.max_steps)
