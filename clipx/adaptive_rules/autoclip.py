@@ -114,9 +114,9 @@ def autoclip(
     step is not clipped (the authors' package does not clip the first step
     either), and the threshold reported is its own norm. Zero norms are
     recorded like any other, as the authors' package does: after a run of
-    zero gradients (a masked loss, say) as long as ``(1 − q)·H`` steps the
-    quantile is 0, and each update is zero until enough nonzero norms have
-    entered the window. The history is a
+    more than about ``q·H`` zero gradients (a masked loss, say; 901 with the
+    defaults) the quantile is 0, and each update is zero until about
+    ``(1 − q)·H`` nonzero norms have entered the window. The history is a
     fixed-size ring buffer in the state, so the quantile is computed on device
     with no recompilation as it fills.
     With ``per_tensor=True`` every leaf keeps its own history of its own norm
