@@ -348,7 +348,8 @@ def make_clipper(name: str, args: dict[str, Any] | None = None) -> optax.Gradien
     signature = inspect.signature(factory)
     unknown = sorted(set(args) - set(signature.parameters))
     if unknown:
-        raise ValueError(f"clipx.{name}{signature} has no argument {', '.join(map(repr, unknown))}")
+        names = ", ".join(map(repr, unknown))
+        raise ValueError(f"bad arguments for clipx.{name}{signature}: it has no argument {names}")
     try:
         signature.bind(**args)
     except TypeError as error:
