@@ -2,8 +2,10 @@
 
 Python numbers are checked when a factory is called and a bad value raises
 ``ValueError``/``TypeError`` naming the argument and the allowed range. JAX
-arrays (for ``optax.inject_hyperparams`` and schedules) are accepted as they
-are: nothing raises inside a traced function. The checks of real-valued
+arrays (for ``optax.inject_hyperparams`` and schedules) are kept as they are;
+a concrete one is checked like a number (so ``optax.inject_hyperparams``
+refuses a bad value in ``init``), a traced one is not: nothing raises inside
+a traced function. The checks of real-valued
 hyperparameters return the value the factory should use: a Python ``float``
 for every concrete number (NumPy scalars of any dtype, bfloat16 included,
 ``fractions.Fraction``, integers too large for a float as ±∞), the JAX
@@ -53,18 +55,20 @@ def check_range(
 ) -> Any:
     """``value`` as a Python float; raises unless it lies in ``low..high`` (bounds closed by default).
 
-    NaN is always rejected. Traced and JAX-array values are not checked and
-    come back as they are.
+    NaN is always rejected. A JAX array comes back as it is, checked if it is
+    concrete (one transfer to the host), not if it is traced.
     """
     number = _as_python_number(name, value)
     if number is None:
-        return value
+        if isinstance(value, jax.core.Tracer):
+            return value
+        number = float(value)
     above_low = number > low if low_open else number >= low
     below_high = number < high if high_open else number <= high
     if math.isnan(number) or not (above_low and below_high):
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
-    return number
+    return value if isinstance(value, jax.Array) else number
 
 
 def check_nonnegative(name: str, value: Any) -> Any:

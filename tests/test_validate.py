@@ -3,7 +3,9 @@
 Tried for every Python hyperparameter of value, global_norm, tensor_norm,
 block_rms and agc: a negative number, -inf, NaN, a str, None, a bool, a list,
 a non-scalar NumPy array, a non-scalar JAX array, 0-d NumPy arrays of bool and
-str, and an int beyond float range. For the rates, factors and offsets of the
+str, an int beyond float range, and concrete JAX arrays of -1, -inf and NaN
+(also as ``optax.inject_hyperparams`` passes them to the factory in ``init``;
+traced ones are not checked). For the rates, factors and offsets of the
 adaptive rules, the guards and the DP rules: +inf (it makes NaN, unlike an
 infinite threshold) and 1e39 (finite, but infinite in float32); for starting
 thresholds, values whose float32 logarithm is not finite. Counts given as 0-d
@@ -55,6 +57,28 @@ NOT_SCALAR = [np.ones(2), jnp.ones(2), jnp.ones((1, 1))]
 def test_out_of_range(factory, arg, bad):
     with pytest.raises(ValueError, match=rf"{arg} must be in \[0, inf\]"):
         factory(**{arg: bad})
+
+
+@pytest.mark.parametrize("bad", [-1.0, -math.inf, math.nan], ids=repr)
+@pytest.mark.parametrize(("factory", "arg"), HYPERPARAMETERS, ids=IDS)
+def test_out_of_range_concrete_arrays(factory, arg, bad):
+    """Before, a concrete JAX array was not checked: value(jnp.array(-1.0)) mapped every entry to
+    1, global_norm(jnp.array(-1.0)) flipped the update's sign, NaN turned clipping off."""
+    with pytest.raises(ValueError, match=rf"{arg} must be in \[0, inf\], got Array\("):
+        factory(**{arg: jnp.array(bad)})
+    tx = optax.inject_hyperparams(factory)(**{arg: bad})
+    with pytest.raises(ValueError, match=rf"{arg} must be in \[0, inf\]"):
+        tx.init({"w": jnp.ones((3, 2))})  # where inject_hyperparams first calls the factory
+
+
+def test_traced_hyperparameters_are_not_checked():
+    # Nothing raises inside a traced function: a jitted step with an injected value runs.
+    tx = optax.inject_hyperparams(clipx.global_norm)(max_norm=1.0)
+    grads = jnp.array([3.0, 4.0])
+    state = tx.init(grads)
+    state.hyperparams["max_norm"] = jnp.array(-1.0)
+    updates, _ = jax.jit(tx.update)(grads, state)
+    assert updates.shape == (2,)
 
 
 @pytest.mark.parametrize("bad", WRONG_TYPE, ids=repr)
