@@ -7,7 +7,9 @@ same everywhere:
   leaves), so float16 gradients never overflow while measuring and bfloat16
   ones are summed at float32 precision (bfloat16 has float32's range: as in
   float32, entries above about 1.8·10¹⁹ overflow the sum of squares, and the
-  norm is then infinite);
+  norm is then infinite; at the other end, squares below float32's normal
+  range, of entries below about 1.1·10⁻¹⁹, are flushed to zero by XLA, so a
+  tree of such entries has norm 0);
 * the square root and the division are guarded, so zero gradients, zero
   thresholds and empty trees give finite values *and* finite derivatives;
 * scaling is one multiply per leaf by a scalar cast to the leaf's dtype, which

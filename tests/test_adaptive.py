@@ -423,3 +423,16 @@ def test_the_count_of_observations_stops_at_the_int32_limit():
         updates, state = tx.update(jnp.array([600.0, 800.0]), state)
         assert float(jnp.linalg.norm(updates)) < 2.0
     assert int(state.log_norm.observations) == 2**31 - 1
+
+
+@pytest.mark.parametrize("kwargs", [{"num_stds": 1000.0, "warmup_steps": 1}, {"warmup_factor": 1e39}])
+def test_a_huge_threshold_is_finite_and_clips_nothing(kwargs):
+    # exp(μ + k·σ) overflowed to ∞ (or the warm-up factor did in its cast to float32), which
+    # jax_debug_infs stops at; the threshold is now at most the largest float.
+    tx = clipx.adaptive(**kwargs)
+    state = tx.init(jnp.zeros(2))
+    with jax.debug_infs(True):
+        for g in ([3.0, 4.0], [3.0, 4.0], [30.0, 40.0]):
+            updates, state = jax.jit(tx.update)(jnp.array(g), state)
+    np.testing.assert_array_equal(updates, [30.0, 40.0])
+    assert np.isfinite(float(state.stats.threshold)) and not bool(state.stats.clipped)
