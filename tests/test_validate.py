@@ -181,7 +181,7 @@ def test_rates_and_factors_must_be_finite(factory, arg):
     with pytest.raises(ValueError, match=rf"{arg} must be in [\[(]\d, (inf\)|3.40282e\+38\]), got inf"):
         factory(**{arg: math.inf})
     factory(**{arg: 1e30})
-    if arg != "warmup_factor":  # beyond float32 these made NaN there (a warm-up factor makes ∞: no clip)
+    if arg != "warmup_factor":  # beyond float32 these made NaN there (a warm-up factor that large: no clip)
         with pytest.raises(ValueError, match=rf"{arg} must be in [\[(]\d, 3.40282e\+38\], got 1e\+39"):
             factory(**{arg: 1e39})
 
