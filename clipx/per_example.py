@@ -32,6 +32,7 @@ the fraction of (example, layer) pairs), ``clipped`` whether any was.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -96,25 +97,33 @@ def _per_example_norms(grads: PyTree) -> jax.Array:
     return jax.vmap(_numerics.tree_norm)(grads)
 
 
-def _weighted_sum(leaf: jax.Array, weights: jax.Array, cast_back: bool = True) -> jax.Array:
-    """``Σ_i w_i · leaf_i`` over the batch axis, accumulated in float32 or wider and cast back
-    once to ``leaf.dtype`` (left in the accumulation dtype without ``cast_back``)."""
+def _weighted_sum(leaf: jax.Array, weights: jax.Array) -> jax.Array:
+    """``Σ_i w_i · leaf_i`` over the batch axis, in float32 or wider (``leaf``'s summation dtype).
+
+    At full precision: a default-precision float32 dot may round its products
+    to TF32 on GPUs and bfloat16 on TPUs, which could take a clipped example's
+    norm past the threshold.
+    """
     acc = _numerics.summation_dtype(leaf.dtype)
-    total = jnp.tensordot(weights.astype(acc), leaf.astype(acc), axes=1)
-    return total.astype(leaf.dtype) if cast_back else total
+    return jnp.tensordot(weights.astype(acc), leaf.astype(acc), axes=1, precision=jax.lax.Precision.HIGHEST)
 
 
-def _clipped_sum(
-    grads: PyTree, threshold: jax.Array, cast_back: bool = True
-) -> tuple[PyTree, jax.Array, jax.Array]:
+def _clipped_sum(grads: PyTree, threshold: jax.Array) -> tuple[PyTree, jax.Array, jax.Array]:
     """Clips each example to global norm ``threshold`` and sums: ``(sum, norms, multipliers)``.
 
-    The sum is in each leaf's dtype, or without ``cast_back`` in its accumulation dtype.
+    The sum stays in each leaf's summation dtype (float32 or wider): summed over
+    devices and noised there, it is rounded to the gradients' dtype once, by
+    `_as_dtypes_of` (rounded before, float16 partial sums of ±120000 overflowed).
     """
     norms = _per_example_norms(grads)
     multipliers = jax.vmap(_numerics.clip_scale, in_axes=(0, None))(norms, threshold)
-    sums = jax.tree.map(lambda g: _weighted_sum(g, multipliers, cast_back), grads)
+    sums = jax.tree.map(lambda g: _weighted_sum(g, multipliers), grads)
     return sums, norms, multipliers
+
+
+def _as_dtypes_of(tree: PyTree, like: PyTree) -> PyTree:
+    """Each leaf of ``tree`` cast to the dtype of the same leaf of ``like``."""
+    return jax.tree.map(lambda t, g: t.astype(jnp.result_type(g)), tree, like)
 
 
 def _add_noise(tree: PyTree, key: jax.Array, std: jax.Array) -> tuple[PyTree, jax.Array]:
@@ -181,13 +190,33 @@ def _initial_key(seed: Any) -> jax.Array:
     return jax.random.key_data(jax.random.fold_in(key, high) if high else key)
 
 
+def _checked_seed(seed: Any, noise: tuple[Any, ...], name: str, stacklevel: int) -> Any:
+    """``seed``, checked; 0 for None, with a warning when any of ``noise`` (multipliers) adds noise.
+
+    Noise drawn from a known seed can be regenerated and subtracted: it
+    protects nothing. A traced multiplier is not looked at (``inject_hyperparams``
+    calls the factory with concrete ones first, in ``init``). ``stacklevel``
+    points the warning at the user's call.
+    """
+    if seed is None:
+        if any(not isinstance(n, jax.core.Tracer) and float(n) != 0 for n in noise):
+            warnings.warn(
+                f"clipx.{name}: no seed given, so the noise is drawn from seed 0, which anyone can "
+                "regenerate and subtract; pass a secret seed (say secrets.randbits(63)) for privacy",
+                stacklevel=stacklevel + 1,
+            )
+        return 0
+    _validate.check_seed("seed", seed)
+    return seed
+
+
 def _fixed_threshold_init(
-    l2_norm_clip: Any, noise_multiplier: Any, seed: Any
+    l2_norm_clip: Any, noise_multiplier: Any, seed: Any, name: str
 ) -> tuple[optax.TransformInitFn, Any, Any]:
     """Validates the shared arguments of the fixed-threshold rules: their ``init``, ``C`` and ``σ``."""
     l2_norm_clip = _validate.check_nonnegative("l2_norm_clip", l2_norm_clip)
     noise_multiplier = _validate.check_finite_nonnegative("noise_multiplier", noise_multiplier)
-    _validate.check_seed("seed", seed)
+    seed = _checked_seed(seed, (noise_multiplier,), name, stacklevel=3)
 
     def init_fn(params):
         del params
@@ -211,7 +240,7 @@ def _stats(
 def per_example_global_norm(
     l2_norm_clip: float | jax.Array,
     noise_multiplier: float | jax.Array = 0.0,
-    seed: int = 0,
+    seed: int | None = None,
     *,
     axis_name: _numerics.AxisName | None = None,
 ) -> optax.GradientTransformation:
@@ -235,7 +264,9 @@ def per_example_global_norm(
       l2_norm_clip: the per-example clip norm ``C ≥ 0``.
       noise_multiplier: ``σ ≥ 0``; the noise standard deviation is ``σ·C``.
         The Python number 0 adds no noise and draws no random numbers.
-      seed: an int seeding the PRNG key held in the state.
+      seed: an int seeding the PRNG key held in the state. The noise
+        protects only if the seed is secret: without one, seed 0 is used
+        and a warning says so when noise is added.
       axis_name: inside ``shard_map``/``pmap`` where each device holds a slice
         of the *batch*, the mapped axis: the clipped sums, counts and largest
         norm are reduced over it, and the noise is added once, to the total
@@ -258,7 +289,9 @@ def per_example_global_norm(
       >>> float(clipx.stats(state)["per_example/scale"])  # half the examples were clipped
       0.5
     """
-    init_fn, l2_norm_clip, noise_multiplier = _fixed_threshold_init(l2_norm_clip, noise_multiplier, seed)
+    init_fn, l2_norm_clip, noise_multiplier = _fixed_threshold_init(
+        l2_norm_clip, noise_multiplier, seed, "per_example_global_norm"
+    )
 
     def update_fn(updates, state, params=None):
         _validate.check_update(updates, state, PerExampleState)
@@ -268,7 +301,7 @@ def per_example_global_norm(
         total = jax.tree.map(lambda t: _across(t, axis_name), total)
         total, key = _maybe_noise(total, state.key, noise_multiplier, _numerics.as_dtype(l2_norm_clip, None))
         fraction = _fraction(jnp.sum(multipliers < 1), batch, axis_name)
-        return total, PerExampleState(
+        return _as_dtypes_of(total, updates), PerExampleState(
             key=key, stats=replacing(state.stats, _stats(norms, l2_norm_clip, fraction, axis_name))
         )
 
@@ -288,7 +321,7 @@ def _layer_thresholds(grads: PyTree, l2_norm_clip: float | jax.Array, uniform: b
 def per_example_layer_norm(
     l2_norm_clip: float | jax.Array,
     noise_multiplier: float | jax.Array = 0.0,
-    seed: int = 0,
+    seed: int | None = None,
     *,
     uniform: bool = True,
     axis_name: _numerics.AxisName | None = None,
@@ -316,7 +349,9 @@ def per_example_layer_norm(
     Args:
       l2_norm_clip: the overall per-example clip norm ``C ≥ 0``.
       noise_multiplier: ``σ ≥ 0``; noise standard deviation ``σ·C`` on every leaf.
-      seed: an int seeding the PRNG key held in the state.
+      seed: an int seeding the PRNG key held in the state. The noise
+        protects only if the seed is secret: without one, seed 0 is used
+        and a warning says so when noise is added.
       uniform: ``C/√K`` for every layer (True) or ``C·√(D_k/D)`` (False).
       axis_name: the mapped axis the batch is split over inside
         ``shard_map``/``pmap`` (see `per_example_global_norm`).
@@ -336,7 +371,9 @@ def per_example_layer_norm(
       >>> [round(float(x), 4) for x in jnp.concatenate([summed["a"], summed["b"]])]
       [0.6, 0.8, 0.1]
     """
-    init_fn, l2_norm_clip, noise_multiplier = _fixed_threshold_init(l2_norm_clip, noise_multiplier, seed)
+    init_fn, l2_norm_clip, noise_multiplier = _fixed_threshold_init(
+        l2_norm_clip, noise_multiplier, seed, "per_example_layer_norm"
+    )
     uniform = _validate.as_bool("uniform", uniform)
 
     def update_fn(updates, state, params=None):
@@ -355,7 +392,7 @@ def per_example_layer_norm(
         pairs = sum(leaf.shape[0] for leaf in leaves)
         fraction = _fraction(sum(clipped_counts, jnp.zeros((), jnp.int32)), pairs, axis_name)
         norms = _per_example_norms(updates)
-        return total, PerExampleState(
+        return _as_dtypes_of(total, updates), PerExampleState(
             key=key, stats=replacing(state.stats, _stats(norms, l2_norm_clip, fraction, axis_name))
         )
 
@@ -368,7 +405,7 @@ def per_example_adaptive(
     initial_threshold: float = 0.1,
     noise_multiplier: float | jax.Array = 0.0,
     count_stddev: float | jax.Array = 0.0,
-    seed: int = 0,
+    seed: int | None = None,
     *,
     axis_name: _numerics.AxisName | None = None,
 ) -> optax.GradientTransformation:
@@ -386,9 +423,16 @@ def per_example_adaptive(
     When more than a fraction ``γ`` of the examples fit under ``C`` it shrinks,
     otherwise it grows; at equilibrium ``C`` is the ``γ``-quantile. The update
     needs O(1) state (``C`` and a PRNG key), no history. For a private count
-    set ``count_stddev = σ_b > 0``; the paper then splits a total noise
-    multiplier ``z`` as ``σ = (z^{-2} − (2σ_b)^{-2})^{-1/2}`` for the sum —
-    pass that ``σ`` as ``noise_multiplier``. Defaults are the TFF defaults of
+    set ``count_stddev = σ_b > 0``. The paper splits a total noise multiplier
+    ``z`` as ``σ = (z^{-2} − (2σ_b)^{-2})^{-1/2}`` for the sum, the factor 2
+    from a count centred at ``1/2`` and divided by a fixed expected batch
+    size (sensitivity ``1/2``). Here the count is not centred (sensitivity 1
+    when an example is replaced: use ``σ = (z^{-2} − σ_b^{-2})^{-1/2}``),
+    and ``B`` is the number of examples with a finite norm in the batch:
+    with Poisson sampling, where the batch size itself is private, this
+    ``b`` is not the paper's mechanism. Pass the ``σ`` as
+    ``noise_multiplier``. The noisy ``b`` is not clamped to ``[0, 1]``.
+    Defaults are the TFF defaults of
     the paper: ``C₀ = 0.1``, ``γ = 0.5``, ``η = 0.2``. The arguments are those
     of `clipx.quantile_clip`, the same rule with one norm per step.
     Examples with a non-finite norm are left out of ``b`` (numerator and
@@ -404,7 +448,9 @@ def per_example_adaptive(
       noise_multiplier: ``σ ≥ 0``; noise of standard deviation ``σ·C`` on the sum.
       count_stddev: ``σ_b ≥ 0``, the standard deviation (in examples) of the
         noise added to the unclipped count.
-      seed: an int seeding the PRNG key held in the state.
+      seed: an int seeding the PRNG key held in the state. The noise
+        protects only if the seed is secret: without one, seed 0 is used
+        and a warning says so when noise is added.
       axis_name: the mapped axis the batch is split over inside
         ``shard_map``/``pmap``: counts are summed over it, so every device
         moves ``C`` identically (see `per_example_global_norm`).
@@ -432,7 +478,7 @@ def per_example_adaptive(
     learning_rate = _validate.check_finite_nonnegative("learning_rate", learning_rate)
     noise_multiplier = _validate.check_finite_nonnegative("noise_multiplier", noise_multiplier)
     count_stddev = _validate.check_finite_nonnegative("count_stddev", count_stddev)
-    _validate.check_seed("seed", seed)
+    seed = _checked_seed(seed, (noise_multiplier, count_stddev), "per_example_adaptive", stacklevel=2)
 
     def init_fn(params):
         del params
@@ -468,7 +514,7 @@ def per_example_adaptive(
             key=key,
             stats=replacing(state.stats, _stats(norms, threshold, fraction, axis_name)),
         )
-        return total, new_state
+        return _as_dtypes_of(total, updates), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -490,8 +536,10 @@ def clipped_grad_sum(
     clipped sum is added to a float32 (or wider) accumulator. Chunks are
     strided (chunk ``j`` holds examples ``j, j + n, j + 2n, …``), so with a
     batch sharded over devices (and ``chunk_size`` a multiple of their
-    number) every chunk takes the same share from each device and no example
-    moves between devices.
+    number that divides the batch size) every chunk takes the same share
+    from each device and no example moves between devices; when
+    ``chunk_size`` does not divide the batch, the last examples form a chunk
+    of their own, and XLA moves examples between devices to form them.
 
     Memory: the chunk's per-example gradients (``chunk_size × |params|``,
     about 1.5 times that in temporaries as measured below) plus ``|params|``
@@ -547,7 +595,7 @@ def clipped_grad_sum(
     def add_chunk(total, examples):
         # Each chunk's sum stays in the accumulator's dtype: rounded to float16 first, two
         # chunks of ±60000 entries overflowed to ±∞ and added up to NaN.
-        chunk_sum, norms, _ = _clipped_sum(per_example_grads(params, examples), l2_norm_clip, cast_back=False)
+        chunk_sum, norms, _ = _clipped_sum(per_example_grads(params, examples), l2_norm_clip)
         return jax.tree.map(lambda t, s: t + s.astype(t.dtype), total, chunk_sum), norms
 
     def accumulator(p):
@@ -568,5 +616,5 @@ def clipped_grad_sum(
     if rest:
         total, norms = add_chunk(total, jax.tree.map(lambda x: x[chunks * chunk_size :], batch))
         all_norms.append(norms)
-    clipped_sum = jax.tree.map(lambda t, p: t.astype(jnp.result_type(p)), total, params)
+    clipped_sum = _as_dtypes_of(total, params)
     return clipped_sum, jnp.concatenate(all_norms) if all_norms else jnp.zeros((0,), jnp.float32)

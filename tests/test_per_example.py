@@ -1,6 +1,7 @@
 """Per-example (DP-SGD) clipping: parity with optax, noise, the adaptive quantile rule, chunking."""
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -106,7 +107,7 @@ def test_noise_std_reproducible_and_key_advances():
 def test_noise_keeps_the_imaginary_part_and_noises_it(factory):
     grads = {"z": jnp.full((4, 50000), 0.1 + 0.2j, jnp.complex64)}  # norm 50 per example, sum 0.4 + 0.8i
     clip = {"initial_threshold": 100.0} if factory is clipx.per_example_adaptive else {"l2_norm_clip": 100.0}
-    summed, _ = run(factory(**clip, noise_multiplier=1e-4), grads)  # σ·C = 0.01 on each part
+    summed, _ = run(factory(**clip, noise_multiplier=1e-4, seed=0), grads)  # σ·C = 0.01 on each part
     z = np.asarray(summed["z"])
     assert z.dtype == np.complex64
     for part, clean in ((z.real, 0.4), (z.imag, 0.8)):
@@ -119,7 +120,7 @@ def test_noise_keeps_the_imaginary_part_and_noises_it(factory):
 def test_zero_noise_array_with_infinite_threshold_adds_nothing(factory):
     # optax.inject_hyperparams hands the default σ = 0 over as an array: 0·∞ must not be NaN.
     grads = per_example_grads()
-    summed, _ = run(factory(math.inf, noise_multiplier=jnp.float32(0.0)), grads)
+    summed, _ = run(factory(math.inf, noise_multiplier=jnp.float32(0.0), seed=0), grads)
     chex_close(summed, jax.tree.map(lambda g: jnp.sum(g, axis=0), grads))
     injected = optax.inject_hyperparams(factory, static_args=("seed",))(l2_norm_clip=math.inf)
     summed, _ = run(injected, grads)
@@ -270,9 +271,9 @@ def test_adaptive_threshold_grows_back_after_zero_gradients():
 @pytest.mark.parametrize(
     "factory",
     [
-        lambda: clipx.per_example_global_norm(1.0, noise_multiplier=0.5),
-        lambda: clipx.per_example_layer_norm(1.0, noise_multiplier=0.5),
-        lambda: clipx.per_example_adaptive(noise_multiplier=0.5),
+        lambda: clipx.per_example_global_norm(1.0, noise_multiplier=0.5, seed=0),
+        lambda: clipx.per_example_layer_norm(1.0, noise_multiplier=0.5, seed=0),
+        lambda: clipx.per_example_adaptive(noise_multiplier=0.5, seed=0),
     ],
     ids=["global", "layer", "adaptive"],
 )
@@ -376,3 +377,55 @@ def test_clipped_grad_sum_adds_chunks_in_float32(dtype, examples, chunk_size, ex
     total, _ = clipx.clipped_grad_sum(loss, jnp.zeros(1, dtype), xs, 1e6, chunk_size=chunk_size)
     assert total.dtype == dtype
     assert float(total[0]) == expected
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: clipx.per_example_global_norm(1.0),
+        lambda: clipx.per_example_layer_norm(1.0),
+        lambda: clipx.per_example_adaptive(),
+    ],
+    ids=["global_norm", "layer_norm", "adaptive"],
+)
+def test_the_clipped_sum_is_a_full_precision_dot(make):
+    # A default-precision float32 dot may round its products to TF32 (GPU) or bfloat16 (TPU), which
+    # can take a clipped example's norm past the threshold; CPUs compute it exactly either way, so
+    # the program is what is checked.
+    tx = make()
+    grads = {"w": jnp.ones((4, 3)), "b": jnp.ones((4,))}
+    jaxpr = str(jax.make_jaxpr(tx.update)(grads, tx.init(grads)))
+    dots = [line for line in jaxpr.splitlines() if "dot_general" in line]
+    assert dots
+    assert jaxpr.count("precision=(Precision.HIGHEST, Precision.HIGHEST)") >= len(dots)
+
+
+@pytest.mark.parametrize(
+    ("make", "noise"),
+    [
+        (lambda **kw: clipx.per_example_global_norm(1.0, **kw), "noise_multiplier"),
+        (lambda **kw: clipx.per_example_layer_norm(1.0, **kw), "noise_multiplier"),
+        (clipx.per_example_adaptive, "noise_multiplier"),
+        (clipx.per_example_adaptive, "count_stddev"),
+    ],
+)
+def test_noise_from_the_default_seed_is_warned_about(make, noise):
+    # Noise drawn from a public seed can be regenerated and subtracted: no privacy.
+    with pytest.warns(UserWarning, match="no seed given, so the noise is drawn from seed 0"):
+        make(**{noise: 0.5})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make(**{noise: 0.5}, seed=12345)  # a seed given: no warning
+        make()  # no noise: no warning
+        make(seed=None)
+
+
+def test_inject_hyperparams_warns_only_about_noise_it_adds():
+    grads = {"w": jnp.ones((4, 3))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tx = optax.inject_hyperparams(clipx.per_example_global_norm)(l2_norm_clip=1.0)  # σ = 0 as an array
+        jax.jit(tx.update)(grads, tx.init(grads))
+    tx = optax.inject_hyperparams(clipx.per_example_global_norm)(l2_norm_clip=1.0, noise_multiplier=0.5)
+    with pytest.warns(UserWarning, match="no seed given"):
+        tx.init(grads)

@@ -296,3 +296,20 @@ def test_pmap_with_axis_name_matches_unsharded():
         assert_tree_close(states, jax.tree.map(lambda x: np.broadcast_to(x, (8, *x.shape)), state))
         outputs.append(jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), updates))
     assert_same((outputs, state), run(group(names), params, grads), names)
+
+
+@pytest.mark.parametrize("name", sorted(PER_EXAMPLE))
+def test_per_example_partial_sums_are_summed_over_devices_before_rounding(name):
+    """float16 examples of 60000 on devices 0-3 and -60000 on devices 4-7, two per device: each
+    device's partial sum (±120000) overflowed float16 when it was rounded before the psum, and the
+    total was NaN (∞ − ∞) where the unsharded one is 0."""
+    threshold = {"initial_threshold": 1e5} if name == "per_example_adaptive" else {"l2_norm_clip": 1e5}
+    make = getattr(clipx, factory_name(name))
+    grads = {"w": np.concatenate([np.full((8, 1), 6e4), np.full((8, 1), -6e4)]).astype(np.float16)}
+    params = {"w": np.zeros((1,), np.float16)}
+    tx = make(**threshold, axis_name=AXIS)
+    step = jax.shard_map(tx.update, mesh=MESH, in_specs=(P(AXIS), P(), P()), out_specs=(P(), P()))
+    updates, _ = step(grads, tx.init(params), params)
+    unsharded, _ = make(**threshold).update(grads, make(**threshold).init(params), params)
+    np.testing.assert_array_equal(np.asarray(unsharded["w"], np.float32), [0.0])
+    np.testing.assert_array_equal(np.asarray(updates["w"], np.float32), [0.0])

@@ -73,7 +73,9 @@ TRANSFORMS: dict[str, Case] = {
 # Transforms that take per-example gradients (a leading batch axis of BATCH examples).
 BATCH = 16
 PER_EXAMPLE: dict[str, Case] = {
-    "per_example_global_norm": Case(lambda: clipx.per_example_global_norm(1.0, noise_multiplier=0.5), BATCH),
+    "per_example_global_norm": Case(
+        lambda: clipx.per_example_global_norm(1.0, noise_multiplier=0.5, seed=0), BATCH
+    ),
     "per_example_layer_norm": Case(lambda: clipx.per_example_layer_norm(1.0, uniform=False), BATCH),
     "per_example_adaptive": Case(lambda: clipx.per_example_adaptive(initial_threshold=1.0), BATCH),
 }

@@ -74,7 +74,7 @@ HYPERPARAMETER_CASES = {
     "skip_spikes": (clipx.skip_spikes, {"inner": clipx.global_norm(1.0), "min_observations": 2}),
     "per_example_global_norm": (
         clipx.per_example_global_norm,
-        {"l2_norm_clip": 1.0, "noise_multiplier": 0.5},
+        {"l2_norm_clip": 1.0, "noise_multiplier": 0.5, "seed": 0},
     ),
     "per_example_layer_norm": (clipx.per_example_layer_norm, {"l2_norm_clip": 1.0, "uniform": False}),
     "per_example_adaptive": (clipx.per_example_adaptive, {"initial_threshold": 1.0}),
