@@ -42,6 +42,7 @@ if not _accelerator_visible():  # 8 host devices stand in for 8 accelerators
 import argparse  # noqa: E402
 import itertools  # noqa: E402
 import platform  # noqa: E402
+import random  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -112,12 +113,13 @@ def make_model(args):
 
 
 def time_interleaved(
-    steps: dict[str, Callable[[], object]], rounds: int, repeat: int
+    steps: dict[str, Callable[[], object]], rounds: int, repeat: int, order: random.Random
 ) -> dict[str, list[float]]:
-    """Seconds per call of every step, ``rounds`` times, variants interleaved within each round."""
+    """Seconds per call of every step, ``rounds`` times, each round visiting the variants in an
+    order shuffled by ``order``, so that none is always timed first or after the same one."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
-        for name, step in steps.items():
+        for name, step in order.sample(list(steps.items()), len(steps)):
             start = time.perf_counter()
             for _ in range(repeat):
                 out = step()
@@ -157,7 +159,7 @@ def bench_step(args, mesh) -> list[str]:
 
     chosen = {name: CLIPPERS[name] for name in args.only}
     steps = {"none": variant(None)} | {name: variant(build) for name, (build, _) in chosen.items()}
-    times = time_interleaved(steps, args.rounds, args.repeat)
+    times = time_interleaved(steps, args.rounds, args.repeat, random.Random(args.seed))
     rows = [
         "| clipper | global-norm based | median step (ms) | ratio to no clipping (median over rounds) |",
         "|---|---|---:|---:|",
@@ -199,7 +201,7 @@ def bench_per_example(args, mesh) -> list[str]:
         jitted = jax.jit(fn, out_shardings=replicated)
         jax.block_until_ready(jitted(params, batch))
         steps[name] = lambda jitted=jitted: jitted(params, batch)
-    times = time_interleaved(steps, max(3, args.rounds // 4), 1)
+    times = time_interleaved(steps, max(3, args.rounds // 4), 1, random.Random(args.seed))
     rows = ["| per-example clipping (clip + sum) | examples/s | relative to optax |", "|---|---:|---:|"]
     base = statistics.median(times["optax.per_example_global_norm_clip"])
     for name, samples in times.items():
@@ -263,6 +265,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk", type=int, default=16, help="chunk_size of clipped_grad_sum")
     parser.add_argument("--memory", action="store_true", help="only the memory table of clipped_grad_sum")
     parser.add_argument(
+        "--seed", type=int, default=0, help="seeds the variants' order in each round (vary it across runs)"
+    )
+    parser.add_argument(
         "--only",
         type=lambda text: text.split(","),
         default=list(CLIPPERS),
@@ -286,7 +291,8 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"Training step: LSTM classifier (vocab {args.vocab}, embed {args.embed}, hidden {args.hidden}), "
             f"batch {args.batch} × {args.length} tokens, data-parallel over {len(devices)} devices, "
-            f"{args.rounds} interleaved rounds of {args.repeat} steps"
+            f"{args.rounds} interleaved rounds of {args.repeat} steps, variants in a shuffled order "
+            f"(seed {args.seed})"
         )
         print()
         print("\n".join(bench_step(args, mesh)))

@@ -182,6 +182,8 @@ def _cpu_seconds() -> float:
 def compile_step(tx: optax.GradientTransformation, params, opt_state, grads):
     """Traces, lowers and compiles one step; returns ``(executable, wall seconds, CPU seconds)``."""
     spec = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)  # noqa: E731
+    jax.block_until_ready((params, opt_state))  # made by asynchronous dispatch: not part of the compile
+    jax.clear_caches()  # no sample reuses the traces of an earlier one
     wall, cpu = time.perf_counter(), _cpu_seconds()
     compiled = make_step(tx).lower(spec(params), spec(opt_state), spec(grads)).compile()
     return compiled, time.perf_counter() - wall, _cpu_seconds() - cpu
@@ -201,16 +203,24 @@ BASELINE = "optax.adam (baseline)"
 
 
 def time_size(
-    cands: list[Candidate], total: int, leaves: int, wide: bool, repeats: int, compile_repeats: int, log
+    cands: list[Candidate],
+    total: int,
+    leaves: int,
+    wide: bool,
+    repeats: int,
+    compile_repeats: int,
+    seed: int,
+    log,
 ) -> dict[str, dict]:
     """Compile and step timing of plain Adam and every ``chain(candidate, adam)`` on one problem size.
 
     Each candidate is compiled ahead of time (that compile is the first compile-time
     sample), ``compile_repeats - 1`` further compile rounds run round-robin, then
     ``repeats`` round-robin rounds of one step each; every round (the first
-    compiles included) visits the candidates in a freshly shuffled order.
+    compiles included) visits the candidates in a freshly shuffled order (the
+    shuffles seeded by ``seed``).
     """
-    shuffled = random.Random(0).sample
+    shuffled = random.Random(seed).sample
     entries = [(BASELINE, lambda: optax.adam(1e-3))] + [(c.label, c.optimizer) for c in cands]
     # Gradients with a global norm well above 1.
     grads = jax.tree.map(lambda p: 50.0 * p, make_params(total, leaves, seed=1, wide=wide))
@@ -305,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--only", default="", help="comma-separated words: keep the candidates matching one")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply parameter counts (quick runs)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seeds the candidates' order in each round (vary it across runs)"
+    )
     args = parser.parse_args(argv)
     if args.compile_repeats < 1:
         parser.error("--compile-repeats must be at least 1 (the step timing needs one compile)")
@@ -334,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         total = leaf_size(int(total * args.scale), leaves) * leaves
         layout = ", each transposed (100 rows)" if wide else ""
         log(f"size {s}: {total:,} parameters in {leaves} leaves{layout}")
-        res = time_size(cands, total, leaves, wide, args.repeats, args.compile_repeats, log)
+        res = time_size(cands, total, leaves, wide, args.repeats, args.compile_repeats, args.seed, log)
         print(f"Size ({s}): {total / 1e6:g}M float32 parameters in {leaves} leaves{layout}\n")
         print(
             "| C in chain(C, adam) | step ms | step ratio (IQR) | compile s | compile ratio, wall (IQR) "
@@ -350,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(flush=True)
     print(
-        f"Step: median of {args.repeats} round-robin rounds, ratio formed within each round. "
+        f"Step: median of {args.repeats} round-robin rounds (order seed {args.seed}), ratio formed within "
+        "each round. "
         f"Compile (trace + lower + compile): {args.compile_repeats} sample(s) per candidate; "
         "CPU time counts all threads of this process. Load average at the end: "
         f"{os.getloadavg()[0]:.2f}."
