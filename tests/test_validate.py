@@ -169,9 +169,9 @@ FINITE_ONLY = [
     (clipx.quantile_clip, "learning_rate"),
     (lambda **kw: clipx.skip_spikes(clipx.global_norm(1.0), **kw), "num_stds"),
     (lambda **kw: clipx.skip_spikes(clipx.global_norm(1.0), **kw), "min_std"),
-    (lambda **kw: clipx.per_example_global_norm(1.0, **kw), "noise_multiplier"),
-    (clipx.per_example_adaptive, "noise_multiplier"),
-    (clipx.per_example_adaptive, "count_stddev"),
+    (lambda **kw: clipx.per_example_global_norm(1.0, seed=0, **kw), "noise_multiplier"),
+    (lambda **kw: clipx.per_example_adaptive(seed=0, **kw), "noise_multiplier"),
+    (lambda **kw: clipx.per_example_adaptive(seed=0, **kw), "count_stddev"),
     (clipx.per_example_adaptive, "learning_rate"),
 ]
 
