@@ -178,12 +178,18 @@ def check_update(updates: Any, state: Any, state_type: type) -> None:
     around), and a Python number has no shape. ``state`` is checked by
     `check_state`.
     """
+    # The leaf's path is spelled out only on an error: a step traces thousands of leaves.
     for path, leaf in jax.tree_util.tree_leaves_with_path(updates):
-        where = f"the update {jax.tree_util.keystr(path)}"
         if not isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
-            raise TypeError(f"clipx clips arrays; {where} is a {type(leaf).__name__} (use jnp.asarray)")
+            raise TypeError(
+                f"clipx clips arrays; the update {jax.tree_util.keystr(path)} is a "
+                f"{type(leaf).__name__} (use jnp.asarray)"
+            )
         if not jnp.issubdtype(leaf.dtype, jnp.inexact):
-            raise TypeError(f"clipx clips floating-point or complex updates; {where} has dtype {leaf.dtype}")
+            raise TypeError(
+                "clipx clips floating-point or complex updates; the update "
+                f"{jax.tree_util.keystr(path)} has dtype {leaf.dtype}"
+            )
     check_state(state, state_type)
 
 
