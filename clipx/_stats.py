@@ -195,6 +195,25 @@ def _is_namedtuple(node: Any) -> bool:
 _NAME, _INDEX, _FIELD = "name", "index", "field"
 
 
+def _check_not_bare_record(node: Mapping, path: tuple[tuple[str, str], ...]) -> None:
+    """Raises ``TypeError`` if ``node`` is a reporting state turned into a dict.
+
+    A checkpoint restored without its target (``flax.serialization.msgpack_restore``,
+    Orbax without ``target``) gives a clipx state as ``{"stats": {"norm": ...}, ...}``:
+    the values are there, but the state's type, which holds its name, is lost.
+    """
+    record = node.get("stats")
+    fields = {tuple(sorted(kind._fields)) for kind in _STATS_TYPES}
+    if isinstance(record, Mapping) and tuple(sorted(map(str, record))) in fields:
+        where = "/".join(segment for segment, _ in path) or "the top level"
+        raise TypeError(
+            f"clipx.stats: the state holds statistics as plain dicts at {where!r}, as a checkpoint "
+            "restored without its target does; the name of the transform that wrote them is lost "
+            "with its type. Restore the checkpoint into tx.init(params) (for example "
+            "flax.serialization.from_state_dict(tx.init(params), restored)) and pass that."
+        )
+
+
 def _collect(node: Any, path: tuple[tuple[str, str], ...], found: list, clip_stats: bool = True) -> None:
     """Appends ``(path, name, stats)`` for every reporting state below ``node``.
 
@@ -219,6 +238,7 @@ def _collect(node: Any, path: tuple[tuple[str, str], ...], found: list, clip_sta
         for i, child in enumerate(node):
             _collect(child, (*path, (str(i), _INDEX)), found, clip_stats)
     elif isinstance(node, Mapping):
+        _check_not_bare_record(node, path)
         for key, child in node.items():
             _collect(child, (*path, (str(key), _NAME)), found, clip_stats)
     elif node is not None and not isinstance(node, (int, float, bool)) and not hasattr(node, "shape"):
@@ -247,6 +267,8 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
     Raises:
       ValueError: if two records still share a key (dict keys such as ``1``
         and ``"1"`` side by side).
+      TypeError: if a transform's state is held as plain dicts (a checkpoint
+        restored without its target), whose statistics have no name.
 
     Example:
       >>> import jax.numpy as jnp, optax, clipx

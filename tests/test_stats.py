@@ -188,3 +188,22 @@ def test_keys_that_cannot_be_told_apart_raise():
     state = {1: optax.chain(clipx.value(1.0)).init(PARAMS), "1": optax.chain(clipx.value(2.0)).init(PARAMS)}
     with pytest.raises(ValueError, match=r"would share the key '1/\[0\]/value'"):
         clipx.stats(state)
+
+
+@pytest.mark.parametrize(
+    "tx",
+    [
+        optax.chain(clipx.global_norm(1.0), optax.adam(1e-3)),
+        clipx.skip_nonfinite(optax.sgd(0.1)),  # a guard's statistics
+    ],
+    ids=["clip", "guard"],
+)
+def test_a_state_restored_without_its_target_is_refused_with_the_way_to_restore_it(tx):
+    serialization = pytest.importorskip("flax.serialization")
+    state = tx.init(PARAMS)
+    _, state = tx.update(GRADS, state, PARAMS)
+    restored = serialization.msgpack_restore(serialization.to_bytes(state))  # plain dicts, no target
+    with pytest.raises(TypeError, match=r"plain dicts .*from_state_dict\(tx.init\(params\), restored\)"):
+        clipx.stats(restored)
+    into_target = serialization.from_state_dict(tx.init(PARAMS), restored)
+    assert clipx.stats(into_target).keys() == clipx.stats(state).keys()
