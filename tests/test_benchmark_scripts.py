@@ -104,7 +104,14 @@ def test_sharded_step_wraps_guards_around_adam_and_chains_clippers_before_it(sha
 
 def test_sharded_step_times_a_tiny_model(sharded_step):
     args = argparse.Namespace(
-        rounds=1, repeat=1, batch=8, length=4, vocab=20, embed=4, hidden=4, only=["skip_spikes", "value"],
+        rounds=1,
+        repeat=1,
+        batch=8,
+        length=4,
+        vocab=20,
+        embed=4,
+        hidden=4,
+        only=["skip_spikes", "value"],
         seed=0,
     )
     rows = sharded_step.bench_step(args, Mesh(np.array(jax.devices()[:8]), ("data",)))

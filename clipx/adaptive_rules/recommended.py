@@ -301,9 +301,7 @@ def adaptive(
     initial_multiplier = _validate.check_range(
         "initial_multiplier", initial_multiplier, _validate.FLOAT32_TINY, 1.0
     )
-    min_multiplier = _validate.check_range(
-        "min_multiplier", min_multiplier, _validate.FLOAT32_TINY, 1.0
-    )
+    min_multiplier = _validate.check_range("min_multiplier", min_multiplier, _validate.FLOAT32_TINY, 1.0)
     _validate.check_not_above("min_multiplier", min_multiplier, "initial_multiplier", initial_multiplier)
     if jump_ratio is not None:
         jump_ratio = _validate.check_range("jump_ratio", jump_ratio, 1.0)

@@ -843,9 +843,7 @@ def train(
                     bar.update(f"loss {record['loss']:.4f}  acc {record['accuracy']:.3f}")
                     epoch_end = step % steps_per_epoch == 0
                     if not diverged and (epoch_end or (config.eval_every and step % config.eval_every == 0)):
-                        scores = evaluate(
-                            eval_step, params, data.dev, config.batch_size, config.pad_multiple
-                        )
+                        scores = evaluate(eval_step, params, data.dev, config.batch_size, config.pad_multiple)
                         log({"step": step, "epoch": epoch, **scores})
                         # A non-finite dev loss: the step made the weights non-finite.
                         diverged = not math.isfinite(scores["dev_loss"])
