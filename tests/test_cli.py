@@ -893,3 +893,25 @@ def test_sweep_checks_the_data_of_every_dataset_before_its_first_run(tmp_path, m
     assert cli.main(argv) == 2
     assert _printed(capsys, f"{tmp_path / 'nowhere' / 'imdb' / 'train.tsv'}: file not found")
     assert not list((tmp_path / "sweep").glob("task__*.json"))  # no task run before the refusal
+
+
+def test_one_datasets_half_of_a_sweep_extends_without_the_other_halfs_settings(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli.sweep, "MODEL", TINY_MODEL)
+    imdb = tmp_path / "data" / "imdb"
+    imdb.mkdir(parents=True)
+    for name in ("train.tsv", "dev.tsv"):
+        (imdb / name).write_text("sentence\tlabel\n" + "".join(f"word {i} w\t{i % 2}\n" for i in range(40)))
+    out = tmp_path / "sweep"
+    argv = [*_tiny_sweep_argv(out, "--data-root", str(tmp_path / "data")), "--max-length", "16"]
+    assert cli.main([*argv, "--datasets", "imdb,task"]) == 0
+    more_seeds = _tiny_sweep_argv(out, "--data-root", str(tmp_path / "data"), "--seeds", "2")
+    assert cli.main(more_seeds) == 0  # the task half alone: IMDB's --max-length binds none of its runs
+    recorded = json.loads((out / "settings.json").read_text())["sweep"]
+    assert recorded["datasets"] == ["imdb", "task"]
+    assert recorded["max_length"] == 16  # still the setting of IMDB's runs
+    assert len(list(out.glob("task__*.json"))) == 2 and len(list(out.glob("imdb__*.json"))) == 1
+    capsys.readouterr()
+    assert cli.main([*more_seeds, "--datasets", "imdb"]) == 2  # the IMDB half without its settings
+    assert _printed(capsys, "max_length: 16 there, 128 now")
+    assert cli.main([*more_seeds, "--datasets", "imdb", "--max-length", "16"]) == 0
+    assert cli.main([*more_seeds, "--task-length", "60"]) == 2  # the task half's own settings still bind

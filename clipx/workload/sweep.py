@@ -146,6 +146,13 @@ class SweepConfig:
 #: Settings that only say which runs make up the grid; every other setting changes a run's result.
 _GRID_EXTENT = ("data_root", "datasets", "clippers", "learning_rates", "seeds")
 
+#: Settings of one dataset's runs: an invocation of the sweep without that dataset
+#: neither compares them with the folder's nor changes what ``settings.json`` records.
+_DATASET_SETTINGS = {
+    "imdb": ("max_length", "train_limit", "dev_limit"),
+    "task": ("task_length", "task_train"),
+}
+
 
 def _entry(clipper: str) -> tuple[str, str, float | None]:
     """The `CLIPPERS` entry labelled ``clipper``."""
@@ -361,8 +368,9 @@ def _check_same_run_settings(path: pathlib.Path, settings: dict[str, Any]) -> No
     """Raises ``ValueError`` if ``path`` records runs made with settings other than ``settings``.
 
     Only the grid's extent may change between invocations on one folder (more
-    seeds, learning rates, clippers); a setting missing from an older file
-    had its default value. Settings recorded beside no run (an invocation
+    seeds, learning rates, clippers), and the settings of a dataset the
+    invocation does not run, or whose runs the folder does not hold yet; a
+    setting missing from an older file had its default value. Settings recorded beside no run (an invocation
     that failed before its first, say on missing data) bind nothing.
     """
     if not path.is_file():
@@ -377,7 +385,8 @@ def _check_same_run_settings(path: pathlib.Path, settings: dict[str, Any]) -> No
         return
     old = {**dataclasses.asdict(SweepConfig()), **recorded.get("sweep", {}), "model": recorded.get("model")}
     new = {**settings["sweep"], "model": settings["model"]}
-    details = _differences(old, new, [key for key in new if key not in _GRID_EXTENT])
+    unbound = _GRID_EXTENT + _settings_of_other_datasets(path.parent, new["datasets"])
+    details = _differences(old, new, [key for key in new if key not in unbound])
     if details:
         raise ValueError(
             f"{path.parent} holds sweep runs made with other settings ({details}); "
@@ -385,9 +394,20 @@ def _check_same_run_settings(path: pathlib.Path, settings: dict[str, Any]) -> No
         )
 
 
-def _holds_runs(folder: pathlib.Path) -> bool:
-    """Whether ``folder`` holds a run file (the files `summarize` reads)."""
-    return any(folder.glob(_RUN_FILES))
+def _holds_runs(folder: pathlib.Path, dataset: str = "*") -> bool:
+    """Whether ``folder`` holds a run file (the files `summarize` reads), of ``dataset`` if given."""
+    return any(folder.glob(_RUN_FILES.replace("*", dataset, 1)))
+
+
+def _settings_of_other_datasets(folder: pathlib.Path, datasets: Sequence[str]) -> tuple[str, ...]:
+    """The settings that bind none of ``folder``'s runs for ``datasets``: those of the other datasets,
+    and those of a listed dataset the folder holds no run of yet."""
+    return tuple(
+        key
+        for dataset, keys in _DATASET_SETTINGS.items()
+        if dataset not in datasets or not _holds_runs(folder, dataset)
+        for key in keys
+    )
 
 
 def _extended(path: pathlib.Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -401,6 +421,9 @@ def _extended(path: pathlib.Path, settings: dict[str, Any]) -> dict[str, Any]:
         return settings
     recorded = {**dataclasses.asdict(SweepConfig()), **json.loads(path.read_text()).get("sweep", {})}
     sweep = dict(settings["sweep"])
+    for dataset, keys in _DATASET_SETTINGS.items():
+        if dataset not in sweep["datasets"]:  # this invocation ran none of its runs: keep what made them
+            sweep.update({key: recorded[key] for key in keys})
     for key in ("datasets", "clippers"):
         sweep[key] = [*recorded[key], *(item for item in sweep[key] if item not in recorded[key])]
     sweep["learning_rates"] = sorted({*recorded["learning_rates"], *sweep["learning_rates"]})
