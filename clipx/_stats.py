@@ -198,8 +198,9 @@ _NAME, _INDEX, _FIELD = "name", "index", "field"
 def _check_not_bare_record(node: Mapping, path: tuple[tuple[str, str], ...]) -> None:
     """Raises ``TypeError`` if ``node`` is a reporting state turned into a dict.
 
-    A checkpoint restored without its target (``flax.serialization.msgpack_restore``,
-    Orbax without ``target``) gives a clipx state as ``{"stats": {"norm": ...}, ...}``:
+    A state flattened to dicts (``nnx.state(optimizer)``, ``nnx.to_pure_dict``)
+    or restored without its target (``flax.serialization.msgpack_restore``,
+    Orbax without a target) holds a clipx state as ``{"stats": {"norm": ...}, ...}``:
     the values are there, but the state's type, which holds its name, is lost.
     """
     record = node.get("stats")
@@ -207,10 +208,12 @@ def _check_not_bare_record(node: Mapping, path: tuple[tuple[str, str], ...]) -> 
     if isinstance(record, Mapping) and tuple(sorted(map(str, record))) in fields:
         where = "/".join(segment for segment, _ in path) or "the top level"
         raise TypeError(
-            f"clipx.stats: the state holds statistics as plain dicts at {where!r}, as a checkpoint "
-            "restored without its target does; the name of the transform that wrote them is lost "
-            "with its type. Restore the checkpoint into tx.init(params) (for example "
-            "flax.serialization.from_state_dict(tx.init(params), restored)) and pass that."
+            f"clipx.stats: the state holds statistics as plain dicts at {where!r}, as a state "
+            "flattened to dicts (nnx.state, nnx.to_pure_dict) or a checkpoint restored without its "
+            "target does; the name of the transform that wrote them is lost with its type. Pass "
+            "the optimizer state itself (with Flax NNX, optimizer.opt_state), or restore the "
+            "checkpoint into tx.init(params) (for example "
+            "flax.serialization.from_state_dict(tx.init(params), restored))."
         )
 
 
@@ -267,8 +270,9 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
     Raises:
       ValueError: if two records still share a key (dict keys such as ``1``
         and ``"1"`` side by side).
-      TypeError: if a transform's state is held as plain dicts (a checkpoint
-        restored without its target), whose statistics have no name.
+      TypeError: if a transform's state is held as plain dicts (flattened by
+        ``nnx.state``, or a checkpoint restored without its target), whose
+        statistics have no name.
 
     Example:
       >>> import jax.numpy as jnp, optax, clipx

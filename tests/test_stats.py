@@ -207,3 +207,19 @@ def test_a_state_restored_without_its_target_is_refused_with_the_way_to_restore_
         clipx.stats(restored)
     into_target = serialization.from_state_dict(tx.init(PARAMS), restored)
     assert clipx.stats(into_target).keys() == clipx.stats(state).keys()
+
+
+def test_flax_nnx_optimizer_state_as_the_getting_started_page_says():
+    nnx = pytest.importorskip("flax.nnx")
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.chain(clipx.global_norm(1e-3), optax.sgd(0.1)), wrt=nnx.Param)
+    grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((4, 3))) ** 2))(model)
+    optimizer.update(model, grads)
+    keys = [f"global_norm/{field}" for field in FIELDS]
+    assert list(clipx.stats(optimizer.opt_state)) == keys
+    assert float(clipx.stats(optimizer.opt_state)["global_norm/clipped"]) == 1.0  # NNX variables convert
+    pure = clipx.stats(nnx.as_pure(optimizer.opt_state))
+    assert list(pure) == keys and all(isinstance(v, jax.Array) for v in pure.values())
+    for flattened in (nnx.state(optimizer), nnx.to_pure_dict(nnx.state(optimizer))):
+        with pytest.raises(TypeError, match=r"plain dicts at 'opt_state/0'.*optimizer.opt_state"):
+            clipx.stats(flattened)
