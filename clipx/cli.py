@@ -575,13 +575,19 @@ def run() -> None:
     An interrupt that lands inside an XLA compile can leave jaxlib so that the
     interpreter's shutdown crashes (a segmentation fault, exit status 139 instead
     of 130; measured with jax 0.10.2, without clipx too). By then the run has
-    written its checkpoint, so the process ends at once, with status 130.
+    written its checkpoint, so the process ends at once, with status 130. An
+    interrupt after the command's work is done ends the process without a
+    traceback (killed by the signal, as by default).
     """
     status = main()
     if status == 130:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(130)
+    # The command's work is done. JAX clears its caches at exit, where an interrupt printed a
+    # KeyboardInterrupt traceback; it now ends the process as the signal does by default.
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     sys.exit(status)
 
 

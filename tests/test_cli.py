@@ -764,9 +764,29 @@ def test_the_clipx_command_ends_an_interrupted_run_without_the_interpreter_teard
         cli.run()
     assert exits == [130]
     monkeypatch.setattr(cli, "main", lambda: 0)
-    with pytest.raises(SystemExit) as exit_info:
-        cli.run()
+    _main_thread_only()
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.run()
+    finally:
+        signal.signal(signal.SIGINT, before)  # run() hands an interrupt at exit to the default action
     assert exit_info.value.code == 0
+
+
+def test_an_interrupt_while_the_finished_command_exits_prints_no_traceback():
+    """JAX clears its caches at exit: an interrupt there printed a KeyboardInterrupt traceback and
+    ended with status 0. It now ends the process as SIGINT does by default."""
+    script = (
+        "import atexit, os, signal, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)  # as in an interactive shell\n"
+        "from clipx import cli\n"
+        "cli.main = lambda: 0\n"
+        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(2)))  # runs first\n"
+        "cli.run()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stderr) == (-signal.SIGINT, "")
 
 
 def test_a_second_sweep_in_the_same_folder_is_refused(tmp_path, capsys, monkeypatch):
