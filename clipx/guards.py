@@ -257,9 +257,12 @@ def skip_spikes(
 
     Defaults follow Levanter and OLMo (``k = 6``, 64 observations before the
     first skip; a moving average of about 100 steps where Levanter keeps a
-    window of 128), with the statistics of
-    ``log‖g‖`` as in Lingvo's ``GradNormTracker``, which makes the test
-    independent of the scale of the loss; ``min_std = 0.1`` means a step is
+    window of 128), with the statistics of ``log‖g‖``, which makes the test
+    independent of the scale of the loss. Lingvo's ``GradNormTracker``, which
+    also works in log space, differs: it tracks ``log(1 + ‖g‖)`` (nearly
+    ``‖g‖`` itself for the small norms of a trained model), feeds a rejected
+    step's value in, capped at the threshold, and floors σ at 10⁻³.
+    ``min_std = 0.1`` means a step is
     never skipped for a norm less than ``e^{0.6} ≈ 1.8`` times its typical
     value. The decision needs the gradients only, so ``inner`` runs inside a
     `jax.lax.cond`, on accepted steps alone: a step costs the inner update

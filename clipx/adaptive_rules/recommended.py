@@ -271,8 +271,9 @@ def adaptive(
 
     Reference:
       The log-space z-score threshold refines ZClip (Kumar et al., "ZClip:
-      Adaptive Spike Mitigation for LLM Pre-Training", 2025) and the
-      log-norm statistics of Lingvo's ``GradNormTracker``. The multiplier
+      Adaptive Spike Mitigation for LLM Pre-Training", 2025), with
+      statistics of ``log‖g‖`` where Lingvo's ``GradNormTracker`` tracks
+      ``log(1 + ‖g‖)``. The multiplier
       follows the sign of the hypergradient of the step length under SGD,
       ``−⟨g_t, g_{t−1}⟩`` (Baydin et al., "Online Learning Rate Adaptation
       with Hypergradient Descent", 2018), in log space and normalised to a
