@@ -26,17 +26,18 @@ class ClipStats(NamedTuple):
 
     Attributes:
       norm: the measured norm before clipping (accumulated in float32 or
-        wider, reported in float32 as every field is). Global rules report
-        the global norm; most per-tensor or per-unit rules report the largest
-        per-tensor (per-unit) quantity compared with the threshold (`adagc`
-        the global norm, ``autoclip(per_tensor=True)`` the leaf furthest
-        above its threshold: see each rule's Returns).
+        wider, reported in float32, as are ``threshold`` and ``scale``).
+        Global rules report the global norm; most per-tensor or per-unit
+        rules report the largest per-tensor (per-unit) quantity compared
+        with the threshold (`adagc` the global norm,
+        ``autoclip(per_tensor=True)`` the leaf furthest above its
+        threshold: see each rule's Returns).
       threshold: the threshold used this step (float32: under x64 a float64
         threshold below float32's range reads 0).
       scale: the factor applied to the whole update (global rules) or the
         fraction of entries/tensors/units/examples that were clipped (rules
         that clip them apart).
-      clipped: whether anything was clipped this step.
+      clipped: whether anything was clipped this step (a bool).
     """
 
     norm: jax.Array

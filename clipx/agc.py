@@ -155,9 +155,11 @@ def agc(
     Args:
       clipping: the largest ratio :math:`\lambda \ge 0` of a unit's gradient
         norm to its weight norm (default 0.01).
-      eps: :math:`\epsilon`, 0 or at least 1.1e-19 (its square a normal
-        float32), the smallest weight norm used (default 1e-3), so
-        zero-initialised weights can still move.
+      eps: :math:`\epsilon`, 0 or at least about 1.08e-19 (its square a
+        normal float32), the smallest weight norm used (default 1e-3), so
+        zero-initialised weights can still move. With 0, a unit with zero
+        weights does not move, and one with a non-zero gradient has an
+        infinite ratio in the statistics.
       axis: the axis or axes one unit spans, the same for every leaf; ``None``
         (default) for the per-rank defaults of `unitwise_norm`. Every leaf's
         units are resolved by ``init``, so a leaf of rank 6 or more without

@@ -402,7 +402,7 @@ def per_example_layer_norm(
 def per_example_adaptive(
     target_quantile: float | jax.Array = 0.5,
     learning_rate: float | jax.Array = 0.2,
-    initial_threshold: float = 0.1,
+    initial_threshold: float | jax.Array = 0.1,
     noise_multiplier: float | jax.Array = 0.0,
     count_stddev: float | jax.Array = 0.0,
     seed: int | None = None,
