@@ -213,8 +213,8 @@ def _check_not_bare_record(node: Mapping, path: tuple[tuple[str, str], ...]) -> 
             "flattened to dicts (nnx.state, nnx.to_pure_dict) or a checkpoint restored without its "
             "target does; the name of the transform that wrote them is lost with its type. Pass "
             "the optimizer state itself (with Flax NNX, optimizer.opt_state), or restore the "
-            "checkpoint into tx.init(params) (for example "
-            "flax.serialization.from_state_dict(tx.init(params), restored))."
+            "checkpoint with tx.init(params) as its target (Orbax: restore(path, target); "
+            "flax.serialization: from_bytes(target, data), or from_state_dict(target, restored))."
         )
 
 
