@@ -458,6 +458,15 @@ def _numbers(flag: str, text: str) -> tuple[float, ...]:
     return tuple(numbers)
 
 
+def _duration(seconds: float) -> str:
+    """``seconds`` for a person: "40 s", "12 min", "2.5 h"."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def _cmd_sweep(args: argparse.Namespace) -> int:
     config = sweep.SweepConfig(
         data_root=args.data_root,
@@ -475,10 +484,22 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         cell=args.cell,
     )
 
-    def report(name: str, result: dict[str, Any]) -> None:
-        accuracy = result["dev_accuracy"]
-        shown = "diverged" if result["diverged"] else f"{100 * accuracy:.1f}%"
-        _console.print(f"{name}: {shown} ({result['seconds']:.0f} s)")
+    trained: list[float] = []  # wall seconds of the runs trained by this invocation, data loading included
+    reported = [time.perf_counter()]
+
+    def report(run: sweep.RunReport) -> None:
+        result, now = run.result, time.perf_counter()
+        shown = "diverged" if result["diverged"] else f"{100 * result['dev_accuracy']:.1f}%"
+        if run.skipped:
+            when = "done before"
+        else:
+            trained.append(now - reported[0])
+            when = f"{trained[-1]:.0f} s"
+            if run.left:
+                when += f"; about {_duration(sum(trained) / len(trained) * run.left)} left"
+        reported[0] = now
+        width = len(str(run.total))
+        _console.print(f"[{run.position:>{width}}/{run.total}] {run.name}: {shown} ({when})")
 
     sweep.run_sweep(config, args.out, on_run=report)
     _console.print((pathlib.Path(args.out) / "results.md").read_text())

@@ -935,3 +935,23 @@ def test_one_datasets_half_of_a_sweep_extends_without_the_other_halfs_settings(t
     assert _printed(capsys, "max_length: 16 there, 128 now")
     assert cli.main([*more_seeds, "--datasets", "imdb", "--max-length", "16"]) == 0
     assert cli.main([*more_seeds, "--task-length", "60"]) == 2  # the task half's own settings still bind
+
+
+def test_sweep_reports_each_runs_place_in_the_grid_and_the_time_left(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli.sweep, "MODEL", TINY_MODEL)
+    assert cli.main(_tiny_sweep_argv(tmp_path, "--clippers", "none,value 0.01")) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    first = r"\[1/2\] task__none__lr0\.1__seed0\.json: [\d.]+% \(\d+ s; about \d+ s left\)"
+    assert re.fullmatch(first, lines[0])
+    assert re.fullmatch(r"\[2/2\] task__value_0\.01__lr0\.1__seed0\.json: [\d.]+% \(\d+ s\)", lines[1])
+    assert cli.main(_tiny_sweep_argv(tmp_path, "--clippers", "none,value 0.01", "--seeds", "2")) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert [line.split(": ")[1].split(" (")[1] for line in lines[:2]] == ["done before)", "done before)"]
+    assert lines[2].startswith("[3/4] task__none__lr0.1__seed1.json") and "left)" in lines[2]
+    assert lines[3].startswith("[4/4] ") and "left" not in lines[3]
+
+
+def test_durations_read_as_a_person_would_say_them():
+    assert [cli._duration(s) for s in (4.2, 59, 60, 750, 5399, 5400, 9000)] == [
+        "4 s", "59 s", "1 min", "12 min", "90 min", "1.5 h", "2.5 h"
+    ]  # fmt: skip

@@ -23,7 +23,7 @@ import json
 import os
 import pathlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -208,6 +208,17 @@ def run_config(sweep: SweepConfig, dataset: str, clipper: str, lr: float, seed: 
     return TrainConfig(task_length=sweep.task_length, task_train=sweep.task_train, **common)
 
 
+class RunReport(NamedTuple):
+    """What `run_sweep` tells its ``on_run`` after each run of the grid."""
+
+    name: str  # the run's file name
+    result: dict[str, Any]  # what the file holds
+    position: int  # the run's place in the grid, from 1
+    total: int  # the runs of the grid
+    skipped: bool  # found finished in the folder, not trained now
+    left: int  # runs of the grid still to train after this one
+
+
 def _run_name(dataset: str, clipper: str, lr: float, seed: int) -> str:
     return f"{dataset}__{clipper.replace(' ', '_')}__lr{lr:g}__seed{seed}.json"
 
@@ -216,11 +227,12 @@ def run_sweep(
     sweep: SweepConfig,
     out_dir: str | pathlib.Path,
     *,
-    on_run: Callable[[str, dict[str, Any]], None] | None = None,
+    on_run: Callable[[RunReport], None] | None = None,
 ) -> dict[str, Any]:
     """Runs every missing run of the grid, then writes the table and plot; returns the aggregate.
 
-    ``on_run(name, result)`` is called after each run (done or skipped).
+    ``on_run`` is called with a `RunReport` after each run of the grid (trained
+    now, or skipped as finished before).
 
     Raises:
       ValueError: another sweep is running in ``out_dir`` (one holds it at a
@@ -256,7 +268,7 @@ def _only_sweep_in(folder: pathlib.Path) -> Iterator[None]:
 
 
 def _run_grid(
-    sweep: SweepConfig, out: pathlib.Path, on_run: Callable[[str, dict[str, Any]], None] | None
+    sweep: SweepConfig, out: pathlib.Path, on_run: Callable[[RunReport], None] | None
 ) -> dict[str, Any]:
     settings = {"sweep": dataclasses.asdict(sweep), "model": sweep.model}
     _check_same_run_settings(out / "settings.json", settings)
@@ -281,7 +293,8 @@ def _run_grid(
     for dataset in dict.fromkeys(d for d, c, lr, s in grid if out / _run_name(d, c, lr, s) not in done):
         load_checked_data(run_config(sweep, dataset, sweep.clippers[0], sweep.learning_rates[0], 0))
     (out / "settings.json").write_text(json_text(_extended(out / "settings.json", settings), indent=2))
-    for dataset, clipper, lr, seed in grid:
+    left = len(grid) - len(done)
+    for index, (dataset, clipper, lr, seed) in enumerate(grid, 1):
         path = out / _run_name(dataset, clipper, lr, seed)
         if path in done:
             result = done[path]
@@ -300,8 +313,9 @@ def _run_grid(
             partial = path.with_name(path.name + ".partial")
             partial.write_text(json_text(result, indent=2))
             os.replace(partial, path)
+            left -= 1
         if on_run is not None:
-            on_run(path.name, result)
+            on_run(RunReport(path.name, result, index, len(grid), path in done, left))
     return summarize(out)
 
 
