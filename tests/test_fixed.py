@@ -387,3 +387,18 @@ def test_an_overflowing_measure_is_clipped_whatever_the_threshold(make, threshol
     np.testing.assert_array_equal(updates["w"], expected["w"])
     small = {"w": jnp.array([1e15, 1e15], jnp.float32)}
     chex.assert_trees_all_equal(tx.update(small, tx.init(grads))[0], small)  # below it: untouched
+
+
+@pytest.mark.parametrize(
+    ("factory", "at_threshold"),
+    [(clipx.tensor_norm, jnp.array([3.0, 4.0])), (clipx.block_rms, jnp.array([5.0, 5.0]))],
+    ids=["tensor_norm", "block_rms"],
+)
+def test_a_leaf_exactly_at_the_threshold_is_not_counted_as_clipped(factory, at_threshold):
+    """Norm (or RMS) 5 at threshold 5 passes unchanged, and the statistics count it as such."""
+    grads = {"at": at_threshold, "above": 2 * at_threshold}
+    updates, state = apply(factory(5.0), grads)
+    chex.assert_trees_all_equal(updates["at"], at_threshold)
+    assert (float(state.stats.scale), bool(state.stats.clipped)) == (0.5, True)
+    _, state = apply(factory(5.0), {"at": at_threshold})
+    assert (float(state.stats.scale), bool(state.stats.clipped)) == (0.0, False)

@@ -386,3 +386,11 @@ def test_guards_under_vmap_skip_only_the_members_with_bad_gradients(guard):
     chex.assert_trees_all_close(member(after.inner_state, 0), alone_state.inner_state, rtol=1e-6)
     chex.assert_trees_all_equal(member(updates, 1), jax.tree.map(jnp.zeros_like, PARAMS))
     chex.assert_trees_all_equal(member(after.inner_state, 1), member(state.inner_state, 1))
+
+
+def test_skip_spikes_may_skip_the_step_right_after_min_observations():
+    """With min_observations=3, three accepted steps make the statistics ready: the fourth, a
+    spike, is skipped."""
+    scales = [1.0, 1.1, 0.9, 100.0]
+    results = spike_run(clipx.skip_spikes(optax.sgd(0.1), min_observations=3), scales)
+    assert [bool(s.stats.skipped) for _, _, s in results] == [False, False, False, True]

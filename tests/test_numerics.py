@@ -492,3 +492,16 @@ def test_max_nonnegative_keeps_nan_in_long_arrays(size):
         assert np.isnan(float(jax.jit(_numerics.max_nonnegative)(x.at[size // 3].set(jnp.nan))))
         weights = jax.grad(_numerics.max_nonnegative)(x)
         np.testing.assert_array_equal(weights, jax.grad(jnp.max)(x))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_a_half_precision_leaf_is_scaled_by_the_unrounded_factor(dtype):
+    """global_norm's factor c/‖g‖ multiplies the leaf in float32, and the product is rounded once:
+    a factor rounded to the leaf's dtype first gives other entries."""
+    g = jnp.arange(1, 65, dtype=jnp.float32).astype(dtype)
+    norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+    updates, _ = clipx.global_norm(1.0).update({"g": g}, clipx.global_norm(1.0).init({"g": g}))
+    rounded_once = (g.astype(jnp.float32) * (1.0 / norm)).astype(dtype)
+    rounded_twice = g * (1.0 / norm).astype(dtype)
+    assert not bool(jnp.all(rounded_once == rounded_twice))  # the input tells the two apart
+    np.testing.assert_array_equal(np.asarray(updates["g"], np.float32), np.asarray(rounded_once, np.float32))

@@ -136,3 +136,13 @@ def test_a_run_of_zero_gradients_leaves_the_threshold_as_it_was():
     grads = jnp.array([0.3, 0.4])
     updates, _ = update(grads, state)
     np.testing.assert_array_equal(updates, grads)
+
+
+def test_a_norm_equal_to_the_threshold_counts_as_below_it():
+    """b = [‖g‖ ≤ C]: a norm of exactly C is at or below the quantile, so C shrinks by e^{−η(1−γ)}."""
+    tx = clipx.quantile_clip(target_quantile=0.5, learning_rate=0.2, initial_threshold=0.5)
+    state = tx.init({"w": jnp.zeros(1)})
+    at_threshold = {"w": jnp.exp(state.log_threshold)[None]}  # a norm of exactly C, as the rule computes it
+    updates, after = tx.update(at_threshold, state)
+    chex.assert_trees_all_equal(updates, at_threshold)  # not clipped
+    np.testing.assert_allclose(float(after.log_threshold), float(state.log_threshold) - 0.2 * 0.5, rtol=1e-6)

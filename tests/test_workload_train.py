@@ -484,3 +484,17 @@ def test_a_log_that_is_not_utf8_is_named_with_its_line(tmp_path):
     lines = (tmp_path / "run" / "log.jsonl").read_bytes().count(b"\n")
     with pytest.raises(data_lib.DataError, match=rf"log.jsonl:{lines}: not UTF-8 text \(byte 0xff\)"):
         read_log(tmp_path / "run")
+
+
+def test_resume_drops_the_log_records_after_the_checkpoint(tmp_path):
+    """A process killed between checkpoints has logged steps its checkpoint does not hold: resuming
+    from the checkpoint drops those records and logs the steps again, once each."""
+    config = TrainConfig(**{**TINY, "checkpoint_every": 2})
+    train(config, tmp_path / "whole")
+    parts = tmp_path / "parts"
+    train(config, parts, stop_after=4)
+    at_step_4 = (parts / "checkpoint.msgpack").read_bytes()
+    train(config, parts, stop_after=7)
+    (parts / "checkpoint.msgpack").write_bytes(at_step_4)  # as if killed after logging step 7
+    train(config, parts, resume=True)
+    assert read_log(parts) == read_log(tmp_path / "whole")
