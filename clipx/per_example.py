@@ -423,7 +423,9 @@ def per_example_adaptive(
     When more than a fraction ``γ`` of the examples fit under ``C`` it shrinks,
     otherwise it grows; at equilibrium ``C`` is the ``γ``-quantile. The update
     needs O(1) state (``C`` and a PRNG key), no history. For a private count
-    set ``count_stddev = σ_b > 0``. The paper splits a total noise multiplier
+    set ``count_stddev = σ_b > 0``: each step splits the state's key into
+    the key of the sum's noise and the key of the count's, so the two draws
+    are independent. The paper splits a total noise multiplier
     ``z`` as ``σ = (z^{-2} − (2σ_b)^{-2})^{-1/2}`` for the sum, the factor 2
     from a count centred at ``1/2`` and divided by a fixed expected batch
     size (sensitivity ``1/2``). Here the count is not centred (sensitivity 1

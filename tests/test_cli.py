@@ -429,6 +429,8 @@ def test_sweep_compares_each_run_with_its_settings_without_settings_json(tmp_pat
         capsys, f"clipx sweep: {run} was made with other settings (task_length: 50 there, 60 now)"
     )
     assert not (tmp_path / "settings.json").exists()  # refused before anything was written
+    assert cli.main(_tiny_sweep_argv(tmp_path, "--cell", "gru")) == 2  # the model's settings too
+    assert _printed(capsys, f"{run} was made with other settings (model.cell: 'lstm' there, 'gru' now)")
     assert cli.main(_tiny_sweep_argv(tmp_path)) == 0  # the settings it was made with: counted
 
 

@@ -429,3 +429,18 @@ def test_inject_hyperparams_warns_only_about_noise_it_adds():
     tx = optax.inject_hyperparams(clipx.per_example_global_norm)(l2_norm_clip=1.0, noise_multiplier=0.5)
     with pytest.warns(UserWarning, match="no seed given"):
         tx.init(grads)
+
+
+def test_adaptive_count_noise_has_a_key_of_its_own():
+    """The count's noise comes from the second key split from the state's, not the state's key
+    itself, whose bits also make the sum's noise keys."""
+    tx = clipx.per_example_adaptive(
+        initial_threshold=1.0, learning_rate=0.2, target_quantile=0.5, count_stddev=1.0, seed=7
+    )
+    norms = jnp.array([0.5, 0.5, 2.0, 2.0])  # two examples at or below C = 1
+    grads = {"w": norms[:, None] * jnp.array([[1.0, 0.0]])}
+    state = tx.init(None)
+    _, after = tx.update(grads, state)
+    count_key = jax.random.split(state.key)[1]
+    below = (2.0 + jax.random.normal(count_key, (), jnp.float32)) / 4
+    np.testing.assert_allclose(float(after.threshold), float(jnp.exp(-0.2 * (below - 0.5))), rtol=1e-6)
