@@ -247,3 +247,10 @@ def test_an_overflowing_norm_is_scaled_to_zero_from_the_first_step(per_tensor):
     assert int(jax.tree.leaves(state.count)[0]) == 0  # not recorded
     updates, _ = tx.update(jnp.array([3.0, 4.0]), state)
     np.testing.assert_array_equal(updates, [3.0, 4.0])  # the next first finite norm is not clipped
+
+
+def test_per_tensor_reports_no_tensor_clipped_before_the_first_step():
+    """Per tensor, scale is the fraction of tensors clipped (0 before any step); globally the factor 1."""
+    params = {"w": jnp.zeros(2)}
+    assert float(clipx.stats(clipx.autoclip(per_tensor=True).init(params))["autoclip/scale"]) == 0.0
+    assert float(clipx.stats(clipx.autoclip().init(params))["autoclip/scale"]) == 1.0

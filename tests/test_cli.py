@@ -13,6 +13,7 @@ import time
 import flax.serialization
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import clipx
@@ -957,3 +958,26 @@ def test_durations_read_as_a_person_would_say_them():
     assert [cli._duration(s) for s in (4.2, 59, 60, 750, 5399, 5400, 9000)] == [
         "4 s", "59 s", "1 min", "12 min", "90 min", "1.5 h", "2.5 h"
     ]  # fmt: skip
+
+
+def _plotted(monkeypatch):
+    """The axes each plot function hands to `_finish_step_plot`."""
+    axes = []
+    monkeypatch.setattr(cli.plots, "_finish_step_plot", lambda fig, ax, *args, **kwargs: axes.append(ax))
+    return axes
+
+
+def test_the_plots_draw_what_they_say(tmp_path, monkeypatch):
+    axes = _plotted(monkeypatch)
+    records = [
+        {"step": s, "loss": 1.0 / s, "grad_norm": 10.0 * s, "adaptive/norm": 2.0 * s,
+         "adaptive/threshold": 3.0, "adaptive/clipped": float(2.0 * s > 3.0)}
+        for s in (1, 2, 3)
+    ] + [{"step": 3, "dev_accuracy": 0.75}]  # fmt: skip
+    cli.plots.plot_grad_norms({"run": records}, tmp_path / "g.png", "title")
+    np.testing.assert_array_equal(axes[-1].lines[0].get_ydata(), [10.0, 20.0, 30.0])
+    cli.plots.plot_dev_accuracy({"run": records}, tmp_path / "d.png", "title")
+    np.testing.assert_array_equal(axes[-1].lines[0].get_ydata(), [75.0])  # in percent
+    cli.plots.plot_threshold(records, "adaptive", tmp_path / "t.png", "title")
+    (marked,) = axes[-1].collections
+    np.testing.assert_array_equal(marked.get_offsets(), [[2.0, 4.0], [3.0, 6.0]])  # the clipped steps only

@@ -397,6 +397,16 @@ def test_buffer_lengths_are_bounded_by_their_int32_counters():
         clipx.autoclip(history=2**30)
     with pytest.raises(ValueError, match=r"warmup_steps must be an int <= 2147483647"):
         clipx.zclip(warmup_steps=2**31)
+    (
+        clipx.autoclip(history=2**30 - 1),
+        clipx.zclip(warmup_steps=2**31 - 1),
+    )  # the bounds themselves are allowed
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_counts_refuse_booleans(flag):
+    with pytest.raises(TypeError, match="history must be an int, got bool"):
+        clipx.autoclip(history=flag)
 
 
 def test_per_example_rules_take_an_injected_seed():

@@ -25,6 +25,7 @@ def test_reads_a_good_file(tmp_path):
     [
         ("", ":1:", "file is empty"),
         ("text\tlabel\nx\t1\n", ":1:", "header is 'text\\\\tlabel'"),
+        ("sentence\tlabel\textra\nx\t1\n", ":1:", "header is 'sentence\\\\tlabel\\\\textra'"),
         ("sentence\tlabel\n", ":2:", "no examples"),
         ("sentence\tlabel\nfine\t1\nbad\tone\n", ":3:", "label 'one' is not an integer"),
         ("sentence\tlabel\nfine\t1\nno label here\n", ":3:", "expected 2 tab-separated fields .* found 1"),
@@ -96,6 +97,7 @@ def test_boundaries_wrap_every_example():
 def test_tokenizer_styles():
     text = "It 's not a GREAT film -- 10/10 !"
     assert data.tokenize(text) == ["it", "s", "not", "a", "great", "film", "10", "10"]
+    assert data.tokenize("snake_case 10_000") == ["snake", "case", "10", "000"]  # "_" separates words
     assert data.tokenize(text, "whitespace") == ["it", "'s", "not", "a", "great", "film", "--", "10/10", "!"]
     split = data.Split(["a !", "b ?"], np.array([0, 1], np.int32))
     vocab = data.Vocabulary.build(data.tokenize(s, "whitespace") for s in split.sentences)

@@ -104,3 +104,16 @@ def test_single_logit_is_sigmoid_cross_entropy():
 def test_bad_settings_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig(vocab_size=10, **{field: value})
+
+
+def test_last_pooling_of_a_bidirectional_model_reads_the_backward_state_at_the_first_token():
+    """The backward direction ends at token 0, having read the whole sentence: with the head
+    reading the backward half alone, a change of token 0 reaches the logits."""
+    model = _model(cell="gru", pooling="last", bidirectional=True, head="linear")
+    tokens, lengths = np.array([[5, 6, 7, 8, 9, 0]]), jnp.array([5])
+    params = model.init(jax.random.PRNGKey(0), tokens, lengths)
+    head = params["params"]["Dense_0"]
+    forward_unread = {**head, "kernel": head["kernel"].at[:8].set(0.0)}  # rows of the forward half
+    params = {"params": {**params["params"], "Dense_0": forward_unread}}
+    first_changed = np.array([[3, 6, 7, 8, 9, 0]])
+    assert not np.allclose(model.apply(params, first_changed, lengths), model.apply(params, tokens, lengths))

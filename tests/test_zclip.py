@@ -210,3 +210,14 @@ def test_without_a_cap_an_overflowing_norm_is_scaled_to_zero_in_warmup():
     assert bool(state.stats.clipped)
     updates, _ = tx.update(jnp.array([3.0, 4.0]), state)
     np.testing.assert_array_equal(updates, [3.0, 4.0])
+
+
+def test_percentile_mode_compares_with_mean_plus_z_sigma_without_eps():
+    """mode="percentile": a spike is a norm above μ + z·σ (ε plays no part); after two equal norms
+    σ = 0, so 1.5 is a spike, clipped to the boundary μ = 1, however large ε."""
+    tx = clipx.zclip(mode="percentile", eps=1.0, warmup_steps=2, max_norm=None)
+    state = tx.init({"w": jnp.zeros(1)})
+    for norm in (1.0, 1.0):
+        _, state = tx.update({"w": jnp.array([norm])}, state)
+    updates, state = tx.update({"w": jnp.array([1.5])}, state)
+    np.testing.assert_allclose(updates["w"], [1.0], rtol=1e-6)
