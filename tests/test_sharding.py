@@ -556,3 +556,12 @@ def test_state_shardings_of_parameters_with_none_and_python_number_leaves():
     adaptive_state, (adam_state, _) = clipx.state_shardings(tx, params, specs)
     assert adam_state.mu == adam_state.nu == specs
     assert adaptive_state.direction.previous == specs
+
+
+def test_state_shardings_replicate_a_leaf_in_a_parameter_shaped_place_but_of_another_shape():
+    """Adafactor's factored moments sit where the parameter does in their subtree, with other
+    shapes: they are replicated, not given the parameter's sharding."""
+    tx = optax.chain(clipx.global_norm(1.0), optax.adafactor(1e-3, min_dim_size_to_factor=1))
+    params = {"w": jnp.zeros((8, 4))}
+    factored = clipx.state_shardings(tx, params, {"w": P("data", None)})[1][0]
+    assert (factored.v_row["w"], factored.v_col["w"], factored.v["w"]) == (P(), P(), P())

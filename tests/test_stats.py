@@ -51,6 +51,10 @@ def test_a_position_never_takes_the_key_of_a_label():
     thresholds = {k.removesuffix("/threshold"): v for k, v in out.items() if k.endswith("/threshold")}
     assert thresholds == {"[0]/value": 1.0, "1/value": 2.0, "2/0/value": 3.0}
     assert len(out) == 3 * len(FIELDS)
+    # Inside a guard the same keys follow its name: its field (inner_state) is written only
+    # where even bracketed positions would leave two records alike.
+    guarded = {k.removesuffix("/threshold") for k in step(clipx.skip_nonfinite(tx)) if "threshold" in k}
+    assert guarded == {"skip_nonfinite/[0]/value", "skip_nonfinite/1/value", "skip_nonfinite/2/0/value"}
 
 
 def test_named_chain():
