@@ -384,8 +384,9 @@ def _check_same_run_settings(path: pathlib.Path, settings: dict[str, Any]) -> No
     Only the grid's extent may change between invocations on one folder (more
     seeds, learning rates, clippers), and the settings of a dataset the
     invocation does not run, or whose runs the folder does not hold yet; a
-    setting missing from an older file had its default value. Settings recorded beside no run (an invocation
-    that failed before its first, say on missing data) bind nothing.
+    setting missing from an older file had its default value. Settings
+    recorded beside no run (an invocation that failed before its first, say
+    on missing data) bind nothing.
     """
     if not path.is_file():
         return
