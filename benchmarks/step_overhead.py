@@ -115,6 +115,10 @@ def candidates() -> list[Candidate]:
         if name in without_stats:
             add(f"clipx.without_stats({name})", lambda make=make: clipx.without_stats(make()), name)
         add(counterpart, make_counterpart, name)
+    if "global_norm" in have and "ord" in inspect.signature(clipx.global_norm).parameters:
+        for order in ("1", "inf", "3"):  # PyTorch's norm_type; 3 reads the gradients twice
+            make = lambda o=float(order): clipx.global_norm(1.0, ord=o)  # noqa: E731
+            add(f"clipx.global_norm(ord={order})", make, "global_norm")
     for name in ("autoclip", "zclip", "adagc", "adaptive", "quantile_clip"):
         if name in have:
             add(f"clipx.{name}", (lambda n=name: getattr(clipx, n)()), name)

@@ -361,12 +361,13 @@ def tree_reductions(
     and each group is reduced once: one kernel per group with one accumulator
     per reduction, which XLA compiles far faster than per-leaf reductions
     (see benchmarks/RESULTS.md). A single reduction uses its ``full`` form
-    (``jnp.sum`` is tree-shaped and accurate); several share one variadic
-    ``lax.reduce``, so a leaf is read once. Large leaves are reduced one by
-    one, where they live. Each group's work is one jitted call, traced once
-    per shape, dtype and group size. Small same-shaped leaves sharded
-    differently are moved to a common layout to be combined: at most
-    ``SMALL_LEAF`` entries each, never a large gradient.
+    (``jnp.sum`` is tree-shaped and accurate) unless it reduces bits
+    (``MAX_NONNEGATIVE``, whose ``jnp.max`` would lose a NaN); several share
+    one variadic ``lax.reduce``, so a leaf is read once. Large leaves are
+    reduced one by one, where they live. Each group's work is one jitted
+    call, traced once per shape, dtype and group size. Small same-shaped
+    leaves sharded differently are moved to a common layout to be combined:
+    at most ``SMALL_LEAF`` entries each, never a large gradient.
     """
     parts, _ = _reduce_chunks(leaves, elementwise, reductions, dtypes, tie_large=False, partners=partners)
     return _totals(parts, reductions, dtypes)
@@ -436,10 +437,15 @@ def _totals(
     parts: list[tuple[jax.Array, ...]], reductions: tuple[Reduction, ...], dtypes: tuple[Any, ...]
 ) -> tuple:
     """The ``j``-th reduction over the ``j``-th value of every chunk's part (its identity for none)."""
-    return tuple(
-        r.full(jnp.stack([p[j].astype(dtype) for p in parts])) if parts else jnp.asarray(r.identity, dtype)
-        for j, (r, dtype) in enumerate(zip(reductions, dtypes, strict=True))
-    )
+
+    def total(r: Reduction, values: list[jax.Array], dtype: Any) -> jax.Array:
+        if not values:
+            return jnp.asarray(r.identity, dtype)
+        stacked = jnp.stack([v.astype(dtype) for v in values])
+        return _fused_reduce((stacked,), (r,))[0] if r.by_bits else r.full(stacked)
+
+    pairs = zip(reductions, dtypes, strict=True)
+    return tuple(total(r, [p[j] for p in parts], dtype) for j, (r, dtype) in enumerate(pairs))
 
 
 def _reduce_chunk(
@@ -454,7 +460,9 @@ def _reduce_chunk(
     """
     values = [tuple(elementwise(*arrays[i : i + arity])) for i in range(0, len(arrays), arity)]
     combined = tuple(functools.reduce(r.combine, [v[j] for v in values]) for j, r in enumerate(reductions))
-    return _fused_reduce(combined, reductions) if len(reductions) > 1 else (reductions[0].full(combined[0]),)
+    if len(reductions) == 1 and not reductions[0].by_bits:
+        return (reductions[0].full(combined[0]),)
+    return _fused_reduce(combined, reductions)
 
 
 def tree_sum_of_squares(tree: PyTree, axis_name: AxisName | None = None) -> jax.Array:
@@ -485,6 +493,74 @@ def tree_norm(tree: PyTree, axis_name: AxisName | None = None) -> jax.Array:
     (a leaf replicated over it is counted once under ``shard_map``: `_devices`).
     """
     return safe_sqrt(tree_sum_of_squares(tree, axis_name))
+
+
+def magnitude(x: jax.Array) -> jax.Array:
+    """``|x|`` element-wise (the modulus of a complex ``x``), in the accumulation dtype of ``x``."""
+    x = jnp.asarray(x)
+    return jnp.abs(x).astype(accumulation_dtype(x.dtype))
+
+
+def tree_max_magnitude(tree: PyTree, axis_name: AxisName | None = None) -> jax.Array:
+    """``max |g|`` over every entry of a pytree (its ∞-norm): NaN if an entry is, 0 for no entry.
+
+    Reduced as integers (`MAX_NONNEGATIVE`), in the groups of `tree_reductions`;
+    with ``axis_name``, over the devices of that mapped axis too (a leaf held
+    whole by every device changes no maximum).
+    """
+    acc = tree_accumulation_dtype(tree)
+    leaves = jax.tree.leaves(tree)
+    (largest,) = tree_reductions(leaves, lambda x: (magnitude(x),), (MAX_NONNEGATIVE,), (acc,))
+    return largest if axis_name is None else max_nonnegative(largest, axis_name)
+
+
+def _safe_root(x: jax.Array, order: float) -> jax.Array:
+    """``x^(1/order)`` for ``x ≥ 0`` with a finite derivative at ``x = 0`` (see `safe_sqrt`)."""
+    positive = x > 0
+    root = jnp.power(jnp.where(positive, x, 1), 1 / order)
+    return jnp.where(positive, root, jnp.where(jnp.isnan(x), x, 0))
+
+
+def tree_norm_of_order(tree: PyTree, order: float, axis_name: AxisName | None = None) -> jax.Array:
+    r"""Global ``p``-norm ``‖g‖_p = (Σ_leaves Σ |g|^p)^{1/p}`` of a pytree, ``1 ≤ p ≤ ∞``.
+
+    ``p = 2`` is `tree_norm`, ``p = ∞`` is `tree_max_magnitude` and ``p = 1``
+    sums ``|g|``; each reads the gradients once. Any other ``p`` reads them
+    twice: it sums ``(|g|/m)^p`` with ``m = max |g|``, so that no power
+    overflows (float32's range ends at ``3.4·10³⁸``, which ``|g|^p`` passes
+    for ``|g| = 10⁴`` at ``p = 10``), and returns ``m·(Σ (|g|/m)^p)^{1/p}``.
+    As in `tree_norm`: float32 at least, no NaN and finite derivatives for a
+    zero tree, and with ``axis_name`` the sums run over the devices of that
+    mapped axis, a leaf held whole by every device counted once.
+    """
+    if order == 2:
+        return tree_norm(tree, axis_name)
+    if order == math.inf:
+        return tree_max_magnitude(tree, axis_name)
+    acc = tree_accumulation_dtype(tree)
+    leaves = jax.tree.leaves(tree)
+
+    def total_of(powers: Callable[[jax.Array], jax.Array]) -> jax.Array:
+        def total(indices: list[int]) -> jax.Array:
+            chunk = [leaves[i] for i in indices]
+            return tree_reductions(chunk, lambda x: (powers(x),), (SUM,), (acc,))[0]
+
+        return _devices.sum_of_parts(leaves, axis_name, total)
+
+    if order == 1:
+        return total_of(magnitude)
+    largest = tree_max_magnitude(tree, axis_name)
+    unit = jnp.where(largest > 0, largest, 1)
+
+    def relative_power(x: jax.Array) -> jax.Array:
+        size = magnitude(x)
+        return jnp.power(size / unit.astype(size.dtype), order)
+
+    total_power = total_of(relative_power)
+    norm = unit * _safe_root(total_power, order)
+    # An infinite entry gives ∞, not ∞/∞ (tested against the largest finite float, not ∞: an ∞
+    # constant would stop jax_debug_infs).
+    return jnp.where(largest > jnp.finfo(largest.dtype).max, largest, norm)
 
 
 def real_product(x: jax.Array, y: jax.Array) -> jax.Array:

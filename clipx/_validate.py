@@ -134,6 +134,19 @@ def check_int(name: str, value: Any, low: int = 0, high: int | None = None) -> i
     return value
 
 
+def check_norm_order(name: str, value: Any) -> float:
+    """A norm's order ``p``, ``1 ≤ p ≤ ∞``: a Python or NumPy real number, returned as a Python float.
+
+    Not an array: the order picks what the step computes.
+    """
+    if isinstance(value, jax.Array):
+        raise TypeError(f"{name} must be a Python number, got a JAX array; {_STATIC_HINT}")
+    number = _as_python_number(name, value)
+    if number is None or math.isnan(number) or number < 1:
+        raise ValueError(f"{name} must be in [1, inf] (1, 2, math.inf, or any p between), got {value!r}")
+    return number
+
+
 def check_seed(name: str, value: Any) -> None:
     """A PRNG seed: an int within int64, or an integer JAX array (as ``optax.inject_hyperparams`` passes)."""
     if isinstance(value, jax.Array):

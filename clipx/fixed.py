@@ -171,18 +171,26 @@ class GlobalNormState(NamedTuple):
 
 
 def global_norm(
-    max_norm: float | jax.Array, *, axis_name: _numerics.AxisName | None = None
+    max_norm: float | jax.Array,
+    *,
+    ord: float | None = None,  # the name of optax.tree.norm's and NumPy's argument
+    axis_name: _numerics.AxisName | None = None,
 ) -> optax.GradientTransformation:
-    r"""Clips the update to a maximum global L2 norm (Pascanu et al., 2013).
+    r"""Clips the update to a maximum global L2 norm (Pascanu et al., 2013), or ``p``-norm.
 
     .. math::
 
-        g \leftarrow g \cdot \min\left(1, \frac{c}{\lVert g \rVert_2}\right),
-        \qquad \lVert g \rVert_2 = \sqrt{\textstyle\sum_\text{leaves} \sum |g|^2}
+        g \leftarrow g \cdot \min\left(1, \frac{c}{\lVert g \rVert_p}\right),
+        \qquad \lVert g \rVert_p = \Bigl(\textstyle\sum_\text{leaves} \sum |g|^p\Bigr)^{1/p},
+        \quad \lVert g \rVert_\infty = \max_\text{leaves} \max |g|
 
-    The same rule as ``optax.clip_by_global_norm`` and PyTorch's
-    ``clip_grad_norm_``, with safer numerics: the norm is accumulated in float32
-    (float64 for float64 leaves), so float16 gradients do not overflow; a zero
+    With ``p = 2`` (the default), the same rule as ``optax.clip_by_global_norm``
+    and PyTorch's ``clip_grad_norm_``; other orders are those of PyTorch's
+    ``norm_type`` (``ord=math.inf`` clips by the largest entry; any
+    ``1 ≤ p ≤ ∞``). Safer numerics: the norm is accumulated in float32
+    (float64 for float64 leaves), so float16 gradients do not overflow; a
+    ``p`` other than 1, 2 and ∞ sums ``|g|^p`` relative to the largest ``|g|``,
+    so no power overflows (it reads the gradients twice); a zero
     norm or a zero threshold gives no NaN; below the threshold the update is
     returned bit for bit (but for subnormal floats, which XLA's CPU backend
     flushes to 0 in any arithmetic). A non-finite gradient gives a non-finite
@@ -191,8 +199,14 @@ def global_norm(
     Args:
       max_norm: the threshold ``c ≥ 0`` (a number, or a scalar array for
         ``optax.inject_hyperparams``).
+      ord: the order ``p`` of the norm, a Python number ``1 ≤ p ≤ ∞``
+        (``math.inf`` or ``jnp.inf`` for the largest entry), or ``None`` for
+        2 (the default: ``optax.inject_hyperparams`` leaves ``None`` alone;
+        an order given to it goes in ``static_args``). For complex leaves
+        ``|g|`` is the modulus.
       axis_name: inside ``shard_map``/``pmap`` where each device holds a shard
-        of the gradients, the mapped axis to sum squared norms over. A leaf
+        of the gradients, the mapped axis to sum squared norms (or ``|g|^p``,
+        or the largest ``|g|``) over. A leaf
         every device holds whole is counted once under ``shard_map`` (its
         ``check_vma`` says which leaves vary over the axis); under ``pmap`` or
         ``check_vma=False`` every leaf must be split over it (docs/scale.md).
@@ -201,7 +215,8 @@ def global_norm(
 
     Returns:
       An ``optax.GradientTransformation`` whose state reports `ClipStats`
-      (``norm`` before clipping, ``threshold``, ``scale`` applied, ``clipped``).
+      (``norm``, the ``p``-norm before clipping, ``threshold``, ``scale``
+      applied, ``clipped``).
 
     Reference:
       Pascanu, Mikolov, Bengio, "On the difficulty of training recurrent neural
@@ -214,8 +229,13 @@ def global_norm(
       >>> updates, state = tx.update(jnp.array([3.0, 4.0]), tx.init(params))
       >>> updates.round(4)
       Array([-0.06, -0.08], dtype=float32)
+      >>> tx = clipx.global_norm(1.0, ord=jnp.inf)  # PyTorch's norm_type=inf
+      >>> updates, state = tx.update(jnp.array([3.0, 4.0]), tx.init(params))
+      >>> updates
+      Array([0.75, 1.  ], dtype=float32)
     """
     max_norm = _validate.check_nonnegative("max_norm", max_norm)
+    order = 2.0 if ord is None else _validate.check_norm_order("ord", ord)
 
     def init_fn(params):
         del params
@@ -224,7 +244,7 @@ def global_norm(
     def update_fn(updates, state, params=None):
         _validate.check_update(updates, state, GlobalNormState)
         del params
-        norm = _numerics.tree_norm(updates, axis_name)
+        norm = _numerics.tree_norm_of_order(updates, order, axis_name)
         scale = _numerics.clip_scale(norm, max_norm)
         stats = global_clip_stats(norm, max_norm, scale)
         return _numerics.scale_tree(updates, scale), GlobalNormState(stats=replacing(state.stats, stats))

@@ -1,5 +1,7 @@
 """clipx.value, global_norm, tensor_norm, block_rms: parity with optax, stats, jit, properties."""
 
+import math
+
 import chex
 import hypothesis
 import hypothesis.strategies as st
@@ -223,6 +225,106 @@ def test_global_norm_stats():
     assert float(s.scale) == pytest.approx(0.2)
 
 
+# --- global_norm of other orders (PyTorch's norm_type) ---------------------------------------------------
+
+
+def flat(tree):
+    """Every entry of ``tree`` in one float64 (complex128) vector."""
+    return np.concatenate(
+        [
+            np.asarray(x).astype(np.complex128 if jnp.iscomplexobj(x) else np.float64).ravel()
+            for x in jax.tree.leaves(tree)
+        ]
+    )
+
+
+def p_norm_tree(local, complex_=False):
+    """A large leaf (reduced alone), 20 small leaves of one shape (reduced in groups) and a vector."""
+
+    def leaf(shape):
+        x = local.standard_normal(shape)
+        return jnp.asarray(x + 1j * local.standard_normal(shape) if complex_ else x.astype(np.float32))
+
+    return {"big": leaf((200, 100)), "small": [leaf((3, 4)) for _ in range(20)], "vector": leaf((7,))}
+
+
+ORDERS = [1, 1.5, 2, 3, 10, math.inf]
+
+
+@pytest.mark.parametrize("complex_", [False, True], ids=["real", "complex"])
+@pytest.mark.parametrize("order", ORDERS)
+def test_global_norm_of_any_order_matches_numpy(order, complex_):
+    grads = p_norm_tree(np.random.default_rng(1), complex_)
+    tx = clipx.global_norm(2.0, ord=order)
+    updates, state = jax.jit(tx.update)(grads, tx.init(grads))
+    g = flat(grads)
+    norm = np.linalg.norm(g, ord=order)
+    # PyTorch's clip_grad_norm_ takes the norm of the tensors' norms: the same number.
+    per_tensor = np.linalg.norm(
+        [np.linalg.norm(flat(x), ord=order) for x in jax.tree.leaves(grads)], ord=order
+    )
+    assert per_tensor == pytest.approx(norm, rel=1e-12)
+    assert float(state.stats.norm) == pytest.approx(norm, rel=2e-6)
+    np.testing.assert_allclose(flat(updates), g * (2.0 / norm), rtol=3e-6)
+    assert np.linalg.norm(flat(updates), ord=order) == pytest.approx(2.0, rel=3e-6)
+    assert bool(state.stats.clipped)
+
+
+@pytest.mark.parametrize("order", [1, math.inf])
+def test_global_norm_of_order_1_and_inf_match_optax_tree_norm(order):
+    grads = random_tree()
+    _, state = apply(clipx.global_norm(1.0, ord=order), grads)
+    assert float(state.stats.norm) == pytest.approx(float(optax.tree.norm(grads, ord=order)), rel=1e-6)
+
+
+@pytest.mark.parametrize("order", [3, 10])
+def test_global_norm_of_high_order_does_not_overflow(order):
+    # |g|^p passes float32's range (1e60, 1e200) and float16's; relative to the largest entry it does not.
+    grads = {"w": jnp.full((1000,), 1e20, jnp.float32), "h": jnp.full((64,), 300.0, jnp.float16)}
+    tx = clipx.global_norm(1.0, ord=order)
+    updates, state = tx.update(grads, tx.init(grads))
+    assert float(state.stats.norm) == pytest.approx(np.linalg.norm(flat(grads), ord=order), rel=1e-6)
+    assert updates["h"].dtype == jnp.float16
+    assert np.linalg.norm(flat(updates), ord=order) == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("order", [1, 3, math.inf])
+@pytest.mark.parametrize("where", ["big", "small"])
+def test_global_norm_of_any_order_reports_nan_and_inf(order, where):
+    """A NaN entry gives a NaN norm and an infinite one an infinite norm, also in a large leaf,
+    whose float maximum XLA's CPU backend computes without the NaN."""
+    tx = jax.jit(clipx.global_norm(1.0, ord=order).update)
+    for bad, expected in [(np.nan, np.isnan), (np.inf, np.isposinf)]:
+        grads = p_norm_tree(np.random.default_rng(2))
+        target = grads["big"] if where == "big" else grads["small"][3]
+        grads[where if where == "big" else "small"] = (
+            target.at[1, 2].set(bad)
+            if where == "big"
+            else [*grads["small"][:3], target.at[1, 2].set(bad), *grads["small"][4:]]
+        )
+        _, state = tx(grads, clipx.global_norm(1.0, ord=order).init(grads))
+        assert expected(float(state.stats.norm)), (bad, float(state.stats.norm))
+
+
+def test_global_norm_of_order_1_below_its_threshold_is_the_identity_and_counts_float16_in_float32():
+    grads = {"w": jnp.full((4096,), 30.0, jnp.float16)}  # Σ|g| = 122880 > float16's 65504
+    tx = clipx.global_norm(2e5, ord=1)
+    updates, state = tx.update(grads, tx.init(grads))
+    assert float(state.stats.norm) == 122880.0
+    chex.assert_trees_all_equal(updates, grads)
+    assert not bool(state.stats.clipped)
+
+
+def test_global_norm_order_under_inject_hyperparams():
+    grads = random_tree()
+    injected = optax.inject_hyperparams(clipx.global_norm, static_args="ord")(max_norm=0.7, ord=math.inf)
+    updates, _ = jax.jit(injected.update)(grads, injected.init(grads))
+    expected, _ = apply(clipx.global_norm(0.7, ord=math.inf), grads)
+    chex.assert_trees_all_close(updates, expected, rtol=1e-6)
+    with pytest.raises(TypeError, match=r"ord must be a Python number.*static_args"):
+        optax.inject_hyperparams(clipx.global_norm)(max_norm=0.7, ord=math.inf).init(grads)
+
+
 @pytest.mark.parametrize(("factory", "fraction"), [(clipx.tensor_norm, 0.5), (clipx.block_rms, 0.25)])
 def test_per_leaf_stats(factory, fraction):
     # norms 5, 0.5, 0, 6 and RMS 3.54, 0.35, 0, 6: at threshold 4, two leaves or one are clipped
@@ -248,6 +350,9 @@ FACTORIES = {
     "global_norm": clipx.global_norm,
     "tensor_norm": clipx.tensor_norm,
     "block_rms": clipx.block_rms,
+    "global_norm_ord1": lambda max_norm: clipx.global_norm(max_norm, ord=1),
+    "global_norm_ord3": lambda max_norm: clipx.global_norm(max_norm, ord=3),
+    "global_norm_inf": lambda max_norm: clipx.global_norm(max_norm, ord=math.inf),
 }
 
 
@@ -321,6 +426,9 @@ def check_properties(name, grads, threshold):
     else:
         measure = {
             "global_norm": lambda t: [_numerics.tree_norm(t)],
+            "global_norm_ord1": lambda t: [np.linalg.norm(flat(t), ord=1)],
+            "global_norm_ord3": lambda t: [np.linalg.norm(flat(t), ord=3)],
+            "global_norm_inf": lambda t: [np.linalg.norm(flat(t), ord=math.inf)],
             "tensor_norm": lambda t: [np.sqrt(q) for q in _numerics.leaf_squared_norms(jax.tree.leaves(t))],
             "block_rms": lambda t: [
                 np.sqrt(q / max(x.size, 1))

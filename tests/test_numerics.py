@@ -1,5 +1,7 @@
 """Safe numerics: float16/bfloat16 norms, zeros, empty trees, meta-gradients, float64, the helpers."""
 
+import math
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,9 @@ FACTORIES = {
     "tensor_norm": clipx.tensor_norm,
     "block_rms": clipx.block_rms,
     "agc": clipx.agc,
+    "global_norm_ord1": lambda max_norm: clipx.global_norm(max_norm, ord=1),
+    "global_norm_ord3": lambda max_norm: clipx.global_norm(max_norm, ord=3),
+    "global_norm_inf": lambda max_norm: clipx.global_norm(max_norm, ord=math.inf),
 }
 
 
@@ -505,3 +510,15 @@ def test_a_half_precision_leaf_is_scaled_by_the_unrounded_factor(dtype):
     rounded_twice = g * (1.0 / norm).astype(dtype)
     assert not bool(jnp.all(rounded_once == rounded_twice))  # the input tells the two apart
     np.testing.assert_array_equal(np.asarray(updates["g"], np.float32), np.asarray(rounded_once, np.float32))
+
+
+def test_a_maximum_over_many_chunks_keeps_a_nan():
+    """A NaN among thousands of chunks' maxima (as many large leaves give) survives their total."""
+    values = np.arange(5000, dtype=np.float32)
+    values[17] = np.nan
+
+    @jax.jit
+    def total(values):
+        return _numerics._totals([(v,) for v in values], (_numerics.MAX_NONNEGATIVE,), (jnp.float32,))[0]
+
+    assert np.isnan(float(total(values)))

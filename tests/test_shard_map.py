@@ -11,6 +11,7 @@ instead. The transform table is the one of ``tests/test_sharding.py``.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import numpy as np
@@ -313,3 +314,19 @@ def test_per_example_partial_sums_are_summed_over_devices_before_rounding(name):
     unsharded, _ = make(**threshold).update(grads, make(**threshold).init(params), params)
     np.testing.assert_array_equal(np.asarray(unsharded["w"], np.float32), [0.0])
     np.testing.assert_array_equal(np.asarray(updates["w"], np.float32), [0.0])
+
+
+@pytest.mark.parametrize("order", [1, 3, math.inf])
+@pytest.mark.parametrize("replicated", [(), ("bias", "head"), tuple(SHAPES)], ids=["none", "some", "all"])
+def test_global_norm_of_other_orders_counts_replicated_leaves_once(order, replicated):
+    """The sums of |g|^p add a replicated leaf once; the largest |g| is the same on every device."""
+    params, grads = data()
+    specs = tree_of_shapes(largest_axis_spec) | {name: P() for name in replicated}
+    # Twice the first step's norm: the first steps pass unchanged, the last (30 times larger) is clipped.
+    first = np.concatenate([x.ravel() for x in jax.tree.leaves(grads[0])]).astype(np.float64)
+    threshold = 2 * float(np.linalg.norm(first, ord=order))
+    mapped = run(clipx.global_norm(threshold, ord=order, axis_name=AXIS), params, grads, (specs, specs))
+    reference = run(clipx.global_norm(threshold, ord=order), params, grads)
+    assert_tree_close(mapped, reference)
+    assert bool(reference[1].stats.clipped)
+    np.testing.assert_array_equal(mapped[0][0]["bias"], grads[0]["bias"])

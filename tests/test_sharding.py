@@ -51,6 +51,9 @@ TRANSFORMS: dict[str, Case] = {
     # all-reducing them.
     "value": Case(lambda: clipx.value(0.5), max_elements=8),
     "global_norm": Case(lambda: clipx.global_norm(1.0)),
+    # A p-norm other than 1, 2 and inf: the largest |g| (one variadic reduction per leaf, as for
+    # value), then the sum of powers relative to it.
+    "global_norm_ord3": Case(lambda: clipx.global_norm(1.0, ord=3), max_elements=8),
     "tensor_norm": Case(lambda: clipx.tensor_norm(0.5)),
     "block_rms": Case(lambda: clipx.block_rms(0.5)),
     "agc": Case(lambda: clipx.agc(0.01), max_elements=64),  # the longest unit-norm vector
@@ -108,7 +111,7 @@ NOT_TRANSFORMS = {"clipped_grad_sum", "state_shardings", "stats", "unitwise_norm
 
 
 def factory_name(name: str) -> str:
-    return name.removesuffix("_per_tensor").removesuffix("_no_direction")
+    return name.removesuffix("_per_tensor").removesuffix("_no_direction").removesuffix("_ord3")
 
 
 def test_table_covers_every_transform():

@@ -23,6 +23,8 @@ settings (zclip's warm-up length, autoclip's history or per_tensor, adaptive
 with or without its direction rule) is refused at the first update, and so
 is a state that ``init`` did not make (None, ``optax.EmptyState()``, a dict,
 another rule's state); Python numbers as update leaves are refused.
+global_norm's ``ord`` below 1 (0.5, 0, -1, -inf), NaN, a bool, a str,
+a NumPy vector and a JAX array (it is static) are refused; None is 2.
 """
 
 import math
@@ -494,3 +496,29 @@ def test_skip_nonfinite_passes_python_numbers_to_its_inner_transform():
     theirs = optax.apply_if_finite(optax.adam(0.1), 3)
     expected, _ = theirs.update(grads, theirs.init(grads))
     chex.assert_trees_all_close(ours.update(grads, ours.init(grads))[0], expected)
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "message"),
+    [
+        (0.5, ValueError, r"ord must be in \[1, inf\]"),
+        (0, ValueError, r"ord must be in \[1, inf\]"),
+        (-1, ValueError, r"ord must be in \[1, inf\]"),
+        (-math.inf, ValueError, r"ord must be in \[1, inf\]"),
+        (math.nan, ValueError, r"ord must be in \[1, inf\]"),
+        (True, TypeError, "ord must be a real number, got the bool"),
+        ("inf", TypeError, "ord must be a real number"),
+        (np.array([1.0, 2.0]), ValueError, "ord must be a scalar"),
+        (jnp.array(2.0), TypeError, "ord must be a Python number, got a JAX array; .*static_args"),
+    ],
+)
+def test_global_norm_order(bad, error, message):
+    with pytest.raises(error, match=message):
+        clipx.global_norm(1.0, ord=bad)
+
+
+@pytest.mark.parametrize("good", [None, 1, 1.5, 2, np.float32(3.0), np.int64(4), 10**400, math.inf, jnp.inf])
+def test_global_norm_orders_accepted(good):
+    tx = clipx.global_norm(1.0, ord=good)
+    updates, _ = tx.update(jnp.array([3.0, 4.0]), tx.init(jnp.zeros(2)))
+    assert np.all(np.isfinite(np.asarray(updates)))
