@@ -364,10 +364,10 @@ def tree_reductions(
     (``jnp.sum`` is tree-shaped and accurate; ``MAX_NONNEGATIVE`` is
     therefore paired with another, as its ``jnp.max`` would lose a NaN);
     several share one variadic ``lax.reduce``, so a leaf is read once. Large
-    leaves are reduced one by one, where they live. Each group's work is one jitted
-    call, traced once per shape, dtype and group size. Small same-shaped
-    leaves sharded differently are moved to a common layout to be combined:
-    at most ``SMALL_LEAF`` entries each, never a large gradient.
+    leaves are reduced one by one, where they live. Each group's work is one
+    jitted call, traced once per shape, dtype and group size. Small
+    same-shaped leaves sharded differently are moved to a common layout to
+    be combined: at most ``SMALL_LEAF`` entries each, never a large gradient.
     """
     parts, _ = _reduce_chunks(leaves, elementwise, reductions, dtypes, tie_large=False, partners=partners)
     return _totals(parts, reductions, dtypes)
