@@ -13,16 +13,34 @@ from clipx import _devices, _numerics, _running, _validate
 from clipx._stats import ClipStats, GuardStats, clip_stats, empty_clip_stats, empty_guard_stats, replacing
 
 
-def _cast_like(new: jax.Array, old: jax.Array) -> jax.Array:
-    """``new`` in ``old``'s dtype (a state leaf must keep its type from step to step)."""
-    dtype = jnp.result_type(old)  # a Python number in a state made eagerly has no .dtype
-    # Typed PRNG keys (extended dtypes) have no astype, and keep their dtype anyway.
-    return new if jax.dtypes.issubdtype(dtype, jax.dtypes.extended) else jnp.asarray(new).astype(dtype)
+def _wider_type(new: Any, old: Any) -> Any:
+    """The type a state leaf keeps: the wider of its new and old dtypes, so that neither is rounded.
+
+    An inner transform may change a leaf's type (Adam's moments of bfloat16
+    parameters become float32 with float32 gradients); the guarded state
+    takes the new type, and an old state kept by a skipped step is cast up
+    to it exactly. Typed PRNG keys (extended dtypes) keep their own.
+    """
+    old_dtype, new_dtype = jnp.result_type(old), jnp.result_type(new)  # Python numbers have no .dtype
+    if jax.dtypes.issubdtype(old_dtype, jax.dtypes.extended):
+        return old_dtype
+    with jax.numpy_dtype_promotion("standard"):  # the user's "strict" refuses bfloat16 with float32
+        return jnp.promote_types(new_dtype, old_dtype)
+
+
+def _cast(x: Any, dtype: Any) -> Any:
+    """``x`` as ``dtype`` (a typed PRNG key as it is: it has no astype)."""
+    return x if jax.dtypes.issubdtype(dtype, jax.dtypes.extended) else jnp.asarray(x).astype(dtype)
 
 
 def _select(keep_new: jax.Array, new: Any, old: Any) -> Any:
-    """``new`` where ``keep_new`` else ``old``, leaf by leaf (bit-identical either way)."""
-    return jax.tree.map(lambda n, o: _cast_like(jnp.where(keep_new, n, o), o), new, old)
+    """``new`` where ``keep_new`` else ``old``, leaf by leaf, in the wider type of the two (`_wider_type`)."""
+
+    def select(n: Any, o: Any) -> Any:
+        dtype = _wider_type(n, o)
+        return jnp.where(keep_new, _cast(n, dtype), _cast(o, dtype))
+
+    return jax.tree.map(select, new, old)
 
 
 def _unless(
@@ -31,20 +49,26 @@ def _unless(
     """``step()`` (the updates and the new inner state), or zero updates and ``inner_state`` if ``skip``.
 
     A `jax.lax.cond`: the step runs only when it is taken, and its new state
-    may overwrite the old in place (under `jax.vmap` both run and one is selected).
+    may overwrite the old in place (under `jax.vmap` both run and one is
+    selected). A state leaf whose type ``step`` changes takes the wider of
+    its two types (`_wider_type`).
     """
 
-    def take(_):
-        new_updates, new_state = step()
-        return new_updates, jax.tree.map(
-            lambda n, o: _devices.varying_like(_cast_like(n, o), o), new_state, inner_state
-        )
+    def take(state_dtypes: Any) -> Callable[[Any], tuple[Any, Any]]:
+        def branch(_):
+            new_updates, new_state = step()
+            if state_dtypes is not None:
+                new_state = jax.tree.map(_cast, new_state, state_dtypes)
+            return new_updates, jax.tree.map(_devices.varying_like, new_state, inner_state)
 
-    def zero(update_types: Any, state_types: Any) -> Callable[[Any], tuple[Any, Any]]:
+        return branch
+
+    def zero(update_types: Any, state_types: Any, state_dtypes: Any) -> Callable[[Any], tuple[Any, Any]]:
         def branch(_):
             zeros = jax.tree.map(lambda t: jnp.zeros(jnp.shape(t), t.dtype), update_types)
+            kept = inner_state if state_dtypes is None else jax.tree.map(_cast, inner_state, state_dtypes)
             return jax.tree.map(_devices.varying_like, zeros, update_types), jax.tree.map(
-                _devices.varying_like, inner_state, state_types
+                _devices.varying_like, kept, state_types
             )
 
         return branch
@@ -52,10 +76,12 @@ def _unless(
     # In this order (the step as branch 1) XLA's CPU backend writes the new state in place;
     # with the branches swapped it copies the whole state out of the branch after every step.
     try:  # Updates typed like the gradients, a state like the old one: `step` is traced once.
-        return jax.lax.cond(~skip, take, zero(gradients, inner_state), None)
+        return jax.lax.cond(~skip, take(None), zero(gradients, inner_state, None), None)
     except TypeError:  # they are not (or `step` fails, and fails again below)
         pass
-    return jax.lax.cond(~skip, take, zero(*jax.eval_shape(step)), None)
+    update_types, state_types = jax.eval_shape(step)
+    state_dtypes = jax.tree.map(_wider_type, state_types, inner_state)
+    return jax.lax.cond(~skip, take(state_dtypes), zero(update_types, state_types, state_dtypes), None)
 
 
 def _guard_stats(stats: GuardStats, skip: jax.Array) -> GuardStats:
@@ -99,7 +125,11 @@ def skip_nonfinite(
 
     On a skipped step the update is zero and the inner state stays exactly
     as it was (bit for bit: moments, counts and schedules do not advance),
-    as if the step had not happened.
+    as if the step had not happened. A state leaf whose type ``inner``
+    changes (Adam's moments of bfloat16 parameters become float32 with
+    float32 gradients) is kept in the wider of its two types, so the guarded
+    state is what ``inner`` computes, and one a skipped step keeps is the
+    old one exactly.
 
     By default the check covers the incoming gradients, as
     ``optax.apply_if_finite``'s does: it is made before ``inner`` runs, so
@@ -250,7 +280,8 @@ def skip_spikes(
     whatever the statistics (within the ``max_consecutive`` limit below).
 
     On a skipped step the update is zero, the inner state stays bit for bit
-    as it was, and the skipped values do not enter the statistics. Because a
+    as it was (in the wider type where ``inner`` changes a leaf's, as in
+    `skip_nonfinite`), and the skipped values do not enter the statistics. Because a
     lasting jump of the norm would otherwise be skipped for ever, after
     ``max_consecutive`` skipped steps in a row the next step is accepted
     (and enters the statistics if finite); ``None`` never lets one through.

@@ -1,5 +1,7 @@
 """clipx.skip_nonfinite and clipx.skip_spikes: skipped steps leave the inner state bit-identical."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -394,3 +396,26 @@ def test_skip_spikes_may_skip_the_step_right_after_min_observations():
     scales = [1.0, 1.1, 0.9, 100.0]
     results = spike_run(clipx.skip_spikes(optax.sgd(0.1), min_observations=3), scales)
     assert [bool(s.stats.skipped) for _, _, s in results] == [False, False, False, True]
+
+
+@pytest.mark.parametrize(
+    "guard",
+    [clipx.skip_nonfinite, functools.partial(clipx.skip_nonfinite, check_updates=True), clipx.skip_spikes],
+    ids=["skip_nonfinite", "skip_nonfinite_check_updates", "skip_spikes"],
+)
+def test_guards_keep_the_wider_type_of_a_state_leaf_the_inner_step_changes(guard):
+    """Adam's moments of bfloat16 parameters become float32 from float32 gradients: neither is rounded."""
+    tx = guard(optax.adam(1e-3))
+    params = {"w": jnp.zeros(4, jnp.bfloat16)}
+    steps = [{"w": jnp.asarray([1.0, 1.001, -1.003, 0.5], jnp.float32) + 1e-3 * i} for i in range(4)]
+    # A step skipped before any is taken casts the bfloat16 moments of `init` up to float32, exactly.
+    skipped, state = jax.jit(tx.update)({"w": jnp.full(4, jnp.nan, jnp.float32)}, tx.init(params), params)
+    assert bool(state.stats.skipped) and state.inner_state[0].mu["w"].dtype == jnp.float32
+    chex.assert_trees_all_equal(skipped, {"w": jnp.zeros(4, jnp.float32)})
+    chex.assert_trees_all_equal(state.inner_state[0].mu["w"], jnp.zeros(4, jnp.float32))
+    adam, adam_state = optax.adam(1e-3), optax.adam(1e-3).init(params)
+    for g in steps:
+        updates, state = jax.jit(tx.update)(g, state, params)
+        expected, adam_state = jax.jit(adam.update)(g, adam_state, params)
+        chex.assert_trees_all_equal(updates, expected)
+    chex.assert_trees_all_equal(state.inner_state, adam_state)
