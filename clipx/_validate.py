@@ -58,11 +58,9 @@ def check_range(
     NaN is always rejected. A JAX array comes back as it is, checked if it is
     concrete (one transfer to the host), not if it is traced.
     """
-    number = _as_python_number(name, value)
+    number = _concrete_number(name, value)
     if number is None:
-        if isinstance(value, jax.core.Tracer):
-            return value
-        number = float(value)
+        return value
     above_low = number > low if low_open else number >= low
     below_high = number < high if high_open else number <= high
     if math.isnan(number) or not (above_low and below_high):
@@ -102,9 +100,17 @@ def check_normal_float32(name: str, value: Any) -> Any:
     return check_range(name, value, FLOAT32_TINY, _FLOAT32_MAX)
 
 
+def _concrete_number(name: str, value: Any) -> float | None:
+    """``float(value)`` for a number or a concrete JAX array; None for a traced one."""
+    number = _as_python_number(name, value)
+    if number is None and not isinstance(value, jax.core.Tracer):
+        number = float(value)
+    return number
+
+
 def check_not_above(name: str, value: Any, bound_name: str, bound: Any) -> None:
-    """``value ≤ bound``, when both are numbers (JAX arrays are not checked)."""
-    number, limit = _as_python_number(name, value), _as_python_number(bound_name, bound)
+    """``value ≤ bound``, when both are concrete (traced arrays are not checked)."""
+    number, limit = _concrete_number(name, value), _concrete_number(bound_name, bound)
     if number is not None and limit is not None and number > limit:
         raise ValueError(f"{name} must be at most {bound_name} ({limit:g}), got {value!r}")
 
@@ -255,7 +261,7 @@ _INT32_MAX = 2**31 - 1
 
 def check_steps(name: str, value: Any, low: int = 0) -> int | jax.Array:
     """A step count: a Python int in ``[low, 2³¹ − 1]`` (checked; it is compared with int32
-    counters), or a scalar integer JAX array (not checked), returned as int32.
+    counters), or a scalar integer JAX array (checked against ``low`` if concrete), returned as int32.
 
     ``optax.inject_hyperparams`` turns every numeric argument, counts included,
     into an array, so counts that are only compared inside traced code accept one.
@@ -267,6 +273,8 @@ def check_steps(name: str, value: Any, low: int = 0) -> int | jax.Array:
             raise ValueError(
                 f"{name} must be a scalar integer, got an array of shape {value.shape}, dtype {value.dtype}"
             )
+        if not isinstance(value, jax.core.Tracer) and int(value) < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if np.iinfo(value.dtype).max > _INT32_MAX:
             value = jnp.minimum(value, jnp.asarray(_INT32_MAX, value.dtype))
         return value.astype(jnp.int32)

@@ -25,6 +25,9 @@ is a state that ``init`` did not make (None, ``optax.EmptyState()``, a dict,
 another rule's state); Python numbers as update leaves are refused.
 global_norm's ``ord`` below 1 (0.5, 0, -1, -inf), NaN, a bool, a str,
 a NumPy vector and a JAX array (it is static) are refused; None is 2.
+Step counts given as concrete JAX arrays below their least value (a
+warm-up of 0 or -5 steps, a negative max_consecutive) and adaptive's
+min_multiplier above initial_multiplier as arrays are refused as numbers are.
 """
 
 import math
@@ -277,6 +280,31 @@ def test_step_counts_fit_the_int32_counters(make):
     for n in (2**31, 10**12):
         with pytest.raises(ValueError, match=r"at most 2\*\*31 - 1 \(steps are counted in int32\)"):
             make(n)
+
+
+@pytest.mark.parametrize(
+    ("make", "name", "low"),
+    [
+        (lambda n: clipx.skip_nonfinite(optax.sgd(0.1), max_consecutive=n), "max_consecutive", 0),
+        (lambda n: clipx.skip_spikes(optax.sgd(0.1), max_consecutive=n), "max_consecutive", 0),
+        (lambda n: clipx.skip_spikes(optax.sgd(0.1), min_observations=n), "min_observations", 1),
+        (lambda n: clipx.adagc(warmup_steps=n), "warmup_steps", 1),
+        (lambda n: clipx.adaptive(warmup_steps=n), "warmup_steps", 1),
+    ],
+    ids=["skip_nonfinite", "skip_spikes-max_consecutive", "skip_spikes-min_count", "adagc", "adaptive"],
+)
+def test_step_counts_as_concrete_arrays_are_checked(make, name, low):
+    """Before, an array below the least count (as inject_hyperparams passes one) was accepted."""
+    with pytest.raises(ValueError, match=rf"{name} must be an int >= {low}, got Array\(-?\d"):
+        make(jnp.asarray(low - 1))
+    assert make(jnp.asarray(low)) is not None
+
+
+def test_adaptive_refuses_its_floor_above_its_start_given_as_arrays():
+    """Before, inject_hyperparams' arrays let the multiplier start below its floor."""
+    with pytest.raises(ValueError, match=r"min_multiplier must be at most initial_multiplier \(0.02\)"):
+        optax.inject_hyperparams(clipx.adaptive)(initial_multiplier=0.02).init(jnp.zeros(3))
+    optax.inject_hyperparams(clipx.adaptive)(initial_multiplier=0.25).init(jnp.zeros(3))
 
 
 @pytest.mark.parametrize(
