@@ -573,7 +573,10 @@ def tree_norm_of_order(tree: PyTree, order: float, axis_name: AxisName | None = 
             return jax.lax.integer_pow(ratio, int(order))
         return jnp.power(ratio, order)
 
+    # The largest entry adds exactly 1, but |m·(1/m)| may round to 1 − 2⁻²⁴, whose power
+    # underflows to 0 for orders past about 10⁹: the sum is at least 1 where m > 0.
     total_power = total_of(relative_power)
+    total_power = jnp.where(largest > 0, jnp.maximum(total_power, 1), total_power)
     norm = unit * _safe_root(total_power, order)
     # An infinite entry gives ∞, not ∞/∞ (tested against the largest finite float, not ∞: an ∞
     # constant would stop jax_debug_infs).

@@ -288,6 +288,16 @@ def test_global_norm_of_high_order_does_not_overflow(order):
     assert np.linalg.norm(flat(updates), ord=order) == pytest.approx(1.0, rel=1e-5)
 
 
+@pytest.mark.parametrize("order", [1e10, 1e20, 3e38])
+def test_global_norm_of_a_huge_order_is_the_largest_entry(order):
+    """Before, |m·(1/m)| rounded to 1 − 2⁻²⁴ had its power underflow to 0: the norm was 0, no clip."""
+    rng = np.random.default_rng(0)
+    rows = jnp.asarray(rng.uniform(0.01, 1.0, size=(200, 3)), jnp.float32)
+    norms = jax.vmap(lambda g: apply(clipx.global_norm(1e-3, ord=order), {"w": g})[1].stats.norm)(rows)
+    # (Σ |g/m|^p)^(1/p) lies in [1, 3^(1/p)]: the norm is the largest entry to float32's precision.
+    np.testing.assert_allclose(norms, jnp.max(rows, axis=1), rtol=1e-6)
+
+
 @pytest.mark.parametrize("order", [1, 3, math.inf])
 @pytest.mark.parametrize("where", ["big", "small"])
 def test_global_norm_of_any_order_reports_nan_and_inf(order, where):
