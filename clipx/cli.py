@@ -87,7 +87,7 @@ _TRAIN_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--batch-size", "batch_size", int, "examples per step"),
     ("--epochs", "epochs", int, "passes over the training split"),
     ("--max-steps", "max_steps", int, "stop after N steps"),
-    ("--seed", "seed", int, "seed of initialisation, data order and dropout, 0 to 2³²−1"),
+    ("--seed", "seed", int, "seed of initialisation, data order, dropout and task sentences, 0 to 2³²−1"),
     ("--eval-every", "eval_every", int, "evaluate every N steps besides each epoch's end"),
     ("--checkpoint-every", "checkpoint_every", int, "write a checkpoint every N steps"),
 )

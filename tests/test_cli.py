@@ -419,6 +419,16 @@ def test_sweep_names_a_run_file_that_holds_no_run(tmp_path, monkeypatch, capsys,
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_sweep_refuses_a_stray_run_file_before_training(tmp_path, monkeypatch, capsys):
+    """Before, a file named like a run but holding none stopped the sweep after all its runs."""
+    monkeypatch.setattr(cli.sweep, "MODEL", TINY_MODEL)
+    stray = tmp_path / "my__notes.json"
+    stray.write_text('{"note": "lr 1e-2 looked best"}')
+    assert cli.main(_tiny_sweep_argv(tmp_path)) == 2
+    assert _printed(capsys, f"clipx sweep: {stray} is not a run record (no dataset,")
+    assert not list(tmp_path.glob("task__*.json")) and not (tmp_path / "settings.json").exists()
+
+
 def test_sweep_compares_each_run_with_its_settings_without_settings_json(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli.sweep, "MODEL", TINY_MODEL)
     assert cli.main(_tiny_sweep_argv(tmp_path)) == 0

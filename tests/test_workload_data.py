@@ -36,6 +36,17 @@ def test_reads_a_good_file(tmp_path):
         ("sentence\tlabel\na\t\u0661\n", ":2:", "is not an integer \\(digits 0-9\\)"),
         ("sentence\tlabel\na\t\uff11\n", ":2:", "is not an integer"),
         ("sentence\tlabel\na\t99999999999\n", ":2:", "label 99999999999 is too large"),
+        ("sentence\tlabel\rgood\t1\rbad\t0\r", ":1:", "^[^\\t]*: lines end in CR alone; expected LF or CRLF"),
+        (
+            "s" * 5000 + "\tlabel\nx\t1\n",
+            ":1:",
+            "^.{0,200}header is 's{60}'… \\(5006 characters\\); expected",
+        ),
+        (
+            "sentence\tlabel\na\t" + "1x" * 3000 + "\n",
+            ":2:",
+            "^.{0,200}label '(1x){30}'… \\(6000 characters\\) is",
+        ),
     ],
 )
 def test_bad_files_name_file_and_line(tmp_path, text, where, message):

@@ -6,10 +6,12 @@ import re
 
 import flax.serialization
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+import clipx
 from clipx.workload import data as data_lib
 from clipx.workload import train as train_lib
 from clipx.workload.train import TrainConfig, load_data, make_clipper, read_log, train
@@ -359,6 +361,15 @@ def test_clipper_arguments_must_be_finite():
 def test_clipper_arguments_must_be_finite_in_float32(text):
     with pytest.raises(ValueError, match=rf"^clipper argument '{re.escape(text)}': beyond float32's range"):
         train_lib.parse_clip_args([text])
+
+
+@pytest.mark.parametrize("text", ["ord=inf", "ord=1e999", "ord=math.inf"])
+def test_global_norm_order_may_be_infinite(text):
+    args = train_lib.parse_clip_args(["max_norm=1.0", text])
+    assert json.loads(json.dumps(args, allow_nan=False)) == {"max_norm": 1.0, "ord": "inf"}
+    tx = make_clipper("global_norm", args)
+    _, state = tx.update({"w": jnp.array([3.0, -4.0])}, tx.init({"w": jnp.zeros(2)}))
+    assert float(clipx.stats(state)["global_norm/norm"]) == 4.0  # the largest entry
 
 
 def test_clipper_arguments_up_to_float32_largest_are_kept():

@@ -91,6 +91,11 @@ def read_utf8(path: pathlib.Path) -> str:
         raise DataError(f"{path}:{bad_line}: not UTF-8 text (byte {raw[error.start]:#04x})") from None
 
 
+def _shown(text: str, limit: int = 60) -> str:
+    """``repr(text)``, cut to its first ``limit`` characters (an error message quotes it)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}… ({len(text)} characters)"
+
+
 def read_tsv(path: str | pathlib.Path) -> Split:
     """Reads a ``sentence<TAB>label`` TSV file.
 
@@ -114,7 +119,9 @@ def read_tsv(path: str | pathlib.Path) -> Split:
         raise DataError(f"{path}:1: file is empty; expected the header 'sentence<TAB>label'")
     header = tuple(lines[0].split("\t"))
     if header != HEADER:
-        raise DataError(f"{path}:1: header is {lines[0]!r}; expected 'sentence<TAB>label'")
+        if "\r" in lines[0]:
+            raise DataError(f"{path}:1: lines end in CR alone; expected LF or CRLF line ends")
+        raise DataError(f"{path}:1: header is {_shown(lines[0])}; expected 'sentence<TAB>label'")
     sentences, labels = [], []
     for number, line in enumerate(lines[1:], start=2):
         fields = line.split("\t")
@@ -127,7 +134,7 @@ def read_tsv(path: str | pathlib.Path) -> Split:
         if re.fullmatch(r"-[0-9]+", digits):
             raise DataError(f"{path}:{number}: label {digits} is negative; labels start at 0")
         if not re.fullmatch(r"[0-9]+", digits):
-            raise DataError(f"{path}:{number}: label {label!r} is not an integer (digits 0-9)")
+            raise DataError(f"{path}:{number}: label {_shown(label)} is not an integer (digits 0-9)")
         value = int(digits)
         if value > np.iinfo(np.int32).max:
             raise DataError(f"{path}:{number}: label {value} is too large (at most {np.iinfo(np.int32).max})")

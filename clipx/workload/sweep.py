@@ -288,6 +288,10 @@ def _run_grid(
             done[path] = _read_run(path)
             _check_same_clipper(path, done[path], clipper_arguments(clipper))
             _check_same_config(path, done[path], run_config(sweep, dataset, clipper, lr, seed))
+    # And every other file the summary will read (runs beyond this grid, or a stray file).
+    for path in sorted(out.glob(_RUN_FILES)):
+        if path not in done:
+            _read_run(path)
     # So is the data of every dataset with a run to do: missing data would stop the sweep at
     # its first run on that dataset, after the runs before it.
     for dataset in dict.fromkeys(d for d, c, lr, s in grid if out / _run_name(d, c, lr, s) not in done):

@@ -178,7 +178,8 @@ class TrainConfig:
       batch_size, epochs: training length; ``max_steps`` caps the step count.
       clip, clip_args: the name of a clipx factory (``"none"`` for no clipping)
         and its keyword arguments.
-      seed: seeds initialisation, data order and dropout; in [0, 2³² − 1].
+      seed: seeds initialisation, data order and dropout, and draws the embedded
+        task's training and dev sentences (each seed has its own); in [0, 2³² − 1].
       eval_every: evaluate on the dev split every this many steps (besides the
         end of each epoch); ``None`` for epoch ends only.
       checkpoint_every: write a checkpoint every this many steps.
@@ -335,6 +336,8 @@ def make_clipper(name: str, args: dict[str, Any] | None = None) -> optax.Gradien
         their values (``clipx.<name>: <its message>``).
     """
     args = dict(args or {})
+    if args.get("ord") == "inf":  # as `parse_clip_args` keeps it
+        args["ord"] = math.inf
     available = available_clippers()
     if name not in available:
         raise ValueError(f"unknown clipper {name!r}; available: {', '.join(available)}")
@@ -372,10 +375,12 @@ def parse_clip_args(items: list[str]) -> dict[str, Any]:
 
     Values are Python literals (numbers, ``True``, ``None``, tuples) when they
     parse as such, otherwise strings. Numbers must be finite in float32, where
-    the clippers compute: a larger one would be ∞ there.
+    the clippers compute: a larger one would be ∞ there. The one infinite
+    value is ``ord=inf`` (`clipx.global_norm`'s largest-entry norm), kept as
+    the string ``"inf"`` so that the run's settings stay valid JSON.
 
-    >>> parse_clip_args(["max_norm=1", "mode=zscore", "max_grad_norm=None"])
-    {'max_norm': 1, 'mode': 'zscore', 'max_grad_norm': None}
+    >>> parse_clip_args(["max_norm=1", "mode=zscore", "max_grad_norm=None", "ord=inf"])
+    {'max_norm': 1, 'mode': 'zscore', 'max_grad_norm': None, 'ord': 'inf'}
     """
     parsed: dict[str, Any] = {}
     for item in items:
@@ -386,6 +391,8 @@ def parse_clip_args(items: list[str]) -> dict[str, Any]:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text
+        if key.strip() == "ord" and value in (math.inf, "inf", "math.inf"):
+            value = "inf"
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"clipper argument {item!r}: not a finite number (--clip none does not clip)")
         if _beyond_float32(value):
