@@ -180,14 +180,24 @@ def _initial_key(seed: Any) -> jax.Array:
 
     Without 64-bit mode ``jax.random.key`` keeps the low 32 bits of a Python
     int, so ``2**32`` (or ``-2**32``) would give the key of 0: a seed's high 32
-    bits, when not 0, are folded into the key of its low ones.
+    bits, when not 0, are folded into the key of its low ones. An integer
+    array (as ``optax.inject_hyperparams`` passes the seed, traced under a
+    jitted ``init``) gives the key of the int it holds.
     """
-    if isinstance(seed, jax.Array):  # as optax.inject_hyperparams passes it: 32 bits at most
-        return jax.random.key_data(jax.random.key(seed))
-    seed = int(seed)
-    key = jax.random.key(seed & 0xFFFFFFFF)
-    high = (seed >> 32) & 0xFFFFFFFF
-    return jax.random.key_data(jax.random.fold_in(key, high) if high else key)
+    if isinstance(seed, jax.Array) and not isinstance(seed, jax.core.Tracer):
+        seed = int(seed)
+    if not isinstance(seed, jax.Array):
+        key = jax.random.key(seed & 0xFFFFFFFF)
+        high = (seed >> 32) & 0xFFFFFFFF
+        return jax.random.key_data(jax.random.fold_in(key, high) if high else key)
+    # Conversions to uint32 keep the low 32 bits (two's complement), as `& 0xFFFFFFFF` does.
+    if seed.dtype.itemsize == 8:
+        high = (seed >> 32).astype(jnp.uint32)
+    else:  # the int of a negative seed has all its high 32 bits set
+        high = jnp.where(seed < 0, jnp.uint32(0xFFFFFFFF), jnp.uint32(0))
+    key = jax.random.key(seed.astype(jnp.uint32))
+    folded = jax.random.key_data(jax.random.fold_in(key, high))
+    return jnp.where(high != 0, folded, jax.random.key_data(key))
 
 
 def _checked_seed(seed: Any, noise: tuple[Any, ...], name: str, stacklevel: int) -> Any:

@@ -361,6 +361,25 @@ def test_every_int64_seed_draws_its_own_noise():
         np.testing.assert_array_equal(state.key, jax.random.key_data(jax.random.key(seed)))
 
 
+@pytest.mark.parametrize("seed", [5, -1, -(2**31), 2**31 - 1])
+@pytest.mark.parametrize("make", [clipx.per_example_global_norm, clipx.per_example_adaptive])
+def test_a_seed_given_as_an_array_draws_the_noise_of_its_int(make, seed):
+    """As inject_hyperparams passes it, concrete or traced (a jitted init); before, a negative
+    int32 array drew other noise than the int it holds."""
+
+    def key(s):
+        return make(1.0, noise_multiplier=1.0, seed=s).init(None).key
+
+    expected = key(seed)
+    for dtype in (jnp.int32, jnp.int16):
+        if jnp.iinfo(dtype).min <= seed <= jnp.iinfo(dtype).max:
+            array = jnp.asarray(seed, dtype)
+            np.testing.assert_array_equal(key(array), expected)
+            np.testing.assert_array_equal(jax.jit(key)(array), expected)
+    injected = optax.inject_hyperparams(make)(1.0, noise_multiplier=1.0, seed=seed)
+    np.testing.assert_array_equal(injected.init(None).inner_state.key, expected)
+
+
 @pytest.mark.parametrize(
     ("dtype", "examples", "chunk_size", "expected"),
     [
