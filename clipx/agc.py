@@ -76,9 +76,9 @@ def unitwise_norm(x: jax.Array, axis: Axis = None) -> jax.Array:
         \lVert x_i \rVert_2 = \sqrt{\textstyle\sum_{j \in \text{unit } i} |x_j|^2}
 
     A unit is the slice of ``x`` spanned by the reduced axes. With
-    ``axis=None`` the units follow ``optax.unitwise_norm``: a scalar or a
-    vector (rank ≤ 1 once size-1 axes are squeezed) is one unit; rank 2 or 3
-    reduces axis 0 (one unit per output of a dense ``(in, out)`` or
+    ``axis=None`` the units follow ``optax.transforms.unitwise_norm``: a
+    scalar or a vector (rank ≤ 1 once size-1 axes are squeezed) is one unit;
+    rank 2 or 3 reduces axis 0 (one unit per output of a dense ``(in, out)`` or
     multi-head ``(in, heads, out)`` kernel); rank 4 reduces axes ``(0, 1, 2)``
     (HWIO convolutions); rank 5 reduces ``(0, 1, 2, 3)``; any other rank raises
     ``ValueError`` asking for ``axis``. Squares are summed in float32 (float64

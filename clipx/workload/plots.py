@@ -170,9 +170,10 @@ def plot_runs(
 
     Writes into ``out``: ``loss.png``, ``grad_norm.png``, ``dev_accuracy.png``
     (when any run was evaluated) and, for each run whose clipper reports a
-    threshold, ``threshold.png`` (one run) or ``threshold_<label>.png`` (the
-    label's punctuation and spaces written ``_``, then ``_2``, ``_3``... where
-    two labels would share a file).
+    threshold, ``threshold.png`` (one run) or ``threshold_<label>.png`` (each
+    run of characters of the label other than letters, digits, ``.``, ``_``
+    and ``-`` written ``_``, then ``_2``, ``_3``... where two labels would
+    share a file).
     ``setting`` is the titles' second line.
     """
     out = pathlib.Path(out)
