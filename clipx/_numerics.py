@@ -90,9 +90,13 @@ def hyperparameter(value: Any, dtype: Any) -> Any:
     what it meets). A JAX array keeps its own dtype in arithmetic, and under
     ``jax_numpy_dtype_promotion="strict"`` JAX will not mix, say, a bfloat16
     array (``optax.inject_hyperparams(..., hyperparam_dtype=jnp.bfloat16)``)
-    with float32 statistics.
+    with float32 statistics. A finite number past the range of ``dtype`` is
+    cast (to ``±∞``) here, where NumPy's overflow warning is left out.
     """
-    return value if isinstance(value, numbers.Number) else as_dtype(value, dtype)
+    if not isinstance(value, numbers.Number):
+        return as_dtype(value, dtype)
+    past_range = math.isfinite(value) and abs(value) > float(jnp.finfo(dtype).max)
+    return as_dtype(value, dtype) if past_range else value
 
 
 def accumulation_dtype(dtype: Any) -> jnp.dtype:
