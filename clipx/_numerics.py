@@ -561,30 +561,39 @@ def tree_norm_of_order(tree: PyTree, order: float, axis_name: AxisName | None = 
     if order == 1:
         return total_of(magnitude)
     largest = tree_max_magnitude(tree, axis_name)
-    unit = jnp.where(largest > 0, largest, 1)
-    inverse = 1 / unit
+    positive = (largest > 0) & (largest <= jnp.finfo(largest.dtype).max)  # finite and not 0
+    unit = jnp.where(positive, largest, 1)
+    # 1/m as two factors 2^-h and 2^(h-e)/f, where m = f·2^e: both normal, where 1/m is
+    # subnormal past m ≈ 8.5·10³⁷ in float32 and XLA's CPU backend flushes it to 0.
+    mantissa, exponent = jnp.frexp(unit)
+    half = exponent // 2
+    coarse, fine = jnp.ldexp(jnp.ones_like(unit), -half), jnp.ldexp(1 / mantissa, half - exponent)
 
     def relative_power(x: jax.Array) -> jax.Array:
-        # |x·(1/m)|, not |x|/m: XLA's CPU backend wrote |x| to memory to share it with the
-        # maximum's pass (77 MiB at 20M parameters, 3.08× plain Adam's step; benchmarks/RESULTS.md).
+        # |x·2^-h·(2^(h-e)/f)|, not |x|/m: XLA's CPU backend wrote |x| to memory to share it with
+        # the maximum's pass (77 MiB at 20M parameters, 3.08× plain Adam's step; benchmarks/RESULTS.md).
         acc = accumulation_dtype(x.dtype)
-        factor = inverse.astype(acc)
+        first, second = coarse.astype(acc), fine.astype(acc)
+
+        def relative(part: jax.Array) -> jax.Array:
+            return part.astype(acc) * first * second
+
         if jnp.iscomplexobj(x):
-            ratio = jnp.hypot(jnp.real(x).astype(acc) * factor, jnp.imag(x).astype(acc) * factor)
+            ratio = jnp.hypot(relative(jnp.real(x)), relative(jnp.imag(x)))
         else:
-            ratio = jnp.abs(x.astype(acc) * factor)
+            ratio = jnp.abs(relative(x))
         if float(order).is_integer():  # a product (lax.integer_pow), not exp(p·log r)
             return jax.lax.integer_pow(ratio, int(order))
         return jnp.power(ratio, order)
 
-    # The largest entry adds exactly 1, but |m·(1/m)| may round to 1 − 2⁻²⁴, whose power
+    # The largest entry adds exactly 1, but its ratio may round to 1 − 2⁻²⁴, whose power
     # underflows to 0 for orders past about 10⁹: the sum is at least 1 where m > 0.
     total_power = total_of(relative_power)
-    total_power = jnp.where(largest > 0, jnp.maximum(total_power, 1), total_power)
+    total_power = jnp.where(positive, jnp.maximum(total_power, 1), total_power)
     norm = unit * _safe_root(total_power, order)
-    # An infinite entry gives ∞, not ∞/∞ (tested against the largest finite float, not ∞: an ∞
-    # constant would stop jax_debug_infs).
-    return jnp.where(largest > jnp.finfo(largest.dtype).max, largest, norm)
+    # An infinite or NaN entry gives ∞ or NaN, not ∞/∞ (tested against the largest finite
+    # float, not ∞: an ∞ constant would stop jax_debug_infs).
+    return jnp.where(positive | (largest == 0), norm, largest)
 
 
 def real_product(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -632,39 +641,26 @@ def clip_scale_of_square(squared: jax.Array, threshold: float | jax.Array) -> ja
     (Adam's two moment kernels). Scales sliced out of one vector computed for
     all leaves compiled several times slower: XLA copies a multiply over the
     whole vector into every kernel reading a slice (benchmarks/RESULTS.md).
-    For a Python threshold ``t > 0`` whose square is a normal float the scale
-    is ``t / √max(m², t²)`` (the maximum taken by a select, so that at
-    ``m = t`` the derivative is the unclipped side's, as for an array
-    threshold); otherwise ``t · rsqrt(m²)`` where ``m² > t²``, behind guards.
-    The same edge cases as `clip_scale`: exactly 1 when ``m ≤ threshold``
-    (``m² ≤ threshold²``), 0 for a zero threshold and a positive measure, 0
-    for an infinite one (but for an *array* threshold whose square overflows,
+    The scale is ``t / √m²`` where ``m² > t²`` and exactly 1 elsewhere,
+    selected, not computed: ``t / √max(m², t²)``, which needs no select, is
+    not exactly 1 at ``m ≤ t`` once XLA has rewritten it as
+    ``t · rsqrt(max(m², t²))``, and under ``jax.jit`` changed unclipped leaves
+    by an ulp for about a third of thresholds. The same edge cases as
+    `clip_scale`: 0 for a zero threshold and a positive measure, 0 for an
+    infinite one (but for an *array* threshold whose square overflows,
     above about 1.8·10¹⁹ in float32, which leaves it unclipped: testing that
     case in every kernel cost 16% of AGC's compile time).
     """
     squared = jnp.asarray(squared)
-    if isinstance(threshold, numbers.Real) and _has_normal_square(threshold, squared.dtype):
-        # t / √max(m², t²) is exactly 1 below t (√fl(t²) = t in binary floating point),
-        # never divides by 0, has finite derivatives, and needs no guards: fewer operations
-        # in every kernel that scales a leaf (see benchmarks/RESULTS.md).
-        # A select rather than a maximum: at m = t the derivative is the unclipped side's (0), as
-        # in the other branch and in `clip_scale`, where a maximum would average the two sides.
-        t = jnp.asarray(threshold, squared.dtype)
-        return t / jnp.sqrt(jnp.where(squared > t * t, squared, t * t))
     largest_root = math.sqrt(float(jnp.finfo(squared.dtype).max))
     if isinstance(threshold, numbers.Real) and float(threshold) > largest_root:
         # A finite t whose square overflows: only a measure that overflowed is above it.
         return jnp.where(jnp.isposinf(squared) & math.isfinite(threshold), 0, 1).astype(squared.dtype)
     threshold = jnp.asarray(threshold, squared.dtype)
     above = squared > threshold * threshold
-    return jnp.where(above, threshold * jax.lax.rsqrt(jnp.where(above, squared, 1)), jnp.ones_like(squared))
-
-
-def _has_normal_square(threshold: numbers.Real, dtype: Any) -> bool:
-    """Whether ``threshold > 0`` and its square is a normal, finite number of ``dtype``."""
-    info = jnp.finfo(dtype)
-    t = float(threshold)
-    return t > 0 and float(info.tiny) <= t * t <= float(info.max)
+    # t/√m², not t·rsqrt(m²): the derivative of rsqrt, formed as rsqrt(m²)/m², overflows for
+    # the tiny measures above a tiny threshold (t = 10⁻¹⁵), where that of the quotient does not.
+    return jnp.where(above, threshold / jnp.sqrt(jnp.where(above, squared, 1)), jnp.ones_like(squared))
 
 
 def scale_leaf(leaf: jax.Array, scale: jax.Array) -> jax.Array:

@@ -154,7 +154,9 @@ def agc(
 
     Args:
       clipping: the largest ratio :math:`\lambda \ge 0` of a unit's gradient
-        norm to its weight norm (default 0.01).
+        norm to its weight norm (default 0.01). A unit whose bound
+        :math:`\lambda \max(\lVert W_i\rVert, \epsilon)` is past about
+        1.8·10¹⁹ (its square overflows float32) is not clipped.
       eps: :math:`\epsilon`, 0 or at least about 1.08e-19 (its square a
         normal float32), the smallest weight norm used (default 1e-3), so
         zero-initialised weights can still move. With 0, a unit with zero

@@ -288,6 +288,17 @@ def test_global_norm_of_high_order_does_not_overflow(order):
     assert np.linalg.norm(flat(updates), ord=order) == pytest.approx(1.0, rel=1e-5)
 
 
+@pytest.mark.parametrize("order", [1.5, 3, 7.5])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_global_norm_of_order_p_with_entries_near_the_largest_float(order, dtype):
+    """Before, 1/m was subnormal past m ≈ 8.5e37 and flushed to 0: every ratio 0, the norm m."""
+    for values in ([2e38, 2e38], [1e38, 5e37, 5e37], [8e37, 8e37]):
+        grads = {"w": jnp.asarray(values, dtype)}
+        exact = np.linalg.norm(np.asarray(grads["w"], np.float64), ord=order)
+        _, state = apply(clipx.global_norm(1.0, ord=order), grads)
+        assert float(state.stats.norm) == pytest.approx(exact, rel=1e-5)
+
+
 @pytest.mark.parametrize("order", [1e10, 1e20, 3e38])
 def test_global_norm_of_a_huge_order_is_the_largest_entry(order):
     """Before, |m·(1/m)| rounded to 1 − 2⁻²⁴ had its power underflow to 0: the norm was 0, no clip."""
