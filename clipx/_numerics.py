@@ -95,7 +95,8 @@ def hyperparameter(value: Any, dtype: Any) -> Any:
     """
     if not isinstance(value, numbers.Number):
         return as_dtype(value, dtype)
-    past_range = math.isfinite(value) and abs(value) > float(jnp.finfo(dtype).max)
+    size = abs(float(value)) if isinstance(value, numbers.Real) else 0.0  # checked numbers are floats
+    past_range = math.isfinite(size) and size > float(jnp.finfo(dtype).max)
     return as_dtype(value, dtype) if past_range else value
 
 
