@@ -299,6 +299,18 @@ def test_global_norm_of_order_p_with_entries_near_the_largest_float(order, dtype
         assert float(state.stats.norm) == pytest.approx(exact, rel=1e-5)
 
 
+def test_global_norm_of_order_p_mixes_float64_entries_past_float32s_range_with_float32_ones():
+    """Before, 1/m of a float64 m past float32's range was cast to float32 as 0 for its leaves."""
+    with jax.enable_x64(True):
+        grads = {"big": jnp.array([1e39]), "small": jnp.full((1000,), 3e38, jnp.float32)}
+        exact = np.linalg.norm(np.concatenate([[1e39], np.full(1000, np.float32(3e38), np.float64)]), ord=3)
+        updates, _ = apply(clipx.global_norm(1e39, ord=3), grads)
+        assert float(updates["big"][0]) == pytest.approx(1e39 * 1e39 / exact, rel=1e-6)
+        assert updates["small"].dtype == jnp.float32
+        big = apply(clipx.global_norm(1e306, ord=3), {"w": jnp.array([1e308, 1e308])})[0]["w"]
+        np.testing.assert_allclose(big, 1e306 / 2 ** (1 / 3), rtol=1e-9)
+
+
 @pytest.mark.parametrize("order", [1e10, 1e20, 3e38])
 def test_global_norm_of_a_huge_order_is_the_largest_entry(order):
     """Before, |m·(1/m)| rounded to 1 − 2⁻²⁴ had its power underflow to 0: the norm was 0, no clip."""
