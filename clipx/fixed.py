@@ -195,6 +195,9 @@ def global_norm(
     returned bit for bit (but for subnormal floats, which XLA's CPU backend
     flushes to 0 in any arithmetic). A non-finite gradient gives a non-finite
     update (wrap the chain in `clipx.skip_nonfinite` to drop such steps).
+    With ``p = 2``, finite float32 entries above about 1.8·10¹⁹ overflow
+    their squares: the norm is then ∞ and the update 0, as with Optax (the
+    other orders scale by the largest entry and stay exact).
 
     Args:
       max_norm: the threshold ``c ≥ 0`` (a number, or a scalar array for

@@ -347,6 +347,11 @@ def test_an_eps_whose_square_underflows_is_refused():
     ):
         clipx.agc(0.01, eps=1e-20)
     params, grads = {"w": jnp.zeros((2, 2))}, {"w": jnp.ones((2, 2))}
+    for concrete in (jnp.asarray(1e-25), np.float32(1e-25), np.asarray(1e-25)):
+        with pytest.raises(ValueError, match=r"eps must be 0 or at least 1\.08e-19"):
+            clipx.agc(0.01, eps=concrete)
+    with pytest.raises(ValueError, match=r"eps must be 0 or at least 1\.08e-19"):
+        optax.inject_hyperparams(clipx.agc)(0.01, eps=1e-25).init(params)  # eps arrives as an array
     tx = clipx.agc(0.01, eps=1e-18)
     updates, state = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(updates["w"], 0.01 * 1e-18 / np.sqrt(2), rtol=1e-5)  # unit ‖G_i‖ = √2
