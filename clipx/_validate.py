@@ -95,6 +95,21 @@ def check_finite_positive(name: str, value: Any) -> Any:
     return check_range(name, value, 0.0, _FLOAT32_MAX, low_open=True)
 
 
+def check_finite_product(name: str, value: Any, other_name: str, other: Any) -> None:
+    """``value · other ≤ 3.4e38`` when both are concrete and positive: a noise std ``σ·C`` must be finite.
+
+    A zero factor gives no noise, whatever the other (even ``C = ∞``).
+    """
+    number, factor = _concrete_number(name, value), _concrete_number(other_name, other)
+    if number is None or factor is None or number == 0 or factor == 0:
+        return
+    if not number * factor <= _FLOAT32_MAX:
+        raise ValueError(
+            f"{name} · {other_name} (the noise standard deviation) must be finite in float32, at most "
+            f"{_FLOAT32_MAX:.3g}, got {value!r} · {other!r}"
+        )
+
+
 def check_normal_float32(name: str, value: Any) -> Any:
     """A positive value whose float32 logarithm is finite (a normal float32): a starting threshold."""
     return check_range(name, value, FLOAT32_TINY, _FLOAT32_MAX)

@@ -226,6 +226,7 @@ def _fixed_threshold_init(
     """Validates the shared arguments of the fixed-threshold rules: their ``init``, ``C`` and ``σ``."""
     l2_norm_clip = _validate.check_nonnegative("l2_norm_clip", l2_norm_clip)
     noise_multiplier = _validate.check_finite_nonnegative("noise_multiplier", noise_multiplier)
+    _validate.check_finite_product("noise_multiplier", noise_multiplier, "l2_norm_clip", l2_norm_clip)
     seed = _checked_seed(seed, (noise_multiplier,), name, stacklevel=3)
 
     def init_fn(params):
@@ -272,7 +273,8 @@ def per_example_global_norm(
 
     Args:
       l2_norm_clip: the per-example clip norm ``C ≥ 0``.
-      noise_multiplier: ``σ ≥ 0``; the noise standard deviation is ``σ·C``.
+      noise_multiplier: ``σ ≥ 0``; the noise standard deviation is ``σ·C``,
+        which must be finite in float32 (so ``C = ∞`` only with ``σ = 0``).
         The Python number 0 adds no noise and draws no random numbers.
       seed: an int seeding the PRNG key held in the state. The noise
         protects only if the seed is secret: without one, seed 0 is used
@@ -457,7 +459,8 @@ def per_example_adaptive(
       learning_rate: ``η ≥ 0`` of the geometric update.
       initial_threshold: ``C₀``, the clip norm of the first step: a normal
         float32 (in [1.2e-38, 3.4e38]).
-      noise_multiplier: ``σ ≥ 0``; noise of standard deviation ``σ·C`` on the sum.
+      noise_multiplier: ``σ ≥ 0``; noise of standard deviation ``σ·C`` on the
+        sum (``σ·C₀`` must be finite in float32).
       count_stddev: ``σ_b ≥ 0``, the standard deviation (in examples) of the
         noise added to the unclipped count.
       seed: an int seeding the PRNG key held in the state. The noise
@@ -489,6 +492,9 @@ def per_example_adaptive(
     target_quantile = _validate.check_range("target_quantile", target_quantile, 0.0, 1.0)
     learning_rate = _validate.check_finite_nonnegative("learning_rate", learning_rate)
     noise_multiplier = _validate.check_finite_nonnegative("noise_multiplier", noise_multiplier)
+    _validate.check_finite_product(
+        "noise_multiplier", noise_multiplier, "initial_threshold", initial_threshold
+    )
     count_stddev = _validate.check_finite_nonnegative("count_stddev", count_stddev)
     seed = _checked_seed(seed, (noise_multiplier, count_stddev), "per_example_adaptive", stacklevel=2)
 

@@ -127,6 +127,19 @@ def test_zero_noise_array_with_infinite_threshold_adds_nothing(factory):
     chex_close(summed, jax.tree.map(lambda g: jnp.sum(g, axis=0), grads))
 
 
+@pytest.mark.parametrize("factory", [clipx.per_example_global_norm, clipx.per_example_layer_norm])
+@pytest.mark.parametrize(
+    ("clip", "noise"), [(math.inf, 1.0), (1e200, 1.0), (1e38, 10.0), (1e20, 1e20), (1e20, jnp.float32(1e20))]
+)
+def test_noise_of_infinite_std_is_refused(factory, clip, noise):
+    # σ·C past float32's range would make every update ±∞.
+    with pytest.raises(ValueError, match=r"noise_multiplier · l2_norm_clip \(the noise standard deviation\)"):
+        factory(clip, noise_multiplier=noise, seed=0)
+    with pytest.raises(ValueError, match="the noise standard deviation"):
+        clipx.per_example_adaptive(initial_threshold=1e30, noise_multiplier=1e10, seed=0)
+    factory(1e19, noise_multiplier=1e19, seed=0)  # 1e38: finite
+
+
 def test_zero_noise_keeps_key():
     tx = clipx.per_example_global_norm(1.0)
     state = tx.init(None)
