@@ -41,6 +41,26 @@ def _replicated_like(example: Any) -> Any:
     )
 
 
+def _one_per_leaf(params: PyTree, param_shardings: PyTree) -> PyTree:
+    """``param_shardings`` with a sharding for each leaf of ``params`` (a prefix, as jit takes, spread)."""
+
+    def is_sharding(node: Any) -> bool:
+        return node is None or isinstance(node, (jax.sharding.Sharding, PartitionSpec))
+
+    try:
+        return jax.tree.map(
+            lambda sharding, subtree: jax.tree.map(lambda _: sharding, subtree),
+            param_shardings,
+            params,
+            is_leaf=is_sharding,
+        )
+    except ValueError as error:
+        raise ValueError(
+            "state_shardings: param_shardings must be a tree like params, or a prefix of it, with a "
+            f"sharding or partition spec at each of its leaves ({error})"
+        ) from None
+
+
 def state_shardings(
     tx: Any,
     params: PyTree,
@@ -79,7 +99,9 @@ def state_shardings(
     Args:
       tx: an optax transformation (anything with ``init``) or an init function.
       params: the parameters (arrays or ``jax.ShapeDtypeStruct``).
-      param_shardings: a tree like ``params`` of shardings or partition specs.
+      param_shardings: a tree like ``params`` of shardings or partition
+        specs, or a prefix of it (one for a whole subtree), as ``jax.jit``
+        takes.
       replicated: what non-mirroring leaves get; derived from
         ``param_shardings`` when ``None``.
 
@@ -105,6 +127,7 @@ def state_shardings(
     init: Callable[[PyTree], PyTree] = getattr(tx, "init", tx)
     state = jax.eval_shape(init, params)
     params = jax.eval_shape(lambda tree: tree, params)  # shapes, for Python numbers among the leaves too
+    param_shardings = _one_per_leaf(params, param_shardings)
     if replicated is None:
         sharding_leaves = jax.tree.structure(params).flatten_up_to(param_shardings)  # type: ignore[attr-defined]
         if not sharding_leaves:

@@ -551,6 +551,18 @@ def test_state_shardings_names_a_factory_given_for_the_transformation():
     assert init_only.stats.norm == P()  # an init function is still accepted
 
 
+def test_state_shardings_take_a_prefix_of_the_parameters_as_jit_does():
+    leaf = jax.ShapeDtypeStruct((8, 2), jnp.float32)
+    params = {"a": leaf, "b": {"c": leaf}}
+    tx = optax.chain(clipx.zclip(), optax.adam(1e-3))
+    full = {"a": P("d", None), "b": {"c": P()}}
+    for prefix in ({"a": P("d", None), "b": P()}, full):
+        assert clipx.state_shardings(tx, params, prefix)[1][0].mu == full
+    assert clipx.state_shardings(tx, params, P())[1][0].nu == {"a": P(), "b": {"c": P()}}
+    with pytest.raises(ValueError, match="param_shardings must be a tree like params, or a prefix of it"):
+        clipx.state_shardings(tx, params, {"z": P()})
+
+
 def test_state_shardings_of_parameters_with_none_and_python_number_leaves():
     # optax.adam accepts both: None leaves stay None in its moments, a Python number gets an array.
     params = {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32), "frozen": None, "temperature": 1.0}
