@@ -83,6 +83,16 @@ def as_dtype(value: Any, dtype: Any) -> jax.Array:
         return jnp.asarray(value, dtype)
 
 
+def largest_log(dtype: Any) -> np.floating:
+    """The largest ``dtype`` value ``x`` below ``log(max)`` whose ``exp(x)`` is finite.
+
+    A threshold held as its logarithm is capped here: a huge one means no
+    clipping, not a threshold of ∞ (which ``jax_debug_infs`` would stop at).
+    """
+    log_largest = np.log(jnp.finfo(dtype).max)
+    return np.nextafter(log_largest, log_largest.dtype.type(0))
+
+
 def hyperparameter(value: Any, dtype: Any) -> Any:
     """A hyperparameter ready to meet ``dtype`` values: a JAX array is cast to ``dtype`` (`as_dtype`).
 

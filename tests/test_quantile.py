@@ -146,3 +146,23 @@ def test_a_norm_equal_to_the_threshold_counts_as_below_it():
     updates, after = tx.update(at_threshold, state)
     chex.assert_trees_all_equal(updates, at_threshold)  # not clipped
     np.testing.assert_allclose(float(after.log_threshold), float(state.log_threshold) - 0.2 * 0.5, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"initial_threshold": float(np.finfo(np.float32).max)},
+        {"learning_rate": 100.0, "target_quantile": 0.99},
+    ],
+    ids=["largest-C0", "fast-growth"],
+)
+def test_the_threshold_stops_below_the_largest_float(kwargs):
+    # Before, exp(log C) rounded past the largest float32 (C₀ = 3.4e38), or η = 100 grew log C to 92.7:
+    # a threshold of ∞.
+    tx = clipx.quantile_clip(**kwargs)
+    state = tx.init(jnp.zeros(2))
+    for _ in range(3):
+        _, state = jax.jit(tx.update)(jnp.array([3.0, 4.0]), state)
+        threshold = float(clipx.stats(state)["quantile_clip/threshold"])
+        assert np.isfinite(threshold) and np.isfinite(float(jnp.exp(state.log_threshold)))
+    assert threshold > 1e37

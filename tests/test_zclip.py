@@ -221,3 +221,25 @@ def test_percentile_mode_compares_with_mean_plus_z_sigma_without_eps():
         _, state = tx.update({"w": jnp.array([norm])}, state)
     updates, state = tx.update({"w": jnp.array([1.5])}, state)
     np.testing.assert_allclose(updates["w"], [1.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"clip_factor": 3e38},
+        {"clip_factor": 1e20},
+        {"z_thresh": 3e38},
+        {"eps": 3e38},
+        {"mode": "percentile", "z_thresh": 3e38},
+    ],
+    ids=["factor-3e38", "factor-1e20", "z-3e38", "eps-3e38", "percentile-z-3e38"],
+)
+def test_huge_factors_keep_statistics_and_thresholds_finite(kwargs):
+    # Before, a spike's T = (μ + z·σ/η)·factor overflowed into the statistics (μ = ∞, σ² = NaN: the
+    # rule was off for good), or σ² overflowed from (x − μ)², or the reported boundary was ∞.
+    tx = clipx.zclip(warmup_steps=2, max_norm=None, **kwargs)
+    state = tx.init(jnp.zeros(2))
+    for grads in ([3.0, 4.0], [0.6, 0.8], [30.0, 40.0], [1.0, 1.0], [300.0, 400.0]):
+        _, state = jax.jit(tx.update)(jnp.array(grads), state)
+        values = [state.mean, state.var, *jax.tree.leaves(clipx.stats(state))]
+        assert all(np.isfinite(np.asarray(v)).all() for v in values), (grads, values)

@@ -60,7 +60,10 @@ def quantile_clip(
     Defaults are those of TensorFlow Federated: ``γ = 0.5`` (the median),
     ``η = 0.2``, ``C₀ = 0.1``.
 
-    A non-finite or zero norm leaves ``C`` unchanged: a run of zero gradients
+    ``C`` is held as its logarithm, so it is ``C₀`` to within a float32
+    rounding (``exp(log 0.1)`` is 0.099999994), and it stops growing just
+    below the largest float (no threshold of ∞). A non-finite or zero norm
+    leaves ``C`` unchanged: a run of zero gradients
     (a masked loss, say) would otherwise shrink ``C`` by ``e^{−η(1−γ)}`` a
     step, to 0 in float32 after about 900 steps, and every later update
     would be zero for as many steps again. A gradient holding NaN or ±inf
@@ -100,6 +103,7 @@ def quantile_clip(
     def init_fn(params):
         dtype = _numerics.tree_accumulation_dtype(params)
         log_threshold = jnp.log(jnp.asarray(initial_threshold, dtype))
+        log_threshold = jnp.minimum(log_threshold, _numerics.largest_log(dtype))
         return QuantileClipState(log_threshold=log_threshold, stats=empty_clip_stats())
 
     def update_fn(updates, state, params=None):
@@ -113,7 +117,8 @@ def quantile_clip(
         step = -rate * (below - _numerics.hyperparameter(target_quantile, threshold.dtype))
         stats = global_clip_stats(norm, threshold, scale)
         observed = jnp.isfinite(norm) & (norm > 0)
-        log_threshold = jnp.where(observed, state.log_threshold + step, state.log_threshold)
+        grown = jnp.minimum(state.log_threshold + step, _numerics.largest_log(threshold.dtype))
+        log_threshold = jnp.where(observed, grown, state.log_threshold)
         new_state = QuantileClipState(
             log_threshold=log_threshold.astype(threshold.dtype), stats=replacing(state.stats, stats)
         )

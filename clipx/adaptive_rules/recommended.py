@@ -7,7 +7,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from clipx import _numerics, _running, _sketch, _validate
@@ -357,10 +356,8 @@ def adaptive(
             moments.mean + jnp.log(factor),
             moments.mean + _numerics.hyperparameter(num_stds, dtype) * std,
         )
-        # At most the largest float's logarithm, rounded down so that its exp stays finite: a
-        # huge num_stds or warmup_factor means no clipping, not a threshold of ∞.
-        log_largest = np.log(largest)
-        log_threshold = jnp.minimum(log_threshold, np.nextafter(log_largest, log_largest.dtype.type(0)))
+        # A huge num_stds or warmup_factor means no clipping, not a threshold of ∞.
+        log_threshold = jnp.minimum(log_threshold, _numerics.largest_log(dtype))
         observe = jnp.isfinite(norm) & (norm > 0)
         log_norm = jnp.log(jnp.where(norm > 0, norm, 1).astype(dtype))
         # With nothing observed yet, c is the norm itself, so only the multiplier shortens the step;

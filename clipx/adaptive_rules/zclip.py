@@ -188,10 +188,13 @@ def zclip(
             _numerics.hyperparameter(h, dtype) for h in (z_thresh, eps, alpha, clip_factor)
         )
         std = _numerics.safe_sqrt(var)
+        # Thresholds and statistics stop at the largest float: a huge factor means no clipping,
+        # and ∞ (or ∞ − ∞ = NaN in the variance) would switch the rule off for good.
+        largest = jnp.finfo(dtype).max
 
         # The threshold T, whether this step is a spike, and the spike boundary.
         if mode == "percentile":
-            spike_threshold = mean + z_thresh_ * std
+            spike_threshold = jnp.minimum(mean + z_thresh_ * std, largest)
             is_spike = norm > spike_threshold
             boundary = spike_threshold
         else:
@@ -199,10 +202,10 @@ def zclip(
             # σ = 0 (as in warm-up) a division would put NaN into the derivatives.
             excess, spread = norm - mean, std + eps_
             is_spike = excess > z_thresh_ * spread
-            boundary = mean + z_thresh_ * spread
+            boundary = jnp.minimum(mean + z_thresh_ * spread, largest)
             if clip_option == "adaptive_scaling":
                 inverse_eta = jnp.where(is_spike, z_thresh_ * spread / jnp.where(is_spike, excess, 1), 1)
-                spike_threshold = (mean + z_thresh_ * std * inverse_eta) * clip_factor_
+                spike_threshold = jnp.minimum((mean + z_thresh_ * std * inverse_eta) * clip_factor_, largest)
             else:
                 spike_threshold = mean
         spike = ready & is_spike
@@ -217,8 +220,8 @@ def zclip(
 
         # EMA statistics after warm-up (x = T on a spike, else the norm).
         x = jnp.where(spike, spike_threshold, norm)
-        ema_mean = alpha_ * mean + (1 - alpha_) * x
-        ema_var = alpha_ * var + (1 - alpha_) * jnp.square(x - ema_mean)
+        ema_mean = jnp.minimum(alpha_ * mean + (1 - alpha_) * x, largest)
+        ema_var = jnp.minimum(alpha_ * var + (1 - alpha_) * jnp.square(x - ema_mean), largest)
         update_ema = ready & finite
         if skip_update_on_spike:
             update_ema = update_ema & ~spike
