@@ -162,6 +162,8 @@ def check_norm_order(name: str, value: Any) -> float:
     """
     if isinstance(value, jax.Array):
         raise TypeError(f"{name} must be a Python number, got a JAX array; {_STATIC_HINT}")
+    if not isinstance(value, (numbers.Real, np.ndarray, np.generic)):
+        raise TypeError(f"{name} must be a real number in [1, inf], got {type(value).__name__} {value!r}")
     number = _as_python_number(name, value)
     if number is None or math.isnan(number) or number < 1:
         raise ValueError(f"{name} must be in [1, inf] (1, 2, math.inf, or any p between), got {value!r}")

@@ -30,6 +30,7 @@ warm-up of 0 or -5 steps, a negative max_consecutive) and adaptive's
 min_multiplier above initial_multiplier as arrays are refused as numbers are.
 """
 
+import decimal
 import math
 
 import chex
@@ -535,7 +536,10 @@ def test_skip_nonfinite_passes_python_numbers_to_its_inner_transform():
         (-math.inf, ValueError, r"ord must be in \[1, inf\]"),
         (math.nan, ValueError, r"ord must be in \[1, inf\]"),
         (True, TypeError, "ord must be a real number, got the bool"),
-        ("inf", TypeError, "ord must be a real number"),
+        ("inf", TypeError, r"ord must be a real number in \[1, inf\], got str 'inf'$"),
+        ("fro", TypeError, r"ord must be a real number in \[1, inf\], got str 'fro'$"),
+        (decimal.Decimal(2), TypeError, r"ord must be a real number in \[1, inf\], got Decimal"),
+        ([2], TypeError, r"ord must be a real number in \[1, inf\], got list \[2\]$"),
         (np.array([1.0, 2.0]), ValueError, "ord must be a scalar"),
         (jnp.array(2.0), TypeError, "ord must be a Python number, got a JAX array; .*static_args"),
     ],
