@@ -40,7 +40,6 @@ from clipx.workload import plots, sweep
 from clipx.workload.train import (
     OPTIMIZER_NAMES,
     TrainConfig,
-    available_clippers,
     check_folder,
     check_range,
     clear_stop,
@@ -585,8 +584,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not _is_bad_input(error):
             raise
         _console.print(f"clipx {args.command}: {error}", style="red")
-        if isinstance(error, ValueError) and "unknown clipper" in str(error):
-            _console.print(f"available clippers: {', '.join(available_clippers())}")
         return 2
 
 

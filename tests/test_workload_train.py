@@ -287,6 +287,99 @@ def test_run_files_are_strict_json(tmp_path, monkeypatch):
     assert np.isnan(read_log(tmp_path)[-1]["dev_loss"])  # read back as NaN
 
 
+def test_a_run_stopped_early_is_not_judged_on_an_evaluation_the_whole_run_does_not_make(
+    tmp_path, monkeypatch
+):
+    # The first step breaks the weights; the whole run finds it at step 2, from its training loss.
+    monkeypatch.setattr(train_lib, "make_optimizer", lambda config: optax.sgd(float("inf")))
+    whole = train(TrainConfig(**TINY), tmp_path / "whole")
+    assert whole["diverged"] and whole["steps"] == 2
+    # Before, the summary of the run stopped after step 1 said diverged and finished, and its
+    # resume trained on all the same.
+    stopped = train(TrainConfig(**TINY), tmp_path / "parts", stop_after=1)
+    assert not stopped["diverged"] and not stopped["finished"] and stopped["dev_accuracy"] is None
+    assert not (tmp_path / "parts" / "summary.json").exists()
+    resumed = train(TrainConfig(**TINY), tmp_path / "parts", resume=True)
+    assert {k: resumed[k] for k in ("steps", "diverged", "finished")} == {
+        k: whole[k] for k in ("steps", "diverged", "finished")
+    }
+    assert (tmp_path / "parts" / "log.jsonl").read_text() == (tmp_path / "whole" / "log.jsonl").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "kept"),
+    [
+        ({"max_norm": 0.01, "ord": float("inf")}, {"max_norm": 0.01, "ord": "inf"}),
+        ({"max_norm": np.float32(0.5)}, {"max_norm": 0.5}),
+        ({"max_norm": jnp.asarray(2.0)}, {"max_norm": 2.0}),
+        ({"max_norm": np.int64(3)}, {"max_norm": 3}),
+    ],
+    ids=["ord-inf", "numpy", "jax", "numpy-int"],
+)
+def test_clipper_arguments_set_in_python_come_back_from_the_config_file(tmp_path, args, kept):
+    """Before, ord=inf was written as null (a resume from the command line clipped by the L2
+    norm), and a NumPy or JAX scalar failed to be written, after the folder's checkpoint had been
+    removed."""
+    config = TrainConfig(**TINY, clip="global_norm", clip_args=args)
+    assert config.clip_args == kept and all(type(config.clip_args[k]) is type(v) for k, v in kept.items())
+    train(config, tmp_path, stop_after=2)
+    assert train_lib.read_config(tmp_path / "config.json") == config
+    assert train(config, tmp_path, resume=True)["finished"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"max_norm": float("inf")}, "clip_args max_norm=inf: not a finite number"),
+        ({"max_norm": 1e39}, "clip_args max_norm=1e+39: beyond float32's range"),
+        ({"axis": (0, float("nan"))}, "clip_args axis=(0, nan): not a finite number"),
+        ({"max_norm": object}, "clip_args max_norm=<class 'object'>: a type, not a number, string"),
+        ({"max_norm": np.ones(2)}, "clip_args max_norm=array([1., 1.]): a ndarray, not a number"),
+        ({1: 2.0}, "clip_args must be a dict of argument names to values; got {1: 2.0}"),
+    ],
+    ids=["inf", "past-float32", "nan-in-tuple", "class", "array", "key"],
+)
+def test_clipper_arguments_json_cannot_keep_are_refused_when_the_config_is_made(tmp_path, args, message):
+    train(TrainConfig(**TINY), tmp_path, stop_after=2)
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        TrainConfig(**TINY, clip="global_norm", clip_args=args)
+    assert (tmp_path / "checkpoint.msgpack").exists()  # the run in the folder is intact
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("epochs", 1.5, "epochs must be an integer; got 1.5"),
+        ("max_steps", 2.5, "max_steps must be an integer; got 2.5"),
+        ("batch_size", 16.0, "batch_size must be an integer; got 16.0"),
+        ("seed", True, "seed must be an integer; got True"),
+        ("epochs", None, "epochs must be an integer; got None"),
+        ("learning_rate", True, "learning_rate must be a real number; got True"),
+        ("momentum", "0.9", "momentum must be a real number; got '0.9'"),
+    ],
+)
+def test_settings_of_the_wrong_type_are_refused(setting, value, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        TrainConfig(**{**TINY, setting: value})
+
+
+def test_numpy_settings_become_python_numbers():
+    config = TrainConfig(**{**TINY, "epochs": np.int64(2), "learning_rate": np.float32(0.5)})
+    assert type(config.epochs) is int and type(config.learning_rate) is float
+    json.dumps(config.to_json())
+
+
+@pytest.mark.parametrize("damage", ["extra-byte", "cut-short", "empty"])
+def test_a_corrupt_checkpoint_is_named_as_such_in_a_short_message(tmp_path, damage):
+    train(TrainConfig(**TINY), tmp_path, stop_after=2)
+    checkpoint = tmp_path / "checkpoint.msgpack"
+    data = checkpoint.read_bytes()
+    checkpoint.write_bytes({"extra-byte": data + b"x", "cut-short": data[:-5], "empty": b""}[damage])
+    with pytest.raises(ValueError, match="is not a whole checkpoint: corrupt or cut short") as error:
+        train(TrainConfig(**TINY), tmp_path, resume=True)
+    assert len(str(error.value)) < 400  # before, msgpack's ExtraData quoted the whole checkpoint
+
+
 def test_a_tuple_clipper_argument_survives_the_config_file(tmp_path):
     config = TrainConfig(**TINY, clip="agc", clip_args={"axis": (0,)})
     train(config, tmp_path, stop_after=2)
@@ -386,7 +479,7 @@ def test_clipper_arguments_up_to_float32_largest_are_kept():
         ('{"model": {"cells": "lstm"}}', "(settings this clipx does not take: model.cells)"),
         ('{"clip_args": [1]}', "(clip_args is not a JSON object)"),
         ('{"seed": 4294967296}', "(seed must lie in [0, 4294967295]; got 4294967296)"),
-        ('{"learning_rate": "fast"}', "('>' not supported"),
+        ('{"learning_rate": "fast"}', "(learning_rate must be a real number; got 'fast')"),
     ],
     ids=["corrupt", "not_an_object", "unknown", "unknown_model", "clip_args", "out_of_range", "wrong_type"],
 )

@@ -91,7 +91,7 @@ def read_utf8(path: pathlib.Path) -> str:
         raise DataError(f"{path}:{bad_line}: not UTF-8 text (byte {raw[error.start]:#04x})") from None
 
 
-def _shown(text: str, limit: int = 60) -> str:
+def quoted(text: str, limit: int = 60) -> str:
     """``repr(text)``, cut to its first ``limit`` characters (an error message quotes it)."""
     return repr(text) if len(text) <= limit else f"{text[:limit]!r}… ({len(text)} characters)"
 
@@ -121,7 +121,7 @@ def read_tsv(path: str | pathlib.Path) -> Split:
     if header != HEADER:
         if "\r" in lines[0]:
             raise DataError(f"{path}:1: lines end in CR alone; expected LF or CRLF line ends")
-        raise DataError(f"{path}:1: header is {_shown(lines[0])}; expected 'sentence<TAB>label'")
+        raise DataError(f"{path}:1: header is {quoted(lines[0])}; expected 'sentence<TAB>label'")
     sentences, labels = [], []
     for number, line in enumerate(lines[1:], start=2):
         fields = line.split("\t")
@@ -134,7 +134,7 @@ def read_tsv(path: str | pathlib.Path) -> Split:
         if re.fullmatch(r"-[0-9]+", digits):
             raise DataError(f"{path}:{number}: label {digits} is negative; labels start at 0")
         if not re.fullmatch(r"[0-9]+", digits):
-            raise DataError(f"{path}:{number}: label {_shown(label)} is not an integer (digits 0-9)")
+            raise DataError(f"{path}:{number}: label {quoted(label)} is not an integer (digits 0-9)")
         value = int(digits)
         if value > np.iinfo(np.int32).max:
             raise DataError(f"{path}:{number}: label {value} is too large (at most {np.iinfo(np.int32).max})")

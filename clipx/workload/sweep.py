@@ -67,6 +67,10 @@ LEARNING_RATES: tuple[float, ...] = (1e-3, 1e-2, 1e-1)
 MODEL = dict(embed_dim=64, hidden_size=128, cell="lstm", pooling="last", head="linear")
 
 
+#: The batch size of every run of the grid.
+BATCH_SIZE = 32
+
+
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
     """The grid.
@@ -86,7 +90,8 @@ class SweepConfig:
       ValueError: an unknown name, an empty or repeated entry of ``datasets``,
         ``clippers`` or ``learning_rates``, or a setting out of its range (a
         learning rate in (0, 3.4·10³⁸], float32's range, ``task_length`` in 50..400,
-        ``seeds`` in 1..2³², the counts and sizes at least 1).
+        ``seeds`` in 1..2³², ``train_limit`` and ``task_train`` at least
+        `BATCH_SIZE`, the other counts and sizes at least 1).
     """
 
     data_root: str = "../shared/data"
@@ -133,8 +138,14 @@ class SweepConfig:
                 )
         low, high = data_lib.TASK_LENGTHS
         check_range("task_length", self.task_length, low, high, high_open=False)
-        for name in ("max_length", "train_limit", "dev_limit", "task_train", "max_steps"):
+        for name in ("max_length", "dev_limit", "max_steps"):
             check_range(name, getattr(self, name), 1)
+        for name in ("train_limit", "task_train"):  # a run's first batch must fill
+            check_range(
+                f"{name} (the training examples; the sweep's batches hold {BATCH_SIZE})",
+                getattr(self, name),
+                BATCH_SIZE,
+            )
         check_range("seeds", self.seeds, 1, SEED_MAX + 1, high_open=False)  # seeds 0..SEED_MAX
 
     @property
@@ -188,7 +199,7 @@ def run_config(sweep: SweepConfig, dataset: str, clipper: str, lr: float, seed: 
         model=sweep.model,
         optimizer=sweep.optimizer,
         learning_rate=lr,
-        batch_size=32,
+        batch_size=BATCH_SIZE,
         epochs=1,
         max_steps=sweep.max_steps,
         clip=name,
@@ -345,6 +356,14 @@ def _read_run(path: pathlib.Path) -> dict[str, Any]:
     missing = [key for key in _RUN_KEYS if key not in result] if isinstance(result, dict) else list(_RUN_KEYS)
     if missing:
         raise ValueError(f"{path} is not a run record (no {', '.join(missing)}); delete it to run it again")
+    # What the summary looks up: a record of another clipx's grid would stop it after every run.
+    clipper, config = result["clipper"], result["config"]
+    optimizer = config.get("optimizer") if isinstance(config, dict) else None
+    if clipper not in [label for label, _, _ in CLIPPERS] or optimizer not in OPTIMIZER_NAMES:
+        raise ValueError(
+            f"{path} is not a run record of this sweep's grid (clipper {clipper!r}, optimizer "
+            f"{optimizer!r}); delete it to run it again"
+        )
     return result
 
 

@@ -33,6 +33,7 @@ import dataclasses
 import inspect
 import json
 import math
+import numbers
 import pathlib
 import threading
 import time
@@ -148,6 +149,27 @@ def resume_file(out_dir: str | pathlib.Path | None, name: str) -> pathlib.Path:
     return path
 
 
+# The settings of `TrainConfig` that count or size something, and those of them that may be None.
+_INTEGER_SETTINGS = (
+    "task_length",
+    "task_train",
+    "task_dev",
+    "train_limit",
+    "dev_limit",
+    "max_length",
+    "pad_multiple",
+    "min_count",
+    "max_vocab",
+    "batch_size",
+    "epochs",
+    "max_steps",
+    "seed",
+    "eval_every",
+    "checkpoint_every",
+)
+_OPTIONAL_SETTINGS = ("train_limit", "dev_limit", "max_length", "max_vocab", "max_steps", "eval_every")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything that determines a training run.
@@ -185,8 +207,10 @@ class TrainConfig:
       checkpoint_every: write a checkpoint every this many steps.
 
     Raises:
-      ValueError: a setting is out of its range (the message names it and the
-        range): the counts and sizes must be at least 1, ``max_vocab`` at
+      ValueError: a setting is of the wrong type or out of its range (the
+        message names it and the range): the counts and sizes must be
+        integers of at least 1, the rates real numbers, the clipper's
+        arguments what `checked_clip_arg` keeps, ``max_vocab`` at
         least its special tokens (2, or 4 with ``boundaries``), ``seed`` in
         [0, 2³² − 1], ``task_length`` in 50..400, ``learning_rate`` finite
         and above 0, ``momentum`` in [0, 1), ``weight_decay`` finite and at
@@ -220,6 +244,26 @@ class TrainConfig:
     checkpoint_every: int = 200
 
     def __post_init__(self):
+        for name in _INTEGER_SETTINGS:
+            value = getattr(self, name)
+            if value is not None or name not in _OPTIONAL_SETTINGS:
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                    raise ValueError(f"{name} must be an integer; got {value!r}")
+                object.__setattr__(self, name, int(value))  # a NumPy integer too: JSON takes ints
+        for name in ("learning_rate", "momentum", "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"{name} must be a real number; got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if not isinstance(self.clip_args, dict) or not all(isinstance(key, str) for key in self.clip_args):
+            raise ValueError(f"clip_args must be a dict of argument names to values; got {self.clip_args!r}")
+        clip_args = {}
+        for key, value in self.clip_args.items():
+            try:
+                clip_args[key] = checked_clip_arg(key, value)
+            except ValueError as error:
+                raise ValueError(f"clip_args {key}={value!r}: {error}") from None
+        object.__setattr__(self, "clip_args", clip_args)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
         if self.tokenizer not in data_lib.TOKENIZERS:
@@ -363,21 +407,50 @@ def make_clipper(name: str, args: dict[str, Any] | None = None) -> optax.Gradien
         raise ValueError(f"clipx.{name}: {error}") from None
 
 
-def _beyond_float32(value: Any) -> bool:
-    """Whether ``value`` is a number larger in size than float32's largest, or a tuple or list holding one."""
-    if isinstance(value, (tuple, list)):
-        return any(_beyond_float32(item) for item in value)
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > FLOAT32_MAX
+def _literals(value: Any) -> Iterator[Any]:
+    """``value``, or the items of a tuple ``value`` (nested tuples too)."""
+    if isinstance(value, tuple):
+        for item in value:
+            yield from _literals(item)
+    else:
+        yield value
+
+
+def checked_clip_arg(key: str, value: Any) -> Any:
+    """A clipper argument as a run's settings keep it, valid JSON that reads back the same.
+
+    A NumPy or JAX scalar becomes its Python number and a list a tuple;
+    ``ord=inf`` (`clipx.global_norm`'s largest-entry norm) becomes the string
+    ``"inf"``. Raises ``ValueError`` for anything but numbers finite in
+    float32 (where the clippers compute: a larger one would be ∞ there),
+    strings, bools, ``None`` and tuples of them.
+    """
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)) and np.ndim(value) == 0:
+        value = value.item()
+    if isinstance(value, list):
+        value = tuple(value)
+    for item in _literals(value):
+        if item is not None and not isinstance(item, (bool, int, float, str)):
+            raise ValueError(f"a {type(item).__name__}, not a number, string, bool, None or tuple of them")
+    if key == "ord" and value in (math.inf, "inf", "math.inf"):
+        return "inf"
+    sizes = [x for x in _literals(value) if isinstance(x, (int, float)) and not isinstance(x, bool)]
+    if any(isinstance(x, float) and not math.isfinite(x) for x in sizes):
+        raise ValueError("not a finite number (--clip none does not clip)")
+    if any(abs(x) > FLOAT32_MAX for x in sizes):
+        raise ValueError(
+            f"beyond float32's range (at most {FLOAT32_MAX:.8g} in size; --clip none does not clip)"
+        )
+    return value
 
 
 def parse_clip_args(items: list[str]) -> dict[str, Any]:
     """Parses ``["max_norm=1.0", "mode=zscore"]`` into ``{"max_norm": 1.0, "mode": "zscore"}``.
 
     Values are Python literals (numbers, ``True``, ``None``, tuples) when they
-    parse as such, otherwise strings. Numbers must be finite in float32, where
-    the clippers compute: a larger one would be ∞ there. The one infinite
-    value is ``ord=inf`` (`clipx.global_norm`'s largest-entry norm), kept as
-    the string ``"inf"`` so that the run's settings stay valid JSON.
+    parse as such, otherwise strings, checked by `checked_clip_arg`: numbers
+    must be finite in float32, and the one infinite value is ``ord=inf``,
+    kept as the string ``"inf"`` so that the run's settings stay valid JSON.
 
     >>> parse_clip_args(["max_norm=1", "mode=zscore", "max_grad_norm=None", "ord=inf"])
     {'max_norm': 1, 'mode': 'zscore', 'max_grad_norm': None, 'ord': 'inf'}
@@ -391,18 +464,13 @@ def parse_clip_args(items: list[str]) -> dict[str, Any]:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             value = text
-        if key.strip() == "ord" and value in (math.inf, "inf", "math.inf"):
-            value = "inf"
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"clipper argument {item!r}: not a finite number (--clip none does not clip)")
-        if _beyond_float32(value):
-            raise ValueError(
-                f"clipper argument {item!r}: beyond float32's range (at most {FLOAT32_MAX:.8g} in size; "
-                "--clip none does not clip)"
-            )
-        if key.strip() in parsed:
-            raise ValueError(f"clipper argument {key.strip()!r} is given twice")
-        parsed[key.strip()] = value
+        key = key.strip()
+        if key in parsed:
+            raise ValueError(f"clipper argument {key!r} is given twice")
+        try:
+            parsed[key] = checked_clip_arg(key, value)
+        except ValueError as error:
+            raise ValueError(f"clipper argument {item!r}: {error}") from None
     return parsed
 
 
@@ -577,17 +645,26 @@ def load_checkpoint(path: pathlib.Path, template: TrainState) -> TrainState:
     """Reads a checkpoint written by `save_checkpoint` into the structure of ``template``.
 
     Raises:
-      ValueError: the checkpoint's tree, shapes or dtypes differ from
-        ``template``'s (as when the clipper's defaults, and with them its
-        state, changed between clipx versions).
+      ValueError: the file is not whole msgpack (corrupt or cut short), or
+        the checkpoint's tree, shapes or dtypes differ from ``template``'s (as
+        when the clipper's defaults, and with them its state, changed between
+        clipx versions).
     """
     hint = "was it written with other settings, or by a clipx whose clipper defaults differ?"
     target = _state_dict(template)
+
+    def why(error: Exception) -> str:  # msgpack's ExtraData holds the whole file in its repr
+        return f"{type(error).__name__}: {data_lib.quoted(str(error), 200)}"
+
     try:
-        restored = flax.serialization.from_bytes(target, path.read_bytes())
+        encoded = flax.serialization.msgpack_restore(path.read_bytes())
+    except ValueError as error:  # msgpack's errors are ValueErrors
+        raise ValueError(f"{path} is not a whole checkpoint: corrupt or cut short ({why(error)})") from None
+    try:
+        restored = flax.serialization.from_state_dict(target, encoded)
     except (ValueError, TypeError, KeyError, AttributeError) as error:  # flax's, by where the trees part
         raise ValueError(
-            f"{path} does not fit this run's parameters and optimizer state ({error!r}); {hint}"
+            f"{path} does not fit this run's parameters and optimizer state ({why(error)}); {hint}"
         ) from None
     expected = jax.tree_util.tree_leaves_with_path(target)
     got = jax.tree.leaves(restored)
@@ -807,12 +884,13 @@ def train(
         else:  # a fresh run replaces whatever run the folder held, its figures too
             from clipx.workload import plots  # matplotlib: only for a run written to a folder
 
+            settings = json_text(config.to_json(), indent=2)  # before anything is removed: it may fail
             # Removed now, not when the run ends: an interrupted run leaves no figure of
             # another run beside its own log. A resumed run keeps its figures, of its own
             # earlier steps, until `clipx train` redraws them at the end.
             for name in ("summary.json", "checkpoint.msgpack", *plots.ONE_RUN_FIGURES):
                 (out / name).unlink(missing_ok=True)
-            (out / "config.json").write_text(json_text(config.to_json(), indent=2))
+            (out / "config.json").write_text(settings)
         (out / "log.jsonl").write_text("".join(json_text(r) for r in log_records))
         log_file = (out / "log.jsonl").open("a")
 
@@ -872,7 +950,9 @@ def train(
         None if diverged else evaluate(eval_step, params, data.dev, config.batch_size, config.pad_multiple)
     )
     if final is not None and not math.isfinite(final["dev_loss"]):  # the last step broke the weights
-        diverged, final = True, None
+        # A run stopped early (stop_after) is not judged on an evaluation the whole run would not
+        # make: its resume trains on, as the whole run does, and finds the divergence in its log.
+        diverged, final = step >= total, None
     finished = diverged or step >= total
     # A run that ends between evaluations (--max-steps mid-epoch) logs the summary's evaluation.
     evaluated = any(r["step"] == step and "dev_accuracy" in r for r in log_records)
