@@ -149,9 +149,9 @@ def resume_file(out_dir: str | pathlib.Path | None, name: str) -> pathlib.Path:
     return path
 
 
-# The settings of `TrainConfig` that count or size something, and those of them that may be None.
-_INTEGER_SETTINGS = (
-    "task_length",
+# The settings of `TrainConfig` that count or size something (at least 1), all its integer settings,
+# and those of them that may be None.
+_COUNTS = (
     "task_train",
     "task_dev",
     "train_limit",
@@ -159,14 +159,13 @@ _INTEGER_SETTINGS = (
     "max_length",
     "pad_multiple",
     "min_count",
-    "max_vocab",
     "batch_size",
     "epochs",
     "max_steps",
-    "seed",
     "eval_every",
     "checkpoint_every",
 )
+_INTEGER_SETTINGS = ("task_length", *_COUNTS, "max_vocab", "seed")
 _OPTIONAL_SETTINGS = ("train_limit", "dev_limit", "max_length", "max_vocab", "max_steps", "eval_every")
 
 
@@ -271,20 +270,7 @@ class TrainConfig:
             raise ValueError(f"tokenizer must be one of {allowed}; got {self.tokenizer!r}")
         low, high = data_lib.TASK_LENGTHS
         check_range("task_length", self.task_length, low, high, high_open=False)
-        for name in (
-            "task_train",
-            "task_dev",
-            "train_limit",
-            "dev_limit",
-            "max_length",
-            "pad_multiple",
-            "min_count",
-            "batch_size",
-            "epochs",
-            "max_steps",
-            "eval_every",
-            "checkpoint_every",
-        ):
+        for name in _COUNTS:
             check_range(name, getattr(self, name), 1)
         check_range("learning_rate", self.learning_rate, 0, FLOAT32_MAX, low_open=True, high_open=False)
         check_range("momentum", self.momentum, 0, 1)
