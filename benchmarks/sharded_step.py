@@ -277,9 +277,11 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(args.only) - set(CLIPPERS))
     if unknown or not args.only:
         parser.error(f"--only: unknown clippers {unknown}; choose from {', '.join(CLIPPERS)}")
-    for flag in ("rounds", "repeat", "batch", "length", "vocab", "embed", "hidden", "chunk"):
+    for flag in ("rounds", "repeat", "batch", "length", "embed", "hidden", "chunk"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1")
+    if args.vocab < 3:  # the sentences draw words 2, 3, ... (0 and 1 are padding and unknown)
+        parser.error("--vocab must be at least 3")
 
     print(machine())
     print()

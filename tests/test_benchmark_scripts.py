@@ -102,6 +102,15 @@ def test_sharded_step_wraps_guards_around_adam_and_chains_clippers_before_it(sha
     assert type(adam_state) is type(adam.init(params))
 
 
+@pytest.mark.parametrize("vocab", ["1", "2"])
+def test_sharded_step_refuses_a_vocabulary_without_words(sharded_step, vocab, capsys):
+    # Words are drawn from 2, 3, ...: before, --vocab 2 failed with NumPy's "low >= high".
+    with pytest.raises(SystemExit) as exit_info:
+        sharded_step.main(["--vocab", vocab])
+    assert exit_info.value.code == 2
+    assert "--vocab must be at least 3" in capsys.readouterr().err
+
+
 def test_sharded_step_times_a_tiny_model(sharded_step):
     args = argparse.Namespace(
         rounds=1,

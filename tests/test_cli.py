@@ -880,7 +880,9 @@ def test_plot_of_a_log_missing_a_threshold_draws_it_as_a_gap(tmp_path):
     ("lengths", "legend"),
     [
         ((5, 3), "per step"),
-        ((40, 3), "faint: per step; solid: 10-step mean (as logged under 10 steps)"),
+        ((40, 3), "faint: per step; solid: 10-step mean (as logged up to 10 steps)"),
+        ((40, 10), "faint: per step; solid: 10-step mean (as logged up to 10 steps)"),
+        ((10,), "per step"),  # a 10-step mean of 10 steps is one point: no line
         ((40, 12), "faint: per step; solid: 10-step mean"),
     ],
 )
@@ -905,6 +907,68 @@ def test_step_axes_of_a_short_run_tick_whole_steps_only(tmp_path, monkeypatch):
     runs = {"run": [{"step": step, "loss": 1.0 / step} for step in (1, 2, 3)]}
     cli.plots.plot_losses(runs, tmp_path / "loss.png", "title")
     assert ticks and all(float(tick).is_integer() for tick in ticks), ticks
+
+
+def _saved_figures(monkeypatch):
+    figures = []
+    monkeypatch.setattr(cli.plots.Figure, "savefig", lambda fig, *args, **kwargs: figures.append(fig))
+    return figures
+
+
+def _records(steps):
+    return [
+        {"step": s, "loss": 1.0 / s, "grad_norm": 2.0, "dev_accuracy": 0.5, "adaptive/norm": 2.0,
+         "adaptive/threshold": 1.0, "adaptive/clipped": 1.0}
+        for s in range(1, steps + 1)
+    ]  # fmt: skip
+
+
+def test_plot_labels_and_titles_are_drawn_as_written(tmp_path, monkeypatch):
+    """Before, a folder named `a$x^$` crashed matplotlib's math parser after training, and a label
+    starting with `_` (a folder `_baseline`) was left out of every legend."""
+    figures = _saved_figures(monkeypatch)
+    runs = {"_baseline": _records(30), "a$x^$": _records(30), "cost $1 vs $2": _records(30)}
+    cli.plots.plot_runs(runs, tmp_path, "data $HOME, seed 0")
+    assert len(figures) == 6  # loss, grad norm, dev accuracy, three thresholds
+    for fig in figures[:3]:
+        (ax,) = fig.axes
+        legend = [text.get_text() for text in ax.get_legend().get_texts()]
+        assert legend == ["_baseline", r"a\$x^\$", r"cost \$1 vs \$2"]
+        assert ax.get_title().endswith(r"data \$HOME, seed 0")
+    for fig in figures:
+        fig.canvas.draw()  # what crashed: the text's layout
+
+
+def test_long_plot_titles_are_wrapped_to_the_figure(tmp_path, monkeypatch):
+    figures = _saved_figures(monkeypatch)
+    setting = ", ".join(["50-word temporal order", "LSTM", "SGD+momentum 0.9 lr 0.1"] + ["max_norm=0.5"] * 8)
+    cli.plots.plot_losses({"run": _records(30)}, tmp_path / "loss.png", f"Training loss\n{setting}")
+    (fig,) = figures
+    lines = fig.axes[0].get_title().split("\n")
+    assert len(lines) > 2 and all(len(line) <= 80 for line in lines)
+    assert " ".join(lines[1:]) == setting
+
+
+def test_a_one_step_run_is_drawn_on_whole_steps(tmp_path, monkeypatch):
+    """Before, a line through one point drew nothing, and the step ticks were 0.945, 0.960..."""
+    figures = _saved_figures(monkeypatch)
+    cli.plots.plot_runs({"run": _records(1)}, tmp_path, "setting")
+    for fig in figures:
+        (ax,) = fig.axes
+        assert all(line.get_marker() not in (None, "None", "") for line in ax.get_lines())
+        fig.canvas.draw()
+        assert all(float(tick).is_integer() for tick in ax.get_xticks()), ax.get_xticks()
+
+
+def test_eleven_runs_or_more_are_told_apart_by_line_style(tmp_path, monkeypatch):
+    figures = _saved_figures(monkeypatch)
+    runs = {f"run{i}": _records(30) for i in range(12)}
+    cli.plots.plot_losses(runs, tmp_path / "loss.png", "title")
+    cli.plots.plot_dev_accuracy(runs, tmp_path / "dev.png", "title")
+    for fig in figures:
+        legend = fig.axes[0].get_legend()
+        styles = [(handle.get_color(), handle.get_linestyle()) for handle in legend.legend_handles]
+        assert len(set(styles)) == 12
 
 
 def test_sweep_plot_gives_a_clipper_one_colour_in_every_panel(tmp_path, monkeypatch):

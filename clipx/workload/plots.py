@@ -9,6 +9,7 @@ import itertools
 import math
 import pathlib
 import re
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,8 +23,25 @@ def _is_finite(value: Any) -> bool:
     return value is not None and bool(np.isfinite(value))
 
 
+def _literal(text: str) -> str:
+    """``text`` drawn as written: matplotlib would read ``$…$`` (in a folder name, say) as math."""
+    return text.replace("$", r"\$")
+
+
+def _title(text: str, fig: Figure) -> str:
+    """``text`` as a literal title, each line wrapped to the figure's width (10 characters an inch)."""
+    width = int(10 * fig.get_figwidth())
+    return "\n".join(textwrap.fill(_literal(line), width) for line in text.split("\n"))
+
+
+def _styles(labels: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """A colour and line style for each label: the ten colours, then again dashed, then dotted."""
+    return {label: (f"C{i % 10}", ("-", "--", ":")[i // 10 % 3]) for i, label in enumerate(labels)}
+
+
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
-    if len(values) < window:
+    """The moving mean of ``values`` over ``window`` steps; ``values`` when that would be one point."""
+    if len(values) <= window:
         return values
     kernel = np.ones(window) / window
     return np.convolve(values, kernel, mode="valid")
@@ -32,6 +50,7 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
 def _finish_step_plot(
     fig: Figure,
     ax: Any,
+    named: Sequence[tuple[Any, str]],
     ylabel: str,
     title: str,
     path: str | pathlib.Path,
@@ -40,20 +59,30 @@ def _finish_step_plot(
 ) -> None:
     """y (log scale if ``log_scale``) against training steps, labels, legend and grid; writes the PNG.
 
-    With no positive finite value to show (a run that logged only NaN), the
-    axis stays linear and the figure says so.
+    ``named`` pairs the legend's artists with their labels (given, not read
+    from the artists: matplotlib leaves out a label that starts with ``_``).
+    A line through a single point gets a marker, or it would not show. With
+    no positive finite value to show (a run that logged only NaN), the axis
+    stays linear and the figure says so.
     """
     ys = [np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()]
     if not any(np.any(np.isfinite(y) & (y > 0)) for y in ys):
         log_scale = False
         ax.text(0.5, 0.5, "no positive finite value logged", transform=ax.transAxes, ha="center")
+    for line, y in zip(ax.get_lines(), ys, strict=True):
+        if np.count_nonzero(np.isfinite(y)) == 1:
+            line.set_marker("o")
     if log_scale:
         ax.set_yscale("log")
     ax.set_xlabel("training step")
+    low, high = ax.get_xlim()
+    if high - low < 2:  # a single step: room for whole-step ticks either side
+        ax.set_xlim((low + high) / 2 - 1, (low + high) / 2 + 1)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no tick at 1.25
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(title=legend_title, title_fontsize="small")
+    ax.set_title(_title(title, fig))
+    artists, labels = zip(*named, strict=True) if named else ((), ())
+    ax.legend(artists, [_literal(label) for label in labels], title=legend_title, title_fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -74,20 +103,23 @@ def _plot_per_step(
     ax = fig.subplots()
     rows = {label: [r for r in records if key in r] for label, records in runs.items()}
     window = max(10, max(map(len, rows.values()), default=0) // 100)
+    named, styles = [], _styles(list(rows))
     for label, records in rows.items():
+        color, linestyle = styles[label]
         steps = np.array([r["step"] for r in records])
         values = np.array([r[key] for r in records], dtype=float)
-        (line,) = ax.plot(steps, values, alpha=0.25, linewidth=0.8)
+        ax.plot(steps, values, color=color, linestyle=linestyle, alpha=0.25, linewidth=0.8)
         smooth = _smooth(values, window)
-        ax.plot(steps[len(steps) - len(smooth) :], smooth, color=line.get_color(), label=label)
-    # `_smooth` leaves a run shorter than the window as logged.
-    if max(map(len, rows.values()), default=0) < window:
+        (line,) = ax.plot(steps[len(steps) - len(smooth) :], smooth, color=color, linestyle=linestyle)
+        named.append((line, label))
+    # `_smooth` leaves a run of at most the window's steps as logged.
+    if max(map(len, rows.values()), default=0) <= window:
         legend_title = "per step"
-    elif min(map(len, rows.values())) < window:
-        legend_title = f"faint: per step; solid: {window}-step mean (as logged under {window} steps)"
+    elif min(map(len, rows.values())) <= window:
+        legend_title = f"faint: per step; solid: {window}-step mean (as logged up to {window} steps)"
     else:
         legend_title = f"faint: per step; solid: {window}-step mean"
-    _finish_step_plot(fig, ax, ylabel, title, path, legend_title=legend_title)
+    _finish_step_plot(fig, ax, named, ylabel, title, path, legend_title=legend_title)
 
 
 def plot_losses(
@@ -135,15 +167,16 @@ def plot_threshold(
     clipped = np.array([bool(r.get(f"{prefix}/clipped", 0.0)) for r in rows], dtype=bool)
     fig = Figure(figsize=(8, 4.5))
     ax = fig.subplots()
-    ax.plot(steps, norms, linewidth=0.8, label=measured)
+    (norm_line,) = ax.plot(steps, norms, linewidth=0.8)
     # Over long runs the markers would hide the threshold: smaller, fainter, and drawn beneath it.
     dense = len(steps) > 1000
-    ax.scatter(
+    marks = ax.scatter(
         steps[clipped], norms[clipped], s=2 if dense else 10, alpha=0.4 if dense else 1.0,
-        color="red", zorder=3, label="clipped step",
+        color="red", zorder=3,
     )  # fmt: skip
-    ax.plot(steps, thresholds, linewidth=1.5, color="black", zorder=4, label="threshold")
-    _finish_step_plot(fig, ax, ylabel, title, path)
+    (threshold_line,) = ax.plot(steps, thresholds, linewidth=1.5, color="black", zorder=4)
+    named = [(norm_line, measured), (marks, "clipped step"), (threshold_line, "threshold")]
+    _finish_step_plot(fig, ax, named, ylabel, title, path)
 
 
 def plot_dev_accuracy(
@@ -152,11 +185,15 @@ def plot_dev_accuracy(
     """Dev accuracy (%) at each evaluation of each run."""
     fig = Figure(figsize=(8, 4.5))
     ax = fig.subplots()
+    named, styles = [], _styles(list(runs))
     for label, records in runs.items():
+        color, linestyle = styles[label]
         rows = [r for r in records if _is_finite(r.get("dev_accuracy"))]
         accuracy = [100 * r["dev_accuracy"] for r in rows]
-        ax.plot([r["step"] for r in rows], accuracy, marker="o", markersize=3, label=label)
-    _finish_step_plot(fig, ax, "dev accuracy (%)", title, path, log_scale=False)
+        steps = [r["step"] for r in rows]
+        (line,) = ax.plot(steps, accuracy, color=color, linestyle=linestyle, marker="o", markersize=3)
+        named.append((line, label))
+    _finish_step_plot(fig, ax, named, "dev accuracy (%)", title, path, log_scale=False)
 
 
 # Every figure `plot_runs` may write for a single run.
@@ -220,8 +257,7 @@ def plot_sweep(
     """
     fig = Figure(figsize=(6 * len(table), 4.5))
     axes = np.atleast_1d(fig.subplots(1, len(table)))
-    clippers = list(dict.fromkeys(clipper for by_clipper in table.values() for clipper in by_clipper))
-    styles = {c: (f"C{i % 10}", ("-", "--", ":")[i // 10 % 3]) for i, c in enumerate(clippers)}
+    styles = _styles(list(dict.fromkeys(clipper for by_clipper in table.values() for clipper in by_clipper)))
     for ax, (dataset, by_clipper) in zip(axes, table.items(), strict=True):
         for clipper, by_lr in by_clipper.items():
             lrs = sorted(by_lr)
@@ -234,9 +270,9 @@ def plot_sweep(
         ax.set_xscale("log")
         ax.set_xlabel("learning rate (log scale)")
         ax.set_ylabel("final dev accuracy")
-        ax.set_title(dataset)
+        ax.set_title(_literal(dataset))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", loc="best")
-    fig.suptitle(title)
+    fig.suptitle(_title(title, fig))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
