@@ -157,7 +157,9 @@ def agc(
       clipping: the largest ratio :math:`\lambda \ge 0` of a unit's gradient
         norm to its weight norm (default 0.01). A unit whose bound
         :math:`\lambda \max(\lVert W_i\rVert, \epsilon)` is past about
-        1.8·10¹⁹ (its square overflows float32) is not clipped.
+        1.8·10¹⁹ (its square overflows float32) is not clipped; if its
+        gradient norm is past that too, its ratio in the statistics is 0
+        (1 with λ = 0, which clips every unit to 0).
       eps: :math:`\epsilon`, 0 or at least about 1.08e-19 (its square a
         normal float32), the smallest weight norm used (default 1e-3), so
         zero-initialised weights can still move. With 0, a unit with zero
@@ -223,7 +225,13 @@ def agc(
         units = _unit_axes(g.shape, axis)
         g_squared, w_squared = _numerics.sums_of_squares_together(g, w, axis=units)
         floor_squared = jnp.maximum(w_squared, jnp.square(_numerics.as_dtype(eps, g_squared.dtype)))
-        bound = _numerics.hyperparameter(clipping, floor_squared.dtype) * floor_root(floor_squared)
+        # λ = 0 bounds every unit at 0, even one whose floor overflows (where 0·∞ would be NaN).
+        bound: float | jax.Array = 0.0
+        if not isinstance(clipping, numbers.Real) or clipping > 0:
+            root = floor_root(floor_squared)
+            if isinstance(clipping, jax.Array):
+                root = jnp.where(clipping == 0, 0, root)
+            bound = _numerics.hyperparameter(clipping, floor_squared.dtype) * root
         clipped = _numerics.scale_leaf(g, _numerics.clip_scale_of_square(g_squared, bound))
         return clipped, g_squared, floor_squared
 
@@ -234,9 +242,17 @@ def agc(
     def ratio_squared(g_squared: jax.Array, floor_squared: jax.Array) -> jax.Array:
         """``‖G_i‖² / max(‖W_i‖, ε)²``, with 0/0 = 0 (a zero floor needs eps = 0 and zero weights).
 
-        The 0/0 is never computed, so ``jax_debug_nans`` stays quiet; a NaN stays NaN.
+        Where both squares overflow, ∞/∞ is taken as the clip decides: 0 (the unit is not
+        clipped: its bound overflows too), or 1 with λ = 0 (it is clipped to 0). Neither
+        0/0 nor ∞/∞ is computed, so ``jax_debug_nans`` stays quiet; a NaN stays NaN.
         """
-        return g_squared / jnp.where(g_squared == 0, 1, floor_squared)
+        largest = jnp.finfo(g_squared.dtype).max  # no ∞ constant: jax_debug_infs would stop at it
+        overflowed = (g_squared > largest) & (floor_squared > largest)
+        numerator = jnp.where(overflowed, 0, g_squared)
+        ratio = numerator / jnp.where(numerator == 0, 1, floor_squared)
+        if not isinstance(clipping, numbers.Real) or clipping == 0:
+            ratio = jnp.where(overflowed & (clipping == 0), 1, ratio)
+        return ratio
 
     def init_fn(params):
         for path, leaf in jax.tree_util.tree_leaves_with_path(params):

@@ -196,6 +196,25 @@ def test_agc_zero_eps_zero_weights_gives_no_nan():
     chex.assert_tree_all_finite((state.stats.threshold, state.stats.scale))
 
 
+@pytest.mark.parametrize("array", [False, True], ids=["number", "array"])
+@pytest.mark.parametrize("clipping", [0.01, 0.0])
+def test_a_unit_whose_norms_both_overflow_is_counted_as_it_is_clipped(clipping, array):
+    """‖G‖² and ‖W‖² both past float32's range: before, the ratio was ∞/∞ = NaN (stopping
+    jax_debug_nans), and with λ = 0 the bound 0·∞ = NaN left the unit unclipped."""
+    params = grads = {"w": jnp.array([1e30, 0.0], jnp.float32)}
+    tx = clipx.agc(jnp.asarray(clipping) if array else clipping)
+    with jax.debug_nans(True):
+        for update in (tx.update, jax.jit(tx.update)):
+            updates, state = update(grads, tx.init(params), params)
+            stats = {k: float(v) for k, v in clipx.stats(state).items()}
+            if clipping:  # the bound overflows: not clipped, and not counted
+                np.testing.assert_array_equal(updates["w"], grads["w"])
+                assert (stats["agc/norm"], stats["agc/scale"], stats["agc/clipped"]) == (0.0, 0.0, 0.0)
+            else:  # λ = 0 clips every unit to 0, this one too
+                np.testing.assert_array_equal(updates["w"], [0.0, 0.0])
+                assert (stats["agc/norm"], stats["agc/scale"], stats["agc/clipped"]) == (1.0, 1.0, 1.0)
+
+
 def test_zero_gradients_of_zero_weights_compute_no_nan_under_debug_nans():
     """0/0 is never computed (eagerly, every operation is checked), so users debugging NaNs
     with jax_debug_nans are not stopped here."""
