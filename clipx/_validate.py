@@ -58,7 +58,7 @@ def check_range(
     NaN is always rejected. A JAX array comes back as it is, checked if it is
     concrete (one transfer to the host), not if it is traced.
     """
-    number = _concrete_number(name, value)
+    number = concrete_number(name, value)
     if number is None:
         return value
     above_low = number > low if low_open else number >= low
@@ -100,7 +100,7 @@ def check_finite_product(name: str, value: Any, other_name: str, other: Any) -> 
 
     A zero factor gives no noise, whatever the other (even ``C = ∞``).
     """
-    number, factor = _concrete_number(name, value), _concrete_number(other_name, other)
+    number, factor = concrete_number(name, value), concrete_number(other_name, other)
     if number is None or factor is None or number == 0 or factor == 0:
         return
     if not number * factor <= _FLOAT32_MAX:
@@ -115,7 +115,7 @@ def check_normal_float32(name: str, value: Any) -> Any:
     return check_range(name, value, FLOAT32_TINY, _FLOAT32_MAX)
 
 
-def _concrete_number(name: str, value: Any) -> float | None:
+def concrete_number(name: str, value: Any) -> float | None:
     """``float(value)`` for a number or a concrete JAX array; None for a traced one."""
     number = _as_python_number(name, value)
     if number is None and not isinstance(value, jax.core.Tracer):
@@ -125,7 +125,7 @@ def _concrete_number(name: str, value: Any) -> float | None:
 
 def check_not_above(name: str, value: Any, bound_name: str, bound: Any) -> None:
     """``value ≤ bound``, when both are concrete (traced arrays are not checked)."""
-    number, limit = _concrete_number(name, value), _concrete_number(bound_name, bound)
+    number, limit = concrete_number(name, value), concrete_number(bound_name, bound)
     if number is not None and limit is not None and number > limit:
         raise ValueError(f"{name} must be at most {bound_name} ({limit:g}), got {value!r}")
 

@@ -39,7 +39,7 @@ def _check_axis(axis: Axis) -> None:
 def _check_eps_square(eps: float | jax.Array) -> None:
     """A positive ``eps`` whose square is a normal float32: ``max(‖W_i‖, ε)²`` is formed from ``ε²``."""
     smallest = float(np.sqrt(np.finfo(np.float32).tiny))
-    number = _validate._concrete_number("eps", eps)  # None for a traced array
+    number = _validate.concrete_number("eps", eps)  # None for a traced array
     if number is not None and 0 < number < smallest:
         raise ValueError(
             f"eps must be 0 or at least {smallest:.3g} (its square a normal float32), got {eps!r}"
