@@ -356,6 +356,7 @@ def test_clipper_arguments_json_cannot_keep_are_refused_when_the_config_is_made(
         ("epochs", None, "epochs must be an integer; got None"),
         ("learning_rate", True, "learning_rate must be a real number; got True"),
         ("momentum", "0.9", "momentum must be a real number; got '0.9'"),
+        ("learning_rate", 10**400, "learning_rate must lie in (0, 3.40282e+38]; got inf"),
     ],
 )
 def test_settings_of_the_wrong_type_are_refused(setting, value, message):

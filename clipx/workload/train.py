@@ -253,7 +253,10 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"{name} must be a real number; got {value!r}")
-            object.__setattr__(self, name, float(value))
+            try:
+                object.__setattr__(self, name, float(value))
+            except OverflowError:  # an int past float's range: out of range, as ∞ is
+                object.__setattr__(self, name, math.inf if value > 0 else -math.inf)
         if not isinstance(self.clip_args, dict) or not all(isinstance(key, str) for key in self.clip_args):
             raise ValueError(f"clip_args must be a dict of argument names to values; got {self.clip_args!r}")
         clip_args = {}
