@@ -370,12 +370,19 @@ def test_numpy_settings_become_python_numbers():
     json.dumps(config.to_json())
 
 
-@pytest.mark.parametrize("damage", ["extra-byte", "cut-short", "empty"])
+@pytest.mark.parametrize("damage", ["extra-byte", "cut-short", "empty", "dtype-name"])
 def test_a_corrupt_checkpoint_is_named_as_such_in_a_short_message(tmp_path, damage):
     train(TrainConfig(**TINY), tmp_path, stop_after=2)
     checkpoint = tmp_path / "checkpoint.msgpack"
     data = checkpoint.read_bytes()
-    checkpoint.write_bytes({"extra-byte": data + b"x", "cut-short": data[:-5], "empty": b""}[damage])
+    damaged = {
+        "extra-byte": data + b"x",
+        "cut-short": data[:-5],
+        "empty": b"",
+        "dtype-name": data.replace(b"float32", b"floXt32", 1),  # flax raises a TypeError
+    }[damage]
+    assert damaged != data
+    checkpoint.write_bytes(damaged)
     with pytest.raises(ValueError, match="is not a whole checkpoint: corrupt or cut short") as error:
         train(TrainConfig(**TINY), tmp_path, resume=True)
     assert len(str(error.value)) < 400  # before, msgpack's ExtraData quoted the whole checkpoint

@@ -31,7 +31,7 @@ def _literal(text: str) -> str:
 def _title(text: str, fig: Figure) -> str:
     """``text`` as a literal title, each line wrapped to the figure's width (10 characters an inch)."""
     width = int(10 * fig.get_figwidth())
-    return "\n".join(textwrap.fill(_literal(line), width) for line in text.split("\n"))
+    return "\n".join(_literal(textwrap.fill(line, width)) for line in text.split("\n"))  # no \ cut from $
 
 
 def _styles(labels: Sequence[str]) -> dict[str, tuple[str, str]]:

@@ -647,7 +647,7 @@ def load_checkpoint(path: pathlib.Path, template: TrainState) -> TrainState:
 
     try:
         encoded = flax.serialization.msgpack_restore(path.read_bytes())
-    except ValueError as error:  # msgpack's errors are ValueErrors
+    except (ValueError, TypeError) as error:  # msgpack's errors, and flax's for a garbled dtype name
         raise ValueError(f"{path} is not a whole checkpoint: corrupt or cut short ({why(error)})") from None
     try:
         restored = flax.serialization.from_state_dict(target, encoded)
