@@ -197,7 +197,8 @@ def global_norm(
     update (wrap the chain in `clipx.skip_nonfinite` to drop such steps).
     With ``p = 2``, finite float32 entries above about 1.8·10¹⁹ overflow
     their squares: the norm is then ∞ and the update 0, as with Optax (the
-    other orders scale by the largest entry and stay exact).
+    other orders scale by the largest entry and stay exact, unless the norm
+    itself is past float32's range).
 
     Args:
       max_norm: the threshold ``c ≥ 0`` (a number, or a scalar array for
