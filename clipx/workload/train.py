@@ -287,7 +287,7 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, recorded: dict[str, Any]) -> TrainConfig:
-        """The settings `to_json` gave, read back from JSON (whose lists were tuples in ``clip_args``).
+        """The settings `to_json` gave, read back from JSON (``clip_args``' lists become tuples again).
 
         Raises:
           ValueError: ``recorded`` names a setting this clipx does not take (as
@@ -302,11 +302,7 @@ class TrainConfig:
         unknown += [f"model.{name}" for name in sorted(set(recorded.get("model", {})) - model_fields)]
         if unknown:
             raise ValueError(f"settings this clipx does not take: {', '.join(unknown)}")
-        clip_args = {
-            key: tuple(value) if isinstance(value, list) else value
-            for key, value in recorded.get("clip_args", {}).items()
-        }
-        return cls(**{**recorded, "clip_args": clip_args})
+        return cls(**recorded)  # `checked_clip_arg` turns the lists back into tuples
 
 
 def read_settings(path: pathlib.Path) -> dict[str, Any]:
