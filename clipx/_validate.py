@@ -95,18 +95,23 @@ def check_finite_positive(name: str, value: Any) -> Any:
     return check_range(name, value, 0.0, _FLOAT32_MAX, low_open=True)
 
 
-def check_finite_product(name: str, value: Any, other_name: str, other: Any) -> None:
-    """``value · other ≤ 3.4e38`` when both are concrete and positive: a noise std ``σ·C`` must be finite.
+#: The largest noise standard deviation whose every draw is finite in float32: the float32 draws of
+#: ``jax.random.normal`` lie within ±5.42 (√2·erfinv of its uniform's extremes).
+NOISE_STD_MAX = _FLOAT32_MAX / 5.42
+
+
+def check_noise_std(name: str, value: Any, other_name: str, other: Any) -> None:
+    """``value · other ≤ 6.28e37`` when both are concrete and positive: a noise std ``σ·C`` (`NOISE_STD_MAX`).
 
     A zero factor gives no noise, whatever the other (even ``C = ∞``).
     """
     number, factor = concrete_number(name, value), concrete_number(other_name, other)
     if number is None or factor is None or number == 0 or factor == 0:
         return
-    if not number * factor <= _FLOAT32_MAX:
+    if not number * factor <= NOISE_STD_MAX:
         raise ValueError(
-            f"{name} · {other_name} (the noise standard deviation) must be finite in float32, at most "
-            f"{_FLOAT32_MAX:.3g}, got {value!r} · {other!r}"
+            f"{name} · {other_name} (the noise standard deviation) must be at most {NOISE_STD_MAX:.3g}, "
+            f"so that every draw of the noise is finite in float32, got {value!r} · {other!r}"
         )
 
 

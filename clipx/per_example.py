@@ -226,7 +226,7 @@ def _fixed_threshold_init(
     """Validates the shared arguments of the fixed-threshold rules: their ``init``, ``C`` and ``σ``."""
     l2_norm_clip = _validate.check_nonnegative("l2_norm_clip", l2_norm_clip)
     noise_multiplier = _validate.check_finite_nonnegative("noise_multiplier", noise_multiplier)
-    _validate.check_finite_product("noise_multiplier", noise_multiplier, "l2_norm_clip", l2_norm_clip)
+    _validate.check_noise_std("noise_multiplier", noise_multiplier, "l2_norm_clip", l2_norm_clip)
     seed = _checked_seed(seed, (noise_multiplier,), name, stacklevel=3)
 
     def init_fn(params):
@@ -274,7 +274,8 @@ def per_example_global_norm(
     Args:
       l2_norm_clip: the per-example clip norm ``C ≥ 0``.
       noise_multiplier: ``σ ≥ 0``; the noise standard deviation is ``σ·C``,
-        which must be finite in float32 (so ``C = ∞`` only with ``σ = 0``).
+        at most ``6.28e37`` so that every draw of the noise (within ±5.42
+        standard deviations) is finite in float32; ``C = ∞`` only with ``σ = 0``.
         The Python number 0 adds no noise and draws no random numbers.
       seed: an int seeding the PRNG key held in the state. The noise
         protects only if the seed is secret: without one, seed 0 is used
@@ -360,7 +361,8 @@ def per_example_layer_norm(
 
     Args:
       l2_norm_clip: the overall per-example clip norm ``C ≥ 0``.
-      noise_multiplier: ``σ ≥ 0``; noise standard deviation ``σ·C`` on every leaf.
+      noise_multiplier: ``σ ≥ 0``; noise standard deviation ``σ·C`` on every
+        leaf, at most ``6.28e37`` (see `per_example_global_norm`).
       seed: an int seeding the PRNG key held in the state. The noise
         protects only if the seed is secret: without one, seed 0 is used
         and a warning says so when noise is added.
@@ -411,6 +413,16 @@ def per_example_layer_norm(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _largest_threshold(noise_multiplier: float | jax.Array) -> Any:
+    """The largest ``C`` whose noise std ``σ·C`` is at most `_validate.NOISE_STD_MAX` (no noise: finite)."""
+    largest = jnp.finfo(jnp.float32).max
+    if isinstance(noise_multiplier, (int, float)) and noise_multiplier == 0:
+        return largest
+    multiplier = _numerics.hyperparameter(noise_multiplier, jnp.float32)
+    # Below σ = NOISE_STD_MAX / largest the quotient would pass float32's range: C stops at its largest value.
+    return _validate.NOISE_STD_MAX / jnp.maximum(multiplier, _validate.NOISE_STD_MAX / largest)
+
+
 def per_example_adaptive(
     target_quantile: float | jax.Array = 0.5,
     learning_rate: float | jax.Array = 0.2,
@@ -452,7 +464,8 @@ def per_example_adaptive(
     Examples with a non-finite norm are left out of ``b`` (numerator and
     denominator): they never move ``C``. ``C`` stays at or above the smallest
     normal float32 (``1.2e-38``), so after a run of zero gradients it can
-    always grow back.
+    always grow back, and at or below float32's largest value, with noise
+    on at or below ``6.28e37 / σ``, so that the noise stays finite.
 
     Args:
       target_quantile: ``γ ∈ [0, 1]``, the fraction of examples meant to be unclipped.
@@ -460,7 +473,8 @@ def per_example_adaptive(
       initial_threshold: ``C₀``, the clip norm of the first step: a normal
         float32 (in [1.2e-38, 3.4e38]).
       noise_multiplier: ``σ ≥ 0``; noise of standard deviation ``σ·C`` on the
-        sum (``σ·C₀`` must be finite in float32).
+        sum (``σ·C₀`` at most ``6.28e37``, so that every draw of the noise,
+        within ±5.42 standard deviations, is finite in float32).
       count_stddev: ``σ_b ≥ 0``, the standard deviation (in examples) of the
         noise added to the unclipped count.
       seed: an int seeding the PRNG key held in the state. The noise
@@ -492,9 +506,7 @@ def per_example_adaptive(
     target_quantile = _validate.check_range("target_quantile", target_quantile, 0.0, 1.0)
     learning_rate = _validate.check_finite_nonnegative("learning_rate", learning_rate)
     noise_multiplier = _validate.check_finite_nonnegative("noise_multiplier", noise_multiplier)
-    _validate.check_finite_product(
-        "noise_multiplier", noise_multiplier, "initial_threshold", initial_threshold
-    )
+    _validate.check_noise_std("noise_multiplier", noise_multiplier, "initial_threshold", initial_threshold)
     count_stddev = _validate.check_finite_nonnegative("count_stddev", count_stddev)
     seed = _checked_seed(seed, (noise_multiplier, count_stddev), "per_example_adaptive", stacklevel=2)
 
@@ -524,7 +536,7 @@ def per_example_adaptive(
         rate, target = (_numerics.hyperparameter(h, jnp.float32) for h in (learning_rate, target_quantile))
         moved = threshold * jnp.exp(-rate * (below - target))
         # 0 would never grow back; ∞ would turn into NaN (∞·0) and clip nothing.
-        moved = jnp.clip(moved, jnp.finfo(jnp.float32).tiny, jnp.finfo(jnp.float32).max)
+        moved = jnp.clip(moved, jnp.finfo(jnp.float32).tiny, _largest_threshold(noise_multiplier))
         new_threshold = jnp.where(examples > 0, moved, threshold)
         fraction = _fraction(jnp.sum(multipliers < 1), batch, axis_name)
         new_state = PerExampleAdaptiveState(

@@ -129,15 +129,45 @@ def test_zero_noise_array_with_infinite_threshold_adds_nothing(factory):
 
 @pytest.mark.parametrize("factory", [clipx.per_example_global_norm, clipx.per_example_layer_norm])
 @pytest.mark.parametrize(
-    ("clip", "noise"), [(math.inf, 1.0), (1e200, 1.0), (1e38, 10.0), (1e20, 1e20), (1e20, jnp.float32(1e20))]
+    ("clip", "noise"), [(math.inf, 1.0), (1e200, 1.0), (1e38, 1.0), (1e20, 1e20), (1e20, jnp.float32(1e20))]
 )
-def test_noise_of_infinite_std_is_refused(factory, clip, noise):
-    # σ·C past float32's range would make every update ±∞.
+def test_noise_of_overflowing_std_is_refused(factory, clip, noise):
+    # A draw of up to 5.42 standard deviations must stay finite: σ·C ≤ 3.4e38 / 5.42.
     with pytest.raises(ValueError, match=r"noise_multiplier · l2_norm_clip \(the noise standard deviation\)"):
         factory(clip, noise_multiplier=noise, seed=0)
-    with pytest.raises(ValueError, match="the noise standard deviation"):
+
+
+def test_noise_std_bound():
+    bound = float(np.finfo(np.float32).max) / 5.42
+    clipx.per_example_global_norm(bound, noise_multiplier=1.0, seed=0)
+    with pytest.raises(ValueError, match=r"at most 6.28e\+37, so that every draw of the noise is finite"):
+        clipx.per_example_global_norm(bound * 1.001, noise_multiplier=1.0, seed=0)
+    with pytest.raises(ValueError, match=r"noise_multiplier · initial_threshold \(the noise standard"):
         clipx.per_example_adaptive(initial_threshold=1e30, noise_multiplier=1e10, seed=0)
-    factory(1e19, noise_multiplier=1e19, seed=0)  # 1e38: finite
+    # The largest draw of the noise, at the largest std, is finite.
+    largest_draw = jnp.sqrt(2.0) * jax.scipy.special.erfinv(jnp.nextafter(jnp.float32(1), jnp.float32(0)))
+    assert np.isfinite(np.float32(largest_draw) * np.float32(bound))
+
+
+@pytest.mark.parametrize("noise", [1.0, 0.01, jnp.float32(1.0)])
+def test_adaptive_threshold_stops_where_its_noise_stays_finite(noise):
+    # A count noised below target 1 grows C by up to exp(1e4) a step: it stops at 6.28e37 / σ (float32's max
+    # for σ < 1/5.42), and the noise on the sum stays finite.
+    tx = clipx.per_example_adaptive(
+        target_quantile=1.0,
+        learning_rate=1e4,
+        initial_threshold=1.0,
+        noise_multiplier=noise,
+        count_stddev=1.0,
+        seed=0,
+    )
+    state, grads = tx.init(None), {"w": jnp.ones((2, 3))}
+    cap = min(float(np.finfo(np.float32).max), float(np.finfo(np.float32).max) / 5.42 / float(noise))
+    for _ in range(8):
+        summed, state = tx.update(grads, state)
+        assert np.all(np.isfinite(summed["w"]))
+        assert 0 < float(state.threshold) <= cap * (1 + 1e-6)
+    assert float(state.threshold) >= cap * (1 - 1e-6)  # it did grow to the cap
 
 
 def test_zero_noise_keeps_key():
