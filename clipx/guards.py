@@ -230,6 +230,9 @@ class GradNormRecord(NamedTuple):
     stats_name = "grad_norm"  # type: ignore[misc]  # a class attribute, not a field
 
 
+_LARGEST_LOG = float(_numerics.largest_log(jnp.float32))
+
+
 class SkipSpikesState(NamedTuple):
     """State of `skip_spikes`.
 
@@ -397,10 +400,11 @@ def skip_spikes(
             updates,
             state.inner_state,
         )
+        # float32's largest value stands for any threshold beyond its range: no ∞ from finite norms.
+        threshold = jnp.exp(jnp.minimum(log_threshold, _LARGEST_LOG))
         record = clip_stats(
             norm=norm.astype(jnp.float32),
-            # e^88 ≈ 1.7e38 stands for any threshold beyond float32's range: no ∞ from finite norms.
-            threshold=jnp.where(ready, jnp.exp(jnp.minimum(log_threshold, 88.0)), norm).astype(jnp.float32),
+            threshold=jnp.where(ready, threshold, norm).astype(jnp.float32),
             scale=jnp.where(skip, 0.0, 1.0).astype(jnp.float32),
             clipped=skip,
         )
