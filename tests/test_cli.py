@@ -513,11 +513,34 @@ def test_a_sweep_that_made_no_run_binds_no_settings(tmp_path, monkeypatch, capsy
     assert recorded["datasets"] == ["task"] and recorded["max_length"] == 128
 
 
-def test_sweep_settings_are_validated():
-    with pytest.raises(ValueError, match="unknown sweep optimizer 'lamb'"):
-        cli.sweep.SweepConfig(optimizer="lamb")
-    with pytest.raises(ValueError, match="unknown sweep cell 'transformer'"):
-        cli.sweep.SweepConfig(cell="transformer")
+@pytest.mark.parametrize(
+    "settings, message",
+    _named_by_settings(
+        ({"optimizer": "lamb"}, "optimizer must be one of sgd, momentum, rmsprop, adam; got 'lamb'"),
+        ({"cell": "transformer"}, "cell must be one of lstm, gru, simple; got 'transformer'"),
+        ({"seeds": 1.5}, "seeds must be an integer; got 1.5"),
+        ({"max_steps": 2.0}, "max_steps must be an integer; got 2.0"),
+        ({"task_train": True}, "task_train must be an integer; got True"),
+        ({"datasets": "task"}, "datasets must be a list or tuple; got 'task'"),
+        ({"datasets": ("task", "sst2")}, "datasets[1] must be one of imdb, task; got 'sst2'"),
+        ({"clippers": ("none", ["value"])}, "clippers[1] must be one of none, "),
+        ({"learning_rates": 0.1}, "learning_rates must be a list or tuple; got 0.1"),
+        ({"learning_rates": ("0.1",)}, "learning_rates[0] must be a real number; got '0.1'"),
+        ({"data_root": None}, "data_root must be a path; got None"),
+    ),
+)
+def test_sweep_settings_of_the_wrong_type_are_refused(settings, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        cli.sweep.SweepConfig(**settings)
+
+
+def test_sweep_settings_become_python_values(tmp_path):
+    config = cli.sweep.SweepConfig(
+        data_root=tmp_path, datasets=["task"], learning_rates=[np.float32(0.5)], seeds=np.int64(2)
+    )
+    assert config.data_root == str(tmp_path) and config.datasets == ("task",)
+    assert config.learning_rates == (0.5,) and type(config.learning_rates[0]) is float
+    assert type(config.seeds) is int
 
 
 @pytest.mark.parametrize(

@@ -357,17 +357,37 @@ def test_clipper_arguments_json_cannot_keep_are_refused_when_the_config_is_made(
         ("learning_rate", True, "learning_rate must be a real number; got True"),
         ("momentum", "0.9", "momentum must be a real number; got '0.9'"),
         ("learning_rate", 10**400, "learning_rate must lie in (0, 3.40282e+38]; got inf"),
+        ("boundaries", "no", "boundaries must be True or False; got 'no'"),
+        ("boundaries", 0, "boundaries must be True or False; got 0"),
+        ("data", 3, "data must be a path; got 3"),
+        ("clip", "clip_by_norm", "unknown clipper 'clip_by_norm'; available: none, adagc, "),
+        ("clip", ["value"], "unknown clipper ['value']; available: none, adagc, "),
+        ("optimizer", ["adam"], "optimizer must be one of sgd, "),
+        ("model", [], "model must be a dict of ModelConfig settings; got []"),
+        ("model", {"vocab_size": 10}, "model settings a run does not take: vocab_size (vocab_size and"),
+        ("model", {"hidden": 10}, "model settings a run does not take: hidden (vocab_size and"),
+        ("model", {"hidden_size": 64.5}, "model: hidden_size must be an integer; got 64.5"),
+        ("model", {"hidden_size": 0}, "model: hidden_size must be a positive integer; got 0"),
+        ("model", {"bidirectional": "yes"}, "model: bidirectional must be True or False; got 'yes'"),
+        ("model", {"cell": "LSTM"}, "model: cell must be one of lstm, gru, simple; got 'LSTM'"),
+        ("model", {"dropout": "0.5"}, "model: dropout must be a real number; got '0.5'"),
+        ("model", {"embed_init_std": True}, "model: embed_init_std must be a real number; got True"),
     ],
 )
 def test_settings_of_the_wrong_type_are_refused(setting, value, message):
-    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
         TrainConfig(**{**TINY, setting: value})
 
 
-def test_numpy_settings_become_python_numbers():
-    config = TrainConfig(**{**TINY, "epochs": np.int64(2), "learning_rate": np.float32(0.5)})
-    assert type(config.epochs) is int and type(config.learning_rate) is float
-    json.dumps(config.to_json())
+def test_numpy_settings_become_python_values(tmp_path):
+    model = {"hidden_size": np.int64(8), "bidirectional": np.bool_(True), "dropout": np.float32(0.25)}
+    numpy = {"epochs": np.int64(2), "learning_rate": np.float32(0.5), "boundaries": np.bool_(True)}
+    config = TrainConfig(**{**TINY, **numpy, "model": model, "data": tmp_path})
+    assert type(config.epochs) is int and type(config.learning_rate) is float and config.boundaries is True
+    assert config.model == {"hidden_size": 8, "bidirectional": True, "dropout": 0.25}
+    assert [type(v) for v in config.model.values()] == [int, bool, float]
+    assert config.data == str(tmp_path)
+    assert TrainConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
 
 
 @pytest.mark.parametrize("damage", ["extra-byte", "cut-short", "empty", "dtype-name"])

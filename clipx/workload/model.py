@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clipx.workload import _settings
+
 Cell = Literal["lstm", "gru", "simple"]
 Pooling = Literal["last", "mean", "attention"]
 Head = Literal["mlp", "linear"]
@@ -85,31 +87,27 @@ class ModelConfig:
     single_logit: bool = False
 
     def __post_init__(self):
-        for name, value, allowed in (
-            ("cell", self.cell, CELLS),
-            ("pooling", self.pooling, POOLINGS),
-            ("head", self.head, HEADS),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-        for name, size in (
-            ("vocab_size", self.vocab_size),
-            ("num_classes", self.num_classes),
-            ("embed_dim", self.embed_dim),
-            ("hidden_size", self.hidden_size),
-            ("mlp_hidden", self.mlp_hidden),
-        ):
+        for name, allowed in (("cell", CELLS), ("pooling", POOLINGS), ("head", HEADS)):
+            object.__setattr__(self, name, _settings.choice(name, getattr(self, name), allowed))
+        for name in ("vocab_size", "num_classes", "embed_dim", "hidden_size", "mlp_hidden"):
+            size = _settings.integer(name, getattr(self, name))
             if size < 1:
                 raise ValueError(f"{name} must be a positive integer; got {size}")
+            object.__setattr__(self, name, size)
+        for name in ("bidirectional", "single_logit"):
+            object.__setattr__(self, name, _settings.flag(name, getattr(self, name)))
         if self.single_logit and self.num_classes != 2:
             raise ValueError(f"single_logit needs num_classes == 2; got {self.num_classes}")
-        if self.embed_init_std is not None and not 0 < self.embed_init_std <= FLOAT32_MAX:
-            raise ValueError(
-                f"embed_init_std must be positive and finite in float32, or None; got {self.embed_init_std}"
-            )
-        for name, rate in (("dropout", self.dropout), ("word_dropout", self.word_dropout)):
+        if self.embed_init_std is not None:
+            std = _settings.real("embed_init_std", self.embed_init_std)
+            if not 0 < std <= FLOAT32_MAX:
+                raise ValueError(f"embed_init_std must be positive and finite in float32, or None; got {std}")
+            object.__setattr__(self, "embed_init_std", std)
+        for name in ("dropout", "word_dropout"):
+            rate = _settings.real(name, getattr(self, name))
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"{name} must lie in [0, 1); got {rate}")
+            object.__setattr__(self, name, rate)
 
 
 #: Named presets: keyword arguments of `ModelConfig` (without ``vocab_size``) and

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import os
@@ -28,8 +29,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 import clipx
+from clipx.workload import _settings, plots
 from clipx.workload import data as data_lib
-from clipx.workload import plots
 from clipx.workload.model import CELLS, FLOAT32_MAX
 from clipx.workload.train import (
     OPTIMIZER_NAMES,
@@ -88,7 +89,9 @@ class SweepConfig:
 
     Raises:
       ValueError: an unknown name, an empty or repeated entry of ``datasets``,
-        ``clippers`` or ``learning_rates``, or a setting out of its range (a
+        ``clippers`` or ``learning_rates`` (each a list or tuple), a setting
+        of the wrong type (the counts must be integers, the learning rates
+        real numbers), or a setting out of its range (a
         learning rate in (0, 3.4·10³⁸], float32's range, ``task_length`` in 50..400,
         ``seeds`` in 1..2³², ``train_limit`` and ``task_train`` at least
         `BATCH_SIZE`, the other counts and sizes at least 1).
@@ -109,19 +112,21 @@ class SweepConfig:
     cell: str = "lstm"
 
     def __post_init__(self):
-        known = [label for label, _, _ in CLIPPERS]
-        for label in self.clippers:
-            if label not in known:
-                raise ValueError(f"unknown sweep clipper {label!r}; known: {', '.join(known)}")
-        for dataset in self.datasets:
-            if dataset not in ("imdb", "task"):
-                raise ValueError(f"unknown sweep dataset {dataset!r}; known: imdb, task")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown sweep optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
-        if self.cell not in CELLS:
-            raise ValueError(f"unknown sweep cell {self.cell!r}; known: {', '.join(CELLS)}")
+        set_ = functools.partial(object.__setattr__, self)
+        set_("data_root", _settings.path("data_root", self.data_root))
+        set_("datasets", _settings.each("datasets", self.datasets, _settings.choice, ("imdb", "task")))
+        labels = tuple(label for label, _, _ in CLIPPERS)
+        set_("clippers", _settings.each("clippers", self.clippers, _settings.choice, labels))
+        set_("optimizer", _settings.choice("optimizer", self.optimizer, OPTIMIZERS))
+        set_("cell", _settings.choice("cell", self.cell, CELLS))
+        set_("learning_rates", _settings.each("learning_rates", self.learning_rates, _settings.real))
         for index, lr in enumerate(self.learning_rates):
             check_range(f"learning_rates[{index}]", lr, 0, FLOAT32_MAX, low_open=True, high_open=False)
+        for name in ("seeds", "max_length", "task_length", "task_train"):
+            set_(name, _settings.integer(name, getattr(self, name)))
+        for name in ("train_limit", "dev_limit", "max_steps"):
+            if getattr(self, name) is not None:
+                set_(name, _settings.integer(name, getattr(self, name)))
         # Learning rates as the run files name them: two that print alike would share their runs.
         lr_names = tuple(f"{lr:g}" for lr in self.learning_rates)
         for name, entries in (

@@ -33,7 +33,6 @@ import dataclasses
 import inspect
 import json
 import math
-import numbers
 import pathlib
 import threading
 import time
@@ -47,6 +46,7 @@ import numpy as np
 import optax
 
 import clipx
+from clipx.workload import _settings
 from clipx.workload import data as data_lib
 from clipx.workload.model import FLOAT32_MAX, ModelConfig, TextClassifier
 
@@ -169,6 +169,29 @@ _INTEGER_SETTINGS = ("task_length", *_COUNTS, "max_vocab", "seed")
 _OPTIONAL_SETTINGS = ("train_limit", "dev_limit", "max_length", "max_vocab", "max_steps", "eval_every")
 
 
+def _unknown_model_settings(model: dict[str, Any]) -> list[str]:
+    """The keys of ``model`` that are not `ModelConfig` settings a run chooses (the data sets the sizes)."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size", "num_classes"}
+    return sorted(set(model) - fields)
+
+
+def _checked_model(model: Any) -> dict[str, Any]:
+    """``model``, `ModelConfig` keyword arguments, checked as it checks them and with its Python values."""
+    if not isinstance(model, dict) or not all(isinstance(key, str) for key in model):
+        raise ValueError(f"model must be a dict of ModelConfig settings; got {model!r}")
+    unknown = _unknown_model_settings(model)
+    if unknown:
+        raise ValueError(
+            f"model settings a run does not take: {', '.join(unknown)} (vocab_size and num_classes "
+            "come from the data)"
+        )
+    try:
+        checked = ModelConfig(vocab_size=1, **model)  # single_logit meets the data's classes later
+    except ValueError as error:
+        raise ValueError(f"model: {error}") from None
+    return {name: getattr(checked, name) for name in model}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything that determines a training run.
@@ -208,7 +231,10 @@ class TrainConfig:
     Raises:
       ValueError: a setting is of the wrong type or out of its range (the
         message names it and the range): the counts and sizes must be
-        integers of at least 1, the rates real numbers, the clipper's
+        integers of at least 1, the rates real numbers, ``boundaries`` a
+        bool, ``data`` a path or ``None``, ``model`` settings `ModelConfig`
+        takes (of its types and ranges), ``clip`` one of
+        `available_clippers`, the clipper's
         arguments what `checked_clip_arg` keeps, ``max_vocab`` at
         least its special tokens (2, or 4 with ``boundaries``), ``seed`` in
         [0, 2³² − 1], ``task_length`` in 50..400, ``learning_rate`` finite
@@ -246,17 +272,13 @@ class TrainConfig:
         for name in _INTEGER_SETTINGS:
             value = getattr(self, name)
             if value is not None or name not in _OPTIONAL_SETTINGS:
-                if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                    raise ValueError(f"{name} must be an integer; got {value!r}")
-                object.__setattr__(self, name, int(value))  # a NumPy integer too: JSON takes ints
+                object.__setattr__(self, name, _settings.integer(name, value))
         for name in ("learning_rate", "momentum", "weight_decay"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise ValueError(f"{name} must be a real number; got {value!r}")
-            try:
-                object.__setattr__(self, name, float(value))
-            except OverflowError:  # an int past float's range: out of range, as ∞ is
-                object.__setattr__(self, name, math.inf if value > 0 else -math.inf)
+            object.__setattr__(self, name, _settings.real(name, getattr(self, name)))
+        object.__setattr__(self, "boundaries", _settings.flag("boundaries", self.boundaries))
+        if self.data is not None:
+            object.__setattr__(self, "data", _settings.path("data", self.data))
+        object.__setattr__(self, "model", _checked_model(self.model))
         if not isinstance(self.clip_args, dict) or not all(isinstance(key, str) for key in self.clip_args):
             raise ValueError(f"clip_args must be a dict of argument names to values; got {self.clip_args!r}")
         clip_args = {}
@@ -266,11 +288,9 @@ class TrainConfig:
             except ValueError as error:
                 raise ValueError(f"clip_args {key}={value!r}: {error}") from None
         object.__setattr__(self, "clip_args", clip_args)
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
-        if self.tokenizer not in data_lib.TOKENIZERS:
-            allowed = ", ".join(data_lib.TOKENIZERS)
-            raise ValueError(f"tokenizer must be one of {allowed}; got {self.tokenizer!r}")
+        for name, allowed in (("optimizer", OPTIMIZERS), ("tokenizer", data_lib.TOKENIZERS)):
+            object.__setattr__(self, name, _settings.choice(name, getattr(self, name), allowed))
+        check_clipper_name(self.clip)
         low, high = data_lib.TASK_LENGTHS
         check_range("task_length", self.task_length, low, high, high_open=False)
         for name in _COUNTS:
@@ -297,9 +317,8 @@ class TrainConfig:
         for name in ("model", "clip_args"):
             if not isinstance(recorded.get(name, {}), dict):
                 raise ValueError(f"{name} is not a JSON object")
-        model_fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"vocab_size", "num_classes"}
         unknown = sorted(set(recorded) - {f.name for f in dataclasses.fields(cls)})
-        unknown += [f"model.{name}" for name in sorted(set(recorded.get("model", {})) - model_fields)]
+        unknown += [f"model.{name}" for name in _unknown_model_settings(recorded.get("model", {}))]
         if unknown:
             raise ValueError(f"settings this clipx does not take: {', '.join(unknown)}")
         return cls(**recorded)  # `checked_clip_arg` turns the lists back into tuples
@@ -356,6 +375,14 @@ def available_clippers() -> list[str]:
     return ["none", *sorted(names)]
 
 
+def check_clipper_name(name: Any) -> str:
+    """``name`` if it is one of `available_clippers`; ``ValueError`` listing them otherwise."""
+    available = available_clippers()
+    if not isinstance(name, str) or name not in available:
+        raise ValueError(f"unknown clipper {name!r}; available: {', '.join(available)}")
+    return name
+
+
 def make_clipper(name: str, args: dict[str, Any] | None = None) -> optax.GradientTransformation | None:
     """``clipx.<name>(**args)``, or ``None`` for ``"none"``.
 
@@ -367,9 +394,7 @@ def make_clipper(name: str, args: dict[str, Any] | None = None) -> optax.Gradien
     args = dict(args or {})
     if args.get("ord") == "inf":  # as `parse_clip_args` keeps it
         args["ord"] = math.inf
-    available = available_clippers()
-    if name not in available:
-        raise ValueError(f"unknown clipper {name!r}; available: {', '.join(available)}")
+    check_clipper_name(name)
     if name == "none":
         if args:
             raise ValueError(f"--clip none takes no arguments; got {sorted(args)}")
