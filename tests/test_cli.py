@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import re
 import signal
@@ -165,8 +166,8 @@ def _printed(capsys, message):
 @pytest.mark.parametrize(
     "flags, message",
     _named_by_flags(
-        (["--lr", "-1"], "learning_rate must lie in (0, 3.40282e+38]; got -1.0"),
-        (["--lr", "nan"], "learning_rate must lie in (0, 3.40282e+38]; got nan"),
+        (["--lr", "-1"], "learning_rate must lie in [1.17549e-38, 3.40282e+38]; got -1.0"),
+        (["--lr", "nan"], "learning_rate must lie in [1.17549e-38, 3.40282e+38]; got nan"),
         (["--optimizer", "momentum", "--momentum", "1.5"], "momentum must lie in [0, 1); got 1.5"),
         (["--weight-decay", "-1"], "weight_decay must lie in [0, 3.40282e+38]; got -1.0"),
         (["--weight-decay", "nan"], "weight_decay must lie in [0, 3.40282e+38]; got nan"),
@@ -460,6 +461,68 @@ def test_sweep_refuses_a_run_record_of_another_grid_before_training(
     assert len(list(tmp_path.glob("task__*.json"))) == 2  # nothing trained
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"diverged": "false"}, "diverged must be True or False; got 'false'"),
+        ({"dev_accuracy": None}, "dev_accuracy must be a real number; got None"),
+        ({"dev_accuracy": 1.5}, "dev_accuracy must lie in [0, 1]; got 1.5"),
+        ({"lr": "0.1"}, "lr must be a real number; got '0.1'"),
+        ({"seed": 0.0}, "seed must be an integer; got 0.0"),
+        ({"dataset": "sst2"}, "dataset must be one of imdb, task; got 'sst2'"),
+    ],
+    ids=["diverged", "no-accuracy", "accuracy", "lr", "seed", "dataset"],
+)
+def test_sweep_refuses_a_run_record_of_wrong_types_before_training(
+    tmp_path, monkeypatch, capsys, change, message
+):
+    """Before, these stopped the summary after every run with a TypeError's traceback, or were counted."""
+    monkeypatch.setattr(cli.sweep, "MODEL", TINY_MODEL)
+    assert cli.main(_tiny_sweep_argv(tmp_path)) == 0
+    (run,) = tmp_path.glob("task__*.json")
+    run.write_text(json.dumps({**json.loads(run.read_text()), **change}))
+    capsys.readouterr()
+    assert cli.main(_tiny_sweep_argv(tmp_path, "--lrs", "0.1,0.2")) == 2
+    assert _printed(capsys, f"clipx sweep: {run} is not a run record ({message}); delete it to run it again")
+    assert len(list(tmp_path.glob("task__*.json"))) == 1  # nothing trained
+
+
+def test_sweep_refuses_a_run_file_named_for_another_run(tmp_path, monkeypatch, capsys):
+    """Before, a copy of a run file was a second seed in the summary."""
+    monkeypatch.setattr(cli.sweep, "MODEL", TINY_MODEL)
+    assert cli.main(_tiny_sweep_argv(tmp_path)) == 0
+    (run,) = tmp_path.glob("task__*.json")
+    copy = tmp_path / f"{run.stem} (copy).json"
+    copy.write_text(run.read_text())
+    capsys.readouterr()
+    assert cli.main(_tiny_sweep_argv(tmp_path)) == 2
+    assert _printed(capsys, f"clipx sweep: {copy} records the run of {run.name}; delete it, or name it so")
+
+
+def test_sweep_refuses_a_run_beyond_its_grid_made_with_other_settings(tmp_path, monkeypatch, capsys):
+    """Before, only the runs of this invocation's grid were compared: the table mixed Adam and SGD."""
+    monkeypatch.setattr(cli.sweep, "MODEL", TINY_MODEL)
+    assert cli.main(_tiny_sweep_argv(tmp_path)) == 0
+    (run,) = tmp_path.glob("task__*.json")
+    record = json.loads(run.read_text())
+    record["lr"] = record["config"]["learning_rate"] = 0.2
+    other = tmp_path / "task__none__lr0.2__seed0.json"
+    other.write_text(json.dumps({**record, "config": {**record["config"], "optimizer": "sgd"}}))
+    capsys.readouterr()
+    assert cli.main(_tiny_sweep_argv(tmp_path)) == 2
+    assert _printed(
+        capsys, f"clipx sweep: {other} was made with other settings (optimizer: 'sgd' there, 'adam'"
+    )
+    # A run of a dataset this invocation does not run shares that dataset's settings with the folder's others.
+    other.write_text(json.dumps({**record, "config": {**record["config"], "task_length": 60}}))
+    capsys.readouterr()
+    argv = _tiny_sweep_argv(tmp_path, "--datasets", "imdb", "--data-root", str(tmp_path / "absent"))
+    assert cli.main(argv) == 2
+    assert _printed(
+        capsys, f"clipx sweep: {other} was made with other settings (task_length: 50 in {run.name}, 60 here)"
+    )
+
+
 def test_sweep_compares_each_run_with_its_settings_without_settings_json(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli.sweep, "MODEL", TINY_MODEL)
     assert cli.main(_tiny_sweep_argv(tmp_path)) == 0
@@ -496,7 +559,8 @@ def test_sweep_settings_written_before_optimizer_and_cell_mean_adam_and_lstm(tmp
 
 def test_sweep_refuses_a_corrupt_settings_file(tmp_path, capsys):
     argv = ["sweep", "--out", str(tmp_path), "--datasets", "task", "--clippers", "none", "--seeds", "1"]
-    for text in ("{not json", "[1, 2]"):
+    wrong_types = [{"sweep": []}, {"sweep": {"seeds": "1"}}, {"sweep": {"clippers": "none"}}, {"model": []}]
+    for text in ("{not json", "[1, 2]", *map(json.dumps, wrong_types)):
         (tmp_path / "settings.json").write_text(text)
         assert cli.main(argv) == 2
         assert "settings.json is not a sweep settings file" in capsys.readouterr().out.replace("\n", "")
@@ -546,8 +610,15 @@ def test_sweep_settings_become_python_values(tmp_path):
 @pytest.mark.parametrize(
     "settings, message",
     _named_by_settings(
-        ({"learning_rates": (0.1, -1.0)}, "learning_rates[1] must lie in (0, 3.40282e+38]; got -1.0"),
-        ({"learning_rates": (float("nan"),)}, "learning_rates[0] must lie in (0, 3.40282e+38]; got nan"),
+        (
+            {"learning_rates": (0.1, -1.0)},
+            "learning_rates[1] must lie in [1.17549e-38, 3.40282e+38]; got -1.0",
+        ),
+        (
+            {"learning_rates": (float("nan"),)},
+            "learning_rates[0] must lie in [1.17549e-38, 3.40282e+38]; got nan",
+        ),
+        ({"learning_rates": (1e-50,)}, "learning_rates[0] must lie in [1.17549e-38, 3.40282e+38]; got 1e-50"),
         ({"learning_rates": (0.01, 0.01)}, "learning_rates must list each entry once; got '0.01' 2 times"),
         ({"learning_rates": (0.01, 0.0100000001)}, "learning_rates must list each entry once"),
         ({"learning_rates": ()}, "learning_rates must list at least one entry; got none"),
@@ -580,8 +651,8 @@ TINY_SWEEP = [
 @pytest.mark.parametrize(
     "flags, message",
     _named_by_flags(
-        (["--lrs", "-1"], "learning_rates[0] must lie in (0, 3.40282e+38]; got -1.0"),
-        (["--lrs", "nan"], "learning_rates[0] must lie in (0, 3.40282e+38]; got nan"),
+        (["--lrs", "-1"], "learning_rates[0] must lie in [1.17549e-38, 3.40282e+38]; got -1.0"),
+        (["--lrs", "nan"], "learning_rates[0] must lie in [1.17549e-38, 3.40282e+38]; got nan"),
         (["--lrs", "0.1,abc"], "--lrs: 'abc' is not a number"),
         (["--seeds", "0"], "seeds must lie in [1, 4294967296]; got 0"),
         (["--max-steps", "0"], "max_steps must be at least 1; got 0"),
@@ -612,8 +683,8 @@ def test_sweep_refuses_bad_settings_before_running(tmp_path, capsys, monkeypatch
         (["--seed", "-1"], "seed must lie in [0, 4294967295]; got -1"),
         (["--seed", "4294967296"], "seed must lie in [0, 4294967295]; got 4294967296"),
         (["--seed", "99999999999999999999"], "seed must lie in [0, 4294967295]; got 99999999999999999999"),
-        (["--lr", "-1"], "learning_rate must lie in (0, 3.40282e+38]; got -1.0"),
-        (["--lr", "nan"], "learning_rate must lie in (0, 3.40282e+38]; got nan"),
+        (["--lr", "-1"], "learning_rate must lie in [1.17549e-38, 3.40282e+38]; got -1.0"),
+        (["--lr", "nan"], "learning_rate must lie in [1.17549e-38, 3.40282e+38]; got nan"),
         (["--task-length", "10"], "task_length must lie in [50, 400]; got 10"),
     ),
 )
@@ -994,6 +1065,29 @@ def test_eleven_runs_or_more_are_told_apart_by_line_style(tmp_path, monkeypatch)
         assert len(set(styles)) == 12
 
 
+def test_sweep_plot_shows_every_divergence(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr(cli.plots.Figure, "savefig", lambda fig, *args, **kwargs: figures.append(fig))
+    nan = math.nan
+    table = {
+        "imdb": {
+            "none": {1e-3: [0.8, 0.9, 0.85], 1e-2: [nan, 0.7, nan], 1e-1: [nan, nan, nan]},
+            "adaptive": {1e-3: [0.8, 0.8, 0.8], 1e-2: [0.8, 0.8, 0.8], 1e-1: [0.7, 0.7, 0.7]},
+        },
+        "task": {"none": {1e-3: [nan]}},
+    }
+    cli.plots.plot_sweep(table, tmp_path / "sweep.png", "title")
+    (fig,) = figures
+    imdb, task, imdb_strip, task_strip = fig.axes
+    (none, _) = imdb.get_lines()
+    np.testing.assert_allclose(none.get_ydata(), [0.85, 0.7, nan])  # the line breaks where all diverged
+    assert [tick.get_text() for tick in imdb_strip.get_yticklabels()] == ["none"]
+    assert [text.get_text() for text in imdb_strip.texts] == ["2/3", "3/3"]
+    assert [line.get_xdata()[0] for line in imdb_strip.get_lines()] == [1e-2, 1e-1]
+    assert [text.get_text() for text in task.texts] == ["every run diverged"]
+    assert [text.get_text() for text in task_strip.texts] == ["1/1"]
+
+
 def test_sweep_plot_gives_a_clipper_one_colour_in_every_panel(tmp_path, monkeypatch):
     # The panels may show different clippers (a folder extended clipper by clipper).
     figures = []
@@ -1005,7 +1099,7 @@ def test_sweep_plot_gives_a_clipper_one_colour_in_every_panel(tmp_path, monkeypa
     cli.plots.plot_sweep(table, tmp_path / "sweep.png", "title")
     (fig,) = figures
     colours = {}
-    for ax, (dataset, by_clipper) in zip(fig.axes, table.items(), strict=True):
+    for ax, (dataset, by_clipper) in zip(fig.axes[: len(table)], table.items(), strict=True):
         legend = [text.get_text() for text in ax.get_legend().get_texts()]
         assert legend == list(by_clipper), dataset  # each panel names what it shows
         for line in ax.get_lines():

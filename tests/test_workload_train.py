@@ -70,11 +70,20 @@ def test_config_rejects_unknown_tokenizer():
 
 NAN, INF = float("nan"), float("inf")
 BAD_SETTINGS = [
-    ("learning_rate", -1.0, "learning_rate must lie in (0, 3.40282e+38]; got -1.0"),
-    ("learning_rate", 0.0, "learning_rate must lie in (0, 3.40282e+38]; got 0.0"),
-    ("learning_rate", NAN, "learning_rate must lie in (0, 3.40282e+38]; got nan"),
-    ("learning_rate", INF, "learning_rate must lie in (0, 3.40282e+38]; got inf"),
-    ("learning_rate", 1e39, "learning_rate must lie in (0, 3.40282e+38]; got 1e+39"),  # ∞ in float32
+    ("learning_rate", -1.0, "learning_rate must lie in [1.17549e-38, 3.40282e+38]; got -1.0"),
+    ("learning_rate", 0.0, "learning_rate must lie in [1.17549e-38, 3.40282e+38]; got 0.0"),
+    (
+        "learning_rate",
+        1e-50,
+        "learning_rate must lie in [1.17549e-38, 3.40282e+38]; got 1e-50",
+    ),  # 0 in float32
+    ("learning_rate", NAN, "learning_rate must lie in [1.17549e-38, 3.40282e+38]; got nan"),
+    ("learning_rate", INF, "learning_rate must lie in [1.17549e-38, 3.40282e+38]; got inf"),
+    (
+        "learning_rate",
+        1e39,
+        "learning_rate must lie in [1.17549e-38, 3.40282e+38]; got 1e+39",
+    ),  # ∞ in float32
     ("momentum", 1.5, "momentum must lie in [0, 1); got 1.5"),
     ("momentum", 1.0, "momentum must lie in [0, 1); got 1.0"),
     ("momentum", -0.1, "momentum must lie in [0, 1); got -0.1"),
@@ -356,7 +365,7 @@ def test_clipper_arguments_json_cannot_keep_are_refused_when_the_config_is_made(
         ("epochs", None, "epochs must be an integer; got None"),
         ("learning_rate", True, "learning_rate must be a real number; got True"),
         ("momentum", "0.9", "momentum must be a real number; got '0.9'"),
-        ("learning_rate", 10**400, "learning_rate must lie in (0, 3.40282e+38]; got inf"),
+        ("learning_rate", 10**400, "learning_rate must lie in [1.17549e-38, 3.40282e+38]; got inf"),
         ("boundaries", "no", "boundaries must be True or False; got 'no'"),
         ("boundaries", 0, "boundaries must be True or False; got 0"),
         ("data", 3, "data must be a path; got 3"),

@@ -245,34 +245,75 @@ def plot_runs(
     return written
 
 
+def _any_nan(groups: Any) -> bool:
+    """Whether any value in the sequences ``groups`` is NaN."""
+    return any(np.isnan(np.asarray(values, dtype=float)).any() for values in groups)
+
+
+def _all_nan(groups: Any) -> bool:
+    """Whether every value in the sequences ``groups`` is NaN."""
+    return all(np.isnan(np.asarray(values, dtype=float)).all() for values in groups)
+
+
 def plot_sweep(
     table: Mapping[str, Mapping[str, Mapping[float, Sequence[float]]]], path: str | pathlib.Path, title: str
 ) -> None:
     """Dev accuracy against learning rate, one panel per dataset, one line per clipper.
 
-    ``table[dataset][clipper][lr]`` lists the final accuracies of the seeds; the
-    line is their mean and the band spans their minimum and maximum. A clipper
-    has one colour (and line style) in every panel, and each panel's legend
-    names the clippers it shows: panels may show different ones.
+    ``table[dataset][clipper][lr]`` lists the final accuracies of the seeds,
+    NaN for a seed that diverged. The line is the mean over the seeds that did
+    not diverge and the band spans their minimum and maximum; where every seed
+    diverged the line breaks. A strip under each panel marks, for each clipper
+    that diverged somewhere, how many of its seeds diverged at each learning
+    rate (``2/3``). A clipper has one colour (and line style) in every panel,
+    and each panel's legend names the clippers it shows: panels may show
+    different ones.
     """
-    fig = Figure(figsize=(6 * len(table), 4.5))
-    axes = np.atleast_1d(fig.subplots(1, len(table)))
+    fig = Figure(figsize=(6 * len(table), 6))
+    grid = np.asarray(fig.subplots(2, len(table), sharex="col", height_ratios=[3, 1], squeeze=False))
     styles = _styles(list(dict.fromkeys(clipper for by_clipper in table.values() for clipper in by_clipper)))
-    for ax, (dataset, by_clipper) in zip(axes, table.items(), strict=True):
+    for ax, strip, (dataset, by_clipper) in zip(grid[0], grid[1], table.items(), strict=True):
+        diverging = [clipper for clipper, by_lr in by_clipper.items() if _any_nan(by_lr.values())]
         for clipper, by_lr in by_clipper.items():
             lrs = sorted(by_lr)
             values = [np.asarray(by_lr[lr], dtype=float) for lr in lrs]
-            means = [v.mean() for v in values]
+            trained = [v[~np.isnan(v)] for v in values]
+            means, low, high = (
+                [f(v) if v.size else math.nan for v in trained] for f in (np.mean, np.min, np.max)
+            )
             color, linestyle = styles[clipper]
             ax.plot(lrs, means, color=color, linestyle=linestyle, marker="o", markersize=3, label=clipper)
-            low, high = [v.min() for v in values], [v.max() for v in values]
             ax.fill_between(lrs, low, high, color=color, alpha=0.12)
+            if clipper in diverging:
+                row = diverging.index(clipper)
+                for lr, v in zip(lrs, values, strict=True):
+                    if np.isnan(v).any():
+                        strip.plot([lr], [row], color=color, marker="x", linestyle="none")
+                        strip.annotate(
+                            f"{int(np.isnan(v).sum())}/{v.size}",
+                            (lr, row),
+                            xytext=(5, -3),
+                            textcoords="offset points",
+                            fontsize="x-small",
+                            color=color,
+                        )
+        if all(_all_nan(by_lr.values()) for by_lr in by_clipper.values()):
+            ax.set_ylim(0, 1)
+            ax.text(0.5, 0.5, "every run diverged", transform=ax.transAxes, ha="center", va="center")
         ax.set_xscale("log")
-        ax.set_xlabel("learning rate (log scale)")
         ax.set_ylabel("final dev accuracy")
         ax.set_title(_literal(dataset))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", loc="best")
+        strip.set_yticks(
+            range(len(diverging)), [_literal(clipper) for clipper in diverging], fontsize="x-small"
+        )
+        strip.set_ylim(-0.7, max(len(diverging), 1) - 0.3)
+        strip.invert_yaxis()
+        strip.set_xlabel("learning rate (log scale)")
+        strip.set_title("diverged seeds", fontsize="small")
+        if not diverging:
+            strip.text(0.5, 0.5, "none diverged", transform=strip.transAxes, ha="center", va="center")
     fig.suptitle(_title(title, fig))
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import os
 import pathlib
 from collections.abc import Callable, Iterator, Sequence
@@ -31,13 +32,14 @@ import numpy as np
 import clipx
 from clipx.workload import _settings, plots
 from clipx.workload import data as data_lib
-from clipx.workload.model import CELLS, FLOAT32_MAX
+from clipx.workload.model import CELLS
 from clipx.workload.train import (
     OPTIMIZER_NAMES,
     OPTIMIZERS,
     SEED_MAX,
     TrainConfig,
     check_folder,
+    check_learning_rate,
     check_range,
     json_text,
     load_checked_data,
@@ -92,7 +94,7 @@ class SweepConfig:
         ``clippers`` or ``learning_rates`` (each a list or tuple), a setting
         of the wrong type (the counts must be integers, the learning rates
         real numbers), or a setting out of its range (a
-        learning rate in (0, 3.4·10³⁸], float32's range, ``task_length`` in 50..400,
+        learning rate in [1.2·10⁻³⁸, 3.4·10³⁸], float32's normal range, ``task_length`` in 50..400,
         ``seeds`` in 1..2³², ``train_limit`` and ``task_train`` at least
         `BATCH_SIZE`, the other counts and sizes at least 1).
     """
@@ -121,7 +123,7 @@ class SweepConfig:
         set_("cell", _settings.choice("cell", self.cell, CELLS))
         set_("learning_rates", _settings.each("learning_rates", self.learning_rates, _settings.real))
         for index, lr in enumerate(self.learning_rates):
-            check_range(f"learning_rates[{index}]", lr, 0, FLOAT32_MAX, low_open=True, high_open=False)
+            check_learning_rate(f"learning_rates[{index}]", lr)
         for name in ("seeds", "max_length", "task_length", "task_train"):
             set_(name, _settings.integer(name, getattr(self, name)))
         for name in ("train_limit", "dev_limit", "max_steps"):
@@ -304,10 +306,25 @@ def _run_grid(
             done[path] = _read_run(path)
             _check_same_clipper(path, done[path], clipper_arguments(clipper))
             _check_same_config(path, done[path], run_config(sweep, dataset, clipper, lr, seed))
-    # And every other file the summary will read (runs beyond this grid, or a stray file).
+    # And every other file the summary will read (runs beyond this grid, or a stray file): a run of
+    # a dataset this invocation runs has its settings; one of another dataset, all but that dataset's,
+    # which it shares with the folder's other runs of that dataset.
+    first_of: dict[str, tuple[pathlib.Path, dict[str, Any]]] = {}
     for path in sorted(out.glob(_RUN_FILES)):
         if path not in done:
-            _read_run(path)
+            result = _read_run(path)
+            dataset, clipper, lr, seed = (result[key] for key in ("dataset", "clipper", "lr", "seed"))
+            unbound = () if dataset in sweep.datasets else _DATASET_SETTINGS[dataset]
+            _check_same_clipper(path, result, clipper_arguments(clipper))
+            _check_same_config(path, result, run_config(sweep, dataset, clipper, lr, seed), unbound)
+            first, first_result = first_of.setdefault(dataset, (path, result))
+            details = _differences(
+                first_result["config"], result["config"], unbound, (f"in {first.name}", "here")
+            )
+            if details:
+                raise ValueError(
+                    f"{path} was made with other settings ({details}); use another output folder"
+                )
     # So is the data of every dataset with a run to do: missing data would stop the sweep at
     # its first run on that dataset, after the runs before it.
     for dataset in dict.fromkeys(d for d, c, lr, s in grid if out / _run_name(d, c, lr, s) not in done):
@@ -339,10 +356,14 @@ def _run_grid(
     return summarize(out)
 
 
-def _differences(old: dict[str, Any], new: dict[str, Any], keys: Sequence[str]) -> str:
+def _differences(
+    old: dict[str, Any], new: dict[str, Any], keys: Sequence[str], where: tuple[str, str] = ("there", "now")
+) -> str:
     """``"key: old there, new now"`` for each of ``keys`` whose values differ, joined by ``"; "``."""
     return "; ".join(
-        f"{key}: {old.get(key)!r} there, {new.get(key)!r} now" for key in keys if old.get(key) != new.get(key)
+        f"{key}: {old.get(key)!r} {where[0]}, {new.get(key)!r} {where[1]}"
+        for key in keys
+        if old.get(key) != new.get(key)
     )
 
 
@@ -369,14 +390,34 @@ def _read_run(path: pathlib.Path) -> dict[str, Any]:
             f"{path} is not a run record of this sweep's grid (clipper {clipper!r}, optimizer "
             f"{optimizer!r}); delete it to run it again"
         )
+    try:
+        _check_record_types(result)
+    except ValueError as error:
+        raise ValueError(f"{path} is not a run record ({error}); delete it to run it again") from None
+    named = _run_name(result["dataset"], clipper, result["lr"], result["seed"])
+    if path.name != named:  # a copy, or a file renamed: the summary would count its run twice
+        raise ValueError(f"{path} records the run of {named}; delete it, or name it so")
     return result
 
 
-def _check_same_config(path: pathlib.Path, result: dict[str, Any], config: TrainConfig) -> None:
+def _check_record_types(result: dict[str, Any]) -> None:
+    """Raises ``ValueError`` if a value the summary reads is of the wrong type."""
+    _settings.choice("dataset", result["dataset"], ("imdb", "task"))
+    lr, seed = _settings.real("lr", result["lr"]), _settings.integer("seed", result["seed"])
+    check_learning_rate("lr", lr)
+    check_range("seed", seed, 0, SEED_MAX, high_open=False)
+    if not _settings.flag("diverged", result["diverged"]):
+        accuracy = _settings.real("dev_accuracy", result["dev_accuracy"])
+        check_range("dev_accuracy", accuracy, 0, 1, high_open=False)
+
+
+def _check_same_config(
+    path: pathlib.Path, result: dict[str, Any], config: TrainConfig, unbound: Sequence[str] = ()
+) -> None:
     """Raises ``ValueError`` if the run in ``path`` recorded settings other than ``config``'s.
 
-    Settings an older file does not record are not compared, nor is the data
-    folder (the sweep's ``data_root`` may move).
+    Settings an older file does not record are not compared, nor are the data
+    folder (the sweep's ``data_root`` may move) and the settings ``unbound``.
     """
     recorded, expected = result["config"], json.loads(json.dumps(config.to_json()))
     pairs = [(recorded, expected, "")]
@@ -386,7 +427,7 @@ def _check_same_config(path: pathlib.Path, result: dict[str, Any], config: Train
         f"{prefix}{key}: {old[key]!r} there, {new.get(key)!r} now"
         for old, new, prefix in pairs
         for key in old
-        if key not in ("data", "model") and old[key] != new.get(key)
+        if key not in ("data", "model", *unbound) and old[key] != new.get(key)
     )
     if details:
         raise ValueError(f"{path} was made with other settings ({details}); use another output folder")
@@ -422,7 +463,7 @@ def _check_same_run_settings(path: pathlib.Path, settings: dict[str, Any]) -> No
         recorded = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError):
         recorded = None
-    if not isinstance(recorded, dict):
+    if not isinstance(recorded, dict) or not _valid_sweep_settings(recorded):
         raise ValueError(f"{path} is not a sweep settings file; move it or use another folder")
     if not _holds_runs(path.parent):
         return
@@ -435,6 +476,15 @@ def _check_same_run_settings(path: pathlib.Path, settings: dict[str, Any]) -> No
             f"{path.parent} holds sweep runs made with other settings ({details}); "
             "use another output folder, or the same settings to extend that sweep"
         )
+
+
+def _valid_sweep_settings(recorded: dict[str, Any]) -> bool:
+    """Whether ``recorded`` holds settings a `SweepConfig` takes, and a model's as a JSON object."""
+    try:
+        SweepConfig(**recorded.get("sweep", {}))
+    except (TypeError, ValueError):
+        return False
+    return isinstance(recorded.get("model", {}), dict)
 
 
 def _holds_runs(folder: pathlib.Path, dataset: str = "*") -> bool:
@@ -499,13 +549,16 @@ def summarize(out_dir: str | pathlib.Path) -> dict[str, Any]:
             "max": float(np.max(accuracies)) if accuracies else None,
         }
         rows.append(row)
-        if accuracies:
-            table.setdefault(dataset, {}).setdefault(clipper, {})[lr] = accuracies
+        seeds = [math.nan if r["diverged"] else r["dev_accuracy"] for r in runs]
+        table.setdefault(dataset, {}).setdefault(clipper, {})[lr] = seeds
     (out / "results.json").write_text(json_text(rows, indent=2))
     (out / "results.md").write_text(_markdown(rows))
     if table:
         optimizers = "/".join(sorted({OPTIMIZER_NAMES[r["config"]["optimizer"]] for r in results}))
-        title = f"Final dev accuracy vs {optimizers} learning rate (mean, min–max over seeds)"
+        title = (
+            f"Final dev accuracy vs {optimizers} learning rate "
+            "(mean, min–max over the seeds that did not diverge)"
+        )
         plots.plot_sweep(table, out / "sweep.png", title)
     return {"rows": rows}
 

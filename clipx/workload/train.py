@@ -79,6 +79,14 @@ def json_text(value: Any, indent: int | None = None) -> str:
 #: The largest seed: JAX's keys take 32 bits of it (2³² would give the key of 0).
 SEED_MAX = 2**32 - 1
 
+#: The smallest normal float32: a smaller learning rate is 0 in float32, or keeps few of its digits.
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+
+
+def check_learning_rate(name: str, value: float) -> None:
+    """Raises ``ValueError`` unless ``value`` is a normal float32, in [1.2e-38, 3.4e38]."""
+    check_range(name, value, FLOAT32_TINY, FLOAT32_MAX, high_open=False)
+
 
 def check_range(
     name: str,
@@ -237,8 +245,8 @@ class TrainConfig:
         `available_clippers`, the clipper's
         arguments what `checked_clip_arg` keeps, ``max_vocab`` at
         least its special tokens (2, or 4 with ``boundaries``), ``seed`` in
-        [0, 2³² − 1], ``task_length`` in 50..400, ``learning_rate`` finite
-        and above 0, ``momentum`` in [0, 1), ``weight_decay`` finite and at
+        [0, 2³² − 1], ``task_length`` in 50..400, ``learning_rate`` a normal
+        float32 (in [1.2e-38, 3.4e38]), ``momentum`` in [0, 1), ``weight_decay`` finite and at
         least 0.
     """
 
@@ -295,7 +303,7 @@ class TrainConfig:
         check_range("task_length", self.task_length, low, high, high_open=False)
         for name in _COUNTS:
             check_range(name, getattr(self, name), 1)
-        check_range("learning_rate", self.learning_rate, 0, FLOAT32_MAX, low_open=True, high_open=False)
+        check_learning_rate("learning_rate", self.learning_rate)
         check_range("momentum", self.momentum, 0, 1)
         check_range("weight_decay", self.weight_decay, 0, FLOAT32_MAX, high_open=False)
         check_range("seed", self.seed, 0, SEED_MAX, high_open=False)
