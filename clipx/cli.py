@@ -566,9 +566,34 @@ def _is_bad_input(error: ValueError | OSError) -> bool:
     return bool(frames) and pathlib.Path(frames[-1].filename).resolve().is_relative_to(_PACKAGE)
 
 
+def _negative_numbers_attached(argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``--lr -1e-3`` written ``--lr=-1e-3``: argparse takes ``-1e-3`` for an option.
+
+    (It knows ``-1`` and ``-0.5`` as numbers, not exponents; the value then gets
+    the option's range error, not "expected one argument".)
+    """
+    attached: list[str] = []
+    for token in argv:
+        previous = attached[-1] if attached else ""
+        if previous.startswith("--") and "=" not in previous and token.startswith("-") and _is_number(token):
+            attached[-1] = f"{previous}={token}"
+        else:
+            attached.append(token)
+    return attached
+
+
+def _is_number(text: str) -> bool:
+    """Whether ``text`` reads as a float (or a comma-separated list of them, as ``--lrs`` takes)."""
+    try:
+        [float(part) for part in text.split(",")]
+    except ValueError:
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs ``clipx <command>``; returns the exit status (errors in settings give 2 and a message)."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_negative_numbers_attached(sys.argv[1:] if argv is None else argv))
     commands = {"demo": _cmd_demo, "train": _cmd_train, "plot": _cmd_plot, "sweep": _cmd_sweep}
     try:
         with _signals_stop_training():

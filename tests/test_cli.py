@@ -168,6 +168,7 @@ def _printed(capsys, message):
     _named_by_flags(
         (["--lr", "-1"], "learning_rate must lie in [1.17549e-38, 3.40282e+38]; got -1.0"),
         (["--lr", "nan"], "learning_rate must lie in [1.17549e-38, 3.40282e+38]; got nan"),
+        (["--lr", "-1e-3"], "learning_rate must lie in [1.17549e-38, 3.40282e+38]; got -0.001"),
         (["--optimizer", "momentum", "--momentum", "1.5"], "momentum must lie in [0, 1); got 1.5"),
         (["--weight-decay", "-1"], "weight_decay must lie in [0, 3.40282e+38]; got -1.0"),
         (["--weight-decay", "nan"], "weight_decay must lie in [0, 3.40282e+38]; got nan"),
@@ -653,6 +654,7 @@ TINY_SWEEP = [
     _named_by_flags(
         (["--lrs", "-1"], "learning_rates[0] must lie in [1.17549e-38, 3.40282e+38]; got -1.0"),
         (["--lrs", "nan"], "learning_rates[0] must lie in [1.17549e-38, 3.40282e+38]; got nan"),
+        (["--lrs", "-1e-3,0.1"], "learning_rates[0] must lie in [1.17549e-38, 3.40282e+38]; got -0.001"),
         (["--lrs", "0.1,abc"], "--lrs: 'abc' is not a number"),
         (["--seeds", "0"], "seeds must lie in [1, 4294967296]; got 0"),
         (["--max-steps", "0"], "max_steps must be at least 1; got 0"),
