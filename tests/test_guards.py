@@ -140,6 +140,19 @@ def test_skip_spikes_watches_the_loss():
     assert int(results[-1][2].loss.observations) == 29
 
 
+@pytest.mark.parametrize("jit", [True, False], ids=["jit", "eager"])
+def test_a_huge_finite_loss_keeps_the_loss_statistics_finite(jit):
+    """Before, a loss 2e19 from the mean squared to ∞: σ² was ∞ for good, and jax_debug_infs stopped."""
+    tx = clipx.skip_spikes(optax.sgd(0.1), min_observations=3)
+    update = jax.jit(tx.update) if jit else tx.update
+    state = tx.init(PARAMS)
+    with jax.debug_infs(True):
+        for i, loss in enumerate([1.0, 2e19, 1.0, -3e38, 1.0]):
+            _, state = update(grads(1.0, seed=i), state, PARAMS, loss=jnp.float32(loss))
+            assert np.isfinite(float(state.loss.mean)) and np.isfinite(float(state.loss.var))
+    assert float(state.loss.var) <= float(np.finfo(np.float32).max)
+
+
 def test_skip_spikes_watches_a_loss_that_starts_late_only_once_it_has_observations():
     # The norm statistics are ready after 5 steps; the loss arrives at step 8.
     tx = clipx.skip_spikes(optax.sgd(0.1), min_observations=5, max_consecutive=None)
