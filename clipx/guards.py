@@ -138,8 +138,9 @@ def skip_nonfinite(
     updates ``inner`` makes from finite gradients — NaN from a division by
     a zero second moment, say, in a float16 Adam whose ``eps`` rounds to 0.
     That check comes after ``inner`` has run, so the new state is computed
-    beside the old one and one of them chosen: two more gradient-sized
-    temporary buffers and, on a CPU, about twice the cost of the default.
+    beside the old one and one of them chosen: with Adam, three
+    gradient-sized temporary buffers (the new moments and the updates)
+    where the default holds one, and, on a CPU, about twice its cost.
 
     With ``max_consecutive=None`` (the default) non-finite steps are always
     skipped: training stalls visibly (``consecutive`` grows) instead of
