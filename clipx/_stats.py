@@ -259,12 +259,13 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
     Keys are ``"<name>/<field>"``, prefixed by the names of enclosing
     ``named_chain`` / ``multi_transform`` entries (``"clip/global_norm/norm"``).
     Positions in an ``optax.chain`` are left out unless two transforms would
-    otherwise share a key (``"0/global_norm/norm"``, ``"2/global_norm/norm"``),
-    so keys stay stable and readable; a position that would still read like
-    an entry's name (a ``multi_transform`` label ``0``) is written ``[0]``,
-    and where even that leaves two alike (one NamedTuple holding two
-    optimizer states, as ``optax.contrib.sam`` does), the wrappers' field
-    names are written too (``"opt_state/[0]/global_norm/norm"``). Every
+    otherwise share a key, and then written in brackets (``"[0]/global_norm/norm"``,
+    ``"[2]/global_norm/norm"``), so that keys stay stable and readable and a
+    position never reads like an entry's name (a ``multi_transform`` label
+    ``0`` is ``"0/global_norm/norm"``). Where even positions leave two alike
+    (one NamedTuple holding two optimizer states, as ``optax.contrib.sam``
+    does), the wrappers' field names are written too
+    (``"opt_state/[0]/global_norm/norm"``). Every
     transform gets its own keys. Values are the JAX scalars held in the
     state: no host transfer happens until the caller converts them.
 
@@ -292,11 +293,9 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
     _collect(opt_state, (), found)
 
     def key(path, name, level):
-        """Level 0 writes names only; 1 adds positions as ``0``; 2 writes them ``[0]``; 3 adds fields."""
-        written = {_NAME: True, _INDEX: level >= 1, _FIELD: level == 3}
-        segments = [
-            f"[{seg}]" if kind == _INDEX and level >= 2 else seg for seg, kind in path if written[kind]
-        ]
+        """Level 0 writes names only; 1 adds positions, as ``[0]``; 2 adds fields."""
+        written = {_NAME: True, _INDEX: level >= 1, _FIELD: level == 2}
+        segments = [f"[{seg}]" if kind == _INDEX else seg for seg, kind in path if written[kind]]
         return "/".join([*segments, name])
 
     # Each record starts at level 0; records sharing a key move up a level until none do.
@@ -306,12 +305,12 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
         shared = [i for i, prefix in enumerate(prefixes) if prefixes.count(prefix) > 1]
         if not shared:
             break
-        if all(levels[i] == 3 for i in shared):
+        if all(levels[i] == 2 for i in shared):
             raise ValueError(
                 f"clipx.stats: two transforms' statistics would share the key {prefixes[shared[0]]!r}"
             )
         for i in shared:
-            levels[i] = min(levels[i] + 1, 3)
+            levels[i] = min(levels[i] + 1, 2)
     out: dict[str, jax.Array] = {}
     for prefix, (_, _, record) in zip(prefixes, found, strict=True):
         for field, value in zip(record._fields, record, strict=True):

@@ -237,7 +237,7 @@ def test_chains_with_optimizers_and_masked(optimizer):
         updates, state = update(g, state, PARAMS)
         assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
     keys = clipx.stats(state)
-    assert "0/adaptive/threshold" in keys and "1/adaptive/threshold" in keys
+    assert "[0]/adaptive/threshold" in keys and "[1]/adaptive/threshold" in keys
 
 
 @pytest.mark.parametrize(

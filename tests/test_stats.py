@@ -1,6 +1,8 @@
 """clipx.stats finds ClipStats inside every optax combinator, with stable keys and correct values;
 clipx.without_stats drops them (and their cost) without changing the updates."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -35,26 +37,35 @@ def test_chain_keys_and_values():
 
 def test_collisions_get_index_prefixes():
     out = step(optax.chain(clipx.tensor_norm(1.0), optax.sgd(0.1), clipx.tensor_norm(2.0)))
-    assert set(out) == {f"{i}/tensor_norm/{f}" for i in (0, 2) for f in FIELDS}
-    assert out["0/tensor_norm/norm"] == pytest.approx(18**0.5)
-    assert out["0/tensor_norm/scale"] == 1.0
-    assert out["2/tensor_norm/threshold"] == 2.0
-    assert out["2/tensor_norm/norm"] == pytest.approx(0.1)
+    assert set(out) == {f"[{i}]/tensor_norm/{f}" for i in (0, 2) for f in FIELDS}
+    assert out["[0]/tensor_norm/norm"] == pytest.approx(18**0.5)
+    assert out["[0]/tensor_norm/scale"] == 1.0
+    assert out["[2]/tensor_norm/threshold"] == 2.0
+    assert out["[2]/tensor_norm/norm"] == pytest.approx(0.1)
 
 
 def test_a_position_never_takes_the_key_of_a_label():
-    # The chain's first clipper would be "0/value", the key of the multi_transform branch labelled 0.
+    # Written bare, the chain's first clipper would be "0/value", the key of the branch labelled 0.
     labels = {"a": 0, "b": 1}
     branches = {0: clipx.value(3.0), 1: optax.identity()}
     tx = optax.chain(clipx.value(1.0), clipx.value(2.0), optax.multi_transform(branches, labels))
     out = step(tx)
     thresholds = {k.removesuffix("/threshold"): v for k, v in out.items() if k.endswith("/threshold")}
-    assert thresholds == {"[0]/value": 1.0, "1/value": 2.0, "2/0/value": 3.0}
+    assert thresholds == {"[0]/value": 1.0, "[1]/value": 2.0, "0/value": 3.0}
     assert len(out) == 3 * len(FIELDS)
     # Inside a guard the same keys follow its name: its field (inner_state) is written only
-    # where even bracketed positions would leave two records alike.
+    # where even positions would leave two records alike.
     guarded = {k.removesuffix("/threshold") for k in step(clipx.skip_nonfinite(tx)) if "threshold" in k}
-    assert guarded == {"skip_nonfinite/[0]/value", "skip_nonfinite/1/value", "skip_nonfinite/2/0/value"}
+    assert guarded == {"skip_nonfinite/[0]/value", "skip_nonfinite/[1]/value", "skip_nonfinite/0/value"}
+
+
+def test_siblings_keys_have_one_shape():
+    """Before, two labels of one multi_transform were keyed "0/…" and "0/1/…", and two chain
+    positions "[1]/…" and "2/…", once a clipper after the multi_transform shared their name."""
+    gn = functools.partial(clipx.global_norm, 1.0)
+    tx = optax.chain(optax.multi_transform({0: gn(), 1: gn()}, {"a": 0, "b": 1}), gn(), gn())
+    keys = {k.removesuffix("/norm") for k in clipx.stats(tx.init(PARAMS)) if k.endswith("/norm")}
+    assert keys == {"0/global_norm", "1/global_norm", "[1]/global_norm", "[2]/global_norm"}
 
 
 def test_named_chain():
