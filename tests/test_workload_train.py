@@ -425,6 +425,23 @@ def test_a_tuple_clipper_argument_survives_the_config_file(tmp_path):
     assert train(recorded, tmp_path, resume=True)["finished"]
 
 
+@pytest.mark.parametrize(
+    ("value", "kept"),
+    [
+        (((0, 1), [2]), ((0, 1), (2,))),
+        ([[0], (np.int64(1),)], ((0,), (1,))),
+        ((np.float32(0.5), [None, "a"]), (0.5, (None, "a"))),
+    ],
+    ids=["list", "lists", "numpy"],
+)
+def test_nested_clipper_arguments_read_back_the_same(value, kept):
+    """Before, a list inside a tuple stayed a list and came back a tuple of lists; a NumPy integer
+    inside a tuple was refused."""
+    config = TrainConfig(**TINY, clip="agc", clip_args={"axis": value})
+    assert config.clip_args["axis"] == kept and type(config.clip_args["axis"][1]) is tuple
+    assert TrainConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+
+
 def test_an_interrupted_run_checkpoints_its_last_step_and_resumes_exactly(tmp_path, monkeypatch):
     config = TrainConfig(**{**TINY, "checkpoint_every": 200})  # no periodic checkpoint in 8 steps
     train(config, tmp_path / "whole")

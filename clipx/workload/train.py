@@ -434,19 +434,25 @@ def _literals(value: Any) -> Iterator[Any]:
         yield value
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with NumPy and JAX scalars as Python's, and lists as tuples, at any depth."""
+    if isinstance(value, (np.ndarray, np.generic, jax.Array)) and np.ndim(value) == 0:
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return tuple(_plain(item) for item in value)
+    return value
+
+
 def checked_clip_arg(key: str, value: Any) -> Any:
     """A clipper argument as a run's settings keep it, valid JSON that reads back the same.
 
-    A NumPy or JAX scalar becomes its Python number and a list a tuple;
-    ``ord=inf`` (`clipx.global_norm`'s largest-entry norm) becomes the string
-    ``"inf"``. Raises ``ValueError`` for anything but numbers finite in
-    float32 (where the clippers compute: a larger one would be ∞ there),
-    strings, bools, ``None`` and tuples of them.
+    A NumPy or JAX scalar becomes its Python number and a list a tuple, at
+    any depth; ``ord=inf`` (`clipx.global_norm`'s largest-entry norm) becomes
+    the string ``"inf"``. Raises ``ValueError`` for anything but numbers
+    finite in float32 (where the clippers compute: a larger one would be ∞
+    there), strings, bools, ``None`` and tuples of them.
     """
-    if isinstance(value, (np.ndarray, np.generic, jax.Array)) and np.ndim(value) == 0:
-        value = value.item()
-    if isinstance(value, list):
-        value = tuple(value)
+    value = _plain(value)
     for item in _literals(value):
         if item is not None and not isinstance(item, (bool, int, float, str)):
             raise ValueError(f"a {type(item).__name__}, not a number, string, bool, None or tuple of them")
