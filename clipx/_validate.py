@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from typing import Any, cast
 
 import jax
@@ -242,10 +243,16 @@ def check_state(state: Any, state_type: type) -> None:
     checkpoint restored without its target comes back as dicts.
     """
     if not isinstance(state, state_type):
+        restored = ""
+        if isinstance(state, (str, Mapping)):  # optax.chain hands each transform a key of a restored dict
+            restored = (
+                " This looks like a checkpoint restored without its target, as dicts; restore it into "
+                "tx.init(params) (flax.serialization.from_bytes(tx.init(params), data))."
+            )
         raise TypeError(
             f"the state must be the {state_type.__name__} that init(params) returns, got a "
             f"{type(state).__name__}. clipx transforms keep their statistics in their state: pass "
-            "tx.init(params)'s result (or a checkpoint restored into it), not None."
+            f"tx.init(params)'s result (or a checkpoint restored into it), not None.{restored}"
         )
 
 

@@ -50,7 +50,7 @@ class PerExampleState(NamedTuple):
     """State of `per_example_global_norm` / `per_example_layer_norm`.
 
     Attributes:
-      key: the raw ``uint32[2]`` PRNG key the next step's noise is drawn from.
+      key: the raw PRNG key data (``uint32[2]`` with the default threefry) of the next step's noise.
       stats: what the last step did (see the module docstring).
     """
 
@@ -64,7 +64,7 @@ class PerExampleAdaptiveState(NamedTuple):
 
     Attributes:
       threshold: the clip norm ``C`` the next step will use.
-      key: the raw ``uint32[2]`` PRNG key the next step's noise is drawn from.
+      key: the raw PRNG key data (``uint32[2]`` with the default threefry) of the next step's noise.
       stats: what the last step did (``threshold`` there is the ``C`` it used).
     """
 
