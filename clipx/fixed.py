@@ -194,7 +194,10 @@ def global_norm(
     norm or a zero threshold gives no NaN; below the threshold the update is
     returned bit for bit (but for subnormal floats, which XLA's CPU backend
     flushes to 0 in any arithmetic). A non-finite gradient gives a non-finite
-    update (wrap the chain in `clipx.skip_nonfinite` to drop such steps).
+    update (wrap the chain in `clipx.skip_nonfinite` to drop such steps): a
+    NaN norm scales nothing (the finite entries pass unscaled, and ``clipped``
+    is false), an infinite one zeroes the finite entries (the infinite ones
+    become NaN).
     With ``p = 2``, finite float32 entries above about 1.8·10¹⁹ overflow
     their squares: the norm is then ∞ and the update 0, as with Optax (the
     other orders scale by the largest entry and stay exact, unless the norm
