@@ -272,7 +272,8 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
     Raises:
       ValueError: if two records still share a key (dict keys such as ``1``
         and ``"1"`` side by side).
-      TypeError: if a transform's state is held as plain dicts (flattened by
+      TypeError: if ``opt_state`` is the transformation, not its state, or if
+        a transform's state is held as plain dicts (flattened by
         ``nnx.state``, or a checkpoint restored without its target), whose
         statistics have no name.
 
@@ -289,6 +290,11 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
       global_norm/scale 0.25
       global_norm/clipped 1.0
     """
+    if isinstance(opt_state, optax.GradientTransformation):
+        raise TypeError(
+            "clipx.stats takes the optimizer state (tx.init(params), as updated by tx.update), "
+            "not the transformation"
+        )
     found: list = []
     _collect(opt_state, (), found)
 

@@ -238,3 +238,10 @@ def test_flax_nnx_optimizer_state_as_the_getting_started_page_says():
     for flattened in (nnx.state(optimizer), nnx.to_pure_dict(nnx.state(optimizer))):
         with pytest.raises(TypeError, match=r"plain dicts at 'opt_state/0'.*optimizer.opt_state"):
             clipx.stats(flattened)
+
+
+def test_the_transformation_itself_is_refused():
+    """Before, clipx.stats(tx) gave {}: a logging call with that slip logged nothing."""
+    tx = optax.chain(clipx.agc(0.01), optax.sgd(0.1))
+    with pytest.raises(TypeError, match=r"takes the optimizer state .* not the transformation"):
+        clipx.stats(tx)
