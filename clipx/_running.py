@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class Moments(NamedTuple):
@@ -42,23 +43,27 @@ def update_moments(moments: Moments, x: jax.Array, observe: jax.Array, decay: fl
     after that an exponential moving average with weight ``1 − decay``. Where
     ``observe`` is False nothing changes, whatever ``x`` is (NaN and ±inf
     included). The count of observations stops at 2³¹ − 1 instead of wrapping.
-    A value farther from the mean than the square root of the dtype's largest
-    value (1.8e19 in float32: a loss, say) enters as one that far, and the
-    variance stays below that largest value, so that both stay finite.
     """
     dtype = moments.mean.dtype
-    largest = jnp.finfo(dtype).max
     observations = count_up(moments.observations, jnp.asarray(True))
     alpha = jnp.maximum(1 / observations.astype(dtype), 1 - jnp.asarray(decay, dtype))
     delta = jnp.where(observe, jnp.asarray(x, dtype), moments.mean) - moments.mean
-    delta = jnp.clip(delta, -jnp.sqrt(largest), jnp.sqrt(largest))  # δ² ≤ largest
     mean = moments.mean + alpha * delta
-    # Each term at most half the largest value, so that the sum is finite (on ordinary values: v + αδ²).
-    var = (1 - alpha) * (
-        jnp.minimum(moments.var, largest / 2) + jnp.minimum(alpha * jnp.square(delta), largest / 2)
-    )
+    var = (1 - alpha) * (moments.var + alpha * jnp.square(delta))
     return Moments(
         mean=jnp.where(observe, mean, moments.mean),
         var=jnp.where(observe, var, moments.var),
         observations=jnp.where(observe, observations, moments.observations),
     )
+
+
+def within_reach(moments: Moments, x: jax.Array) -> jax.Array:
+    """``x`` moved to within ``√max / 2`` of the running mean (9.2e18 in float32), in the moments' dtype.
+
+    A series whose values may lie that far apart (a loss, unlike a log-norm)
+    passes through this before `update_moments`: ``δ² ≤ max / 4`` then, and the
+    variance stays finite, where one such value would make it ∞ for good.
+    """
+    dtype = moments.mean.dtype
+    reach = float(np.sqrt(np.finfo(dtype).max)) / 2
+    return jnp.clip(jnp.asarray(x, dtype), moments.mean - reach, moments.mean + reach)

@@ -413,7 +413,11 @@ def skip_spikes(
             inner_state=inner_state,
             log_norm=_running.update_moments(moments, log_norm, observe, decay),
             loss=(
-                state.loss if loss is None else _running.update_moments(state.loss, loss, observe_loss, decay)
+                state.loss
+                if loss is None
+                else _running.update_moments(
+                    state.loss, _running.within_reach(state.loss, loss), observe_loss, decay
+                )
             ),
             grad_norm=GradNormRecord(stats=replacing(state.grad_norm.stats, record)),
             stats=_guard_stats(state.stats, skip),
