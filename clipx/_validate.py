@@ -246,7 +246,7 @@ def check_state(state: Any, state_type: type) -> None:
         restored = ""
         if isinstance(state, (str, Mapping)):  # optax.chain hands each transform a key of a restored dict
             restored = (
-                " This looks like a checkpoint restored without its target, as dicts; restore it into "
+                " If it is a checkpoint restored without its target (as dicts), restore it into "
                 "tx.init(params) (flax.serialization.from_bytes(tx.init(params), data))."
             )
         raise TypeError(

@@ -575,7 +575,11 @@ def _negative_numbers_attached(argv: Sequence[str]) -> list[str]:
     attached: list[str] = []
     for token in argv:
         previous = attached[-1] if attached else ""
-        if previous.startswith("--") and "=" not in previous and token.startswith("-") and _is_number(token):
+        if "--" in attached:  # the end of the options: what follows is positional
+            attached.append(token)
+        elif (
+            previous.startswith("--") and "=" not in previous and token.startswith("-") and _is_number(token)
+        ):
             attached[-1] = f"{previous}={token}"
         else:
             attached.append(token)

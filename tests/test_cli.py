@@ -558,6 +558,31 @@ def test_sweep_settings_written_before_optimizer_and_cell_mean_adam_and_lstm(tmp
     assert cli.main(other_runs) == 0
 
 
+def test_learning_rates_that_print_alike_are_recorded_once(tmp_path):
+    """Before, a folder's settings.json could record 0.001 and 0.0010000001 (run on two datasets),
+    which the next invocation refused as a repeated learning rate."""
+    recorded = cli.sweep.SweepConfig(datasets=("task",), learning_rates=(0.001, 0.1))
+    (tmp_path / "settings.json").write_text(json.dumps({"sweep": dataclasses.asdict(recorded), "model": {}}))
+    (tmp_path / "task__none__lr0.001__seed0.json").write_text("{}")  # a run: the grid is extended
+    now = cli.sweep.SweepConfig(datasets=("imdb",), learning_rates=(0.0010000001, 0.01))
+    extended = cli.sweep._extended(
+        tmp_path / "settings.json", {"sweep": dataclasses.asdict(now), "model": {}}
+    )
+    assert extended["sweep"]["learning_rates"] == [0.001, 0.01, 0.1]
+    cli.sweep.SweepConfig(**extended["sweep"])  # what the next invocation reads back
+
+
+def test_a_negative_number_after_the_end_of_the_options_stays_positional():
+    assert cli._negative_numbers_attached(["plot", "--out", "o", "--", "-1e3"]) == [
+        "plot",
+        "--out",
+        "o",
+        "--",
+        "-1e3",
+    ]
+    assert cli._negative_numbers_attached(["train", "--lr", "-1e-3"]) == ["train", "--lr=-1e-3"]
+
+
 def test_sweep_refuses_a_corrupt_settings_file(tmp_path, capsys):
     argv = ["sweep", "--out", str(tmp_path), "--datasets", "task", "--clippers", "none", "--seeds", "1"]
     wrong_types = [{"sweep": []}, {"sweep": {"seeds": "1"}}, {"sweep": {"clippers": "none"}}, {"model": []}]

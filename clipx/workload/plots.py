@@ -292,8 +292,9 @@ def plot_sweep(
                         strip.annotate(
                             f"{int(np.isnan(v).sum())}/{v.size}",
                             (lr, row),
-                            xytext=(5, -3),
+                            xytext=(0, 5),
                             textcoords="offset points",
+                            ha="center",
                             fontsize="x-small",
                             color=color,
                         )

@@ -463,8 +463,9 @@ def _check_same_run_settings(path: pathlib.Path, settings: dict[str, Any]) -> No
         recorded = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError):
         recorded = None
-    if not isinstance(recorded, dict) or not _valid_sweep_settings(recorded):
-        raise ValueError(f"{path} is not a sweep settings file; move it or use another folder")
+    problem = _sweep_settings_problem(recorded)
+    if problem:
+        raise ValueError(f"{path} is not a sweep settings file ({problem}); move it or use another folder")
     if not _holds_runs(path.parent):
         return
     old = {**dataclasses.asdict(SweepConfig()), **recorded.get("sweep", {}), "model": recorded.get("model")}
@@ -478,13 +479,17 @@ def _check_same_run_settings(path: pathlib.Path, settings: dict[str, Any]) -> No
         )
 
 
-def _valid_sweep_settings(recorded: dict[str, Any]) -> bool:
-    """Whether ``recorded`` holds settings a `SweepConfig` takes, and a model's as a JSON object."""
+def _sweep_settings_problem(recorded: Any) -> str:
+    """Why ``recorded`` is not a JSON object of `SweepConfig` settings and a model's; ``""`` if it is."""
+    if not isinstance(recorded, dict):
+        return "not a JSON object"
+    if not isinstance(recorded.get("sweep", {}), dict) or not isinstance(recorded.get("model", {}), dict):
+        return "its sweep or model is not a JSON object"
     try:
         SweepConfig(**recorded.get("sweep", {}))
-    except (TypeError, ValueError):
-        return False
-    return isinstance(recorded.get("model", {}), dict)
+    except (TypeError, ValueError) as error:
+        return str(error)
+    return ""
 
 
 def _holds_runs(folder: pathlib.Path, dataset: str = "*") -> bool:
@@ -519,7 +524,9 @@ def _extended(path: pathlib.Path, settings: dict[str, Any]) -> dict[str, Any]:
             sweep.update({key: recorded[key] for key in keys})
     for key in ("datasets", "clippers"):
         sweep[key] = [*recorded[key], *(item for item in sweep[key] if item not in recorded[key])]
-    sweep["learning_rates"] = sorted({*recorded["learning_rates"], *sweep["learning_rates"]})
+    # By their names in the run files: two rates that print alike are one (the recorded one kept).
+    named = {f"{lr:g}": lr for lr in (*sweep["learning_rates"], *recorded["learning_rates"])}
+    sweep["learning_rates"] = sorted(named.values())
     sweep["seeds"] = max(recorded["seeds"], sweep["seeds"])
     return {**settings, "sweep": sweep}
 
