@@ -208,8 +208,6 @@ _CELL_NAMES = {"simple": "vanilla RNN", "lstm": "LSTM", "gru": "GRU"}
 
 def _setting_parts(config_file: pathlib.Path) -> list[str]:
     """A run's settings as short phrases for plot titles: data, cell, optimizer, clipper, seed."""
-    if not config_file.is_file():
-        return []
     recorded = read_settings(config_file)
     config = {**_field_defaults(TrainConfig), "model": {}, "clip_args": {}, **recorded}
     try:
@@ -249,7 +247,10 @@ def _plot_runs(
         runs[label] = read_log(folder)
         if not any("loss" in record for record in runs[label]):
             raise ValueError(f"{folder / 'log.jsonl'}: no training step logged")
-        parts.append(_setting_parts(folder / "config.json"))
+        if (folder / "config.json").is_file():  # a log copied alone has none
+            parts.append(_setting_parts(folder / "config.json"))
+    if not parts:
+        return plots.plot_runs(runs, out, "settings not recorded")
     shared = [part for part in parts[0] if all(part in other for other in parts[1:])]
     return plots.plot_runs(runs, out, ", ".join(shared) or "settings differ: see the legend")
 

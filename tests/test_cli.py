@@ -186,7 +186,7 @@ def _printed(capsys, message):
         (["--clip", "value", "--clip-arg", "max_delta=abc"], "clipx.value: max_delta must be a real number"),
         (
             ["--clip", "global_norm", "--clip-arg", "max_norm=1e39"],
-            "clipper argument 'max_norm=1e39': beyond float32's range (at most 3.4028235e+38 in size;",
+            "clipper argument 'max_norm=1e39': beyond float32's range (at most 3.402823466e+38 in size;",
         ),
     ),
 )
@@ -195,6 +195,19 @@ def test_train_refuses_bad_settings_before_training(tmp_path, capsys, flags, mes
     assert cli.main(["train", *TINY_TRAIN, *flags, "--out", str(out)]) == 2
     assert _printed(capsys, f"clipx train: {message}")
     assert not out.exists()  # refused before anything was written
+
+
+def test_plot_of_a_log_copied_alone_says_its_settings_are_not_recorded(tmp_path, monkeypatch):
+    """Before, its title said "settings differ: see the legend", for one run."""
+    assert cli.main(["train", *TINY_TRAIN, "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    (tmp_path / "copied").mkdir()
+    (tmp_path / "copied" / "log.jsonl").write_text((tmp_path / "run" / "log.jsonl").read_text())
+    titles = []
+    monkeypatch.setattr(cli.plots, "plot_runs", lambda runs, out, title: titles.append(title) or [])
+    assert cli.main(["plot", str(tmp_path / "copied")]) == 0
+    assert cli.main(["plot", str(tmp_path / "copied"), str(tmp_path / "run")]) == 0
+    assert titles[0] == "settings not recorded"
+    assert titles[1] != "settings differ: see the legend"  # the recorded run's settings
 
 
 def test_train_writes_plots_and_plot_overlays_runs(tmp_path, capsys):
@@ -252,7 +265,6 @@ def test_plot_titles_name_the_settings_the_runs_share(tmp_path):
         "clipx.global_norm(max_norm=0.5)", "seed 0",
     ]  # fmt: skip
     assert parts == expected
-    assert cli._setting_parts(tmp_path / "missing.json") == []
 
 
 def test_plot_bad_inputs_are_clear_errors(tmp_path, capsys):

@@ -201,6 +201,16 @@ def test_resume_refuses_other_settings(tmp_path):
         train(TrainConfig(**{**TINY, "seed": 1}), tmp_path, resume=True)
 
 
+def test_resume_takes_an_older_config_that_lacks_a_setting(tmp_path):
+    """Before, a config.json written before a setting existed was refused as other settings."""
+    config = TrainConfig(**TINY)
+    train(config, tmp_path, stop_after=2)
+    recorded = json.loads((tmp_path / "config.json").read_text())
+    del recorded["pad_multiple"]  # at its default
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    assert train(train_lib.read_config(tmp_path / "config.json"), tmp_path, resume=True)["finished"]
+
+
 def test_resume_refuses_a_checkpoint_whose_state_does_not_fit(tmp_path):
     # A checkpoint of the previous adaptive defaults (no direction state) under the current ones.
     previous = TrainConfig(**TINY, clip="adaptive", clip_args={"direction_rate": None, "warmup_factor": 4.0})

@@ -463,7 +463,7 @@ def checked_clip_arg(key: str, value: Any) -> Any:
         raise ValueError("not a finite number (--clip none does not clip)")
     if any(abs(x) > FLOAT32_MAX for x in sizes):
         raise ValueError(
-            f"beyond float32's range (at most {FLOAT32_MAX:.8g} in size; --clip none does not clip)"
+            f"beyond float32's range (at most {FLOAT32_MAX:.10g} in size; --clip none does not clip)"
         )
     return value
 
@@ -878,7 +878,8 @@ def train(
     if resume:
         resume_file(out, "checkpoint.msgpack")
         config_file = resume_file(out, "config.json")
-        if read_settings(config_file) != json.loads(json.dumps(config.to_json())):
+        # As read back: a setting an older file lacks has its default.
+        if read_config(config_file) != config:
             raise ValueError(f"{config_file} differs from the requested settings; resume with the same ones")
 
     data = load_checked_data(config)
