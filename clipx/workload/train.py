@@ -861,7 +861,8 @@ def train(
     Returns:
       ``{"steps", "diverged", "dev_accuracy", "dev_loss", "train_loss", "seconds", "finished"}``:
       ``dev_*`` from the final evaluation (``None`` when the run diverged),
-      ``train_loss`` the mean loss of the last 20 steps, ``finished`` whether the
+      ``train_loss`` the mean loss of the last 20 steps, ``seconds`` the wall
+      time of this call (after a resume, of the resumed part), ``finished`` whether the
       run is over: it completed its steps or diverged (only a finished run
       writes ``summary.json``).
 
