@@ -1104,6 +1104,21 @@ def test_eleven_runs_or_more_are_told_apart_by_line_style(tmp_path, monkeypatch)
         assert len(set(styles)) == 12
 
 
+def test_step_plots_mark_where_a_run_diverged(tmp_path, monkeypatch):
+    """Before, a diverged run's curve just ended, as if the run had stopped."""
+    figures = []
+    monkeypatch.setattr(cli.plots.Figure, "savefig", lambda fig, *args, **kwargs: figures.append(fig))
+    runs = {
+        "a": [{"step": i, "loss": 1.0 / i if i < 4 else None} for i in range(1, 6)],
+        "b": [{"step": i, "loss": 0.5} for i in range(1, 6)],
+    }
+    cli.plots.plot_losses(runs, tmp_path / "loss.png", "title")
+    (ax,) = figures[0].axes
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == ["a (not finite from step 4)", "b"]
+    (mark,) = ax.texts
+    assert mark.get_text() == "×" and mark.xy[0] == 4
+
+
 def test_sweep_plot_shows_every_divergence(tmp_path, monkeypatch):
     figures = []
     monkeypatch.setattr(cli.plots.Figure, "savefig", lambda fig, *args, **kwargs: figures.append(fig))

@@ -97,7 +97,9 @@ def _plot_per_step(
 ) -> None:
     """``key`` per step for each run: faint as logged, solid as a moving mean.
 
-    The mean runs over 1% of the longest run's steps, at least 10.
+    The mean runs over 1% of the longest run's steps, at least 10. A run whose
+    value stops being finite (a diverged run's loss) gets an × on the step
+    axis there, and its legend entry says from which step.
     """
     fig = Figure(figsize=(8, 4.5))
     ax = fig.subplots()
@@ -111,6 +113,11 @@ def _plot_per_step(
         ax.plot(steps, values, color=color, linestyle=linestyle, alpha=0.25, linewidth=0.8)
         smooth = _smooth(values, window)
         (line,) = ax.plot(steps[len(steps) - len(smooth) :], smooth, color=color, linestyle=linestyle)
+        broken = np.flatnonzero(~np.isfinite(values))
+        if broken.size:  # a diverged run: marked on the step axis, and named in the legend
+            first = steps[broken[0]]
+            ax.annotate("×", (first, 0), xycoords=ax.get_xaxis_transform(), color=color, ha="center")
+            label = f"{label} (not finite from step {first})"
         named.append((line, label))
     # `_smooth` leaves a run of at most the window's steps as logged.
     if max(map(len, rows.values()), default=0) <= window:
