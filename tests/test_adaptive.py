@@ -71,6 +71,22 @@ def test_spike_is_clipped_and_does_not_move_the_threshold_much():
     assert threshold[151] < threshold[150] * 1.1
 
 
+@pytest.mark.parametrize("spread", [0.0, 0.6])  # σ = 0 < σ_min and σ = 0.3 > σ_min
+def test_one_spike_moves_the_mean_by_at_most_its_weight_times_the_censored_excess(spread):
+    # The documented bound: max(1/n, 1 − decay)·k·max(σ, σ_min) in log space, reached by a huge spike.
+    num_stds, decay, min_std = 2.0, 0.9, 0.1
+    tx = clipx.adaptive(num_stds, decay, 5, 1.0, min_std, direction_rate=None)
+    state = tx.init(DIRECTION)
+    for step in range(30):
+        _, state = tx.update(grads_with_norm(np.exp(spread * (step % 2))), state)
+    mean, std = float(state.log_norm.mean), np.sqrt(float(state.log_norm.var))
+    weight = max(1 / (int(state.log_norm.observations) + 1), 1 - decay)
+    _, state = tx.update(grads_with_norm(1e6), state)
+    np.testing.assert_allclose(
+        float(state.log_norm.mean) - mean, weight * num_stds * max(std, min_std), rtol=1e-4
+    )
+
+
 def test_steady_norms_are_rarely_clipped():
     norms = lognormal_norms(1, 1000)
     _, (stats, clipped_norm) = run_norms(norms, 3.0, 0.99, 0.1)

@@ -121,9 +121,10 @@ def adaptive(
       ``μ`` and leaves ``σ`` as it is) and tame the heavy right tail of
       gradient norms;
     * **the capped value** ``min(‖g‖, c)`` **enters the statistics**, so one
-      spike moves the threshold's ``μ`` by at most ``max(1/n, 1 − decay)·k·σ``
-      in log space (the weight of one observation times the spike's censored
-      excess) and cannot open the gate for the next one; a lasting rise of
+      spike moves the threshold's ``μ`` by at most
+      ``max(1/n, 1 − decay)·k·max(σ, σ_min)`` in log space (the weight of
+      one observation times the spike's censored excess) and cannot open
+      the gate for the next one; a lasting rise of
       the norm level is followed slowly (``μ`` climbs by about
       ``(1 − decay)·σ`` per clipped step: after a lasting 5× rise of
       log-normal norms with ``σ = 0.3``, 82% of steps are still clipped 500–600
