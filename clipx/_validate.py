@@ -176,17 +176,19 @@ def check_norm_order(name: str, value: Any) -> float:
     return number
 
 
-def check_seed(name: str, value: Any) -> None:
-    """A PRNG seed: an int within int64, or an integer JAX array (as ``optax.inject_hyperparams`` passes)."""
+def check_seed(name: str, value: Any) -> int | jax.Array:
+    """A PRNG seed: an int within int64, returned as a Python int, or an integer JAX array (as
+    ``optax.inject_hyperparams`` passes), returned as it is."""
     if isinstance(value, jax.Array):
         if value.ndim != 0 or not jnp.issubdtype(value.dtype, jnp.integer):
             raise TypeError(
                 f"{name} must be an integer scalar, got an array of {value.dtype}{list(value.shape)}"
             )
-        return
-    check_int(name, value, low=-(2**63))
+        return value
+    value = check_int(name, value, low=-(2**63))
     if value > 2**63 - 1:
         raise ValueError(f"{name} must be an int within int64, got {value!r}")
+    return value
 
 
 def check_transformation(name: str, value: Any) -> None:

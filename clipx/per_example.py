@@ -150,15 +150,20 @@ def _add_noise(tree: PyTree, key: jax.Array, std: jax.Array) -> tuple[PyTree, ja
 
 
 def _maybe_noise(
-    tree: PyTree, key: jax.Array, noise_multiplier: float | jax.Array, threshold: jax.Array
+    tree: PyTree, key: jax.Array, noise_multiplier: float | jax.Array, threshold: float | jax.Array
 ) -> tuple[PyTree, jax.Array]:
     """Adds ``N(0, (noise_multiplier·threshold)²)`` unless ``noise_multiplier`` is the Python 0.
 
-    A zero multiplier adds no noise even with an infinite threshold (where ``0·∞`` is NaN).
+    The standard deviation is formed in float32 or wider, whatever the dtypes
+    of the two (``optax.inject_hyperparams`` may pass integer or float16
+    arrays). A zero multiplier adds no noise even with an infinite threshold
+    (where ``0·∞`` is NaN).
     """
     if isinstance(noise_multiplier, (int, float)) and noise_multiplier == 0:
         return tree, key
-    multiplier = _numerics.hyperparameter(noise_multiplier, threshold.dtype)
+    dtype = _numerics.accumulation_dtype(jnp.result_type(threshold))
+    threshold = _numerics.as_dtype(threshold, dtype)
+    multiplier = _numerics.hyperparameter(noise_multiplier, dtype)
     std = jnp.where(multiplier == 0, 0.0, multiplier * threshold)
     return _add_noise(tree, key, std)
 
@@ -216,8 +221,7 @@ def _checked_seed(seed: Any, noise: tuple[Any, ...], name: str, stacklevel: int)
                 stacklevel=stacklevel + 1,
             )
         return 0
-    _validate.check_seed("seed", seed)
-    return seed
+    return _validate.check_seed("seed", seed)
 
 
 def _fixed_threshold_init(
@@ -312,7 +316,7 @@ def per_example_global_norm(
         batch = _check_batched(updates, "per_example_global_norm")
         total, norms, multipliers = _clipped_sum(updates, l2_norm_clip)
         total = jax.tree.map(lambda t: _across(t, axis_name), total)
-        total, key = _maybe_noise(total, state.key, noise_multiplier, _numerics.as_dtype(l2_norm_clip, None))
+        total, key = _maybe_noise(total, state.key, noise_multiplier, l2_norm_clip)
         fraction = _fraction(jnp.sum(multipliers < 1), batch, axis_name)
         return _as_dtypes_of(total, updates), PerExampleState(
             key=key, stats=replacing(state.stats, _stats(norms, l2_norm_clip, fraction, axis_name))
@@ -402,7 +406,7 @@ def per_example_layer_norm(
             summed.append(leaf_sum)
             clipped_counts.append(jnp.sum(multipliers < 1, dtype=jnp.int32))
         total = jax.tree.map(lambda t: _across(t, axis_name), jax.tree.unflatten(treedef, summed))
-        total, key = _maybe_noise(total, state.key, noise_multiplier, _numerics.as_dtype(l2_norm_clip, None))
+        total, key = _maybe_noise(total, state.key, noise_multiplier, l2_norm_clip)
         pairs = sum(leaf.shape[0] for leaf in leaves)
         fraction = _fraction(sum(clipped_counts, jnp.zeros((), jnp.int32)), pairs, axis_name)
         norms = _per_example_norms(updates)

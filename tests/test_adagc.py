@@ -232,3 +232,17 @@ def test_the_count_of_finite_steps_stops_at_the_int32_limit():
         updates, state = tx.update({"a": jnp.array([30.0, 40.0]), "b": grads["b"]}, state)
         assert float(jnp.linalg.norm(updates["a"])) < 0.6
     assert int(state.finite_steps) == 2**31 - 1
+
+
+def test_a_huge_relative_threshold_is_finite_and_clips_nothing():
+    # λ·γ overflowed to ∞ in the thresholds and the statistics, which jax_debug_infs stops at;
+    # it is now at most the largest float.
+    tx = clipx.adagc(relative_threshold=3e38, warmup_steps=1)
+    params = {"w": jnp.ones(2), "b": jnp.ones(3)}
+    state = tx.init(params)
+    with jax.debug_infs(True):
+        for i in range(3):
+            grads = {"w": jnp.full(2, 100.0 * (i + 1)), "b": jnp.full(3, 10.0 * (i + 1))}
+            updates, state = jax.jit(tx.update)(grads, state, params)
+    chex.assert_trees_all_equal(updates, grads)
+    assert np.isfinite(float(state.stats.threshold)) and not bool(state.stats.clipped)

@@ -423,6 +423,35 @@ def test_a_seed_given_as_an_array_draws_the_noise_of_its_int(make, seed):
     np.testing.assert_array_equal(injected.init(None).inner_state.key, expected)
 
 
+@pytest.mark.parametrize("seed", [np.int32(3), np.uint8(3), np.int8(-1), np.array(3, np.int16)])
+@pytest.mark.parametrize(
+    "make", [clipx.per_example_global_norm, clipx.per_example_layer_norm, clipx.per_example_adaptive]
+)
+def test_a_numpy_integer_seed_draws_the_noise_of_its_int(make, seed):
+    # Before, a NumPy integer narrower than int64 passed the checks and init failed with an OverflowError.
+    key = make(1.0, noise_multiplier=1.0, seed=seed).init(None).key
+    np.testing.assert_array_equal(key, make(1.0, noise_multiplier=1.0, seed=int(seed)).init(None).key)
+
+
+@pytest.mark.parametrize("make", [clipx.per_example_global_norm, clipx.per_example_layer_norm])
+@pytest.mark.parametrize(
+    ("clip", "noise", "hyperparam_dtype"),
+    [(1, 0.5, None), (1, 1.7, None), (1000.0, 100.0, jnp.float16), (3.0, 0.7, jnp.bfloat16)],
+)
+def test_injected_hyperparameters_of_any_dtype_give_the_noise_of_their_values(
+    make, clip, noise, hyperparam_dtype
+):
+    # An int threshold is injected as an int32 array; the noise's std used to be formed in its dtype
+    # (σ = 0.5 became 0: no noise at all) or in a float16 one (σ·C = 1e5 became ∞).
+    grads = {"w": jnp.ones((3, 2)), "b": jnp.ones((3,))}
+    injected = optax.inject_hyperparams(make, static_args=("seed",), hyperparam_dtype=hyperparam_dtype)
+    summed, _ = run(injected(l2_norm_clip=clip, noise_multiplier=noise, seed=0), grads)
+    expected, _ = run(make(float(clip), noise_multiplier=float(noise), seed=0), grads)
+    rtol = 1e-6 if hyperparam_dtype is None else 1e-2  # a bfloat16 σ·C holds 3 digits
+    for leaf, want in zip(jax.tree.leaves(summed), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(leaf, want, rtol=rtol)
+
+
 @pytest.mark.parametrize(
     ("dtype", "examples", "chunk_size", "expected"),
     [

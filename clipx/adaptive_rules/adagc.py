@@ -128,6 +128,11 @@ def adagc(
             stats=empty_clip_stats(scale=0.0),  # the fraction of tensors clipped: none yet
         )
 
+    def relative_to(gamma: jax.Array) -> jax.Array:
+        """``λ·γ``, stopped at the largest float: a huge ``λ`` means no clipping, not a threshold of ∞."""
+        product = _numerics.hyperparameter(relative_threshold, gamma.dtype) * gamma
+        return jnp.minimum(product, jnp.finfo(gamma.dtype).max)
+
     @_numerics.jit_when_traced  # traced once per dtype, not once per tensor
     def tensor_step(squared_norm, gamma, warmup, finite, global_scale):
         """A tensor's scale and its new ``γ_i``, from its squared norm ``‖g_i‖²``.
@@ -138,7 +143,7 @@ def adagc(
         tensor_norm = _numerics.safe_sqrt(squared_norm)
         warm = warmup | (gamma == 0)
         dtype = gamma.dtype
-        threshold = (_numerics.hyperparameter(relative_threshold, dtype) * gamma).astype(tensor_norm.dtype)
+        threshold = relative_to(gamma).astype(tensor_norm.dtype)
         tensor_eps = _numerics.hyperparameter(eps, tensor_norm.dtype)
         scale = jnp.where(warm, global_scale, _numerics.clip_scale(tensor_norm + tensor_eps, threshold))
         clipped = (scale * tensor_norm).astype(gamma.dtype)
@@ -158,8 +163,7 @@ def adagc(
         scales cost a kernel per tensor. A zero tensor is never clipped: its
         update is zero whatever its scale.
         """
-        relative = _numerics.hyperparameter(relative_threshold, gammas.dtype)
-        thresholds = (relative * gammas).astype(squared_norms.dtype)
+        thresholds = relative_to(gammas).astype(squared_norms.dtype)
         norms = _numerics.safe_sqrt(squared_norms) + _numerics.hyperparameter(eps, squared_norms.dtype)
         above = jnp.where(warmup | (gammas == 0), global_scale < 1, norms > thresholds) & (squared_norms != 0)
         return jnp.sum(above, dtype=jnp.int32)
@@ -196,7 +200,7 @@ def adagc(
             threshold=jnp.where(
                 warmup,
                 _numerics.as_dtype(warmup_max_norm, acc),
-                _numerics.hyperparameter(relative_threshold, acc) * gamma_norm,
+                relative_to(gamma_norm),
             ).astype(jnp.float32),
             scale=(num_clipped / max(len(leaves), 1)).astype(jnp.float32),
             clipped=num_clipped > 0,
