@@ -68,6 +68,43 @@ def test_bfloat16_norm_is_accurate():
     assert float(_numerics.tree_norm(updates)) == pytest.approx(1.0, rel=1e-2)
 
 
+GLOBAL_RULES = {
+    "global_norm": lambda: clipx.global_norm(1.0),
+    "adaptive": lambda: clipx.adaptive(warmup_steps=1),
+    "autoclip": lambda: clipx.autoclip(),
+    "zclip": lambda: clipx.zclip(warmup_steps=2),
+    "quantile_clip": lambda: clipx.quantile_clip(initial_threshold=1.0),
+}
+TENSOR_RULES = {
+    "tensor_norm": lambda: clipx.tensor_norm(1.0),
+    "block_rms": lambda: clipx.block_rms(1.0),
+    "agc": lambda: clipx.agc(0.01),
+    "autoclip_per_tensor": lambda: clipx.autoclip(per_tensor=True),
+    "adagc": lambda: clipx.adagc(warmup_steps=2),
+}
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("name", sorted(GLOBAL_RULES) + sorted(TENSOR_RULES))
+def test_a_non_finite_tensor_is_left_or_zeroed_and_only_per_tensor_rules_clip_the_others(name, bad):
+    # As docs/clippers.md says: a NaN norm leaves the finite entries it measures unscaled, an
+    # infinite one zeroes them; a global rule measures the whole update, a per-tensor rule one tensor.
+    tx = {**GLOBAL_RULES, **TENSOR_RULES}[name]()
+    params = {"a": jnp.ones(2), "b": jnp.ones(2)}
+    state = tx.init(params)
+    for _ in range(4):  # past every warm-up, with norms of 0.5 per tensor
+        _, state = tx.update({"a": jnp.array([0.3, 0.4]), "b": jnp.array([0.3, 0.4])}, state, params)
+    grads = {"a": jnp.array([bad, 3.0]), "b": jnp.array([40.0, 50.0])}
+    updates, state = tx.update(grads, state, params)
+    assert np.isnan(float(updates["a"][0]))
+    assert float(updates["a"][1]) == (3.0 if np.isnan(bad) else 0.0)
+    b_clipped = float(jnp.linalg.norm(updates["b"])) < 0.5 * float(jnp.linalg.norm(grads["b"]))
+    assert b_clipped is (name in TENSOR_RULES or not np.isnan(bad))  # an infinite global norm zeroes b
+    if name in GLOBAL_RULES and np.isnan(bad):
+        np.testing.assert_array_equal(updates["b"], grads["b"])
+        assert np.isnan(float(state.stats.norm)) and not bool(state.stats.clipped)
+
+
 ZERO_CASES = {
     "zero": {"a": jnp.zeros(3), "b": jnp.zeros((2, 2))},
     "zero_leaf": {"a": jnp.zeros(3), "b": jnp.ones((2, 2))},
