@@ -225,6 +225,11 @@ def test_train_writes_plots_and_plot_overlays_runs(tmp_path, capsys):
     written = sorted(path.name for path in out.iterdir())
     assert written == ["dev_accuracy.png", "grad_norm.png", "loss.png", "threshold_adaptive_run.png"]
     assert "threshold_adaptive_run.png" in capsys.readouterr().out.replace("\n", "")
+    # Plotted again without the clipped run: its threshold figure goes; other files stay.
+    (out / "notes.txt").write_text("mine")
+    assert cli.main(["plot", str(runs[1]), "--out", str(out)]) == 0
+    written = sorted(path.name for path in out.iterdir())
+    assert written == ["dev_accuracy.png", "grad_norm.png", "loss.png", "notes.txt"]
 
 
 def test_plot_draws_diverged_and_long_runs(tmp_path):

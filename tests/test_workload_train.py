@@ -568,9 +568,18 @@ def test_resume_names_a_corrupt_config_file(tmp_path):
         ('{"step": 2, "loss": "abc"}', "not a log record ('loss' is 'abc', not a number or null)"),
         ('{"step": 2, "grad_norm": [1.0]}', "not a log record ('grad_norm' is [1.0], not a number or null)"),
         ('{"step": 2, "loss": true}', "not a log record ('loss' is True, not a number or null)"),
-        ('{"step": true, "loss": 0.5}', "not a log record (an object with an integer 'step')"),
+        ('{"step": true, "loss": 0.5}', "not a log record (an object with an integer 'step' within int64)"),
+        # Integers past float64 (or int64, for the step) failed later, in the plots, with an OverflowError.
+        (
+            '{"step": 2, "loss": 1' + "0" * 400 + "}",
+            "not a log record ('loss' is 1" + "0" * 17 + "..." + "0" * 19 + ", not a number or null)",
+        ),
+        (
+            '{"step": 1' + "0" * 30 + ', "loss": 0.5}',
+            "not a log record (an object with an integer 'step' within int64)",
+        ),
     ],
-    ids=["string", "list", "bool", "bool_step"],
+    ids=["string", "list", "bool", "bool_step", "huge_integer", "huge_step"],
 )
 def test_a_log_line_of_other_values_than_numbers_is_named(tmp_path, line, message):
     log_file = tmp_path / "log.jsonl"

@@ -218,10 +218,13 @@ def plot_runs(
     run of characters of the label other than letters, digits, ``.``, ``_``
     and ``-`` written ``_``, then ``_2``, ``_3``... where two labels would
     share a file).
-    ``setting`` is the titles' second line.
+    ``setting`` is the titles' second line. Figures of those names already in
+    ``out`` are removed first, so none of other runs is left beside these.
     """
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for old in [*(out / name for name in ONE_RUN_FIGURES), *out.glob("threshold_*.png")]:
+        old.unlink(missing_ok=True)
     written = [out / "loss.png", out / "grad_norm.png"]
     slugs: set[str] = set()
     plot_losses(runs, written[0], f"Training loss\n{setting}")

@@ -34,6 +34,8 @@ import inspect
 import json
 import math
 import pathlib
+import reprlib
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -777,8 +779,10 @@ class _Progress:
 
 
 def _is_number(value: Any, kind: type | tuple[type, ...] = (int, float)) -> bool:
-    """Whether ``value`` is a JSON number of ``kind`` (``true`` and ``false`` are not numbers)."""
-    return isinstance(value, kind) and not isinstance(value, bool)
+    """Whether ``value`` is a JSON number of ``kind`` a float64 can hold (``true`` and ``false``
+    are not numbers, nor is an integer of 400 digits; ``Infinity`` and ``NaN`` are)."""
+    too_large = isinstance(value, int) and abs(value) > sys.float_info.max
+    return isinstance(value, kind) and not isinstance(value, bool) and not too_large
 
 
 def _read_log(path: pathlib.Path, up_to_step: int) -> list[dict[str, Any]]:
@@ -796,12 +800,17 @@ def _read_log(path: pathlib.Path, up_to_step: int) -> list[dict[str, Any]]:
             if number == len(lines) and not text.endswith("\n"):  # cut short by a write that never ended
                 break
             raise ValueError(f"{path}, line {number}: not a JSON record ({error.msg})") from None
-        if not isinstance(record, dict) or not _is_number(record.get("step"), int):
-            raise ValueError(f"{path}, line {number}: not a log record (an object with an integer 'step')")
+        if not isinstance(record, dict) or not (
+            _is_number(record.get("step"), int) and abs(record["step"]) < 2**63
+        ):
+            raise ValueError(
+                f"{path}, line {number}: not a log record (an object with an integer 'step' within int64)"
+            )
         key = next((key for key, value in record.items() if not (value is None or _is_number(value))), None)
         if key is not None:
             raise ValueError(
-                f"{path}, line {number}: not a log record ({key!r} is {record[key]!r}, not a number or null)"
+                f"{path}, line {number}: not a log record ({key!r} is {reprlib.repr(record[key])}, "
+                "not a number or null)"
             )
         records.append({key: math.nan if value is None else value for key, value in record.items()})
     return [r for r in records if r["step"] <= up_to_step]
