@@ -255,14 +255,10 @@ def plot_runs(
     return written
 
 
-def _any_nan(groups: Any) -> bool:
-    """Whether any value in the sequences ``groups`` is NaN."""
-    return any(np.isnan(np.asarray(values, dtype=float)).any() for values in groups)
-
-
-def _all_nan(groups: Any) -> bool:
-    """Whether every value in the sequences ``groups`` is NaN."""
-    return all(np.isnan(np.asarray(values, dtype=float)).all() for values in groups)
+def _nan_mask(groups: Any) -> np.ndarray:
+    """Whether each value of the sequences ``groups`` is NaN, as one flat array."""
+    flat = [np.ravel(np.asarray(values, dtype=float)) for values in groups]
+    return np.isnan(np.concatenate(flat or [np.zeros(0)]))
 
 
 def plot_sweep(
@@ -283,7 +279,7 @@ def plot_sweep(
     grid = np.asarray(fig.subplots(2, len(table), sharex="col", height_ratios=[3, 1], squeeze=False))
     styles = _styles(list(dict.fromkeys(clipper for by_clipper in table.values() for clipper in by_clipper)))
     for ax, strip, (dataset, by_clipper) in zip(grid[0], grid[1], table.items(), strict=True):
-        diverging = [clipper for clipper, by_lr in by_clipper.items() if _any_nan(by_lr.values())]
+        diverging = [clipper for clipper, by_lr in by_clipper.items() if _nan_mask(by_lr.values()).any()]
         for clipper, by_lr in by_clipper.items():
             lrs = sorted(by_lr)
             values = [np.asarray(by_lr[lr], dtype=float) for lr in lrs]
@@ -308,7 +304,7 @@ def plot_sweep(
                             fontsize="x-small",
                             color=color,
                         )
-        if all(_all_nan(by_lr.values()) for by_lr in by_clipper.values()):
+        if all(_nan_mask(by_lr.values()).all() for by_lr in by_clipper.values()):
             ax.set_ylim(0, 1)
             ax.text(0.5, 0.5, "every run diverged", transform=ax.transAxes, ha="center", va="center")
         ax.set_xscale("log")
