@@ -83,6 +83,16 @@ def test_step_overhead_builds_the_size_it_reports(step_overhead):
     assert step_overhead.leaf_size(*step_overhead.SIZES["c"][:2]) == 5_000_000  # 100 rows of 50000
 
 
+def test_step_overhead_prints_each_family_together_clipx_first(step_overhead):
+    # Before, the global_norm(ord=...) rows came after AGC's and quantile_clip split the adaptive rows.
+    families = [c.family for c in step_overhead.candidates()]
+    runs = [family for i, family in enumerate(families) if i == 0 or families[i - 1] != family]
+    assert len(runs) == len(set(runs)) > 5
+    for family in ("global_norm", "value", "agc", "adaptive"):
+        first = next(c for c in step_overhead.candidates() if c.family == family)
+        assert first.label == f"clipx.{family}"
+
+
 def test_sharded_step_refuses_unknown_clippers(sharded_step, capsys):
     with pytest.raises(SystemExit) as exit_info:
         sharded_step.main(["--only", "global_norm,nosuch"])
