@@ -101,10 +101,14 @@ def measure(tree: Any, previous: Any, axis_name: _numerics.AxisName | None = Non
     kept_whole = [jnp.shape(p) == jnp.shape(x) for x, p in zip(leaves, kept, strict=True)]
     for x, p, flag in zip(leaves, kept, kept_whole, strict=True):
         if not flag and jnp.shape(p) != sketch_shape(jnp.shape(x)):
+            expected = f"{jnp.shape(x)} (the leaf kept whole)"
+            if sketch_shape(jnp.shape(x)) != jnp.shape(x):
+                expected = f"{sketch_shape(jnp.shape(x))} (its sketch) or {expected}"
             raise ValueError(
                 f"the kept sketch has shape {jnp.shape(p)} for a gradient leaf of shape {jnp.shape(x)}; "
-                f"expected {sketch_shape(jnp.shape(x))} (its sketch) or the leaf's own shape (kept whole). "
-                "Was the state made for other shapes, or outside shard_map/pmap without axis_name?"
+                f"expected {expected}. Was the state made for other shapes, or outside shard_map/pmap "
+                "without axis_name? Inside shard_map the state must be sharded like the parameters: "
+                "give clipx.state_shardings(tx, params, param_specs) as its in_specs"
             )
     sketches = [x if flag else sketch(x) for x, flag in zip(leaves, kept_whole, strict=True)]
     acc = _numerics.tree_accumulation_dtype(tree)

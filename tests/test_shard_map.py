@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 
 import jax
 import numpy as np
@@ -268,6 +269,25 @@ def test_adaptive_state_made_for_sketches_is_refused_under_shard_map():
     )
     with pytest.raises(ValueError, match=r"kept sketch has shape \(1024,\).*without axis_name"):
         step(params, sketched, params)
+
+
+def test_adaptive_state_passed_whole_into_shard_map_names_state_shardings():
+    # A state made with axis_name keeps the (1024, 64) gradient whole; given replicated (P()) it
+    # reaches each device whole beside a shard of the gradient. The error said "(its sketch)"
+    # and "the leaf's own shape" for one shape, and blamed a missing axis_name.
+    shapes = {"embed": (1024, 64)}
+    params = {"embed": np.ones(shapes["embed"], np.float32)}
+    specs = {"embed": largest_axis_spec(shapes["embed"])}
+    tx = clipx.adaptive(axis_name=AXIS)
+    step = jax.shard_map(
+        tx.update, mesh=MESH, in_specs=(specs, P(), specs), out_specs=(specs, P()), check_vma=False
+    )
+    shard = (1024 // MESH.size, 64)
+    expected = f"shape {shard}; expected {shard} (the leaf kept whole). "
+    message = re.escape("kept sketch has shape (1024, 64) for a gradient leaf of ") + re.escape(expected)
+    message += ".*state_shardings"
+    with pytest.raises(ValueError, match=message):
+        step(params, tx.init(params), params)
 
 
 def test_per_example_rules_with_the_batch_split_match_unsharded():
