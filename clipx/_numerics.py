@@ -93,6 +93,27 @@ def largest_log(dtype: Any) -> np.floating:
     return np.nextafter(log_largest, log_largest.dtype.type(0))
 
 
+def at_most_largest(value: Any, dtype: Any) -> Any:
+    """``value`` as a ``dtype`` scalar, ∞ (or a number past the range) made the largest float.
+
+    For a threshold that means no clipping of a finite norm, and the zero scale
+    of one that overflows. A Python number is capped at once, to a NumPy scalar
+    (no operation in the traced step), a JAX array in the step.
+    """
+    largest = jnp.finfo(dtype).max
+    if isinstance(value, jax.Array):
+        return jnp.minimum(value.astype(dtype), largest)
+    return np.asarray(min(value, float(largest)), dtype)
+
+
+def log_of(value: Any, dtype: Any) -> Any:
+    """``log(value)`` as a ``dtype`` scalar: of a Python number computed at once (no operation
+    in the traced step), of a JAX array (an injected hyperparameter) in the step."""
+    if isinstance(value, jax.Array):
+        return jnp.log(value.astype(dtype))
+    return np.log(np.asarray(value, dtype))  # a NumPy scalar of a number (or of `at_most_largest`'s)
+
+
 def hyperparameter(value: Any, dtype: Any) -> Any:
     """A hyperparameter ready to meet ``dtype`` values: a JAX array is cast to ``dtype`` (`as_dtype`).
 

@@ -220,8 +220,8 @@ class AdaptiveOracle:
         else:
             log_threshold = self.mean + self.num_stds * max(math.sqrt(self.var), self.min_std)
         threshold = math.exp(log_threshold) * self.multiplier
-        if self.logs_seen == 0 and self.rate is None and math.isfinite(norm):
-            threshold = norm  # no multiplier: the first step is not clipped
+        if self.logs_seen == 0 and usable:
+            threshold = norm * self.multiplier  # shortened by the multiplier alone (1 without one)
         clipped, scale = _clip(leaves, norm, threshold)
         if self.rate is not None:
             second_norm = usable and self.logs_seen == 1 and self.jump_ratio is not None

@@ -379,6 +379,17 @@ def test_the_first_step_is_scaled_by_the_initial_multiplier_alone(direction_rate
     np.testing.assert_allclose(state.log_norm.mean, np.log(13.0), rtol=1e-6)  # the norm enters unclipped
 
 
+@pytest.mark.parametrize("norm", [0.3, 1.1, 2.9, 5.3, 7.7, 1e-15, 3e15])
+def test_a_first_multiplier_of_one_leaves_the_first_step_exactly_as_it_is(norm):
+    # The threshold was exp(log ‖g‖ + log m), which rounds below ‖g‖ for some norms (7.7): the
+    # step was scaled by 1 − 1 ulp and reported clipped.
+    tx = clipx.adaptive(initial_multiplier=1.0)
+    g = jnp.array([norm], jnp.float32)
+    updates, state = tx.update(g, tx.init(g))
+    np.testing.assert_array_equal(updates, g)
+    assert not bool(state.stats.clipped) and float(state.stats.threshold) == float(g[0])
+
+
 def test_complex_gradients_use_the_real_inner_product():
     g = {"z": jnp.array([1 + 2j, -0.5j, 3.0], jnp.complex64)}
     tx = clipx.adaptive(direction_rate=1.0, initial_multiplier=0.5)

@@ -347,37 +347,31 @@ def adaptive(
             measures = _sketch.measure(updates, state.direction.previous, axis_name)
             norm = measures.norm
         std = jnp.maximum(_numerics.safe_sqrt(moments.var), jnp.asarray(min_std, dtype))
-        largest = jnp.finfo(dtype).max
-        if isinstance(warmup_factor, jax.Array):
-            factor = jnp.minimum(warmup_factor.astype(dtype), largest)
-        else:  # capped before the cast, which would make a number past float32's range ∞
-            factor = jnp.asarray(min(warmup_factor, float(largest)), dtype)
+        log_factor = _numerics.log_of(_numerics.at_most_largest(warmup_factor, dtype), dtype)
         log_threshold = jnp.where(
             moments.observations < warmup_steps,
-            moments.mean + jnp.log(factor),
+            moments.mean + log_factor,
             moments.mean + _numerics.hyperparameter(num_stds, dtype) * std,
         )
         # A huge num_stds or warmup_factor means no clipping, not a threshold of ∞.
         log_threshold = jnp.minimum(log_threshold, _numerics.largest_log(dtype))
         observe = jnp.isfinite(norm) & (norm > 0)
         log_norm = jnp.log(jnp.where(norm > 0, norm, 1).astype(dtype))
-        # With nothing observed yet, c is the norm itself, so only the multiplier shortens the step;
-        # a norm that overflows gets a finite threshold (and so a zero scale), as at later steps.
-        # No ∞ stands for "no threshold": jax_debug_infs would stop at it.
-        log_threshold = jnp.where(
-            moments.observations > 0, log_threshold, jnp.where(norm > largest, 0.0, log_norm)
-        )
+        # With nothing observed yet, c is the norm itself (not exp(log ‖g‖), which may round below
+        # it), so only the multiplier shortens the step; a norm that is 0 or not finite gets c = 1
+        # (a finite threshold: one that overflows is scaled to zero, as at later steps). No ∞
+        # stands for "no threshold": jax_debug_infs would stop at it.
+        nothing_seen = moments.observations == 0
+        first = nothing_seen & observe
+        log_threshold = jnp.where(nothing_seen, jnp.where(first, log_norm, 0.0), log_threshold)
+        threshold = jnp.where(first, norm.astype(dtype), jnp.exp(log_threshold))
         direction = state.direction
-        if direction is None:
-            # Unclipped at first: c = ‖g‖ itself, as exp(log ‖g‖) may round below it.
-            first = (moments.observations == 0) & jnp.isfinite(norm)
-            threshold = jnp.where(first, norm.astype(dtype), jnp.exp(log_threshold))
-        else:
-            threshold = jnp.exp(log_threshold + direction.log_multiplier)
+        if direction is not None:
+            threshold = threshold * jnp.exp(direction.log_multiplier)
             if jump_ratio is not None:
                 # The second norm against the first, the only observation so far (entered unclipped).
                 jumped = observe & (moments.observations == 1)
-                jumped &= log_norm - moments.mean > jnp.log(jnp.asarray(jump_ratio, dtype))
+                jumped &= log_norm - moments.mean > _numerics.log_of(jump_ratio, dtype)
                 direction = direction._replace(
                     log_ceiling=jnp.where(jumped, direction.log_multiplier, direction.log_ceiling)
                 )
@@ -415,7 +409,7 @@ def _follow_direction(
     cosine = jnp.where(known, inner / jnp.where(known, norm, 1) / jnp.where(known, previous_norm, 1), 0)
     log_multiplier = jnp.clip(
         direction.log_multiplier + _numerics.hyperparameter(rate, dtype) * jnp.clip(cosine, -1, 1),
-        jnp.log(jnp.asarray(min_multiplier, dtype)),
+        _numerics.log_of(min_multiplier, dtype),
         direction.log_ceiling,
     ).astype(dtype)  # a float64 rate under x64 must not widen the state (lax.scan needs one type)
     # One conditional for the whole tree, not a select per leaf: no per-leaf work to trace or compile.
