@@ -199,9 +199,10 @@ def global_norm(
     is false), an infinite one zeroes the finite entries (the infinite ones
     become NaN).
     With ``p = 2``, finite float32 entries above about 1.8·10¹⁹ overflow
-    their squares: the norm is then ∞ and the update 0, as with Optax (the
-    other orders scale by the largest entry and stay exact, unless the norm
-    itself is past float32's range).
+    their squares: the norm is then ∞ and, under a finite threshold, the
+    update 0, as with Optax (a threshold of ∞ clips nothing). The other
+    orders scale by the largest entry and stay exact, unless the norm itself
+    is past float32's range.
 
     Args:
       max_norm: the threshold ``c ≥ 0`` (a number, or a scalar array for

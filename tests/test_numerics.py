@@ -573,3 +573,24 @@ def test_a_maximum_over_many_chunks_keeps_a_nan():
         return _numerics._totals([(v,) for v in values], (_numerics.MAX_NONNEGATIVE,), (jnp.float32,))[0]
 
     assert np.isnan(float(total(values)))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda cap: clipx.zclip(max_norm=cap, warmup_steps=2),
+        lambda cap: clipx.adagc(warmup_max_norm=cap),
+    ],
+    ids=["zclip", "adagc"],
+)
+def test_an_infinite_warm_up_cap_zeroes_a_gradient_whose_norm_overflows_as_no_cap_does(make):
+    # A warm-up threshold of ∞ let a finite gradient whose norm overflows (3e19² > float32's max)
+    # through unscaled; as the docstrings say, it is scaled to zero, and finite norms are not clipped.
+    for cap in (math.inf, 1e39):
+        tx = make(cap)
+        g = jnp.array([3e19, 1.0], jnp.float32)
+        updates, state = tx.update(g, tx.init(g))
+        np.testing.assert_array_equal(updates, [0.0, 0.0])
+        assert np.isfinite(float(state.stats.threshold))
+        g = jnp.array([3e18, 1.0], jnp.float32)
+        np.testing.assert_array_equal(tx.update(g, tx.init(g))[0], g)

@@ -186,7 +186,9 @@ def adagc(
         norm = _numerics.safe_sqrt(jnp.sum(stacked_squares))
         finite = jnp.isfinite(norm)
         warmup = state.finite_steps < warmup_steps
-        global_scale = _numerics.clip_scale(norm + _numerics.hyperparameter(eps, acc), warmup_max_norm)
+        # A warm-up threshold of ∞ is the largest float: a norm that overflows is scaled to zero.
+        warmup_threshold = _numerics.at_most_largest(warmup_max_norm, acc)
+        global_scale = _numerics.clip_scale(norm + _numerics.hyperparameter(eps, acc), warmup_threshold)
         steps = [
             tensor_step(q, gamma, warmup, finite, global_scale)
             for q, gamma in zip(squares, gammas, strict=True)
@@ -199,7 +201,7 @@ def adagc(
             norm=norm.astype(jnp.float32),
             threshold=jnp.where(
                 warmup,
-                _numerics.as_dtype(warmup_max_norm, acc),
+                warmup_threshold,
                 relative_to(gamma_norm),
             ).astype(jnp.float32),
             scale=(num_clipped / max(len(leaves), 1)).astype(jnp.float32),

@@ -156,7 +156,7 @@ def zclip(
     def init_fn(params):
         dtype = _numerics.tree_accumulation_dtype(params)
         # jnp.array copies: a donated state must not take the caller's max_norm with it.
-        cap = jnp.array(_numerics.as_dtype(0.0 if max_norm is None else max_norm, jnp.float32))
+        cap = jnp.array(_numerics.at_most_largest(0.0 if max_norm is None else max_norm, jnp.float32))
         return ZClipState(
             warmup_norms=jnp.zeros((warmup_steps,), dtype),
             warmup_count=jnp.zeros((), jnp.int32),
@@ -179,7 +179,10 @@ def zclip(
         finite = jnp.isfinite(norm)
         ready = state.warmup_count >= warmup_steps
         mean, var = state.mean, state.var
-        cap = None if max_norm is None else _numerics.as_dtype(max_norm, dtype)
+        # A cap of ∞ (or past the dtype's range) is the largest float: it clips nothing finite, and
+        # a norm that overflows is scaled to zero, as with no cap.
+        largest = jnp.finfo(dtype).max
+        cap = None if max_norm is None else _numerics.at_most_largest(max_norm, dtype)
 
         def capped(threshold: jax.Array) -> jax.Array:
             return threshold if cap is None else jnp.minimum(threshold, cap)
@@ -190,7 +193,6 @@ def zclip(
         std = _numerics.safe_sqrt(var)
         # Thresholds and statistics stop at the largest float: a huge factor means no clipping,
         # and ∞ (or ∞ − ∞ = NaN in the variance) would switch the rule off for good.
-        largest = jnp.finfo(dtype).max
 
         # The threshold T, whether this step is a spike, and the spike boundary.
         if mode == "percentile":
