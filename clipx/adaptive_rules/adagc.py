@@ -131,7 +131,7 @@ def adagc(
     def relative_to(gamma: jax.Array) -> jax.Array:
         """``λ·γ``, stopped at the largest float: a huge ``λ`` means no clipping, not a threshold of ∞."""
         product = _numerics.hyperparameter(relative_threshold, gamma.dtype) * gamma
-        return jnp.minimum(product, jnp.finfo(gamma.dtype).max)
+        return _numerics.at_most_largest(product, gamma.dtype)
 
     @_numerics.jit_when_traced  # traced once per dtype, not once per tensor
     def tensor_step(squared_norm, gamma, warmup, finite, global_scale):
