@@ -181,7 +181,6 @@ def zclip(
         mean, var = state.mean, state.var
         # A cap of ∞ (or past the dtype's range) is the largest float: it clips nothing finite, and
         # a norm that overflows is scaled to zero, as with no cap.
-        largest = jnp.finfo(dtype).max
         cap = None if max_norm is None else _numerics.at_most_largest(max_norm, dtype)
 
         def capped(threshold: jax.Array) -> jax.Array:
@@ -193,6 +192,7 @@ def zclip(
         std = _numerics.safe_sqrt(var)
         # Thresholds and statistics stop at the largest float: a huge factor means no clipping,
         # and ∞ (or ∞ − ∞ = NaN in the variance) would switch the rule off for good.
+        largest = jnp.finfo(dtype).max
 
         # The threshold T, whether this step is a spike, and the spike boundary.
         if mode == "percentile":
