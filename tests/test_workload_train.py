@@ -189,10 +189,38 @@ def test_resume_gives_exactly_the_uninterrupted_run(tmp_path, clip, clip_args):
     assert read_log(parts) == read_log(whole)
     a = flax.serialization.msgpack_restore((whole / "checkpoint.msgpack").read_bytes())
     b = flax.serialization.msgpack_restore((parts / "checkpoint.msgpack").read_bytes())
+    assert a.pop("seconds") > 0 and b.pop("seconds") > 0  # wall times: the rest is the run
     for x, y in zip(
         flax.traverse_util.flatten_dict(a).values(), flax.traverse_util.flatten_dict(b).values(), strict=True
     ):
         np.testing.assert_array_equal(x, y)
+
+
+def test_a_resumed_run_counts_the_time_of_its_earlier_part(tmp_path, monkeypatch):
+    """Before, a resumed run's summary gave the time of the resumed part alone."""
+    readings = []
+
+    def perf_counter():  # each part of the run takes 1000 s
+        readings.append(None)
+        return 0.0 if len(readings) == 1 else 1000.0
+
+    monkeypatch.setattr(train_lib, "time", type("Clock", (), {"perf_counter": staticmethod(perf_counter)}))
+    config = TrainConfig(**TINY)
+    assert train(config, tmp_path, stop_after=3)["seconds"] == 1000.0
+    readings.clear()
+    assert train(config, tmp_path, resume=True)["seconds"] == 2000.0
+
+
+def test_resume_takes_a_checkpoint_written_before_it_kept_the_time(tmp_path):
+    config = TrainConfig(**TINY)
+    train(config, tmp_path / "parts", stop_after=2)
+    checkpoint = tmp_path / "parts" / "checkpoint.msgpack"
+    saved = flax.serialization.msgpack_restore(checkpoint.read_bytes())
+    del saved["seconds"]
+    checkpoint.write_bytes(flax.serialization.msgpack_serialize(saved))
+    assert train(config, tmp_path / "parts", resume=True)["finished"]
+    train(config, tmp_path / "whole")
+    assert read_log(tmp_path / "parts") == read_log(tmp_path / "whole")
 
 
 def test_resume_refuses_other_settings(tmp_path):

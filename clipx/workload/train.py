@@ -649,10 +649,17 @@ class TrainState:
     opt_state: Any
     step: jax.Array
     rng: jax.Array
+    seconds: float = 0.0  # wall time of the training up to ``step``, summed over resumes
 
 
 def _state_dict(state: TrainState) -> dict[str, Any]:
-    return {"params": state.params, "opt_state": state.opt_state, "step": state.step, "rng": state.rng}
+    return {
+        "params": state.params,
+        "opt_state": state.opt_state,
+        "step": state.step,
+        "rng": state.rng,
+        "seconds": np.asarray(state.seconds, np.float32),
+    }
 
 
 def save_checkpoint(path: pathlib.Path, state: TrainState) -> None:
@@ -686,6 +693,8 @@ def load_checkpoint(path: pathlib.Path, template: TrainState) -> TrainState:
         encoded = flax.serialization.msgpack_restore(path.read_bytes())
     except (ValueError, TypeError) as error:  # msgpack's errors, and flax's for a garbled dtype name
         raise ValueError(f"{path} is not a whole checkpoint: corrupt or cut short ({why(error)})") from None
+    if isinstance(encoded, dict):  # written before checkpoints kept the time: resumes as if it took none
+        encoded.setdefault("seconds", target["seconds"])
     try:
         restored = flax.serialization.from_state_dict(target, encoded)
     except (ValueError, TypeError, KeyError, AttributeError) as error:  # flax's, by where the trees part
@@ -701,7 +710,7 @@ def load_checkpoint(path: pathlib.Path, template: TrainState) -> TrainState:
                 f"{path} holds {have_kind} at {jax.tree_util.keystr(where)} where this run has "
                 f"{want_kind}; {hint}"
             )
-    return TrainState(**restored)
+    return TrainState(**{**restored, "seconds": float(restored["seconds"])})
 
 
 def _to_python(metrics: dict[str, Any]) -> dict[str, float]:
@@ -941,7 +950,7 @@ def train(
 
     step = int(state.step)
     diverged = any(not math.isfinite(r.get(key, 0.0)) for r in log_records for key in ("loss", "dev_loss"))
-    started = time.perf_counter()
+    started = time.perf_counter() - state.seconds  # a resumed run counts its earlier time
     params, opt_state = state.params, state.opt_state
     _looping.set()
     try:
@@ -967,7 +976,8 @@ def train(
                         log({"step": step, "epoch": epoch, **scores})
                         # A non-finite dev loss: the step made the weights non-finite.
                         diverged = not math.isfinite(scores["dev_loss"])
-                    state = TrainState(params, opt_state, jnp.asarray(step, jnp.int32), state.rng)
+                    seconds = time.perf_counter() - started
+                    state = TrainState(params, opt_state, jnp.asarray(step, jnp.int32), state.rng, seconds)
                     if diverged or step >= end:
                         break
                     if step % config.checkpoint_every == 0:
