@@ -1124,6 +1124,18 @@ def test_step_plots_mark_where_a_run_diverged(tmp_path, monkeypatch):
     assert mark.get_text() == "×" and mark.xy[0] == 4
 
 
+@pytest.mark.parametrize("diverged_at", [2, 6, 22])
+def test_the_mark_of_an_early_divergence_is_inside_the_axes(tmp_path, monkeypatch, diverged_at):
+    """Before, the limits covered the finite points only: an × at step 6 or 11 fell past the right edge."""
+    figures = _saved_figures(monkeypatch)
+    records = [{"step": i, "loss": 0.7 if i < diverged_at else None} for i in range(1, diverged_at + 1)]
+    cli.plots.plot_losses({"a": records}, tmp_path / "loss.png", "title")
+    (ax,) = figures[0].axes
+    (mark,) = ax.texts
+    low, high = ax.get_xlim()
+    assert low + 0.02 * (high - low) <= mark.xy[0] == diverged_at <= high - 0.02 * (high - low)
+
+
 def test_sweep_plot_shows_every_divergence(tmp_path, monkeypatch):
     figures = []
     monkeypatch.setattr(cli.plots.Figure, "savefig", lambda fig, *args, **kwargs: figures.append(fig))

@@ -647,6 +647,17 @@ def test_a_dev_label_beyond_the_training_limit_is_named(tmp_path):
     assert load_data(dataclasses.replace(config, train_limit=3)).num_classes == 2
 
 
+def test_a_class_beyond_the_training_limit_is_named_as_missing_from_the_limit(tmp_path):
+    # Before, the message said that no training example had label 1, which line 4 has.
+    _write_labelled(tmp_path, [0, 2, 1, 0], [0])
+    config = TrainConfig(data=str(tmp_path), model=TINY["model"], batch_size=1, train_limit=2)
+    where = f"the first 2 examples of {tmp_path / 'train.tsv'}"
+    message = f"train.tsv:3: label 2, but label 1 occurs nowhere in {where};"
+    with pytest.raises(data_lib.DataError, match=re.escape(message)):
+        load_data(config)
+    assert load_data(dataclasses.replace(config, train_limit=3)).num_classes == 3
+
+
 def test_the_classes_are_the_training_labels(tmp_path):
     _write_labelled(tmp_path, [0, 2, 1, 2], [2, 0, 0])
     assert load_data(TrainConfig(data=str(tmp_path), batch_size=2)).num_classes == 3
@@ -674,7 +685,8 @@ def test_a_class_without_training_examples_below_the_largest_label_is_refused(
 ):
     # Before, a typo of 10 for 1 made an 11-class head and a stray label 5000000 one of 5000001 classes.
     _write_labelled(tmp_path, labels, [0, 1])
-    message = f"{tmp_path / 'train.tsv'}:{line}: label {label}, but no training example has label {absent};"
+    train_file = tmp_path / "train.tsv"
+    message = f"{train_file}:{line}: label {label}, but label {absent} occurs nowhere in {train_file};"
     with pytest.raises(data_lib.DataError, match=f"^{re.escape(message)}"):
         load_data(TrainConfig(data=str(tmp_path), batch_size=2))
     _write_labelled(tmp_path, [1, 1], [1])  # two outputs whatever the binary labels seen

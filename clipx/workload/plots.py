@@ -105,7 +105,7 @@ def _plot_per_step(
     ax = fig.subplots()
     rows = {label: [r for r in records if key in r] for label, records in runs.items()}
     window = max(10, max(map(len, rows.values()), default=0) // 100)
-    named, styles = [], _styles(list(rows))
+    named, styles, marked = [], _styles(list(rows)), []
     for label, records in rows.items():
         color, linestyle = styles[label]
         steps = np.array([r["step"] for r in records])
@@ -118,7 +118,12 @@ def _plot_per_step(
             first = steps[broken[0]]
             ax.annotate("×", (first, 0), xycoords=ax.get_xaxis_transform(), color=color, ha="center")
             label = f"{label} (not finite from step {first})"
+            marked.append(first)
         named.append((line, label))
+    if marked:  # the limits cover the finite points only: widened so that every × is inside
+        low, high = ax.get_xlim()
+        pad = 0.05 * (max(high, *marked) - min(low, *marked))  # matplotlib's own margin
+        ax.set_xlim(min(low, min(marked) - pad), max(high, max(marked) + pad))
     # `_smooth` leaves a run of at most the window's steps as logged.
     if max(map(len, rows.values()), default=0) <= window:
         legend_title = "per step"

@@ -557,8 +557,8 @@ def _check_labels(
         absent = int(gaps[0])
         index = int(np.flatnonzero(train.labels > absent)[0])
         raise data_lib.DataError(
-            f"{train_file}:{index + 2}: label {train.labels[index]}, but no training example has label "
-            f"{absent}; the labels must be the classes 0, 1, ..., K-1, each with training examples"
+            f"{train_file}:{index + 2}: label {train.labels[index]}, but label {absent} occurs nowhere in "
+            f"{where}; the labels must be the classes 0, 1, ..., K-1, each with training examples"
         )
     unseen = np.flatnonzero(~np.isin(dev.labels, labels))
     if unseen.size:
