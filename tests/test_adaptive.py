@@ -390,6 +390,21 @@ def test_a_first_multiplier_of_one_leaves_the_first_step_exactly_as_it_is(norm):
     assert not bool(state.stats.clipped) and float(state.stats.threshold) == float(g[0])
 
 
+@pytest.mark.parametrize("direction_rate", [None, 0.1])
+@pytest.mark.parametrize("norm", [0.1, 0.3, 7.7, 1e-15, 3e15])
+def test_a_steady_norm_is_never_clipped_in_the_warm_up(direction_rate, norm):
+    # With w = 1 the warm-up threshold is the geometric mean of the norms seen, exp(log ‖g‖) for a
+    # steady norm, which rounds below ‖g‖ for some norms (0.1): steps 2 to 25 were scaled by 1 − 1 ulp
+    # and reported clipped.
+    tx = clipx.adaptive(direction_rate=direction_rate, initial_multiplier=1.0)
+    g = jnp.array([norm], jnp.float32)
+    update, state = jax.jit(tx.update), tx.init(g)
+    for _ in range(6):
+        updates, state = update(g, state)
+        np.testing.assert_array_equal(updates, g)
+        assert not bool(state.stats.clipped) and float(state.stats.threshold) >= float(g[0])
+
+
 def test_complex_gradients_use_the_real_inner_product():
     g = {"z": jnp.array([1 + 2j, -0.5j, 3.0], jnp.complex64)}
     tx = clipx.adaptive(direction_rate=1.0, initial_multiplier=0.5)

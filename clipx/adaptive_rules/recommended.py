@@ -371,9 +371,16 @@ def adaptive(
         first = nothing_seen & observe
         log_threshold = jnp.where(nothing_seen, jnp.where(first, log_norm, 0.0), log_threshold)
         threshold = jnp.where(first, norm.astype(dtype), jnp.exp(log_threshold))
+        log_bound = log_threshold  # log c, with the multiplier's log m when there is one
         direction = state.direction
         if direction is not None:
             threshold = threshold * jnp.exp(direction.log_multiplier)
+            log_bound = log_bound + direction.log_multiplier
+        # A norm the rule holds within c is not clipped where c rounds below it: with w = 1 a steady
+        # norm's warm-up threshold exp(log ‖g‖) is below ‖g‖ for about half of all floats.
+        within = observe & (log_norm <= log_bound)
+        threshold = jnp.where(within, jnp.maximum(threshold, norm.astype(dtype)), threshold)
+        if direction is not None:
             if jump_ratio is not None:
                 # The second norm against the first, the only observation so far (entered unclipped).
                 jumped = observe & (moments.observations == 1)
