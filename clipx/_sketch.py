@@ -130,6 +130,8 @@ def measure(tree: Any, previous: Any, axis_name: _numerics.AxisName | None = Non
         whole = [i for i in indices if kept_whole[i]]
         large = [i for i in indices if not kept_whole[i]]
         whole_sq, whole_inner = against_kept(leaves, whole)
+        if not large:  # every leaf compared whole: nothing to add
+            return whole_sq, whole_sq, whole_inner
         (large_sq,) = _numerics.tree_reductions(
             [leaves[i] for i in large], lambda x: (_numerics.squared(x),), (_numerics.SUM,), (acc,)
         )

@@ -361,8 +361,9 @@ def adaptive(
         )
         # A huge num_stds or warmup_factor means no clipping, not a threshold of ∞.
         log_threshold = jnp.minimum(log_threshold, _numerics.largest_log(dtype))
-        observe = jnp.isfinite(norm) & (norm > 0)
-        log_norm = jnp.log(jnp.where(norm > 0, norm, 1).astype(dtype))
+        positive = norm > 0
+        observe = jnp.isfinite(norm) & positive
+        log_norm = jnp.log(jnp.where(positive, norm, 1).astype(dtype))
         # With nothing observed yet, c is the norm itself (not exp(log ‖g‖), which may round below
         # it), so only the multiplier shortens the step; a norm that is 0 or not finite gets c = 1
         # (a finite threshold: one that overflows is scaled to zero, as at later steps). No ∞
@@ -377,9 +378,10 @@ def adaptive(
             threshold = threshold * jnp.exp(direction.log_multiplier)
             log_bound = log_bound + direction.log_multiplier
         # A norm the rule holds within c is not clipped where c rounds below it: with w = 1 a steady
-        # norm's warm-up threshold exp(log ‖g‖) is below ‖g‖ for about half of all floats.
-        within = observe & (log_norm <= log_bound)
-        threshold = jnp.where(within, jnp.maximum(threshold, norm.astype(dtype)), threshold)
+        # norm's warm-up threshold exp(log ‖g‖) is below ‖g‖ for about half of all floats. (A zero,
+        # infinite or NaN norm leaves c as it is: fmax ignores a NaN.)
+        within = log_norm <= log_bound
+        threshold = jnp.where(within, jnp.fmax(threshold, norm.astype(dtype)), threshold)
         if direction is not None:
             if jump_ratio is not None:
                 # The second norm against the first, the only observation so far (entered unclipped).
