@@ -594,7 +594,10 @@ def tree_norm_of_order(tree: PyTree, order: float, axis_name: AxisName | None = 
         return total_of(magnitude)
     largest = tree_max_magnitude(tree, axis_name)
     positive = (largest > 0) & (largest <= jnp.finfo(largest.dtype).max)  # finite and not 0
-    unit = jnp.where(positive, largest, 1)
+    # m·(Σ (|g|/m)^p)^{1/p} does not depend on m: held constant under differentiation, as its
+    # terms' derivatives cancel only in exact arithmetic (the derivative was off for entries
+    # below 10⁻²⁰ in float32, and NaN above 10³⁰).
+    unit = jax.lax.stop_gradient(jnp.where(positive, largest, 1))
     # 1/m as two factors 2^-h and 2^(h-e)/f, where m = f·2^e: both normal, where 1/m is
     # subnormal past m ≈ 8.5·10³⁷ in float32 and XLA's CPU backend flushes it to 0.
     mantissa, exponent = jnp.frexp(unit)
@@ -650,6 +653,25 @@ def leaf_norms(tree: PyTree, axis_name: AxisName | None = None) -> PyTree:
     return jax.tree.unflatten(treedef, [safe_sqrt(q) for q in leaf_squared_norms(leaves, axis_name)])
 
 
+@jax.custom_jvp
+def _quotient(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+    """``numerator / denominator``, differentiated without squaring ``denominator``.
+
+    JAX differentiates a quotient ``t / n`` through ``n⁻²``, which overflows
+    float32 for ``n`` below about 5·10⁻²⁰ (a p-norm of tiny gradients): the
+    derivative was ∞, or NaN where ``t = 0``. Here it is ``(dt − (t/n)·dn) / n``.
+    """
+    return numerator / denominator
+
+
+@_quotient.defjvp
+def _quotient_jvp(primals: tuple[jax.Array, jax.Array], tangents: tuple[jax.Array, jax.Array]) -> Any:
+    numerator, denominator = primals
+    d_numerator, d_denominator = tangents
+    quotient = numerator / denominator
+    return quotient, (d_numerator - quotient * d_denominator) / denominator
+
+
 def clip_scale(norm: jax.Array, threshold: jax.Array) -> jax.Array:
     """``min(1, threshold / norm)`` with no NaN and finite derivatives.
 
@@ -661,7 +683,7 @@ def clip_scale(norm: jax.Array, threshold: jax.Array) -> jax.Array:
     norm = jnp.asarray(norm)
     threshold = as_dtype(threshold, norm.dtype)
     above = norm > threshold
-    return jnp.where(above, threshold / jnp.where(above, norm, 1), jnp.ones_like(norm))
+    return jnp.where(above, _quotient(threshold, jnp.where(above, norm, 1)), jnp.ones_like(norm))
 
 
 def clip_scale_of_square(squared: jax.Array, threshold: float | jax.Array) -> jax.Array:

@@ -225,12 +225,13 @@ def agc(
         units = _unit_axes(g.shape, axis)
         g_squared, w_squared = _numerics.sums_of_squares_together(g, w, axis=units)
         floor_squared = jnp.maximum(w_squared, jnp.square(_numerics.as_dtype(eps, g_squared.dtype)))
-        # λ = 0 bounds every unit at 0, even one whose floor overflows (where 0·∞ would be NaN).
+        # λ = 0 bounds every unit at 0, even one whose floor overflows (where 0·∞ would be NaN);
+        # only such a floor is replaced, so the bound's derivative in λ stays the floor at λ = 0.
         bound: float | jax.Array = 0.0
         if not isinstance(clipping, numbers.Real) or clipping > 0:
             root = floor_root(floor_squared)
             if isinstance(clipping, jax.Array):
-                root = jnp.where(clipping == 0, 0, root)
+                root = jnp.where((clipping == 0) & jnp.isposinf(root), 0, root)
             bound = _numerics.hyperparameter(clipping, floor_squared.dtype) * root
         clipped = _numerics.scale_leaf(g, _numerics.clip_scale_of_square(g_squared, bound))
         return clipped, g_squared, floor_squared

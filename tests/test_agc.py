@@ -151,6 +151,20 @@ def test_agc_derivatives_match_optax_on_small_and_large_leaves():
     chex.assert_trees_all_close(actual, expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("clipping", [0.0, 1e-3])
+def test_the_derivative_in_clipping_is_optaxs_also_at_zero(clipping):
+    """Before, a traced λ = 0 replaced the unit floors by 0 and the derivative in λ there was 0."""
+    grads, params = {"w": jnp.array([[1.0, -2.0], [3.0, 0.5]])}, {"w": jnp.array([[1.0, 1.0], [2.0, 0.0]])}
+
+    def total(make, c):
+        updates, _ = make(c).update(grads, make(c).init(params), params)
+        return sum(jnp.sum(u) for u in jax.tree.leaves(updates))
+
+    actual = jax.grad(lambda c: total(clipx.agc, c))(jnp.float32(clipping))
+    expected = jax.grad(lambda c: total(optax.adaptive_grad_clip, c))(jnp.float32(clipping))
+    assert float(expected) != 0 and float(actual) == pytest.approx(float(expected), rel=1e-6)
+
+
 def test_agc_stats():
     params = {"w": jnp.array([[3.0, 1.0], [4.0, 0.0]])}  # unit norms 5 and 0 (-> eps)
     grads = {"w": jnp.array([[0.3, 0.0], [0.0, 0.0]])}  # unit norms 0.3 and 0

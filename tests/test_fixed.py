@@ -321,6 +321,46 @@ def test_global_norm_of_a_huge_order_is_the_largest_entry(order):
     np.testing.assert_allclose(norms, jnp.max(rows, axis=1), rtol=1e-6)
 
 
+def _closed_form_derivative(g, weights, threshold, order):
+    """d/dg Σ wᵢ·gᵢ·c/‖g‖_p (the clipped update, c < ‖g‖_p), in float64."""
+    g = np.asarray(g, np.float64)
+    if order == math.inf:
+        norm = np.max(np.abs(g))
+        d_norm = (np.abs(g) == norm) * np.sign(g)
+    else:
+        norm = np.sum(np.abs(g) ** order) ** (1 / order)
+        d_norm = np.sign(g) * (np.abs(g) / norm) ** (order - 1)
+    return threshold * (weights / norm - np.dot(weights, g) * d_norm / norm**2)
+
+
+@pytest.mark.parametrize("order", [1, 3, 7.5, math.inf])
+@pytest.mark.parametrize("magnitude", [1e-27, 1e-20, 1.0, 1e20, 1e30])
+def test_derivatives_of_a_clipped_p_norm_hold_at_any_magnitude(order, magnitude):
+    """Before, ord=3 was off by 10× at entries of 10⁻²⁰ (the terms of the largest entry m cancel
+    only in exact arithmetic) and NaN at 10³⁰, and n⁻² overflowed (−∞ or NaN) for a norm below
+    5·10⁻²⁰ and underflowed (a term lost) above 2·10¹⁹. At 10⁻³⁰, orders up to 3 still hold;
+    higher ones lose precision to subnormal intermediate products (7·10⁻⁴ at p = 7.5)."""
+    g = jnp.array([1.0, -2.0, 3.0], jnp.float32) * magnitude
+    weights = np.array([1.0, 2.0, 3.0])
+
+    def weighted_update(g, threshold):
+        tx = clipx.global_norm(threshold, ord=order)
+        return jnp.sum(jnp.asarray(weights, jnp.float32) * tx.update(g, tx.init(g))[0])
+
+    for threshold in (1e-6 * magnitude, 0.5 * magnitude):
+        expected = _closed_form_derivative(g, weights, threshold, order)
+        actual = jax.grad(weighted_update)(g, threshold)
+        np.testing.assert_allclose(actual, expected, rtol=2e-5, atol=1e-6 * np.max(np.abs(expected)))
+
+
+@pytest.mark.parametrize("order", [1, 3, math.inf])
+def test_derivatives_of_a_zero_threshold_on_a_tiny_p_norm_are_zero(order):
+    """The update is 0 near g; before, a p-norm below 5·10⁻²⁰ gave NaN derivatives (0·∞)."""
+    g = jnp.array([1e-20, 2e-20, 3e-20], jnp.float32)
+    tx = clipx.global_norm(0.0, ord=order)
+    np.testing.assert_array_equal(jax.grad(lambda g: jnp.sum(tx.update(g, tx.init(g))[0]))(g), np.zeros(3))
+
+
 @pytest.mark.parametrize("order", [1, 3, math.inf])
 @pytest.mark.parametrize("where", ["big", "small"])
 def test_global_norm_of_any_order_reports_nan_and_inf(order, where):
